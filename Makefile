@@ -1,0 +1,35 @@
+# avatune: `make dev` runs the local stack, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Reinstall whenever pyproject.toml changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install dev test bench token schemas clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so the trainer extra never pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[api,trainer,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+dev: install
+	$(PY) -m infra.devstack
+
+test: install
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+token: install
+	@$(PY) -m handlers.devtoken $(or $(USER_ID),alice)
+
+schemas: install
+	$(PY) -m contracts.export_schemas
+
+clean:
+	rm -rf $(VENV) .dev .pytest_cache

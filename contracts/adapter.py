@@ -1,0 +1,64 @@
+"""Per-avatar LoRA/QLoRA configuration: the body of `PUT {base}/adapter`, job overrides and
+the `config` of a train request."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Method = Literal["qlora", "lora"]
+
+_MODULE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+
+class AdapterSettings(BaseModel):
+    """LoRA and training hyper-parameters. Every field is optional: an unset field falls back to
+    the avatar's stored config, then to the trainer's `DEFAULT_*` environment, then to the
+    documented default (see `DOCUMENTED_DEFAULTS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method | None = None
+    r: int | None = Field(default=None, ge=1, le=256)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="module names such as ['q_proj', 'v_proj']; null = all linear projections",
+    )
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    num_epochs: float | None = Field(default=None, gt=0, le=100)
+    batch_size: int | None = Field(default=None, ge=1, le=512)
+    max_seq_length: int | None = Field(default=None, ge=16, le=32768)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for name in value:
+            if not name or len(name) > 100 or not set(name) <= _MODULE_NAME_CHARS:
+                raise ValueError(f"invalid module name {name!r}")
+        return value
+
+    def merged_over(self, base: "AdapterSettings") -> "AdapterSettings":
+        """`base` with every field set here replacing it."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+DOCUMENTED_DEFAULTS = AdapterSettings(
+    method="qlora",
+    r=16,
+    lora_alpha=32,
+    lora_dropout=0.05,
+    target_modules=None,
+    learning_rate=2e-4,
+    num_epochs=3,
+    batch_size=4,
+    max_seq_length=1024,
+    warmup_ratio=0.03,
+    seed=42,
+)

@@ -1,0 +1,74 @@
+"""The job record stored in S3 at `adapters/jobs/{job_id}.json`: written by the API on
+creation and by the trainer as the job runs. Conditional writes (ETag) guard every update."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from contracts.adapter import AdapterSettings
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    train_loss: float | None = None
+    eta_seconds: float | None = None
+
+
+class TrainingDocumentRef(BaseModel):
+    """A document a job trained on, pinned by its ETag."""
+
+    name: str
+    etag: str
+    size: int | None = None
+
+
+class JobLease(BaseModel):
+    """Which worker owns a running job, until when; the worker's heartbeat renews it."""
+
+    owner: str
+    expires_at: datetime
+
+
+class JobRecord(BaseModel):
+    schema_: Literal["avatune.job/v1"] = Field(default="avatune.job/v1", alias="schema")
+    id: str
+    type: Literal["train"] = "train"
+    user_id: str
+    avatar_id: str
+    status: JobStatus = "queued"
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    config: AdapterSettings = Field(default_factory=AdapterSettings)
+    progress: JobProgress = Field(default_factory=JobProgress)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    adapter_version: int | None = None
+    data: list[TrainingDocumentRef] = Field(default_factory=list)
+    cancel_requested: bool = False
+    attempts: int = 0
+    lease: JobLease | None = None
+    source: Literal["api", "queue"] = "api"
+
+    model_config = {"populate_by_name": True}
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()

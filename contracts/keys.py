@@ -1,0 +1,81 @@
+"""The S3 key layout. Keep it exactly: apps and other services read these keys.
+
+```
+users/{user_id}/avatars/{avatar_id}/adapters/                    current adapter files, manifest.json, config.json
+users/{user_id}/avatars/{avatar_id}/adapters/training_data/      training documents (tag use_for_training)
+users/{user_id}/avatars/{avatar_id}/adapters/versions/{n}/       kept adapter versions
+users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
+users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
+```
+`vectorstore_data/`, `media/` (per avatar) and `vectorstore/`, `image/` (per user) are reserved
+and never touched by avatune.
+"""
+
+from __future__ import annotations
+
+from contracts.ids import validate_document_name, validate_id
+
+
+def user_prefix(user_id: str) -> str:
+    return f"users/{validate_id(user_id, 'user_id')}/"
+
+
+def avatar_prefix(user_id: str, avatar_id: str) -> str:
+    return f"{user_prefix(user_id)}avatars/{validate_id(avatar_id, 'avatar_id')}/"
+
+
+def adapter_prefix(user_id: str, avatar_id: str) -> str:
+    """Where the current adapter files live (overwritten by each promoted version)."""
+    return f"{avatar_prefix(user_id, avatar_id)}adapters/"
+
+
+def training_data_prefix(user_id: str, avatar_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}training_data/"
+
+
+def training_document_key(user_id: str, avatar_id: str, name: str) -> str:
+    return f"{training_data_prefix(user_id, avatar_id)}{validate_document_name(name)}"
+
+
+def adapter_config_key(user_id: str, avatar_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}config.json"
+
+
+def adapter_manifest_key(user_id: str, avatar_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}manifest.json"
+
+
+def adapter_versions_prefix(user_id: str, avatar_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}versions/"
+
+
+def adapter_version_prefix(user_id: str, avatar_id: str, version: int) -> str:
+    if version < 1:
+        raise ValueError("adapter versions start at 1")
+    return f"{adapter_versions_prefix(user_id, avatar_id)}{version}/"
+
+
+def jobs_prefix(user_id: str, avatar_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}jobs/"
+
+
+def job_key(user_id: str, avatar_id: str, job_id: str) -> str:
+    return f"{jobs_prefix(user_id, avatar_id)}{validate_id(job_id, 'job_id')}.json"
+
+
+def checkpoint_prefix(user_id: str, avatar_id: str, job_id: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}checkpoints/{validate_id(job_id, 'job_id')}/"
+
+
+def idempotency_key(user_id: str, avatar_id: str, key_hash: str) -> str:
+    return f"{adapter_prefix(user_id, avatar_id)}idempotency/{key_hash}.json"
+
+
+def document_name_from_key(key: str, prefix: str) -> str | None:
+    """The document name of `key` directly under `prefix`, or None for anything nested or foreign."""
+    if not key.startswith(prefix):
+        return None
+    name = key[len(prefix):]
+    if not name or "/" in name:
+        return None
+    return name

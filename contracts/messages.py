@@ -1,0 +1,67 @@
+"""Queue message contracts: versioned, public. Other services send `TrainRequest`s straight to
+the train queue and consume `JobEvent`s from the events queue. JSON Schemas of both live in
+`schemas/` (regenerate with `python -m contracts.export_schemas`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from contracts.adapter import AdapterSettings
+from contracts.ids import validate_id
+from contracts.jobs import JobStatus, utcnow
+
+TRAIN_REQUEST_SCHEMA = "avatune.train-request/v1"
+JOB_EVENT_SCHEMA = "avatune.job-event/v1"
+
+EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled"]
+
+
+class TrainRequest(BaseModel):
+    """Ask the trainer to train an avatar's adapter on its documents flagged for training.
+
+    Send to the FIFO train queue with `MessageGroupId` = `message_group_id()` and
+    `MessageDeduplicationId` = `job_id`.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["avatune.train-request/v1"] = Field(alias="schema")
+    job_id: str = Field(description="unique id chosen by the sender; retries reuse it")
+    user_id: str
+    avatar_id: str
+    config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides")
+    requested_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("job_id", "user_id", "avatar_id")
+    @classmethod
+    def _safe_id(cls, value: str, info: Any) -> str:
+        return validate_id(value, info.field_name)
+
+    def message_group_id(self) -> str:
+        return f"{self.user_id}/{self.avatar_id}"
+
+    def to_message_body(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class JobEvent(BaseModel):
+    """Published on the events queue whenever a job starts or ends."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: Literal["avatune.job-event/v1"] = Field(default=JOB_EVENT_SCHEMA, alias="schema")
+    event: EventType
+    job_id: str
+    user_id: str
+    avatar_id: str
+    status: JobStatus
+    adapter_version: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+    def to_message_body(self) -> str:
+        return self.model_dump_json(by_alias=True)

@@ -1,0 +1,29 @@
+"""The FastAPI application. `uvicorn handlers.app:app` locally; `handlers.lambda_handler.handler` on Lambda."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from handlers.problems import install_problem_handlers
+from handlers.routes import health, training_data
+from handlers.settings import get_settings
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    settings.check_startable()
+    app = FastAPI(
+        title="avatune",
+        version="1",
+        description="Per-avatar LoRA adapter training: documents, adapters, jobs.",
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(training_data.router)
+    return app
+
+
+logging.basicConfig(level=logging.INFO)
+app = create_app()

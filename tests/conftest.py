@@ -1,0 +1,159 @@
+"""Shared fixtures: one moto server (S3 + SQS over HTTP) and one real API server per test run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-" + uuid.uuid4().hex
+TEST_BUCKET = "avatune-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto in server mode; the process environment points every AWS client at it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/moto-api/", proc)
+        os.environ.update(
+            AWS_ENDPOINT_URL=url,
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",
+            AWS_DEFAULT_REGION="us-east-1",
+            S3_BUCKET=TEST_BUCKET,
+            AUTH_JWT_SECRET=TEST_SECRET,
+            TRAIN_QUEUE_NAME="avatune-test-train.fifo",
+            EVENTS_QUEUE_NAME="avatune-test-events",
+        )
+        os.environ.pop("DEV_MODE", None)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def stack(moto_endpoint: str) -> dict[str, str]:
+    from infra.bootstrap import bootstrap
+
+    return bootstrap()
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real uvicorn serving the API against moto."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    env = dict(os.environ, MAX_UPLOAD_BYTES=str(256 * 1024))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3(stack: dict[str, str]):
+    return boto3.client("s3")
+
+
+@pytest.fixture(scope="session")
+def sqs(stack: dict[str, str]):
+    return boto3.client("sqs")
+
+
+def token_for(user_id: str, role: str | None = None) -> str:
+    from handlers.auth import issue_token
+
+    return issue_token(TEST_SECRET, user_id, role=role)
+
+
+class Api(httpx.Client):
+    """An HTTP client for one user, with helpers for that user's avatar."""
+
+    def __init__(self, base_url: str, user_id: str, avatar_id: str) -> None:
+        super().__init__(base_url=base_url, headers={"Authorization": f"Bearer {token_for(user_id)}"}, timeout=60)
+        self.user_id = user_id
+        self.avatar_id = avatar_id
+
+    @property
+    def base(self) -> str:
+        return f"/v1/users/{self.user_id}/avatars/{self.avatar_id}"
+
+    @property
+    def docs(self) -> str:
+        return f"{self.base}/training-data"
+
+    def put_doc(self, name: str, data: bytes, flag: bool | None = None) -> httpx.Response:
+        params = {} if flag is None else {"use_for_training": str(flag).lower()}
+        return self.put(f"{self.docs}/{name}", content=data, params=params)
+
+
+@pytest.fixture
+def api(api_url: str) -> Iterator[Api]:
+    """A fresh user and avatar, so tests never see each other's data."""
+    with Api(api_url, "u-" + uuid.uuid4().hex[:12], "avatar-1") as client:
+        yield client
+
+
+def keys_under(s3, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=TEST_BUCKET, Prefix=prefix):
+        keys.extend(o["Key"] for o in page.get("Contents", []))
+    return keys
+
+
+def chat_line(user: str, assistant: str) -> bytes:
+    import json
+
+    return (json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n").encode()
