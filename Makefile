@@ -23,7 +23,7 @@ dev: install
 	$(PY) -m infra.devstack
 
 test: install
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 token: install
 	@$(PY) -m handlers.devtoken $(or $(USER_ID),alice)

@@ -19,6 +19,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def new_job_id() -> str:
+    """A job id that sorts by creation time (newest last), so key order is time order."""
+    import secrets
+    import time
+
+    return f"job-{time.time_ns() // 1_000_000:013x}-{secrets.token_hex(4)}"
+
+
 class JobProgress(BaseModel):
     step: int = 0
     total_steps: int | None = None

@@ -79,3 +79,23 @@ def document_name_from_key(key: str, prefix: str) -> str | None:
     if not name or "/" in name:
         return None
     return name
+
+
+def active_job_key(user_id: str, avatar_id: str) -> str:
+    """Pointer to the avatar's queued or running job, created with If-None-Match: at most one."""
+    return f"{adapter_prefix(user_id, avatar_id)}active_job.json"
+
+
+def avatars_prefix(user_id: str) -> str:
+    return f"{user_prefix(user_id)}avatars/"
+
+
+# Files of a PEFT adapter, kept per version and copied over the current adapter.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+METRICS_FILE = "metrics.json"
+CHECKPOINT_COMPLETE_MARKER = "_COMPLETE"
+
+
+def checkpoints_prefix(user_id: str, avatar_id: str) -> str:
+    """Every job's checkpoints of the avatar (`checkpoint_prefix` is one job's)."""
+    return f"{adapter_prefix(user_id, avatar_id)}checkpoints/"

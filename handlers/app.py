@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from handlers.problems import install_problem_handlers
-from handlers.routes import health, training_data
+from handlers.routes import adapters, health, jobs, training_data
 from handlers.settings import get_settings
 
 
@@ -22,6 +22,8 @@ def create_app() -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(training_data.router)
+    app.include_router(adapters.router)
+    app.include_router(jobs.router)
     return app
 
 

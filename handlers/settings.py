@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, alias="MAX_UPLOAD_BYTES", gt=0)
     presign_expires_seconds: int = Field(default=900, alias="PRESIGN_EXPIRES_SECONDS", ge=60, le=604800)
     s3_max_concurrency: int = Field(default=64, alias="S3_MAX_CONCURRENCY", ge=1, le=512)
+    max_active_jobs_per_user: int = Field(default=4, alias="MAX_ACTIVE_JOBS_PER_USER", ge=1)
 
     @property
     def region(self) -> str:

@@ -157,3 +157,23 @@ def chat_line(user: str, assistant: str) -> bytes:
     import json
 
     return (json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n").encode()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama-architecture base model, written locally (no hub)."""
+    from trainer.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An API server and queues of this test module's own; tests start trainer workers on it."""
+    from tests.pipeline import start_pipeline
+
+    p = start_pipeline(tmp_path_factory.mktemp("pipeline"), tiny_model_dir)
+    try:
+        yield p
+    finally:
+        p.stop_workers()

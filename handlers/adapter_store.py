@@ -1,0 +1,193 @@
+"""An avatar's adapter in S3: the stored configuration (`adapters/config.json`), the current
+adapter files and their manifest (`adapters/manifest.json`, written last), and the kept
+versions (`adapters/versions/{n}/`). The only module of the API that touches those keys.
+
+The trainer publishes versions; the API reads them, promotes one over the current files and
+deletes the whole adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends
+from pydantic import BaseModel
+
+from contracts.adapter import AdapterSettings
+from contracts.adapters import AdapterManifest, VersionMetrics
+from contracts.keys import (
+    ADAPTER_FILES,
+    METRICS_FILE,
+    adapter_config_key,
+    adapter_manifest_key,
+    adapter_prefix,
+    adapter_version_prefix,
+    adapter_versions_prefix,
+    checkpoints_prefix,
+)
+from handlers.auth import AvatarRef
+from handlers.aws import s3_client
+from handlers.dependencies import SettingsDep
+from handlers.job_store import MAX_WRITE_ATTEMPTS, S3Json, StoreBusy
+
+DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
+
+
+class AdapterFile(BaseModel):
+    """A current adapter file: a presigned GET URL and the sha256 the manifest names."""
+
+    name: str
+    url: str
+    sha256: str | None
+
+
+class VersionNotFound(Exception):
+    pass
+
+
+class AdapterStore:
+    """Typed access to one bucket's adapters."""
+
+    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self.objects = S3Json(s3, bucket, max_concurrency)
+
+    # -- configuration ----------------------------------------------------------------------
+
+    async def config(self, ref: AvatarRef) -> AdapterSettings | None:
+        """The stored configuration (only the fields ever set), or None when there is none."""
+        loaded = await self.objects.read(adapter_config_key(ref.user_id, ref.avatar_id))
+        return AdapterSettings.model_validate_json(loaded[0]) if loaded else None
+
+    async def update_config(self, ref: AvatarRef, patch: AdapterSettings) -> AdapterSettings:
+        """Merge the fields set in `patch` over the stored configuration and store the result
+        (set fields only), guarded by If-Match / If-None-Match against a concurrent update."""
+        key = adapter_config_key(ref.user_id, ref.avatar_id)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            loaded = await self.objects.read(key)
+            stored = AdapterSettings.model_validate_json(loaded[0]) if loaded else AdapterSettings()
+            merged = patch.merged_over(stored)
+            body = json.dumps(merged.model_dump(exclude_none=True), sort_keys=True).encode()
+            written = await (self.objects.replace(key, body, loaded[1]) if loaded else self.objects.create(key, body))
+            if written:
+                return merged
+        raise StoreBusy("the adapter configuration kept changing while being updated")
+
+    # -- the current adapter ----------------------------------------------------------------
+
+    async def manifest(self, ref: AvatarRef) -> AdapterManifest | None:
+        loaded = await self.objects.read(adapter_manifest_key(ref.user_id, ref.avatar_id))
+        return AdapterManifest.model_validate_json(loaded[0]) if loaded else None
+
+    async def files(self, ref: AvatarRef, manifest: AdapterManifest, expires_in: int) -> list[AdapterFile]:
+        """Presigned (SigV4) GET URLs of the current adapter files."""
+        prefix = adapter_prefix(ref.user_id, ref.avatar_id)
+
+        async def one(name: str) -> AdapterFile:
+            url = await self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self._bucket, "Key": prefix + name}, ExpiresIn=expires_in
+            )
+            return AdapterFile(name=name, url=url, sha256=manifest.files.get(name))
+
+        return list(await asyncio.gather(*(one(name) for name in ADAPTER_FILES)))
+
+    async def adapters_of(self, user_id: str) -> list[tuple[str, AdapterManifest]]:
+        """(avatar_id, manifest) of each of the user's avatars that has an adapter, by avatar id."""
+        avatar_ids = await self.objects.avatar_ids(user_id)
+        manifests = await asyncio.gather(*(self.manifest(AvatarRef(user_id, a)) for a in avatar_ids))
+        return [(a, m) for a, m in zip(avatar_ids, manifests, strict=True) if m is not None]
+
+    # -- versions ---------------------------------------------------------------------------
+
+    async def _version_metrics(self, ref: AvatarRef, version: int) -> VersionMetrics | None:
+        key = adapter_version_prefix(ref.user_id, ref.avatar_id, version) + METRICS_FILE
+        loaded = await self.objects.read(key)
+        if loaded is None:
+            return None
+        return VersionMetrics.model_validate_json(loaded[0]).model_copy(update={"version": version})
+
+    async def versions(self, ref: AvatarRef) -> list[VersionMetrics]:
+        """Every complete version (one with its metrics.json, which the trainer writes after the
+        files), by version ascending."""
+        _, children = await self.objects.objects(adapter_versions_prefix(ref.user_id, ref.avatar_id), delimiter="/")
+        numbers = sorted(int(c) for c in children if c.isdigit() and int(c) >= 1)
+        metrics = await asyncio.gather(*(self._version_metrics(ref, n) for n in numbers))
+        return [m for m in metrics if m is not None]
+
+    async def _sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
+        async with resp["Body"] as body:
+            async for chunk in body.iter_chunks(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    async def promote(self, ref: AvatarRef, version: int) -> AdapterManifest:
+        """Make a kept version current: server-side copy of its files over the current ones,
+        then the manifest, last. Raises VersionNotFound unless the version is complete."""
+        prefix = adapter_version_prefix(ref.user_id, ref.avatar_id, version)
+        contents, _ = await self.objects.objects(prefix)
+        present = {obj["Key"][len(prefix):] for obj in contents}
+        if not present >= {*ADAPTER_FILES, METRICS_FILE}:
+            raise VersionNotFound(version)
+        meta = await self._version_metrics(ref, version)
+        if meta is None:
+            raise VersionNotFound(version)
+        # The trainer records each file's sha256 in metrics.json; hash any it did not.
+        async def file_hash(name: str) -> str:
+            return meta.files.get(name) or await self._sha256(prefix + name)
+
+        hashes = dict(zip(ADAPTER_FILES, await asyncio.gather(*(file_hash(n) for n in ADAPTER_FILES)), strict=True))
+        current = adapter_prefix(ref.user_id, ref.avatar_id)
+        await asyncio.gather(
+            *(
+                self._s3.copy_object(
+                    Bucket=self._bucket, Key=current + name, CopySource={"Bucket": self._bucket, "Key": prefix + name}
+                )
+                for name in ADAPTER_FILES
+            )
+        )
+        manifest = AdapterManifest(
+            current_version=version, job_id=meta.job_id, base_model=meta.base_model, files=hashes, metrics=meta.metrics
+        )
+        await self.objects.put(adapter_manifest_key(ref.user_id, ref.avatar_id), manifest.model_dump_json(by_alias=True).encode())
+        return manifest
+
+    # -- deletion ---------------------------------------------------------------------------
+
+    async def delete(self, ref: AvatarRef) -> int:
+        """Delete the configuration, the manifest, the current files, every version and every
+        checkpoint; never training data, job records or idempotency records. Returns how many
+        objects were deleted (0: there was no adapter)."""
+        u, a = ref.user_id, ref.avatar_id
+        root = adapter_prefix(u, a)
+        wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}
+        top, _ = await self.objects.objects(root, delimiter="/")
+        versions, checkpoints = await asyncio.gather(
+            self.objects.objects(adapter_versions_prefix(u, a)), self.objects.objects(checkpoints_prefix(u, a))
+        )
+        keys = [o["Key"] for o in top if o["Key"] in wanted] + [o["Key"] for o in versions[0] + checkpoints[0]]
+        manifest_key = adapter_manifest_key(u, a)
+        if manifest_key in keys:
+            # The manifest goes first: from then on no reader takes the files for a complete adapter.
+            await self._s3.delete_object(Bucket=self._bucket, Key=manifest_key)
+        rest = [k for k in keys if k != manifest_key]
+        for i in range(0, len(rest), DELETE_BATCH_SIZE):
+            batch = rest[i : i + DELETE_BATCH_SIZE]
+            resp = await self._s3.delete_objects(
+                Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            if resp.get("Errors"):
+                raise RuntimeError(f"S3 refused to delete {len(resp['Errors'])} adapter objects")
+        return len(keys)
+
+
+async def adapter_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> AdapterStore:
+    return AdapterStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]
+

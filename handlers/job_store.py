@@ -1,0 +1,310 @@
+"""Job records (`adapters/jobs/{job_id}.json`), the avatar's active-job pointer
+(`adapters/active_job.json`) and idempotency records (`adapters/idempotency/{sha256}.json`).
+The only module of the API that touches those keys.
+
+Every write is conditional: records and pointers are created with `If-None-Match: *` and
+changed with `If-Match: <etag>` in a read-modify-write loop, so the API and the trainer never
+overwrite each other's changes (a cancel racing a progress update, two requests racing for the
+avatar's one active slot)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta, timezone
+from typing import Annotated, Any
+
+from fastapi import Depends
+from pydantic import ValidationError
+
+from contracts.adapters import ActiveJobPointer, IdempotencyRecord
+from contracts.ids import InvalidIdentifier, validate_id
+from contracts.jobs import JobRecord, utcnow
+from contracts.keys import active_job_key, avatars_prefix, idempotency_key, job_key, jobs_prefix
+from handlers.auth import AvatarRef
+from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code, s3_client
+from handlers.dependencies import SettingsDep
+
+LIST_PAGE_SIZE = 1000
+# A read-modify-write that loses this many races in a row gives up (StoreBusy).
+MAX_WRITE_ATTEMPTS = 20
+# A pointer whose job record does not exist yet belongs to a request still creating its job
+# (the pointer is written first); only once it is this old is it taken for debris.
+POINTER_GRACE = timedelta(seconds=120)
+
+Mutation = Callable[[JobRecord], JobRecord | None]
+
+
+class StoreBusy(Exception):
+    """A conditional update kept losing races."""
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class S3Json:
+    """Small JSON objects with conditional writes, and the listings the stores share."""
+
+    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self._limit = asyncio.Semaphore(max_concurrency)
+
+    async def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when it does not exist."""
+        try:
+            async with self._limit:
+                resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
+                async with resp["Body"] as body:
+                    data = await body.read()
+        except Exception as exc:
+            if error_code(exc) in NOT_FOUND_CODES:
+                return None
+            raise
+        return data, resp["ETag"]
+
+    async def _put(self, key: str, data: bytes, **condition: str) -> str | None:
+        try:
+            async with self._limit:
+                resp = await self._s3.put_object(
+                    Bucket=self._bucket, Key=key, Body=data, ContentType="application/json", **condition
+                )
+        except Exception as exc:
+            if error_code(exc) in PRECONDITION_CODES | NOT_FOUND_CODES:
+                return None
+            raise
+        return str(resp["ETag"])
+
+    async def create(self, key: str, data: bytes) -> str | None:
+        """Write a new object; its ETag, or None when one exists already."""
+        return await self._put(key, data, IfNoneMatch="*")
+
+    async def replace(self, key: str, data: bytes, etag: str) -> str | None:
+        """Overwrite the object if it is still the version `etag`; the new ETag, or None when it changed."""
+        return await self._put(key, data, IfMatch=etag)
+
+    async def put(self, key: str, data: bytes) -> str:
+        resp = await self._s3.put_object(Bucket=self._bucket, Key=key, Body=data, ContentType="application/json")
+        return str(resp["ETag"])
+
+    async def delete_if(self, key: str, etag: str) -> bool:
+        """Delete the object if it is still the version `etag`: False when it changed meanwhile
+        (True when it is gone, by us or anyone)."""
+        try:
+            async with self._limit:
+                await self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=etag)
+        except Exception as exc:
+            code = error_code(exc)
+            if code in NOT_FOUND_CODES:
+                return True
+            if code in PRECONDITION_CODES:
+                return False
+            raise
+        return True
+
+    async def objects(self, prefix: str, delimiter: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every object under `prefix` and, with a delimiter, the child prefixes' names."""
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        contents: list[dict[str, Any]] = []
+        children: list[str] = []
+        while True:
+            async with self._limit:
+                resp = await self._s3.list_objects_v2(**kwargs)
+            contents.extend(resp.get("Contents", []))
+            children.extend(p["Prefix"][len(prefix):].rstrip("/") for p in resp.get("CommonPrefixes", []))
+            if not resp.get("IsTruncated"):
+                return contents, children
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+    async def avatar_ids(self, user_id: str) -> list[str]:
+        """The ids of the user's avatars that have anything stored, sorted."""
+        _, children = await self.objects(avatars_prefix(user_id), delimiter="/")
+        return sorted(c for c in children if _is_id(c))
+
+
+def _is_id(value: str) -> bool:
+    try:
+        validate_id(value)
+    except InvalidIdentifier:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    """The avatar's active job; `record` is None while the request creating it is still writing it."""
+
+    job_id: str
+    record: JobRecord | None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    items: list[JobRecord]
+    # (job_id, avatar_id) of the last item when more follow, else None.
+    next_after: tuple[str, str] | None
+
+
+class JobStore:
+    """Typed access to job records, active-job pointers and idempotency records."""
+
+    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64) -> None:
+        self.objects = S3Json(s3, bucket, max_concurrency)
+
+    # -- job records ------------------------------------------------------------------------
+
+    async def _load(self, ref: AvatarRef, job_id: str) -> tuple[JobRecord, str] | None:
+        loaded = await self.objects.read(job_key(ref.user_id, ref.avatar_id, job_id))
+        if loaded is None:
+            return None
+        data, etag = loaded
+        return JobRecord.model_validate_json(data), etag
+
+    async def get(self, ref: AvatarRef, job_id: str) -> JobRecord | None:
+        loaded = await self._load(ref, job_id)
+        return loaded[0] if loaded else None
+
+    async def create(self, record: JobRecord) -> str | None:
+        """Write a new record; its ETag, or None when the id is taken."""
+        return await self.objects.create(job_key(record.user_id, record.avatar_id, record.id), record.to_json())
+
+    async def update(self, ref: AvatarRef, job_id: str, mutate: Mutation) -> JobRecord:
+        """Read, mutate, write back if unchanged meanwhile (If-Match); retry on a lost race.
+
+        `mutate` gets a copy and returns the new record, or None to leave it as it is; it may
+        raise to abort. Raises JobNotFound, StoreBusy."""
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            loaded = await self._load(ref, job_id)
+            if loaded is None:
+                raise JobNotFound(job_id)
+            current, etag = loaded
+            updated = mutate(current.model_copy(deep=True))
+            if updated is None:
+                return current
+            updated.updated_at = utcnow()
+            if await self.objects.replace(job_key(ref.user_id, ref.avatar_id, job_id), updated.to_json(), etag):
+                return updated
+        raise StoreBusy(f"job {job_id} kept changing while being updated")
+
+    async def delete_created(self, ref: AvatarRef, job_id: str, etag: str) -> bool:
+        """Roll back a record this request created, unless someone changed it since."""
+        return await self.objects.delete_if(job_key(ref.user_id, ref.avatar_id, job_id), etag)
+
+    async def job_ids(self, ref: AvatarRef) -> list[str]:
+        """The avatar's job ids, newest first (ids sort by creation time)."""
+        prefix = jobs_prefix(ref.user_id, ref.avatar_id)
+        contents, _ = await self.objects.objects(prefix)
+        ids = []
+        for obj in contents:
+            name = obj["Key"][len(prefix):]
+            if "/" in name or not name.endswith(".json"):
+                continue
+            job_id = name.removesuffix(".json")
+            if _is_id(job_id):
+                ids.append(job_id)
+        return sorted(ids, reverse=True)
+
+    async def page(self, refs: list[AvatarRef], limit: int, after: tuple[str, str] | None) -> JobPage:
+        """Up to `limit` jobs of the given avatars, newest first, after the (job_id, avatar_id)
+        `after`. Only the page's records are read."""
+        by_avatar = {ref.avatar_id: ref for ref in refs}
+        lists = await asyncio.gather(*(self.job_ids(ref) for ref in refs))
+        entries = sorted(
+            ((job_id, ref.avatar_id) for ref, ids in zip(refs, lists, strict=True) for job_id in ids), reverse=True
+        )
+        if after is not None:
+            entries = [e for e in entries if e < after]
+        items: list[JobRecord] = []
+        read = 0
+        while len(items) < limit and read < len(entries):
+            chunk = entries[read : read + limit - len(items)]
+            read += len(chunk)
+            records = await asyncio.gather(*(self.get(by_avatar[a], j) for j, a in chunk))
+            items.extend(r for r in records if r is not None)  # None: rolled back since the listing
+        more = read < len(entries)
+        return JobPage(items=items, next_after=(items[-1].id, items[-1].avatar_id) if more and items else None)
+
+    # -- the active-job pointer -------------------------------------------------------------
+
+    async def claim_active(self, ref: AvatarRef, job_id: str) -> str | None:
+        """Point the avatar's active slot at `job_id`; the pointer's ETag, or None when taken."""
+        body = ActiveJobPointer(job_id=job_id).model_dump_json().encode()
+        return await self.objects.create(active_job_key(ref.user_id, ref.avatar_id), body)
+
+    async def release_claim(self, ref: AvatarRef, etag: str) -> bool:
+        """Remove a pointer this request created (rollback), unless it changed since."""
+        return await self.objects.delete_if(active_job_key(ref.user_id, ref.avatar_id), etag)
+
+    async def release_active(self, ref: AvatarRef, job_id: str) -> None:
+        """Remove the avatar's pointer if, and only if, it still names `job_id`."""
+        key = active_job_key(ref.user_id, ref.avatar_id)
+        loaded = await self.objects.read(key)
+        if loaded is None:
+            return
+        data, etag = loaded
+        try:
+            pointer = ActiveJobPointer.model_validate_json(data)
+        except ValidationError:
+            return
+        if pointer.job_id == job_id:
+            await self.objects.delete_if(key, etag)
+
+    async def active_job(self, ref: AvatarRef) -> ActiveJob | None:
+        """The avatar's queued or running job, or None. A pointer to a finished or missing job
+        is stale (its owner died between steps): it is removed, if still unchanged."""
+        key = active_job_key(ref.user_id, ref.avatar_id)
+        loaded = await self.objects.read(key)
+        if loaded is None:
+            return None
+        data, etag = loaded
+        try:
+            pointer: ActiveJobPointer | None = ActiveJobPointer.model_validate_json(data)
+        except ValidationError:
+            pointer = None
+        if pointer is not None and _is_id(pointer.job_id):
+            record = await self.get(ref, pointer.job_id)
+            if record is not None and record.is_active:
+                return ActiveJob(pointer.job_id, record)
+            created = pointer.created_at if pointer.created_at.tzinfo else pointer.created_at.replace(tzinfo=timezone.utc)
+            if record is None and utcnow() - created < POINTER_GRACE:
+                return ActiveJob(pointer.job_id, None)
+        await self.objects.delete_if(key, etag)
+        return None
+
+    async def avatar_ids(self, user_id: str) -> list[str]:
+        return await self.objects.avatar_ids(user_id)
+
+    async def count_active(self, user_id: str) -> int:
+        """How many of the user's avatars have an active job (stale pointers are cleared)."""
+        avatar_ids = await self.avatar_ids(user_id)
+        active = await asyncio.gather(*(self.active_job(AvatarRef(user_id, a)) for a in avatar_ids))
+        return sum(1 for a in active if a is not None)
+
+    # -- idempotency records ----------------------------------------------------------------
+
+    async def idempotent_job(self, ref: AvatarRef, key_hash: str) -> tuple[str, str] | None:
+        """(job_id, record ETag) of an earlier request with this key, or None."""
+        loaded = await self.objects.read(idempotency_key(ref.user_id, ref.avatar_id, key_hash))
+        if loaded is None:
+            return None
+        data, etag = loaded
+        return IdempotencyRecord.model_validate_json(data).job_id, etag
+
+    async def remember(self, ref: AvatarRef, key_hash: str, job_id: str) -> str | None:
+        """Record that this key created `job_id`; the ETag, or None when the key is taken."""
+        body = IdempotencyRecord(job_id=job_id).model_dump_json().encode()
+        return await self.objects.create(idempotency_key(ref.user_id, ref.avatar_id, key_hash), body)
+
+    async def forget(self, ref: AvatarRef, key_hash: str, etag: str) -> bool:
+        return await self.objects.delete_if(idempotency_key(ref.user_id, ref.avatar_id, key_hash), etag)
+
+
+async def job_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> JobStore:
+    return JobStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+JobStoreDep = Annotated[JobStore, Depends(job_store)]

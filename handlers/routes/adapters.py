@@ -1,0 +1,134 @@
+"""An avatar's adapter: configuration, current files, versions
+(`/v1/users/{user_id}/avatars/{avatar_id}/adapter`), and the user's adapters (`/v1/users/{user_id}/adapters`)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Response, status
+from pydantic import BaseModel, Field
+
+from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
+from contracts.adapters import AdapterManifest
+from handlers.adapter_store import AdapterFile, AdapterStore, AdapterStoreDep, VersionNotFound
+from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
+from handlers.dependencies import SettingsDep
+from handlers.job_store import JobStoreDep, StoreBusy
+from handlers.problems import Problem
+
+router = APIRouter(tags=["adapters"])
+
+BASE = "/v1/users/{user_id}/avatars/{avatar_id}/adapter"
+
+
+class AdapterView(BaseModel):
+    config: AdapterSettings = Field(description="the stored configuration over the documented defaults")
+    current_version: int | None = Field(description="null until a version has been trained or promoted")
+    metrics: dict[str, Any] = Field(description="the current version's metrics")
+    updated_at: datetime | None = Field(description="when the current adapter files were last replaced")
+    files: list[AdapterFile] = Field(description="the current adapter files: presigned GET URLs and sha256")
+
+
+class VersionView(BaseModel):
+    version: int
+    created_at: datetime
+    job_id: str | None
+    metrics: dict[str, Any]
+
+
+class VersionList(BaseModel):
+    items: list[VersionView]
+
+
+class AvatarAdapter(BaseModel):
+    avatar_id: str
+    current_version: int
+    updated_at: datetime
+
+
+class AdapterList(BaseModel):
+    items: list[AvatarAdapter]
+
+
+async def _view(
+    store: AdapterStore,
+    avatar: AvatarRef,
+    expires_in: int,
+    config: AdapterSettings | None,
+    manifest: AdapterManifest | None,
+) -> AdapterView:
+    return AdapterView(
+        config=(config or AdapterSettings()).merged_over(DOCUMENTED_DEFAULTS),
+        current_version=manifest.current_version if manifest else None,
+        metrics=manifest.metrics if manifest else {},
+        updated_at=manifest.updated_at if manifest else None,
+        files=await store.files(avatar, manifest, expires_in) if manifest else [],
+    )
+
+
+def _busy(exc: StoreBusy) -> Problem:
+    return Problem(503, f"{exc}; retry", headers={"Retry-After": "1"})
+
+
+@router.get(BASE, response_model=AdapterView, summary="The adapter: configuration, current version, files")
+async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep) -> AdapterView:
+    config, manifest = await asyncio.gather(store.config(avatar), store.manifest(avatar))
+    if config is None and manifest is None:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter configuration and no trained adapter")
+    return await _view(store, avatar, settings.presign_expires_seconds, config, manifest)
+
+
+@router.put(BASE, response_model=AdapterView, summary="Set configuration fields (omitted fields keep their value)")
+async def put_adapter(
+    avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, body: AdapterSettings
+) -> AdapterView:
+    try:
+        config = await store.update_config(avatar, body)
+    except StoreBusy as exc:
+        raise _busy(exc) from None
+    return await _view(store, avatar, settings.presign_expires_seconds, config, await store.manifest(avatar))
+
+
+@router.delete(BASE, status_code=status.HTTP_204_NO_CONTENT, summary="Delete the adapter, its versions and checkpoints")
+async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs: JobStoreDep) -> Response:
+    active = await jobs.active_job(avatar)
+    if active is not None:
+        raise Problem(
+            409, f"avatar {avatar.avatar_id!r} has an active job {active.job_id}; cancel it or wait for it to end",
+            active_job_id=active.job_id,
+        )
+    if await store.delete(avatar) == 0:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(f"{BASE}/versions", response_model=VersionList, summary="Kept adapter versions")
+async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> VersionList:
+    return VersionList(
+        items=[VersionView(version=v.version, created_at=v.created_at, job_id=v.job_id, metrics=v.metrics)
+               for v in await store.versions(avatar)]
+    )
+
+
+@router.post(f"{BASE}/versions/{{version}}/promote", response_model=AdapterView, summary="Make a kept version current")
+async def promote_version(
+    avatar: AuthorizedAvatar,
+    store: AdapterStoreDep,
+    settings: SettingsDep,
+    version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
+) -> AdapterView:
+    try:
+        manifest = await store.promote(avatar, version)
+    except VersionNotFound:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no complete adapter version {version}") from None
+    return await _view(store, avatar, settings.presign_expires_seconds, await store.config(avatar), manifest)
+
+
+@router.get("/v1/users/{user_id}/adapters", response_model=AdapterList, summary="The user's avatars that have an adapter")
+async def list_user_adapters(user_id: AuthorizedUser, store: AdapterStoreDep) -> AdapterList:
+    return AdapterList(
+        items=[AvatarAdapter(avatar_id=a, current_version=m.current_version, updated_at=m.updated_at)
+               for a, m in await store.adapters_of(user_id)]
+    )

@@ -1,0 +1,332 @@
+"""Training jobs: `/v1/users/{user_id}/avatars/{avatar_id}/training-jobs` and the user's jobs
+across avatars, `/v1/users/{user_id}/training-jobs`.
+
+Creating a job (one avatar has at most one queued or running job; a user at most
+MAX_ACTIVE_JOBS_PER_USER across avatars):
+
+1. an `Idempotency-Key` seen before answers the job it created;
+2. 409 unless a document is flagged for training;
+3. 429 when the user is at the cap;
+4. claim the avatar's active-job pointer (If-None-Match); 409 naming the holder when taken;
+   count again, and step back (retry, then 429) when a concurrent request made it one too many;
+5. write the job record, 6. the idempotency record, 7. send the train request.
+
+A failure after 4 removes what this request wrote (If-Match on each ETag) and answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, status
+from pydantic import BaseModel, field_serializer
+
+from contracts.adapter import AdapterSettings
+from contracts.ids import InvalidIdentifier, validate_id
+from contracts.jobs import JobProgress, JobRecord, JobStatus, TrainingDocumentRef, new_job_id, utcnow
+from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, TrainRequest
+from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
+from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
+from handlers.problems import Problem
+from handlers.train_queue import TrainQueueDep
+from handlers.training_data_store import decode_cursor, encode_cursor
+
+log = logging.getLogger("avatune.api")
+
+router = APIRouter(tags=["training jobs"])
+
+BASE = "/v1/users/{user_id}/avatars/{avatar_id}/training-jobs"
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+CAP_RETRY_AFTER_SECONDS = 60
+CAP_ATTEMPTS = 3
+
+
+class JobView(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    type: Literal["train"]
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    avatar_id: str
+    config: AdapterSettings
+    progress: JobProgress
+    metrics: dict[str, Any]
+    error: str | None
+    adapter_version: int | None
+    data: list[TrainingDocumentRef]
+    cancel_requested: bool
+    attempts: int
+
+    @field_serializer("config")
+    def _overrides_only(self, config: AdapterSettings) -> dict[str, Any]:
+        """The job's overrides: only the fields it set."""
+        return config.model_dump(exclude_none=True)
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobView:
+        return cls.model_validate(record.model_dump(exclude={"lease", "user_id", "source", "schema_"}))
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+    next_cursor: str | None
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _checked_job_id(job_id: str) -> str:
+    try:
+        return validate_id(job_id, "job_id")
+    except InvalidIdentifier as exc:
+        raise Problem(400, str(exc)) from None
+
+
+def _decode_page_cursor(cursor: str | None) -> tuple[str, str] | None:
+    if not cursor:
+        return None
+    try:
+        job_id, avatar_id = decode_cursor(cursor).split(" ")
+        return validate_id(job_id), validate_id(avatar_id)
+    except ValueError:  # InvalidIdentifier is one too
+        raise Problem(400, "invalid cursor: pass back the next_cursor of a previous page") from None
+
+
+async def _page(jobs: JobStore, refs: list[AvatarRef], limit: int, cursor: str | None) -> JobList:
+    page = await jobs.page(refs, limit, _decode_page_cursor(cursor))
+    next_cursor = encode_cursor(" ".join(page.next_after)) if page.next_after else None
+    return JobList(items=[JobView.of(r) for r in page.items], next_cursor=next_cursor)
+
+
+def _key_hash(idempotency_key: str | None) -> str | None:
+    if idempotency_key is None:
+        return None
+    if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()
+
+
+async def _earlier_job(jobs: JobStore, avatar: AvatarRef, key_hash: str) -> JobRecord | None:
+    """The job an earlier request with the same Idempotency-Key created."""
+    found = await jobs.idempotent_job(avatar, key_hash)
+    if found is None:
+        return None
+    job_id, etag = found
+    record = await jobs.get(avatar, job_id)
+    if record is None:  # the job is gone (rolled back): the key is free again
+        await jobs.forget(avatar, key_hash, etag)
+    return record
+
+
+def _active_conflict(avatar: AvatarRef, job_id: str) -> Problem:
+    return Problem(
+        409, f"avatar {avatar.avatar_id!r} already has an active job {job_id}; cancel it or wait for it to end",
+        active_job_id=job_id,
+    )
+
+
+def _too_many(cap: int) -> Problem:
+    return Problem(
+        429, f"this user already has {cap} queued or running jobs (MAX_ACTIVE_JOBS_PER_USER); retry when one ends",
+        headers={"Retry-After": str(CAP_RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _claim_slot(jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
+    """Take the avatar's active-job pointer for `job_id`; its ETag. A pointer left by a finished
+    job is removed and the claim retried once. Raises the 409 naming the active job."""
+    for _ in range(2):
+        etag = await jobs.claim_active(avatar, job_id)
+        if etag is not None:
+            return etag
+        active = await jobs.active_job(avatar)  # clears a stale pointer
+        if active is not None:
+            raise _active_conflict(avatar, active.job_id)
+    active = await jobs.active_job(avatar)
+    if active is not None:
+        raise _active_conflict(avatar, active.job_id)
+    raise Problem(503, "the avatar's active job changed while creating this one; retry", headers={"Retry-After": "1"})
+
+
+async def _take_slot(jobs: JobStore, avatar: AvatarRef, job_id: str, cap: int) -> str:
+    """Claim the avatar's slot within the user's cap of active jobs; the pointer's ETag.
+
+    Requests on several avatars of one user may all pass the count at once, so the count is
+    taken again with our pointer in place: one too many, and we step back, wait a random
+    moment and try again (at most CAP_ATTEMPTS times), so the cap holds even under a burst."""
+    for attempt in range(CAP_ATTEMPTS):
+        if await jobs.count_active(avatar.user_id) >= cap:
+            raise _too_many(cap)
+        etag = await _claim_slot(jobs, avatar, job_id)
+        if await jobs.count_active(avatar.user_id) <= cap:
+            return etag
+        await jobs.release_claim(avatar, etag)
+        await asyncio.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+    raise _too_many(cap)
+
+
+async def _roll_back(undo: list[Callable[[], Awaitable[bool]]]) -> None:
+    """Undo what this request wrote, newest first; a failure is logged, never raised."""
+    for step in reversed(undo):
+        try:
+            await step()
+        except Exception:
+            log.exception("rollback step failed")
+    undo.clear()
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView, summary="Queue a training job",
+             responses={409: {"description": "no document flagged for training, or a job is already active"},
+                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+async def create_job(
+    avatar: AuthorizedAvatar,
+    jobs: JobStoreDep,
+    documents: TrainingDataStoreDep,
+    queue: TrainQueueDep,
+    settings: SettingsDep,
+    body: AdapterSettings | None = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="retries with the same key answer the same job")
+    ] = None,
+) -> JobView:
+    key_hash = _key_hash(idempotency_key)
+    if key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
+        return JobView.of(earlier)
+
+    flagged, _ = await documents.list(avatar, True, 1)
+    if not flagged:
+        raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; upload or flag one first")
+
+    job_id = new_job_id()
+    try:
+        pointer_etag = await _take_slot(jobs, avatar, job_id, settings.max_active_jobs_per_user)
+    except Problem as conflict:
+        if conflict.status == 409 and key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
+            return JobView.of(earlier)
+        raise
+    undo: list[Callable[[], Awaitable[bool]]] = [lambda: jobs.release_claim(avatar, pointer_etag)]
+
+    record = JobRecord(id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
+                       config=body or AdapterSettings(), source="api")
+    try:
+        record_etag = await jobs.create(record)
+        if record_etag is None:
+            raise RuntimeError(f"job id {job_id} is taken")
+        undo.append(lambda: jobs.delete_created(avatar, job_id, record_etag))
+        if key_hash:
+            key_etag = await jobs.remember(avatar, key_hash, job_id)
+            if key_etag is None:  # a concurrent request with the same key won: answer its job
+                await _roll_back(undo)
+                if earlier := await _earlier_job(jobs, avatar, key_hash):
+                    return JobView.of(earlier)
+                raise Problem(409, "a request with this Idempotency-Key is in progress; retry",
+                              headers={"Retry-After": "1"})
+            undo.append(lambda: jobs.forget(avatar, key_hash, key_etag))
+        await queue.send(TrainRequest(
+            schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
+            config=record.config, requested_at=record.created_at,
+        ))
+    except Problem:
+        raise
+    except Exception:
+        log.exception("creating job %s failed; rolling back", job_id)
+        await _roll_back(undo)
+        raise Problem(503, "could not queue the training job; nothing was kept, retry later",
+                      headers={"Retry-After": "5"}) from None
+    return JobView.of(record)
+
+
+@router.get(BASE, response_model=JobList, summary="The avatar's jobs, newest first")
+async def list_jobs(
+    avatar: AuthorizedAvatar,
+    jobs: JobStoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+) -> JobList:
+    return await _page(jobs, [avatar], limit, cursor)
+
+
+@router.get(BASE + "/{job_id}", response_model=JobView, summary="One job")
+async def get_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, job_id: str) -> JobView:
+    record = await jobs.get(avatar, _checked_job_id(job_id))
+    if record is None:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no job {job_id}")
+    return JobView.of(record)
+
+
+class _AlreadyFinal(Exception):
+    pass
+
+
+@router.post(BASE + "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
+             summary="Cancel a job (queued: at once; running: at the trainer's next step)",
+             responses={409: {"description": "the job has already ended"}})
+async def cancel_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQueueDep, job_id: str) -> JobView:
+    job_id = _checked_job_id(job_id)
+    cancelled_here = False
+
+    def cancel(record: JobRecord) -> JobRecord | None:
+        nonlocal cancelled_here
+        cancelled_here = False
+        if record.status == "queued":
+            cancelled_here = True
+            record.status = "cancelled"
+            record.finished_at = utcnow()
+            record.cancel_requested = True
+            return record
+        if record.status == "running":
+            if record.cancel_requested:
+                return None
+            record.cancel_requested = True
+            return record
+        raise _AlreadyFinal(record.status)
+
+    try:
+        record = await jobs.update(avatar, job_id, cancel)
+    except JobNotFound:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no job {job_id}") from None
+    except _AlreadyFinal as final:
+        raise Problem(409, f"job {job_id} has already ended ({final})", job_status=str(final)) from None
+    except StoreBusy as exc:
+        raise Problem(503, f"{exc}; retry", headers={"Retry-After": "1"}) from None
+
+    if cancelled_here:
+        # The job is cancelled either way; a failure below only delays the bookkeeping (a pointer
+        # to a finished job is stale and cleared by the next request that meets it).
+        try:
+            await jobs.release_active(avatar, job_id)
+        except Exception:
+            log.exception("releasing the active pointer of cancelled job %s failed", job_id)
+        try:
+            await queue.publish(JobEvent(
+                event="job.cancelled", job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
+                status="cancelled",
+            ))
+        except Exception:
+            log.exception("publishing job.cancelled for %s failed", job_id)
+    return JobView.of(record)
+
+
+@router.get("/v1/users/{user_id}/training-jobs", response_model=JobList, summary="The user's jobs across avatars, newest first")
+async def list_user_jobs(
+    user_id: AuthorizedUser,
+    jobs: JobStoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+) -> JobList:
+    refs = [AvatarRef(user_id, a) for a in await jobs.avatar_ids(user_id)]
+    return await _page(jobs, refs, limit, cursor)

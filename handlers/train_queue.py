@@ -1,0 +1,55 @@
+"""The SQS side of jobs: train requests to the FIFO train queue, job events to the events queue.
+The only module of the API that sends to SQS."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends
+
+from contracts.messages import JobEvent, TrainRequest
+from handlers.aws import sqs_client
+from handlers.dependencies import SettingsDep
+
+# Queue URLs never change for a name: resolve each once per process.
+_queue_urls: dict[tuple[str | None, str], str] = {}
+
+
+class TrainQueue:
+    """Typed access to the train and events queues."""
+
+    def __init__(self, sqs: Any, train_queue_name: str, events_queue_name: str, endpoint: str | None = None) -> None:
+        self._sqs = sqs
+        self._train_queue = train_queue_name
+        self._events_queue = events_queue_name
+        self._endpoint = endpoint
+
+    async def _url(self, name: str) -> str:
+        key = (self._endpoint, name)
+        url = _queue_urls.get(key)
+        if url is None:
+            url = (await self._sqs.get_queue_url(QueueName=name))["QueueUrl"]
+            _queue_urls[key] = url
+        return url
+
+    async def send(self, request: TrainRequest) -> str:
+        """Queue a train request; the job id is the deduplication id, so a retried send within
+        SQS's five-minute window never queues the job twice. Returns the message id."""
+        resp = await self._sqs.send_message(
+            QueueUrl=await self._url(self._train_queue),
+            MessageBody=request.to_message_body(),
+            MessageGroupId=request.message_group_id(),
+            MessageDeduplicationId=request.job_id,
+        )
+        return str(resp["MessageId"])
+
+    async def publish(self, event: JobEvent) -> None:
+        """Publish a job event on the (standard) events queue."""
+        await self._sqs.send_message(QueueUrl=await self._url(self._events_queue), MessageBody=event.to_message_body())
+
+
+async def train_queue(settings: SettingsDep, sqs: Annotated[Any, Depends(sqs_client)]) -> TrainQueue:
+    return TrainQueue(sqs, settings.train_queue_name, settings.events_queue_name, settings.aws_endpoint_url)
+
+
+TrainQueueDep = Annotated[TrainQueue, Depends(train_queue)]

@@ -1,0 +1,61 @@
+"""Workers stopped mid-job: SIGTERM checkpoints and hands the job back; SIGKILL leaves it to
+come back after the visibility timeout. Either way the job ends `succeeded`, resumed from its
+last complete checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from contracts.keys import checkpoint_prefix
+from tests.conftest import keys_under
+from tests.pipeline import Pipeline, chat_document, wait_for_job
+
+LONG = {"num_epochs": 8, "batch_size": 1, "r": 4}  # ~290 steps on the tiny model
+
+
+def start_long_job(api) -> dict:
+    api.put_doc("chat.jsonl", chat_document())
+    r = api.post(f"{api.base}/training-jobs", json=LONG)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def wait_for_checkpoint(pipeline: Pipeline, api, job_id: str, s3) -> None:
+    wait_for_job(api, job_id, {"running"}, pipeline=pipeline, condition=lambda j: j["progress"]["step"] >= 12)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(k.endswith("/_COMPLETE") for k in keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, job_id))):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint was written\n" + pipeline.worker_log())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_worker_stopped_mid_job_resumes_from_checkpoint(pipeline: Pipeline, s3, sig: signal.Signals) -> None:
+    first = pipeline.start_worker()
+    with pipeline.client() as api:
+        job = start_long_job(api)
+        wait_for_checkpoint(pipeline, api, job["id"], s3)
+        stopped_at = time.monotonic()
+        first.send_signal(sig)
+        first.wait(30)
+        if sig == signal.SIGTERM:
+            assert time.monotonic() - stopped_at < 15, "SIGTERM must exit within seconds"
+            assert first.returncode == 0, pipeline.worker_log()
+            record = api.get(f"{api.base}/training-jobs/{job['id']}").json()
+            assert record["status"] == "queued"  # handed back, lease released
+        second = pipeline.start_worker()
+        try:
+            done, _ = wait_for_job(api, job["id"], {"succeeded", "failed"}, pipeline=pipeline, timeout=300)
+            assert done["status"] == "succeeded", done
+            assert done["metrics"]["resumed_from_step"] >= 5
+            assert done["attempts"] == 2
+            assert done["adapter_version"] == 1
+            assert pipeline.wait_events(job["id"], "job.succeeded") == ["job.started", "job.succeeded"]
+            assert keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, job["id"])) == []
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)

@@ -1,0 +1,1 @@
+"""The avatune trainer: an SQS-driven worker that trains QLoRA/LoRA adapters (`python -m trainer`)."""

@@ -1,0 +1,189 @@
+"""Adapter versions and checkpoints in S3.
+
+Publishing a version writes `versions/{n}/` (adapter files, then metrics.json), then
+overwrites the current files in `adapters/`, then `manifest.json` last: a reader that trusts
+the manifest never sees a half-written adapter. Checkpoints follow the same rule: files
+first, the `_COMPLETE` marker last, and only a marked checkpoint is ever resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from contracts.adapters import AdapterManifest, VersionMetrics
+from contracts.keys import (
+    ADAPTER_FILES,
+    CHECKPOINT_COMPLETE_MARKER,
+    METRICS_FILE,
+    adapter_manifest_key,
+    adapter_prefix,
+    adapter_version_prefix,
+    adapter_versions_prefix,
+    checkpoint_prefix,
+)
+from trainer.aws import is_not_found, is_precondition_failed
+
+log = logging.getLogger("avatune.trainer")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        return keys
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self._s3.delete_objects(
+                Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            )
+
+    def _child_numbers(self, prefix: str) -> list[int]:
+        numbers = []
+        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix, Delimiter="/"):
+            for p in page.get("CommonPrefixes", []):
+                part = p["Prefix"][len(prefix):].rstrip("/")
+                if part.isdigit():
+                    numbers.append(int(part))
+        return sorted(numbers)
+
+    def _put_json(self, key: str, body: str, **extra: Any) -> None:
+        self._s3.put_object(Bucket=self._bucket, Key=key, Body=body.encode(), ContentType="application/json", **extra)
+
+    # -- adapter versions -------------------------------------------------------------------
+
+    def versions(self, user_id: str, avatar_id: str) -> list[int]:
+        return self._child_numbers(adapter_versions_prefix(user_id, avatar_id))
+
+    def current_manifest(self, user_id: str, avatar_id: str) -> AdapterManifest | None:
+        try:
+            resp = self._s3.get_object(Bucket=self._bucket, Key=adapter_manifest_key(user_id, avatar_id))
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return AdapterManifest.model_validate_json(resp["Body"].read())
+
+    def version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
+        """The version a job already published (a retried job must not publish twice)."""
+        for version in reversed(self.versions(user_id, avatar_id)):
+            key = adapter_version_prefix(user_id, avatar_id, version) + METRICS_FILE
+            try:
+                meta = VersionMetrics.model_validate_json(self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read())
+            except Exception as exc:
+                if is_not_found(exc):
+                    continue
+                raise
+            if meta.job_id == job_id:
+                return version
+        return None
+
+    def publish(
+        self, user_id: str, avatar_id: str, adapter_dir: Path, *, job_id: str, base_model: str,
+        metrics: dict[str, Any], keep_versions: int,
+    ) -> int:
+        """Store the adapter in `adapter_dir` as the next version and make it current."""
+        files = {name: adapter_dir / name for name in ADAPTER_FILES}
+        hashes = {name: sha256_file(path) for name, path in files.items()}
+        while True:
+            version = (max(self.versions(user_id, avatar_id), default=0)) + 1
+            prefix = adapter_version_prefix(user_id, avatar_id, version)
+            # Claim the version number: a concurrent publisher gets 412 and takes the next one.
+            try:
+                self._put_json(prefix + ".claim", json.dumps({"job_id": job_id}), IfNoneMatch="*")
+            except Exception as exc:
+                if is_precondition_failed(exc):
+                    continue
+                raise
+            break
+        for name, path in files.items():
+            self._s3.upload_file(str(path), self._bucket, prefix + name)
+        meta = VersionMetrics(version=version, job_id=job_id, base_model=base_model, metrics=metrics)
+        self._put_json(prefix + METRICS_FILE, _with_files(meta, hashes))
+        self.make_current(user_id, avatar_id, version, job_id=job_id, base_model=base_model, metrics=metrics,
+                          hashes=hashes, source_dir=adapter_dir)
+        self.prune(user_id, avatar_id, keep_versions, protect=version)
+        return version
+
+    def make_current(
+        self, user_id: str, avatar_id: str, version: int, *, job_id: str | None, base_model: str | None,
+        metrics: dict[str, Any], hashes: dict[str, str], source_dir: Path,
+    ) -> None:
+        current = adapter_prefix(user_id, avatar_id)
+        for name in ADAPTER_FILES:
+            self._s3.upload_file(str(source_dir / name), self._bucket, current + name)
+        manifest = AdapterManifest(
+            current_version=version, job_id=job_id, base_model=base_model, files=hashes, metrics=metrics
+        )
+        self._put_json(adapter_manifest_key(user_id, avatar_id), manifest.model_dump_json(by_alias=True))
+
+    def prune(self, user_id: str, avatar_id: str, keep: int, protect: int) -> None:
+        """Delete all but the newest `keep` versions; never the current one."""
+        manifest = self.current_manifest(user_id, avatar_id)
+        protected = {protect} | ({manifest.current_version} if manifest else set())
+        versions = self.versions(user_id, avatar_id)
+        for version in versions[: max(0, len(versions) - keep)]:
+            if version not in protected:
+                self._delete_keys(self._keys(adapter_version_prefix(user_id, avatar_id, version)))
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, user_id: str, avatar_id: str, job_id: str, local_dir: Path, step: int) -> None:
+        """Upload a checkpoint directory; the marker goes last, then older checkpoints go."""
+        base = checkpoint_prefix(user_id, avatar_id, job_id)
+        prefix = f"{base}{step:09d}/"
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self._s3.upload_file(str(path), self._bucket, prefix + path.relative_to(local_dir).as_posix())
+        self._put_json(prefix + CHECKPOINT_COMPLETE_MARKER, json.dumps({"step": step}))
+        older = [k for k in self._keys(base) if not k.startswith(prefix)]
+        self._delete_keys(older)
+        log.info("checkpoint job=%s step=%d uploaded", job_id, step)
+
+    def latest_checkpoint(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
+        """The newest step whose checkpoint is complete (has its marker)."""
+        base = checkpoint_prefix(user_id, avatar_id, job_id)
+        keys = set(self._keys(base))
+        complete = [
+            int(k[len(base):].split("/")[0]) for k in keys
+            if k.endswith("/" + CHECKPOINT_COMPLETE_MARKER) and k[len(base):].split("/")[0].isdigit()
+        ]
+        return max(complete, default=None)
+
+    def download_checkpoint(self, user_id: str, avatar_id: str, job_id: str, step: int, dest: Path) -> Path:
+        prefix = f"{checkpoint_prefix(user_id, avatar_id, job_id)}{step:09d}/"
+        for key in self._keys(prefix):
+            rel = key[len(prefix):]
+            if rel == CHECKPOINT_COMPLETE_MARKER:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._s3.download_file(self._bucket, key, str(target))
+        return dest
+
+    def delete_checkpoints(self, user_id: str, avatar_id: str, job_id: str) -> None:
+        self._delete_keys(self._keys(checkpoint_prefix(user_id, avatar_id, job_id)))
+
+
+def _with_files(meta: VersionMetrics, hashes: dict[str, str]) -> str:
+    data = json.loads(meta.model_dump_json())
+    data["files"] = hashes
+    return json.dumps(data)

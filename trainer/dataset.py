@@ -1,0 +1,305 @@
+"""Conversations -> tokenized examples with assistant-only loss, plus packing and collation.
+
+Why not `apply_chat_template(..., return_assistant_tokens_mask=True)`: it needs
+`{% generation %}` markers that stock chat templates (Llama 3 included) lack, and without
+them it silently returns an all-zero mask, i.e. nothing is trained. Instead each
+conversation is rendered once per message prefix; the growth of the rendered string gives
+every message's character span, and the tokenizer's offset mapping turns character spans
+into token labels. Labels cover a trainable assistant turn's content and its end-of-turn
+token (`<|eot_id|>`), so the model learns to stop; the role header is the prompt and is
+never trained on.
+
+Packing and attention (transformers 5.x, checked in `masking_utils.py`): with no
+`attention_mask` and no cache, `create_causal_mask` calls `find_packed_sequence_indices`,
+which starts a new sequence wherever `position_ids` do not increase by exactly one, and
+masks attention across those boundaries, for sdpa and eager on CPU too (flash-attn is not
+needed). Two things silently switch this off and let packed examples attend to each
+other: passing any `attention_mask` (even all ones), and a cache, which the model creates
+itself whenever `use_cache` is true, and checkpoints ship `use_cache: true` (in train mode
+too, unless gradient checkpointing is on). HF `Trainer` sets `config.use_cache =
+args.use_cache` (False by default) and TRL's SFTTrainer passes `use_cache=False`; a
+hand-written loop must pass `use_cache=False` itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from contracts.documents import ChatMessage, Conversation
+
+IGNORE_INDEX = -100
+
+# Stands in for a message's content to find where the template puts content in a turn.
+_SENTINEL = "AVATUNE_CONTENT_SENTINEL_3f9c"
+
+T = TypeVar("T")
+
+
+@dataclass
+class TokenizedExample:
+    """One conversation as token ids; `labels` is -100 wherever no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_trainable_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DatasetStats:
+    """Counts over a build.
+
+    `assistant_tokens` is a cross-check on the label mask: the tokens of each trainable
+    assistant turn (content + end-of-turn), counted by tokenizing that turn's rendered
+    span on its own. It equals `trainable_tokens` unless truncation cut a turn short
+    (then `truncated` > 0).
+    """
+
+    examples: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    total_tokens: int = 0
+    trainable_tokens: int = 0
+    assistant_tokens: int = 0
+
+
+@dataclass
+class _Rendered:
+    """A rendered conversation and the character spans that are trained on."""
+
+    text: str
+    trainable_spans: list[tuple[int, int]]
+
+
+def _is_trainable(message: ChatMessage) -> bool:
+    return message.role == "assistant" and message.weight != 0
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _content_start(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    index: int,
+    turn_start: int,
+    full: str,
+) -> int:
+    """Character offset in `full` where message `index`'s content begins (after its header).
+
+    Found by rendering the turn with a sentinel as content. The generation prompt would
+    not do: stock Llama 3 puts `<|begin_of_text|>` inside the first message's turn, so
+    for a conversation that opens with the assistant it is not a prefix of the turn.
+    """
+    probe = messages[:index] + [{"role": messages[index]["role"], "content": _SENTINEL}]
+    rendered = _render(tokenizer, probe)
+    header = rendered[turn_start : rendered.index(_SENTINEL)]
+    if not full.startswith(header, turn_start):
+        raise ValueError(f"chat template renders message {index}'s header inconsistently")
+    return turn_start + len(header)
+
+
+def _render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> _Rendered:
+    """Render `messages` with the chat template and locate the trainable assistant spans."""
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    full = _render(tokenizer, dicts)
+    spans: list[tuple[int, int]] = []
+    turn_start = 0
+    for index, message in enumerate(messages):
+        prefix = _render(tokenizer, dicts[: index + 1])
+        # Templates that rewrite earlier turns (e.g. dropping old reasoning) would make
+        # prefix spans meaningless; refuse rather than mislabel.
+        if not full.startswith(prefix):
+            raise ValueError("chat template is not prefix-stable; cannot locate message spans")
+        if _is_trainable(message):
+            spans.append((_content_start(tokenizer, dicts, index, turn_start, full), len(prefix)))
+        turn_start = len(prefix)
+    return _Rendered(text=full, trainable_spans=spans)
+
+
+def _labels_from_spans(
+    token_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], text_len: int
+) -> list[int]:
+    # A token is trained on when its first character lies in a trainable span; a token
+    # straddling header and content therefore stays with the (untrained) header.
+    trainable = bytearray(text_len + 1)
+    for start, end in spans:
+        trainable[start:end] = b"\x01" * (end - start)
+    return [tok if trainable[start] else IGNORE_INDEX for tok, (start, _end) in zip(token_ids, offsets)]
+
+
+def _tokenize_rendered(
+    tokenizer: PreTrainedTokenizerBase, rendered: _Rendered, max_seq_length: int
+) -> tuple[TokenizedExample | None, bool]:
+    """The truncated example (None if nothing is left to train on) and whether it was cut."""
+    if not tokenizer.is_fast:
+        raise TypeError("a fast tokenizer is needed: labels come from its offset mapping")
+    # The template already wrote `<|begin_of_text|>`; the tokenizer must not add another.
+    # verbose=False: over-long texts are expected here, they are truncated just below.
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    input_ids: list[int] = enc["input_ids"]
+    labels = _labels_from_spans(
+        input_ids, enc["offset_mapping"], rendered.trainable_spans, len(rendered.text)
+    )
+    truncated = len(input_ids) > max_seq_length
+    example = TokenizedExample(input_ids=input_ids[:max_seq_length], labels=labels[:max_seq_length])
+    return (example if example.num_trainable_tokens > 0 else None), truncated
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], max_seq_length: int
+) -> TokenizedExample | None:
+    """Tokenize one conversation with assistant-only labels, truncated to `max_seq_length`.
+
+    Returns None when no trainable token survives (no trainable assistant turn, or all
+    of them cut off by truncation).
+    """
+    if max_seq_length < 1:
+        raise ValueError("max_seq_length must be positive")
+    example, _ = _tokenize_rendered(tokenizer, _render_conversation(tokenizer, messages), max_seq_length)
+    return example
+
+
+def _span_token_count(tokenizer: PreTrainedTokenizerBase, rendered: _Rendered) -> int:
+    return sum(
+        len(tokenizer(rendered.text[start:end], add_special_tokens=False)["input_ids"])
+        for start, end in rendered.trainable_spans
+    )
+
+
+def build_examples(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], max_seq_length: int
+) -> tuple[list[TokenizedExample], DatasetStats]:
+    """Tokenize every conversation; drop (and count) those with nothing to train on."""
+    if max_seq_length < 1:
+        raise ValueError("max_seq_length must be positive")
+    examples: list[TokenizedExample] = []
+    stats = DatasetStats()
+    for conversation in conversations:
+        rendered = _render_conversation(tokenizer, conversation.messages)
+        example, truncated = _tokenize_rendered(tokenizer, rendered, max_seq_length)
+        if example is None:
+            stats.dropped += 1
+            continue
+        examples.append(example)
+        stats.examples += 1
+        stats.truncated += truncated
+        stats.total_tokens += len(example)
+        stats.trainable_tokens += example.num_trainable_tokens
+        stats.assistant_tokens += _span_token_count(tokenizer, rendered)
+    return examples, stats
+
+
+def split_train_eval(
+    examples: Sequence[T], eval_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[T], list[T]]:
+    """Deterministically split off `max(1, round(n * eval_fraction))` eval examples.
+
+    With fewer than two examples (or `eval_fraction == 0`) everything is training data.
+    Both parts keep the input order.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError("eval_fraction must be in [0, 1)")
+    n = len(examples)
+    if n < 2 or eval_fraction == 0:
+        return list(examples), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
+    eval_ids = set(order[:n_eval])
+    train = [ex for i, ex in enumerate(examples) if i not in eval_ids]
+    evaluation = [ex for i, ex in enumerate(examples) if i in eval_ids]
+    return train, evaluation
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin indices: longest first, each into the fullest bin it still fits."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[i]
+        if length > capacity:
+            raise ValueError(f"example {i} has {length} tokens, more than max_seq_length={capacity}")
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot == len(free):
+            bins.append([i])
+            remaining, b = capacity - length, len(bins) - 1
+        else:
+            remaining, b = free.pop(slot)
+            bins[b].append(i)
+            remaining -= length
+        if remaining > 0:
+            bisect.insort(free, (remaining, b))
+    return bins
+
+
+def _packed_row(examples: list[TokenizedExample]) -> dict[str, list[int]]:
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for example in examples:
+        row["input_ids"] += example.input_ids
+        # No loss on an example's first token: it would be predicted from the previous example.
+        row["labels"] += [IGNORE_INDEX] + example.labels[1:]
+        row["position_ids"] += list(range(len(example)))
+        row["seq_lens"].append(len(example))
+    return row
+
+
+def pack_examples(examples: Sequence[TokenizedExample], max_seq_length: int) -> list[dict[str, list[int]]]:
+    """Pack examples into rows of at most `max_seq_length` tokens (best-fit decreasing).
+
+    Each row has `input_ids`, `labels`, `position_ids` (restarting at 0 per example) and
+    `seq_lens`. Examples stay independent only if the forward pass reads the boundaries
+    from `position_ids`: no `attention_mask` and `use_cache=False` (see module docstring).
+    """
+    bins = _best_fit_decreasing([len(ex) for ex in examples], max_seq_length)
+    return [_packed_row([examples[i] for i in members]) for members in bins]
+
+
+def _sequence_starts(position_ids: list[int]) -> list[bool]:
+    # The same rule transformers uses to find packed sequences: a break in +1 steps.
+    return [t == 0 or position_ids[t] != position_ids[t - 1] + 1 for t in range(len(position_ids))]
+
+
+def _as_list(values: Any) -> list[int]:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def collate_padding_free(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Flatten a batch into one (1, total_tokens) sequence, like `DataCollatorWithFlattening`.
+
+    Rows are packed rows (their `position_ids` are kept, so examples inside them stay
+    separate) or plain examples (positions 0..n-1). The first token of every example
+    gets label -100. No `attention_mask` is returned: its presence would disable the
+    packed-sequence mask in transformers.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for row in rows:
+        ids = _as_list(row["input_ids"])
+        row_labels = _as_list(row["labels"]) if "labels" in row else ids
+        row_positions = _as_list(row["position_ids"]) if "position_ids" in row else list(range(len(ids)))
+        starts = _sequence_starts(row_positions)
+        input_ids += ids
+        labels += [IGNORE_INDEX if start else label for label, start in zip(row_labels, starts)]
+        position_ids += row_positions
+    if not input_ids:
+        raise ValueError("collate_padding_free received an empty batch")
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+    }

@@ -1,0 +1,347 @@
+"""Running one train request end to end: claim the job, heartbeat, fetch data, train, publish.
+
+The job record in S3 is the truth about who owns a job (SQS caps a message's invisibility at
+12 hours, so a long job's message may come back while its worker is alive): a worker owns a
+job while its lease, renewed by the heartbeat, has not expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from contracts.adapter import AdapterSettings
+from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, utcnow
+from contracts.keys import adapter_config_key
+from contracts.messages import TrainRequest
+from trainer.artifacts import ArtifactStore
+from trainer.aws import is_not_found
+from trainer.base_model import BaseModelCache
+from trainer.dataset import build_examples, split_train_eval
+from trainer.documents import DocumentSource
+from trainer.errors import JobFailure
+from trainer.events import EventPublisher
+from trainer.job_store import JobStore
+from trainer.settings import TrainerSettings
+from trainer.training import train_adapter
+
+log = logging.getLogger("avatune.trainer")
+
+
+@dataclass
+class Delivery:
+    """The SQS message a job arrived in."""
+
+    queue_url: str
+    receipt_handle: str
+
+
+class Outcome:
+    DONE = "done"  # delete the message
+    RETRY = "retry"  # leave it to come back
+    RELEASED = "released"  # made visible again for another worker (preempted)
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the message invisible and the lease fresh; persists progress; notices cancels."""
+
+    def __init__(self, runner: "JobRunner", job: JobRecord, delivery: Delivery) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job.id}")
+        self._runner = runner
+        self._job = job
+        self._delivery = delivery
+        self._halt = threading.Event()
+        self.progress: JobProgress | None = None
+        self._written_progress: JobProgress | None = None
+        self.cancelled = threading.Event()
+        self.lost_lease = threading.Event()
+
+    def run(self) -> None:
+        settings = self._runner.settings
+        tick = min(settings.heartbeat_seconds, settings.progress_interval_seconds)
+        since_visibility = 0.0
+        while not self._halt.wait(tick):
+            since_visibility += tick
+            try:
+                if since_visibility >= settings.heartbeat_seconds:
+                    since_visibility = 0.0
+                    self._runner.sqs.change_message_visibility(
+                        QueueUrl=self._delivery.queue_url, ReceiptHandle=self._delivery.receipt_handle,
+                        VisibilityTimeout=settings.visibility_timeout_seconds,
+                    )
+                self.beat()
+            except Exception:  # a missed beat is retried on the next tick
+                log.exception("heartbeat failed for job %s", self._job.id)
+
+    def beat(self) -> None:
+        progress = self.progress
+        worker = self._runner.settings.worker_id
+
+        def renew(record: JobRecord) -> JobRecord | None:
+            if record.lease is None or record.lease.owner != worker:
+                self.lost_lease.set()
+                return None
+            if record.cancel_requested:
+                self.cancelled.set()
+            record.lease = self._runner.new_lease()
+            if progress is not None:
+                record.progress = progress
+            return record
+
+        self._runner.jobs.update(self._job.user_id, self._job.avatar_id, self._job.id, renew)
+        self._written_progress = progress
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+class _Control:
+    """The TrainingControl a job hands to the training loop."""
+
+    def __init__(self, runner: "JobRunner", job: JobRecord, heartbeat: _Heartbeat, shutdown: threading.Event) -> None:
+        self._runner = runner
+        self._job = job
+        self._heartbeat = heartbeat
+        self._shutdown = shutdown
+        self._last_checkpoint = time.monotonic()
+
+    def stop_reason(self) -> str | None:
+        if self._heartbeat.cancelled.is_set():
+            return "cancelled"
+        if self._heartbeat.lost_lease.is_set():
+            return "lost_lease"
+        if self._shutdown.is_set():
+            return "preempted"
+        return None
+
+    def report(self, progress: JobProgress) -> None:
+        self._heartbeat.progress = progress
+
+    def checkpoint_due(self, step: int) -> bool:
+        settings = self._runner.settings
+        by_steps = settings.checkpoint_every_steps > 0 and step % settings.checkpoint_every_steps == 0
+        by_time = time.monotonic() - self._last_checkpoint >= settings.checkpoint_interval_seconds
+        return by_steps or by_time
+
+    def checkpoint_saved(self, local_dir: Path, step: int) -> None:
+        self._last_checkpoint = time.monotonic()
+        self._runner.artifacts.save_checkpoint(self._job.user_id, self._job.avatar_id, self._job.id, local_dir, step)
+
+
+class JobRunner:
+    def __init__(self, settings: TrainerSettings, s3: Any, sqs: Any, events: EventPublisher,
+                 models: BaseModelCache, shutdown: threading.Event) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.sqs = sqs
+        self.events = events
+        self.models = models
+        self.shutdown = shutdown
+        self.jobs = JobStore(s3, settings.s3_bucket)
+        self.artifacts = ArtifactStore(s3, settings.s3_bucket)
+        self.documents = DocumentSource(s3, settings.s3_bucket, settings.download_concurrency)
+
+    def new_lease(self) -> JobLease:
+        return JobLease(owner=self.settings.worker_id, expires_at=utcnow() + timedelta(seconds=self.settings.lease_seconds))
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    def _record_for(self, req: TrainRequest) -> JobRecord:
+        loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
+        if loaded is None:  # sent straight to the queue by another service
+            record = JobRecord(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, config=req.config,
+                               source="queue", created_at=req.requested_at)
+            self.jobs.create(record)
+            self.jobs.ensure_active_pointer(req.user_id, req.avatar_id, req.job_id)
+            loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
+            assert loaded is not None
+        return loaded[0]
+
+    def _claim(self, req: TrainRequest) -> tuple[JobRecord | None, str]:
+        """Take ownership of the job, or say why not: ("", done) duplicates, ("", busy) owned."""
+        verdict = {"why": ""}
+        worker = self.settings.worker_id
+
+        def claim(record: JobRecord) -> JobRecord | None:
+            if record.status in FINAL_STATUSES:
+                verdict["why"] = "final"
+                return None
+            lease = record.lease
+            if record.status == "running" and lease and lease.owner != worker and lease.expires_at > utcnow():
+                verdict["why"] = "owned"
+                return None
+            verdict["why"] = ""
+            record.status = "running"
+            record.lease = self.new_lease()
+            record.attempts += 1
+            record.started_at = record.started_at or utcnow()
+            record.error = None
+            return record
+
+        self._record_for(req)
+        record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, claim)
+        return (None if verdict["why"] else record), verdict["why"]
+
+    # -- the job ----------------------------------------------------------------------------
+
+    def run(self, req: TrainRequest, delivery: Delivery) -> str:
+        job, why = self._claim(req)
+        if job is None:
+            if why == "final":
+                log.info("job %s already finished: duplicate delivery ignored", req.job_id)
+                return Outcome.DONE
+            log.info("job %s is owned by a live worker: leaving the message", req.job_id)
+            return Outcome.RETRY
+        if job.attempts > self.settings.max_attempts:
+            self._finish(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
+            return Outcome.DONE
+        log.info("job %s started (attempt %d)", job.id, job.attempts)
+        if job.attempts == 1:
+            self.events.publish("job.started", job)
+        heartbeat = _Heartbeat(self, job, delivery)
+        heartbeat.start()
+        scratch = Path(tempfile.mkdtemp(prefix=f"avatune-{job.id}-", dir=self.settings.scratch_dir))
+        try:
+            return self._train(job, heartbeat, scratch, delivery)
+        except JobFailure as exc:
+            self._finish(job, "failed", error=str(exc))
+            return Outcome.DONE
+        except MemoryError:
+            self._finish(job, "failed", error="out of memory: lower batch_size or max_seq_length")
+            return Outcome.DONE
+        except Exception as exc:
+            if _is_cuda_oom(exc):
+                self._finish(job, "failed", error="out of GPU memory: lower batch_size or max_seq_length")
+                return Outcome.DONE
+            log.exception("job %s hit an unexpected error", job.id)
+            if job.attempts >= self.settings.max_attempts:
+                self._finish(job, "failed", error=f"internal error after {job.attempts} attempts: {type(exc).__name__}")
+                return Outcome.DONE
+            self._release(job)
+            return Outcome.RETRY
+        finally:
+            heartbeat.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _resolved_config(self, job: JobRecord) -> AdapterSettings:
+        """Worker defaults <- the avatar's stored config <- the job's overrides."""
+        stored = AdapterSettings()
+        try:
+            body = self.s3.get_object(Bucket=self.settings.s3_bucket, Key=adapter_config_key(job.user_id, job.avatar_id))["Body"].read()
+            stored = AdapterSettings.model_validate_json(body)
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise
+        return job.config.merged_over(stored.merged_over(self.settings.default_adapter_settings()))
+
+    def _train(self, job: JobRecord, heartbeat: _Heartbeat, scratch: Path, delivery: Delivery) -> str:
+        cfg = self._resolved_config(job)
+        data = self.documents.fetch(job.user_id, job.avatar_id, scratch / "data")
+        resume_from = self._checkpoint_to_resume(job, data.documents, scratch)
+        if not resume_from:
+            self.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_data(r, data.documents))
+        loads_before = self.models.loads
+        base = self.models.get(self.settings.base_model, cfg.method or "qlora")
+        base_model_reused = self.models.loads == loads_before
+        examples, stats = build_examples(base.tokenizer, data.conversations, cfg.max_seq_length or 1024)
+        if not examples or stats.trainable_tokens == 0:
+            raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
+        train_set, eval_set = split_train_eval(examples, self.settings.eval_fraction, seed=cfg.seed or 0)
+        control = _Control(self, job, heartbeat, self.shutdown)
+        outcome = train_adapter(base, cfg, train_set, eval_set, scratch / "work", control, resume_from)
+        if not outcome.completed:
+            return self._stopped(job, outcome.stop_reason, delivery)
+        metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,
+                       dropped_examples=stats.dropped, documents=len(data.documents),
+                       resumed_from_step=_checkpoint_step(resume_from), base_model_reused=base_model_reused)
+        assert outcome.adapter_dir is not None
+        version = self.artifacts.version_of_job(job.user_id, job.avatar_id, job.id) or self.artifacts.publish(
+            job.user_id, job.avatar_id, outcome.adapter_dir, job_id=job.id, base_model=self.settings.base_model,
+            metrics=metrics, keep_versions=self.settings.adapter_keep_versions,
+        )
+        final_progress = heartbeat.progress
+        if final_progress is not None:
+            final_progress = final_progress.model_copy(update={"step": final_progress.total_steps or final_progress.step, "eta_seconds": 0})
+        self._finish(job, "succeeded", metrics=metrics, adapter_version=version, progress=final_progress)
+        return Outcome.DONE
+
+    def _checkpoint_to_resume(self, job: JobRecord, documents: list, scratch: Path) -> Path | None:
+        step = self.artifacts.latest_checkpoint(job.user_id, job.avatar_id, job.id)
+        if step is None:
+            return None
+        pinned = {(d.name, d.etag) for d in job.data}
+        if pinned != {(d.name, d.etag) for d in documents}:
+            log.warning("job %s: training data changed since the checkpoint; starting over", job.id)
+            self.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
+            return None
+        log.info("job %s resumes from its checkpoint at step %d", job.id, step)
+        dest = scratch / "work" / "checkpoints" / f"checkpoint-{step}"
+        return self.artifacts.download_checkpoint(job.user_id, job.avatar_id, job.id, step, dest)
+
+    def _stopped(self, job: JobRecord, reason: str | None, delivery: Delivery) -> str:
+        if reason == "cancelled":
+            self._finish(job, "cancelled", error="cancelled by request")
+            return Outcome.DONE
+        if reason == "preempted":
+            self._release(job)
+            self.sqs.change_message_visibility(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle,
+                                               VisibilityTimeout=0)
+            return Outcome.RELEASED
+        log.warning("job %s: lease lost to another worker; stopping without writing", job.id)
+        return Outcome.RETRY
+
+    def _release(self, job: JobRecord) -> None:
+        """Hand the job back to the queue: another worker (or this one) resumes it."""
+        worker = self.settings.worker_id
+
+        def release(record: JobRecord) -> JobRecord | None:
+            if record.lease is None or record.lease.owner != worker:
+                return None
+            record.status = "queued"
+            record.lease = None
+            return record
+
+        self.jobs.update(job.user_id, job.avatar_id, job.id, release)
+
+    def _finish(self, job: JobRecord, status: str, *, error: str | None = None,
+                metrics: dict[str, Any] | None = None, adapter_version: int | None = None,
+                progress: JobProgress | None = None) -> None:
+        def finish(record: JobRecord) -> JobRecord:
+            record.status = status  # type: ignore[assignment]
+            record.finished_at = utcnow()
+            record.lease = None
+            record.error = error
+            if metrics is not None:
+                record.metrics = metrics
+            if adapter_version is not None:
+                record.adapter_version = adapter_version
+            if progress is not None:
+                record.progress = progress
+            return record
+
+        final = self.jobs.update(job.user_id, job.avatar_id, job.id, finish)
+        self.jobs.clear_active_pointer(job.user_id, job.avatar_id, job.id)
+        self.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
+        self.events.publish(f"job.{status}", final)  # type: ignore[arg-type]
+        log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
+
+
+def _with_data(record: JobRecord, documents: list) -> JobRecord:
+    record.data = documents
+    return record
+
+
+def _checkpoint_step(path: Path | None) -> int | None:
+    return int(path.name.rsplit("-", 1)[-1]) if path is not None else None
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)

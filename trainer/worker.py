@@ -1,0 +1,152 @@
+"""The worker loop: long-poll the train queue, run each request, never die on a bad message.
+
+Shutdown: SIGTERM/SIGINT while idle ends the long poll at once; during a job the training
+loop stops at the next step, checkpoints to S3 and hands the message back to the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.messages import TRAIN_REQUEST_SCHEMA, TrainRequest
+from trainer import aws
+from trainer.base_model import BaseModelCache
+from trainer.events import EventPublisher
+from trainer.job_runner import Delivery, JobRunner, Outcome
+from trainer.settings import TrainerSettings, get_settings
+
+log = logging.getLogger("avatune.trainer")
+
+LONG_POLL_SECONDS = 20
+
+
+class _Interrupted(Exception):
+    """Raised by the signal handler to leave an idle long poll."""
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed: it goes to the dead-letter queue."""
+
+
+def parse_train_request(body: str) -> TrainRequest:
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise PoisonMessage(f"not JSON: {exc.msg}") from None
+    if not isinstance(payload, dict):
+        raise PoisonMessage("not a JSON object")
+    schema = payload.get("schema")
+    if schema != TRAIN_REQUEST_SCHEMA:
+        raise PoisonMessage(f"unknown schema {schema!r}; expected {TRAIN_REQUEST_SCHEMA!r}")
+    try:
+        return TrainRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PoisonMessage(f"invalid train request: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+class Worker:
+    def __init__(self, settings: TrainerSettings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.shutdown = threading.Event()
+        self._idle = False
+        self.sqs = aws.sqs()
+        self.s3 = aws.s3()
+        self.train_queue_url = aws.queue_url(self.settings.train_queue_name)
+        self.dlq_url = self._dead_letter_queue_url()
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        self.models = BaseModelCache(self.settings.model_cache_dir, token)
+        events = EventPublisher(self.sqs, aws.queue_url(self.settings.events_queue_name))
+        self.runner = JobRunner(self.settings, self.s3, self.sqs, events, self.models, self.shutdown)
+
+    def _dead_letter_queue_url(self) -> str:
+        attrs = self.sqs.get_queue_attributes(QueueUrl=self.train_queue_url, AttributeNames=["RedrivePolicy"])
+        policy = json.loads(attrs.get("Attributes", {}).get("RedrivePolicy", "{}") or "{}")
+        arn = policy.get("deadLetterTargetArn")
+        if not arn:
+            raise RuntimeError(f"{self.settings.train_queue_name} has no dead-letter queue (RedrivePolicy)")
+        return aws.queue_url(arn.rsplit(":", 1)[-1])
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: shutting down", signal.Signals(signum).name)
+            self.shutdown.set()
+            if self._idle:
+                raise _Interrupted()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def run_forever(self) -> None:
+        log.info("worker %s polling %s (base model %s)", self.settings.worker_id, self.train_queue_url, self.settings.base_model)
+        while not self.shutdown.is_set():
+            try:
+                self.poll_once()
+            except _Interrupted:
+                break
+            except Exception:  # S3/SQS trouble beyond botocore's retries: back off, keep serving
+                log.exception("poll failed; retrying")
+                self.shutdown.wait(5)
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    def poll_once(self) -> None:
+        self._idle = True
+        try:
+            if self.shutdown.is_set():
+                return
+            resp = self.sqs.receive_message(
+                QueueUrl=self.train_queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=LONG_POLL_SECONDS,
+                VisibilityTimeout=self.settings.visibility_timeout_seconds,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
+            )
+        finally:
+            self._idle = False
+        for message in resp.get("Messages", []):
+            self.handle(message)
+
+    def handle(self, message: dict[str, Any]) -> None:
+        delivery = Delivery(self.train_queue_url, message["ReceiptHandle"])
+        try:
+            request = parse_train_request(message["Body"])
+        except PoisonMessage as exc:
+            self._dead_letter(message, str(exc))
+            return
+        outcome = self.runner.run(request, delivery)
+        if outcome == Outcome.DONE:
+            self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
+        log.error("message %s sent to the dead-letter queue: %s", message["MessageId"], reason)
+        self.sqs.send_message(
+            QueueUrl=self.dlq_url,
+            MessageBody=message["Body"] or "<empty>",
+            MessageGroupId="poison",
+            MessageDeduplicationId=message["MessageId"],
+            MessageAttributes={
+                "avatune-reason": {"DataType": "String", "StringValue": reason[:1000]},
+                "avatune-source-message-id": {"DataType": "String", "StringValue": message["MessageId"]},
+            },
+        )
+        self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    worker.run_forever()
