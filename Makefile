@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so the trainer extra never pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[api,trainer,dev]'
+	$(PY) -m pip install -q -e '.[api,trainer,cli,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -24,6 +24,9 @@ dev: install
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m bench
 
 token: install
 	@$(PY) -m handlers.devtoken $(or $(USER_ID),alice)

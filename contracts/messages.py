@@ -41,7 +41,14 @@ class TrainRequest(BaseModel):
         return validate_id(value, info.field_name)
 
     def message_group_id(self) -> str:
-        return f"{self.user_id}/{self.avatar_id}"
+        """`{user_id}/{avatar_id}`: one job per avatar at a time. SQS caps group ids at 128
+        characters, so longer pairs are replaced by their SHA-256 (still one group per avatar)."""
+        group = f"{self.user_id}/{self.avatar_id}"
+        if len(group) <= 128:
+            return group
+        import hashlib
+
+        return "sha256-" + hashlib.sha256(group.encode()).hexdigest()
 
     def to_message_body(self) -> str:
         return self.model_dump_json(by_alias=True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
 
+from contracts import logs
 from handlers.problems import install_problem_handlers
 from handlers.routes import adapters, health, jobs, training_data
 from handlers.settings import get_settings
@@ -27,5 +26,5 @@ def create_app() -> FastAPI:
     return app
 
 
-logging.basicConfig(level=logging.INFO)
+logs.configure("api")
 app = create_app()

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import jwt
 from fastapi import Depends, Path, Request
 
+from contracts import logs
 from contracts.ids import InvalidIdentifier, validate_id
 from handlers.problems import Problem
 from handlers.settings import Settings, get_settings
@@ -84,14 +85,16 @@ def _checked_id(value: str, what: str) -> str:
         raise Problem(400, str(exc)) from None
 
 
-def authorized_user(
+async def authorized_user(
     user_id: Annotated[str, Path(description="the user's id")],
     principal: Annotated[Principal, Depends(current_principal)],
 ) -> str:
     """The path's `user_id`, once the caller is allowed to act for it."""
     if not (principal.is_service or principal.subject == user_id):
         raise Problem(403, "this token may not act for another user's data")
-    return _checked_id(user_id, "user_id")
+    user_id = _checked_id(user_id, "user_id")
+    logs.bind(user_id=user_id)  # async dependency: the binding lives in the request's task
+    return user_id
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,14 @@ class AvatarRef:
     avatar_id: str
 
 
-def authorized_avatar(
+async def authorized_avatar(
     user_id: Annotated[str, Depends(authorized_user)],
     avatar_id: Annotated[str, Path(description="the avatar's id")],
 ) -> AvatarRef:
     """The path's user and avatar, validated and authorised."""
-    return AvatarRef(user_id=user_id, avatar_id=_checked_id(avatar_id, "avatar_id"))
+    avatar = AvatarRef(user_id=user_id, avatar_id=_checked_id(avatar_id, "avatar_id"))
+    logs.bind(avatar_id=avatar.avatar_id)
+    return avatar
 
 
 AuthorizedAvatar = Annotated[AvatarRef, Depends(authorized_avatar)]

@@ -17,10 +17,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from contracts import logs
 from contracts.adapter import AdapterSettings
 from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, utcnow
 from contracts.keys import adapter_config_key
 from contracts.messages import TrainRequest
+from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
 from trainer.base_model import BaseModelCache
@@ -62,8 +64,10 @@ class _Heartbeat(threading.Thread):
         self._written_progress: JobProgress | None = None
         self.cancelled = threading.Event()
         self.lost_lease = threading.Event()
+        self._log_context = logs.current_context()  # threads do not inherit context variables
 
     def run(self) -> None:
+        logs.bind(**self._log_context)
         settings = self._runner.settings
         tick = min(settings.heartbeat_seconds, settings.progress_interval_seconds)
         since_visibility = 0.0
@@ -148,6 +152,7 @@ class JobRunner:
         self.jobs = JobStore(s3, settings.s3_bucket)
         self.artifacts = ArtifactStore(s3, settings.s3_bucket)
         self.documents = DocumentSource(s3, settings.s3_bucket, settings.download_concurrency)
+        self._claimed_at = time.monotonic()
 
     def new_lease(self) -> JobLease:
         return JobLease(owner=self.settings.worker_id, expires_at=utcnow() + timedelta(seconds=self.settings.lease_seconds))
@@ -204,8 +209,11 @@ class JobRunner:
             self._finish(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
             return Outcome.DONE
         log.info("job %s started (attempt %d)", job.id, job.attempts)
+        prom.QUEUE_WAIT.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
         if job.attempts == 1:
             self.events.publish("job.started", job)
+        prom.BUSY.set(1)
+        self._claimed_at = time.monotonic()
         heartbeat = _Heartbeat(self, job, delivery)
         heartbeat.start()
         scratch = Path(tempfile.mkdtemp(prefix=f"avatune-{job.id}-", dir=self.settings.scratch_dir))
@@ -228,6 +236,7 @@ class JobRunner:
             self._release(job)
             return Outcome.RETRY
         finally:
+            prom.BUSY.set(0)
             heartbeat.stop()
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -328,6 +337,12 @@ class JobRunner:
             return record
 
         final = self.jobs.update(job.user_id, job.avatar_id, job.id, finish)
+        prom.JOBS.labels(status).inc()
+        prom.JOB_DURATION.labels(status).observe(time.monotonic() - self._claimed_at)
+        tokens = (final.metrics.get("train_tokens_per_epoch") or 0) * (final.metrics.get("epochs") or 0)
+        if tokens and final.metrics.get("train_seconds"):
+            prom.TRAINED_TOKENS.inc(tokens)
+            prom.TOKENS_PER_SECOND.set(tokens / final.metrics["train_seconds"])
         self.jobs.clear_active_pointer(job.user_id, job.avatar_id, job.id)
         self.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
         self.events.publish(f"job.{status}", final)  # type: ignore[arg-type]

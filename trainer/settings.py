@@ -40,6 +40,7 @@ class TrainerSettings(BaseSettings):
     max_attempts: int = Field(default=3, alias="MAX_JOB_ATTEMPTS", ge=1)
     download_concurrency: int = Field(default=16, alias="DOWNLOAD_CONCURRENCY", ge=1, le=256)
     eval_fraction: float = Field(default=0.1, alias="EVAL_FRACTION", ge=0, lt=1)
+    metrics_port: int = Field(default=9100, alias="METRICS_PORT", ge=0, le=65535)
     torch_threads: int | None = Field(default=None, alias="TORCH_THREADS", ge=1)
 
     default_method: Method = Field(default=DOCUMENTED_DEFAULTS.method, alias="DEFAULT_METHOD")  # type: ignore[assignment]

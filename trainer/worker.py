@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contracts import logs
 from contracts.messages import TRAIN_REQUEST_SCHEMA, TrainRequest
-from trainer import aws
+from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
 from trainer.job_runner import Delivery, JobRunner, Outcome
@@ -118,11 +119,13 @@ class Worker:
         except PoisonMessage as exc:
             self._dead_letter(message, str(exc))
             return
-        outcome = self.runner.run(request, delivery)
+        with logs.log_context(job_id=request.job_id, user_id=request.user_id, avatar_id=request.avatar_id):
+            outcome = self.runner.run(request, delivery)
         if outcome == Outcome.DONE:
             self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
 
     def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
+        metrics.POISON_MESSAGES.inc()
         log.error("message %s sent to the dead-letter queue: %s", message["MessageId"], reason)
         self.sqs.send_message(
             QueueUrl=self.dlq_url,
@@ -138,8 +141,9 @@ class Worker:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("trainer")
     settings = get_settings()
+    metrics.serve(settings.metrics_port)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
