@@ -33,6 +33,10 @@ class AdapterSettings(BaseModel):
     max_seq_length: int | None = Field(default=None, ge=16, le=32768)
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    gpus: int | None = Field(
+        default=None, ge=1, le=64,
+        description="data-parallel processes (GPUs) on one worker; more than the worker has fails the job clearly",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -61,4 +65,5 @@ DOCUMENTED_DEFAULTS = AdapterSettings(
     max_seq_length=1024,
     warmup_ratio=0.03,
     seed=42,
+    gpus=1,
 )

@@ -61,7 +61,7 @@ class Pipeline:
 
     def start_worker(self, **extra: str) -> subprocess.Popen:
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")
-        env = dict(self.env, **WORKER_ENV, WORKER_ID=f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}", **extra)
+        env = {**self.env, **WORKER_ENV, "WORKER_ID": f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}", **extra}
         proc = subprocess.Popen([sys.executable, "-m", "trainer"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(proc)
         return proc

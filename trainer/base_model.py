@@ -68,12 +68,22 @@ class BaseModelCache:
         self.loads += 1
         return self._loaded
 
+    def tokenizer(self, name: str) -> PreTrainedTokenizerBase:
+        """The base's tokenizer, without loading its weights when they are not loaded already."""
+        if self._loaded is not None and self._loaded.name == name:
+            return self._loaded.tokenizer
+        return self._load_tokenizer(name)
+
+    def _load_tokenizer(self, name: str) -> PreTrainedTokenizerBase:
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=self._cache_dir, token=self._token)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
     def _load(self, name: str, method: str) -> LoadedBase:
         device = _device()
         common: dict[str, Any] = {"cache_dir": self._cache_dir, "token": self._token}
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = self._load_tokenizer(name)
         fallback = None
         if method == "qlora":
             try:

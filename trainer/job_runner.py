@@ -27,6 +27,7 @@ from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
 from trainer.base_model import BaseModelCache
 from trainer.dataset import build_examples, split_train_eval
+from trainer.distributed import available_devices, run_data_parallel
 from trainer.documents import DocumentSource
 from trainer.errors import JobFailure
 from trainer.events import EventPublisher
@@ -257,15 +258,26 @@ class JobRunner:
         resume_from = self._checkpoint_to_resume(job, data.documents, scratch)
         if not resume_from:
             self.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_data(r, data.documents))
+        processes = cfg.gpus or 1
+        if processes > 1 and processes > available_devices():
+            raise JobFailure(f"the job asks for {processes} GPUs but this worker has {available_devices()}")
         loads_before = self.models.loads
-        base = self.models.get(self.settings.base_model, cfg.method or "qlora")
-        base_model_reused = self.models.loads == loads_before
-        examples, stats = build_examples(base.tokenizer, data.conversations, cfg.max_seq_length or 1024)
+        tokenizer = self.models.tokenizer(self.settings.base_model)
+        examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
         if not examples or stats.trainable_tokens == 0:
             raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
         train_set, eval_set = split_train_eval(examples, self.settings.eval_fraction, seed=cfg.seed or 0)
         control = _Control(self, job, heartbeat, self.shutdown)
-        outcome = train_adapter(base, cfg, train_set, eval_set, scratch / "work", control, resume_from)
+        if processes > 1:  # the ranks load the base themselves
+            outcome = run_data_parallel(
+                processes=processes, base_model=self.settings.base_model, method=cfg.method or "qlora", cfg=cfg,
+                train_examples=train_set, eval_examples=eval_set, work_dir=scratch / "work", control=control,
+                resume_from=resume_from,
+            )
+        else:
+            base = self.models.get(self.settings.base_model, cfg.method or "qlora")
+            outcome = train_adapter(base, cfg, train_set, eval_set, scratch / "work", control, resume_from)
+        base_model_reused = processes == 1 and self.models.loads == loads_before
         if not outcome.completed:
             return self._stopped(job, outcome.stop_reason, delivery)
         metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,

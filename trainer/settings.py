@@ -68,6 +68,7 @@ class TrainerSettings(BaseSettings):
             max_seq_length=self.default_max_seq_length,
             warmup_ratio=self.default_warmup_ratio,
             seed=self.default_seed,
+            gpus=1,
         )
 
 

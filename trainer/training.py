@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,19 +124,34 @@ class _JobCallback(TrainerCallback):
             train_loss=self.last_loss,
             eta_seconds=round(elapsed / done * remaining, 1) if done > 0 else None,
         ))
-        reason = self._control.stop_reason()
-        if reason:
+        stop = _agree(self._control.stop_reason() is not None)
+        checkpoint = _agree(self._control.checkpoint_due(state.global_step))
+        if stop:
+            # Another rank may have seen the stop first; the reason is in the same place for all.
+            reason = self._control.stop_reason() or "preempted"
             self.stop_reason = reason
             control.should_training_stop = True
             # Preemption keeps the work done so far; a cancel throws it away.
             control.should_save = reason == "preempted"
-        elif self._control.checkpoint_due(state.global_step) and state.global_step < state.max_steps:
+        elif checkpoint and state.global_step < state.max_steps:
             control.should_save = True
 
     def on_save(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:  # type: ignore[override]
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if local.is_dir():
             self._control.checkpoint_saved(local, state.global_step)
+
+
+def _agree(flag: bool) -> bool:
+    """True when any rank says so: ranks of a data-parallel job must stop and save together,
+    or one would wait forever in a collective the others never enter."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.device) -> TrainingArguments:
@@ -154,6 +170,8 @@ def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.devic
         data_seed=cfg.seed,
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
         use_cpu=device.type != "cuda",
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if device.type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -197,7 +215,8 @@ def train_adapter(
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
         eval_after = evaluate_loss(peft_model, eval_examples, base.device)
         adapter_dir = work_dir / "adapter"
-        peft_model.save_pretrained(str(adapter_dir))
+        if trainer.is_world_process_zero():
+            peft_model.save_pretrained(str(adapter_dir))
         trained_tokens = sum(ex.num_trainable_tokens for ex in train_examples)
         metrics = {
             "train_loss": round(float(result.training_loss), 6),
