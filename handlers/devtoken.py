@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from handlers.auth import SERVICE_ROLE, issue_token
-from handlers.settings import get_settings
+from handlers.settings import DEV_JWT_SECRET, get_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +17,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     secret = get_settings().jwt_secret()
     if secret is None:
-        parser.exit(2, "no AUTH_JWT_SECRET set and DEV_MODE is off: cannot mint a token\n")
+        # Without a secret in this shell, mint for a `make dev` server (DEV_MODE, public dev secret).
+        print("avatune: AUTH_JWT_SECRET is not set here: this token is signed with the public dev secret "
+              "and only works against a server in DEV_MODE", file=sys.stderr)
+        secret = DEV_JWT_SECRET
     print(issue_token(secret, args.user_id, role=SERVICE_ROLE if args.service else None, ttl_seconds=args.ttl))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobProgress
+from trainer.checkpoint_schedule import CheckpointSchedule
 from trainer.dataset import TokenizedExample
 from trainer.training import TrainingControl, TrainOutcome
 
@@ -115,12 +116,10 @@ def run_data_parallel(
 class _FileControl:
     """A rank's view of the job: the worker's stop file, progress and checkpoints via files."""
 
-    def __init__(self, work_dir: Path, rank: int, checkpoint_every_steps: int, checkpoint_interval: float) -> None:
+    def __init__(self, work_dir: Path, rank: int, schedule: CheckpointSchedule) -> None:
         self._dir = work_dir
         self._rank = rank
-        self._every = checkpoint_every_steps
-        self._interval = checkpoint_interval
-        self._last_checkpoint = time.monotonic()
+        self._schedule = schedule
 
     def stop_reason(self) -> str | None:
         stop = self._dir / "stop"
@@ -131,11 +130,10 @@ class _FileControl:
             _write_json(self._dir / "progress.json", progress.model_dump())
 
     def checkpoint_due(self, step: int) -> bool:
-        by_steps = self._every > 0 and step % self._every == 0
-        return by_steps or time.monotonic() - self._last_checkpoint >= self._interval
+        return self._schedule.due(step)
 
     def checkpoint_saved(self, local_dir: Path, step: int) -> None:
-        self._last_checkpoint = time.monotonic()
+        self._schedule.saved()
         if self._rank == 0:
             _write_json(self._dir / "checkpoint.json", {"step": step, "dir": str(local_dir)})
 
@@ -157,7 +155,8 @@ def _rank_main(spec_path: str) -> None:
         torch.set_num_threads(settings.torch_threads)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     base = BaseModelCache(settings.model_cache_dir, token).get(spec["base_model"], spec["method"])
-    control = _FileControl(work_dir, rank, settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
+    schedule = CheckpointSchedule(settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
+    control = _FileControl(work_dir, rank, schedule)
     outcome = train_adapter(
         base, AdapterSettings.model_validate(spec["config"]),
         [TokenizedExample(**e) for e in spec["train"]], [TokenizedExample(**e) for e in spec["eval"]],

@@ -26,6 +26,7 @@ from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
 from trainer.base_model import BaseModelCache
+from trainer.checkpoint_schedule import CheckpointSchedule
 from trainer.dataset import build_examples, split_train_eval
 from trainer.distributed import available_devices, run_data_parallel
 from trainer.documents import DocumentSource
@@ -116,7 +117,8 @@ class _Control:
         self._job = job
         self._heartbeat = heartbeat
         self._shutdown = shutdown
-        self._last_checkpoint = time.monotonic()
+        settings = runner.settings
+        self._schedule = CheckpointSchedule(settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
 
     def stop_reason(self) -> str | None:
         if self._heartbeat.cancelled.is_set():
@@ -131,13 +133,10 @@ class _Control:
         self._heartbeat.progress = progress
 
     def checkpoint_due(self, step: int) -> bool:
-        settings = self._runner.settings
-        by_steps = settings.checkpoint_every_steps > 0 and step % settings.checkpoint_every_steps == 0
-        by_time = time.monotonic() - self._last_checkpoint >= settings.checkpoint_interval_seconds
-        return by_steps or by_time
+        return self._schedule.due(step)
 
     def checkpoint_saved(self, local_dir: Path, step: int) -> None:
-        self._last_checkpoint = time.monotonic()
+        self._schedule.saved()
         self._runner.artifacts.save_checkpoint(self._job.user_id, self._job.avatar_id, self._job.id, local_dir, step)
 
 
