@@ -1,18 +1,49 @@
 """Training documents in S3: `users/{u}/avatars/{a}/adapters/training_data/{name}`, each with
-the `use_for_training` tag. The only module of the API that touches those keys."""
+the `use_for_training` tag. The only module of the API that touches those keys.
+
+Listing by flag at scale. S3 lists no tags, so a listing needs every object's flag from
+somewhere. Reading each object's tag costs one request per object; for large avatars the
+store keeps a derived *flag index* (`adapters/training_data_index.json`, plus a copy in
+process memory) that maps each document to `(etag, last_modified, flag, checked)`. The index
+is only ever a cache: every listing still lists the objects, and an entry is used only when
+the object's ETag and LastModified in that listing are the ones the entry was read for, and
+the tag was read at least `INDEX_SETTLE_SECONDS` after that LastModified (S3 keeps
+LastModified to the second). Any write of an object (an API upload, a presigned upload,
+another writer's PutObject or CopyObject) gives it a new LastModified, so its entry stops
+matching and the tag is read again; deleted objects drop out of the listing. That holds
+because the flag itself only changes with a write of the object: `set_flag` (PATCH) rewrites
+the object in place with CopyObject and the new tag set rather than calling
+PutObjectTagging. A bare PutObjectTagging by another writer is the one change a listing
+cannot see; entries are re-read after `INDEX_MAX_AGE_SECONDS` at the latest.
+
+Entries carry their own proof, so no coordination is needed between writers of the index:
+it is written with If-Match / If-None-Match only so that concurrent listings do not drop
+each other's entries (a lost race merges once, then gives up: a missing entry only costs a
+tag read). With the index, the listing itself is split at index names into ranges fetched
+concurrently, and a filtered page lists only as far as the index says matches reach.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import json
+import logging
+import time
+import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel
 
 from contracts.documents import content_type_for
-from contracts.keys import document_name_from_key, training_data_prefix, training_document_key
+from contracts.keys import adapter_prefix, document_name_from_key, training_data_prefix, training_document_key
 from contracts.tags import (
     DEFAULT_USE_FOR_TRAINING,
     USE_FOR_TRAINING,
@@ -21,10 +52,31 @@ from contracts.tags import (
     tagging_header,
 )
 from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, error_code
+from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code
+
+log = logging.getLogger("avatune.api")
 
 LIST_PAGE_SIZE = 1000  # S3's maximum per ListObjectsV2 call
 DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
+COPY_MAX_BYTES = 5 * 1024**3  # S3's largest CopyObject source
+
+INDEX_FILE = "training_data_index.json"  # under adapters/, next to config.json
+INDEX_VERSION = 1
+# A listing that reaches this many objects uses (and maintains) the flag index; smaller
+# avatars just read their tags and never get an index object.
+INDEX_MIN_OBJECTS = 64
+# An entry counts only once its tag was read this long after the object's LastModified
+# (LastModified has one-second resolution: a same-second rewrite must not match).
+INDEX_SETTLE_SECONDS = 2
+# Bounds how long a tag changed behind the API's back with a bare PutObjectTagging can be
+# missed: entries are re-read after 0.5-1x this age (spread per name).
+INDEX_MAX_AGE_SECONDS = 24 * 3600
+# Index names per concurrently listed range; MaxKeys leaves room for objects added since.
+RANGE_NAMES = 900
+RANGE_SLACK = 100
+LIST_CONCURRENCY = 8
+# Parsed indexes kept in process memory (per avatar, LRU).
+INDEX_CACHE_AVATARS = 64
 
 
 class TrainingDocument(BaseModel):
@@ -67,15 +119,25 @@ def decode_cursor(cursor: str) -> str:
 class TrainingDataStore:
     """Typed access to one bucket's training documents."""
 
-    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64) -> None:
+    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64, *, use_index: bool = True,
+                 index_min_objects: int = INDEX_MIN_OBJECTS) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._limit = asyncio.Semaphore(max_concurrency)
+        self._list_limit = asyncio.Semaphore(LIST_CONCURRENCY)
+        self._use_index = use_index
+        self._index_min_objects = index_min_objects
 
     # -- single documents -------------------------------------------------------------------
 
     async def read_flag(self, key: str) -> bool | None:
         """The document's flag, or None when the object does not exist."""
+        read = await self._read_flag_at(key)
+        return None if read is None else read[0]
+
+    async def _read_flag_at(self, key: str) -> tuple[bool, int] | None:
+        """The flag and when S3 answered (epoch seconds, its `Date` header), or None when the
+        object does not exist."""
         try:
             async with self._limit:
                 resp = await self._s3.get_object_tagging(Bucket=self._bucket, Key=key)
@@ -83,7 +145,7 @@ class TrainingDataStore:
             if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise
-        return flag_from_tagset(resp.get("TagSet", []))
+        return flag_from_tagset(resp.get("TagSet", [])), _server_time(resp)
 
     async def put(
         self, ref: AvatarRef, name: str, data: bytes, flag: bool | None
@@ -150,17 +212,58 @@ class TrainingDataStore:
         return resp, chunks()
 
     async def set_flag(self, ref: AvatarRef, name: str, flag: bool) -> TrainingDocument:
-        """Set the flag, keeping any other tags the object carries."""
+        """Set the flag, keeping any other tags the object carries.
+
+        The object is rewritten in place (CopyObject onto itself with the new tag set, same
+        content, metadata and content type) instead of PutObjectTagging, so the change gives it
+        a new LastModified, which is what keeps every flag index entry honest (module doc)."""
         key = training_document_key(ref.user_id, ref.avatar_id, name)
+        for _ in range(5):
+            head, tags = await asyncio.gather(
+                self._s3.head_object(Bucket=self._bucket, Key=key),
+                self._s3.get_object_tagging(Bucket=self._bucket, Key=key),
+                return_exceptions=True,
+            )
+            for result in (head, tags):
+                if isinstance(result, BaseException):
+                    if error_code(result) in NOT_FOUND_CODES:  # type: ignore[arg-type]
+                        raise DocumentNotFound(name)
+                    raise result
+            tagset = [t for t in tags.get("TagSet", []) if t.get("Key") != USE_FOR_TRAINING]
+            tagset.append({"Key": USE_FOR_TRAINING, "Value": flag_value(flag)})
+            if head["ContentLength"] > COPY_MAX_BYTES:
+                return await self._set_flag_in_place(ref, name, key, tagset)
+            try:
+                resp = await self._s3.copy_object(**_copy_in_place_args(self._bucket, key, head, tagset))
+            except Exception as exc:
+                code = error_code(exc)
+                if code in NOT_FOUND_CODES:
+                    raise DocumentNotFound(name) from None
+                if code in PRECONDITION_CODES:  # replaced meanwhile: start over on the new object
+                    continue
+                raise
+            result = resp.get("CopyObjectResult", {})
+            return TrainingDocument(
+                name=name,
+                size=head["ContentLength"],
+                etag=str(result.get("ETag", head["ETag"])).strip('"'),
+                last_modified=result.get("LastModified") or datetime.now(timezone.utc),
+                use_for_training=flag,
+                content_type=content_type_for(name),
+            )
+        raise RuntimeError(f"{name} kept changing while its flag was being set")
+
+    async def _set_flag_in_place(self, ref: AvatarRef, name: str, key: str, tagset: list[dict[str, str]]) -> TrainingDocument:
+        """Objects over CopyObject's 5 GiB limit: PutObjectTagging, then drop the avatar's flag
+        index so that no listing trusts the old flag."""
+        await self._s3.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tagset})
+        index_key = _index_key(ref)
+        _INDEXES.drop(self._bucket, index_key)
         try:
-            tags = (await self._s3.get_object_tagging(Bucket=self._bucket, Key=key)).get("TagSet", [])
+            await self._s3.delete_object(Bucket=self._bucket, Key=index_key)
         except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                raise DocumentNotFound(name) from None
-            raise
-        tags = [t for t in tags if t.get("Key") != USE_FOR_TRAINING]
-        tags.append({"Key": USE_FOR_TRAINING, "Value": flag_value(flag)})
-        await self._s3.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tags})
+            if error_code(exc) not in NOT_FOUND_CODES:
+                raise
         return await self.describe(ref, name)
 
     async def delete(self, ref: AvatarRef, name: str) -> None:
@@ -175,68 +278,20 @@ class TrainingDataStore:
 
     # -- listings ---------------------------------------------------------------------------
 
-    async def _with_flags(self, prefix: str, objects: list[dict[str, Any]]) -> list[TrainingDocument]:
-        """Attach each object's flag: S3 lists no tags, so read them concurrently (bounded)."""
-
-        async def one(obj: dict[str, Any]) -> TrainingDocument | None:
-            name = document_name_from_key(obj["Key"], prefix)
-            if name is None:
-                return None
-            flag = await self.read_flag(obj["Key"])
-            if flag is None:  # deleted between the listing and the tag read
-                return None
-            return TrainingDocument(
-                name=name,
-                size=obj["Size"],
-                etag=obj["ETag"].strip('"'),
-                last_modified=obj["LastModified"],
-                use_for_training=flag,
-                content_type=_content_type_or_default(name),
-            )
-
-        docs = await asyncio.gather(*(one(o) for o in objects))
-        return [d for d in docs if d is not None]
-
-    async def _pages(self, prefix: str, start_after: str | None, page_size: int) -> AsyncIterator[list[dict[str, Any]]]:
-        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": page_size}
-        if start_after:
-            kwargs["StartAfter"] = prefix + start_after
-        while True:
-            resp = await self._s3.list_objects_v2(**kwargs)
-            contents = resp.get("Contents", [])
-            if contents:
-                yield contents
-            if not resp.get("IsTruncated"):
-                return
-            kwargs.pop("StartAfter", None)
-            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
-
     async def list(
         self, ref: AvatarRef, flag: bool | None, limit: int, after: str | None = None
     ) -> tuple[list[TrainingDocument], str | None]:
         """Up to `limit` documents after the name `after` (matching `flag` when given) and the
         name to continue after, or None on the last page."""
-        prefix = training_data_prefix(ref.user_id, ref.avatar_id)
-        items: list[TrainingDocument] = []
-        page_size = min(LIST_PAGE_SIZE, limit + 1) if flag is None else LIST_PAGE_SIZE
-        async for page in self._pages(prefix, after, page_size):
-            for i in range(0, len(page), LIST_PAGE_SIZE):
-                docs = await self._with_flags(prefix, page[i : i + LIST_PAGE_SIZE])
-                for doc in docs:
-                    if flag is not None and doc.use_for_training != flag:
-                        continue
-                    if len(items) == limit:
-                        return items, items[-1].name
-                    items.append(doc)
-        return items, None
+        docs = await self._collect(ref, flag, after, need=limit + 1)
+        if len(docs) > limit:
+            return docs[:limit], docs[limit - 1].name
+        return docs, None
 
     async def iter_all(self, ref: AvatarRef, flag: bool | None) -> AsyncIterator[TrainingDocument]:
         """Every document matching `flag` (all when None), in name order."""
-        prefix = training_data_prefix(ref.user_id, ref.avatar_id)
-        async for page in self._pages(prefix, None, LIST_PAGE_SIZE):
-            for doc in await self._with_flags(prefix, page):
-                if flag is None or doc.use_for_training == flag:
-                    yield doc
+        for doc in await self._collect(ref, flag, None, need=None):
+            yield doc
 
     async def delete_where(self, ref: AvatarRef, flag: bool) -> int:
         """Delete every document whose flag equals `flag`; returns how many were deleted."""
@@ -255,6 +310,201 @@ class TrainingDataStore:
                 raise RuntimeError(f"S3 refused to delete {len(errors)} documents")
             deleted += len(batch)
         return deleted
+
+    async def _collect(
+        self, ref: AvatarRef, flag: bool | None, after: str | None, need: int | None
+    ) -> list[TrainingDocument]:
+        """Documents after `after` matching `flag`, in name order, until `need` of them (all
+        when None). Lists the objects, takes each flag from the index when the index entry
+        still proves it, reads the tag otherwise, and writes what it learnt back."""
+        prefix = training_data_prefix(ref.user_id, ref.avatar_id)
+        index_key = _index_key(ref)
+        index = _INDEXES.get(self._bucket, index_key) if self._use_index else None
+        scan = _Scan(start=after)
+        docs: list[TrainingDocument] = []
+        pages = self._planned_pages(prefix, after, index, flag, need) if index else self._pages(prefix, after)
+        try:
+            while need is None or len(docs) < need:
+                page = await anext(pages, None)
+                if page is None:
+                    scan.reached_end = True
+                    break
+                objects, upper = page
+                if index is None and self._use_index and (len(objects) >= self._index_min_objects or upper is not None):
+                    # A large avatar (or a long scan): worth the index from here on.
+                    index = await self._load_index(index_key)
+                    if upper is not None:
+                        await pages.aclose()
+                        docs += await self._page_documents(prefix, objects, flag, index, scan)
+                        scan.cover(upper)
+                        remaining = None if need is None else need - len(docs)
+                        if remaining is not None and remaining <= 0:
+                            break
+                        pages = self._planned_pages(prefix, upper, index, flag, remaining)
+                        continue
+                docs += await self._page_documents(prefix, objects, flag, index, scan)
+                scan.cover(upper)
+        finally:
+            await pages.aclose()
+        if index is not None:
+            await self._save_index(index_key, index, scan)
+        return docs if need is None else docs[:need]
+
+    async def _page_documents(
+        self, prefix: str, objects: list[dict[str, Any]], flag: bool | None, index: FlagIndex | None, scan: _Scan
+    ) -> list[TrainingDocument]:
+        """The documents of one listed page that match `flag` (flags from the index or read)."""
+        now = time.time()
+        named: list[tuple[str, dict[str, Any], int]] = []
+        unknown: list[int] = []
+        flags: list[bool | None] = []
+        for obj in objects:
+            name = document_name_from_key(obj["Key"], prefix)
+            if name is None:
+                continue
+            modified = _epoch(obj["LastModified"])
+            scan.seen.add(name)
+            known = index.flag(name, obj["ETag"], modified, now) if index is not None else None
+            if known is None:
+                unknown.append(len(named))
+            named.append((name, obj, modified))
+            flags.append(known)
+        if unknown:
+            reads = await asyncio.gather(*(self._read_flag_at(named[i][1]["Key"]) for i in unknown))
+            for i, read in zip(unknown, reads):
+                if read is None:  # deleted between the listing and the tag read
+                    continue
+                name, obj, modified = named[i]
+                flags[i] = read[0]
+                if index is not None:
+                    scan.verified[name] = (_etag(obj["ETag"]), modified, read[0], read[1])
+            scan.tag_reads += len(unknown)
+        docs = []
+        for (name, obj, _), doc_flag in zip(named, flags):
+            if doc_flag is None or (flag is not None and doc_flag != flag):
+                continue
+            docs.append(TrainingDocument(
+                name=name,
+                size=obj["Size"],
+                etag=_etag(obj["ETag"]),
+                last_modified=obj["LastModified"],
+                use_for_training=doc_flag,
+                content_type=_content_type_or_default(name),
+            ))
+        return docs
+
+    async def _list_page(self, **kwargs: Any) -> dict[str, Any]:
+        async with self._list_limit:
+            return await self._s3.list_objects_v2(Bucket=self._bucket, **kwargs)
+
+    async def _pages(self, prefix: str, start_after: str | None) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+        """Listing pages one after another: (objects, the name they cover up to, None at the end)."""
+        kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
+        if start_after:
+            kwargs["StartAfter"] = prefix + start_after
+        while True:
+            resp = await self._list_page(**kwargs)
+            contents = resp.get("Contents", [])
+            if not resp.get("IsTruncated"):
+                if contents:
+                    yield contents, None
+                return
+            yield contents, contents[-1]["Key"][len(prefix):]
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+    async def _range(self, prefix: str, low: str | None, high: str | None, max_keys: int) -> list[dict[str, Any]]:
+        """Every object with low < name <= high (no upper bound when high is None)."""
+        kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": max_keys}
+        if low:
+            kwargs["StartAfter"] = prefix + low
+        high_key = None if high is None else prefix + high
+        objects: list[dict[str, Any]] = []
+        while True:
+            resp = await self._list_page(**kwargs)
+            contents = resp.get("Contents", [])
+            for obj in contents:
+                if high_key is not None and obj["Key"] > high_key:
+                    return objects
+                objects.append(obj)
+            if not resp.get("IsTruncated") or (high_key is not None and contents and contents[-1]["Key"] >= high_key):
+                return objects
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+            kwargs["MaxKeys"] = LIST_PAGE_SIZE
+
+    async def _planned_pages(
+        self, prefix: str, start_after: str | None, index: FlagIndex, flag: bool | None, need: int | None
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+        """Listing pages after `start_after`, split at index names into ranges that are listed
+        concurrently and yielded in order. With `need`, only as far as the index says `need`
+        matches reach (plus slack); beyond that, plain pages one after another."""
+        names = index.names()
+        first = bisect.bisect_right(names, start_after) if start_after else 0
+        stop = index.reach(first, flag, need)
+        if first >= stop:
+            async for page in self._pages(prefix, start_after):
+                yield page
+            return
+        to_end = stop >= len(names)
+        ranges = []
+        low = start_after
+        for i in range(first, stop, RANGE_NAMES):
+            j = min(i + RANGE_NAMES, stop)
+            high = None if (to_end and j == stop) else names[j - 1]
+            ranges.append((low, high, min(LIST_PAGE_SIZE, j - i + RANGE_SLACK)))
+            low = high
+        tasks = [asyncio.create_task(self._range(prefix, lo, hi, n)) for lo, hi, n in ranges]
+        try:
+            for task, (_, high, _) in zip(tasks, ranges):
+                yield await task, high
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if not to_end:
+            async for page in self._pages(prefix, ranges[-1][1]):
+                yield page
+
+    # -- the flag index ---------------------------------------------------------------------
+
+    async def _load_index(self, key: str) -> FlagIndex:
+        try:
+            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
+            async with resp["Body"] as body:
+                data = await body.read()
+        except Exception as exc:
+            if error_code(exc) in NOT_FOUND_CODES:
+                return FlagIndex({}, None)
+            raise
+        index = FlagIndex.decode(data, resp["ETag"])
+        _INDEXES.put(self._bucket, key, index)
+        return index
+
+    async def _save_index(self, key: str, index: FlagIndex, scan: _Scan) -> None:
+        """Merge what this listing learnt into the index (conditional write; one retry on a
+        lost race, then give up: the index is a cache). Never fails the listing."""
+        try:
+            if not scan.changes(index):
+                return
+            for attempt in range(2):
+                entries = scan.merged(index.entries)
+                condition = {"IfMatch": index.s3_etag} if index.s3_etag else {"IfNoneMatch": "*"}
+                try:
+                    resp = await self._s3.put_object(
+                        Bucket=self._bucket, Key=key, Body=FlagIndex.encode(entries),
+                        ContentType="application/json", **condition,
+                    )
+                except Exception as exc:
+                    if error_code(exc) not in PRECONDITION_CODES | NOT_FOUND_CODES or attempt:
+                        raise
+                    index = await self._load_index(key)
+                    continue
+                _INDEXES.put(self._bucket, key, FlagIndex(entries, resp["ETag"]))
+                return
+        except Exception:
+            _INDEXES.drop(self._bucket, key)
+            log.warning("could not update the flag index %s", key, exc_info=True)
 
     # -- presigned uploads ------------------------------------------------------------------
 
@@ -282,3 +532,192 @@ def _content_type_or_default(name: str) -> str:
         return content_type_for(name)
     except ValueError:  # an object put behind the API's back with another extension
         return "application/octet-stream"
+
+
+# -- the flag index -------------------------------------------------------------------------
+
+Entry = tuple[str, int, bool, int]  # (etag, last_modified, flag, checked): epoch seconds
+
+
+class FlagIndex:
+    """An avatar's flag index: document name -> Entry, and the S3 ETag it was read with."""
+
+    def __init__(self, entries: dict[str, Entry], s3_etag: str | None) -> None:
+        self.entries = entries
+        self.s3_etag = s3_etag
+        self._names: list[str] | None = None
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            self._names = sorted(self.entries)
+        return self._names
+
+    def flag(self, name: str, etag: str, last_modified: int, now: float) -> bool | None:
+        """The flag if the entry proves it for this version of the object, else None."""
+        entry = self.entries.get(name)
+        if entry is None or entry[0] != _etag(etag) or entry[1] != last_modified:
+            return None
+        if entry[3] < last_modified + INDEX_SETTLE_SECONDS:
+            return None
+        if now - entry[3] > INDEX_MAX_AGE_SECONDS * (0.5 + (zlib.crc32(name.encode()) % 1000) / 2000):
+            return None
+        return entry[2]
+
+    def reach(self, first: int, flag: bool | None, need: int | None) -> int:
+        """Index position (exclusive) up to which a listing from `first` should expect `need`
+        matches, with slack; len(names) means to the end."""
+        names = self.names()
+        if need is None:
+            return len(names)
+        slack = need // 16 + 8
+        if flag is None:
+            return min(len(names), first + need + slack)
+        found = 0
+        for i in range(first, len(names)):
+            if self.entries[names[i]][2] == flag:
+                found += 1
+                if found >= need:
+                    return min(len(names), i + 1 + slack)
+        return len(names)
+
+    @staticmethod
+    def encode(entries: dict[str, Entry]) -> bytes:
+        body = {"version": INDEX_VERSION, "entries": {n: [e[0], e[1], int(e[2]), e[3]] for n, e in entries.items()}}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(data: bytes, s3_etag: str) -> "FlagIndex":
+        """An unreadable or foreign index counts as empty (and is replaced on the next write)."""
+        try:
+            body = json.loads(data)
+            if body.get("version") != INDEX_VERSION:
+                return FlagIndex({}, s3_etag)
+            entries = {str(n): (str(e[0]), int(e[1]), bool(e[2]), int(e[3])) for n, e in body["entries"].items()}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return FlagIndex({}, s3_etag)
+        return FlagIndex(entries, s3_etag)
+
+
+@dataclass
+class _Scan:
+    """What one listing saw: names listed, flags read, and the name range it covered."""
+
+    start: str | None
+    covered: str | None = None
+    reached_end: bool = False
+    seen: set[str] = field(default_factory=set)
+    verified: dict[str, Entry] = field(default_factory=dict)
+    tag_reads: int = 0
+
+    def cover(self, upper: str | None) -> None:
+        """A page was processed that covers names up to `upper` (None: to the end)."""
+        if upper is None:
+            self.reached_end = True
+        else:
+            self.covered = upper
+
+    def _in_range(self, name: str) -> bool:
+        if self.start is not None and name <= self.start:
+            return False
+        return self.reached_end or (self.covered is not None and name <= self.covered)
+
+    def gone(self, entries: dict[str, Entry]) -> list[str]:
+        """Index names inside the covered range that the listing did not show (deleted)."""
+        return [n for n in entries if n not in self.seen and self._in_range(n)]
+
+    def changes(self, index: FlagIndex) -> bool:
+        return bool(self.verified) or bool(self.gone(index.entries))
+
+    def merged(self, entries: dict[str, Entry]) -> dict[str, Entry]:
+        merged = dict(entries)
+        for name in self.gone(entries):
+            del merged[name]
+        merged.update(self.verified)
+        return merged
+
+
+class _IndexCache:
+    """Parsed indexes of the most recently listed avatars, per process. Safe to serve stale:
+    every entry is checked against the current listing anyway."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, str], FlagIndex] = OrderedDict()
+
+    def get(self, bucket: str, key: str) -> FlagIndex | None:
+        index = self._items.get((bucket, key))
+        if index is not None:
+            self._items.move_to_end((bucket, key))
+        return index
+
+    def put(self, bucket: str, key: str, index: FlagIndex) -> None:
+        self._items[(bucket, key)] = index
+        self._items.move_to_end((bucket, key))
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def drop(self, bucket: str, key: str) -> None:
+        self._items.pop((bucket, key), None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+_INDEXES = _IndexCache(INDEX_CACHE_AVATARS)
+
+
+def clear_index_cache() -> None:
+    """Forget every index held in process memory (benchmarks: a fresh process)."""
+    _INDEXES.clear()
+
+
+def _index_key(ref: AvatarRef) -> str:
+    return adapter_prefix(ref.user_id, ref.avatar_id) + INDEX_FILE
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+def _epoch(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _server_time(resp: dict[str, Any]) -> int:
+    """S3's clock at the response (its `Date` header), or ours minus a margin without one."""
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        try:
+            return int(parsedate_to_datetime(date).timestamp())
+        except (TypeError, ValueError):
+            pass
+    return int(time.time()) - 5
+
+
+def _copy_in_place_args(bucket: str, key: str, head: dict[str, Any], tagset: list[dict[str, str]]) -> dict[str, Any]:
+    """CopyObject arguments that rewrite `key` onto itself with `tagset`, keeping its content,
+    content headers, user metadata, storage class and encryption."""
+    args: dict[str, Any] = {
+        "Bucket": bucket,
+        "Key": key,
+        "CopySource": {"Bucket": bucket, "Key": key},
+        "CopySourceIfMatch": head["ETag"],
+        "MetadataDirective": "REPLACE",
+        "Metadata": head.get("Metadata") or {},
+        "TaggingDirective": "REPLACE",
+        "Tagging": urlencode([(t["Key"], t["Value"]) for t in tagset]),
+    }
+    for name in ("ContentType", "CacheControl", "ContentDisposition", "ContentLanguage", "Expires",
+                 "WebsiteRedirectLocation", "StorageClass"):
+        if head.get(name):
+            args[name] = head[name]
+    encoding = ",".join(e for e in (head.get("ContentEncoding") or "").split(",") if e.strip() and e.strip() != "aws-chunked")
+    if encoding:
+        args["ContentEncoding"] = encoding
+    if head.get("ServerSideEncryption") == "aws:kms":
+        args["ServerSideEncryption"] = "aws:kms"
+        if head.get("SSEKMSKeyId"):
+            args["SSEKMSKeyId"] = head["SSEKMSKeyId"]
+        if head.get("BucketKeyEnabled") is not None:
+            args["BucketKeyEnabled"] = head["BucketKeyEnabled"]
+    return args

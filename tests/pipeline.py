@@ -27,6 +27,7 @@ WORKER_ENV = {
     "CHECKPOINT_EVERY_STEPS": "5",
     "TORCH_THREADS": "1",
     "EVAL_FRACTION": "0.1",
+    "METRICS_PORT": "0",
 }
 
 

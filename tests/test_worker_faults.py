@@ -59,3 +59,27 @@ def test_worker_stopped_mid_job_resumes_from_checkpoint(pipeline: Pipeline, s3, 
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(30)
+
+
+def test_job_survives_s3_and_sqs_network_faults(pipeline: Pipeline, moto_endpoint: str) -> None:
+    """The worker talks to S3/SQS through a proxy that resets every 3rd connection and drops
+    every 5th one before it answers; botocore's retries carry the job through."""
+    from urllib.parse import urlsplit
+
+    from tests.faulty_proxy import FaultPlan, FaultyProxy
+
+    proxy = FaultyProxy(urlsplit(moto_endpoint).port, FaultPlan()).start()
+    worker = pipeline.start_worker(AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", DOWNLOAD_CONCURRENCY="8")
+    try:
+        with pipeline.client() as api:
+            for i in range(6):  # several documents: several concurrent downloads, more connections
+                api.put_doc(f"chat{i}.jsonl", chat_document(8, seed=f"{i} "))
+            r = api.post(f"{api.base}/training-jobs", json={"num_epochs": 1, "batch_size": 4})
+            done, _ = wait_for_job(api, r.json()["id"], {"succeeded", "failed"}, pipeline=pipeline, timeout=180)
+            assert done["status"] == "succeeded", done
+            assert len(done["data"]) == 6
+        assert proxy.resets > 0 and proxy.cuts > 0, (proxy.connections, proxy.resets, proxy.cuts)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        proxy.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 JOBS = Counter("avatune_jobs_total", "Jobs a worker ended, by outcome", ["outcome"])
@@ -20,6 +22,10 @@ BUSY = Gauge("avatune_worker_busy", "1 while the worker runs a job")
 
 
 def serve(port: int) -> None:
-    """Expose the metrics over HTTP (0 disables)."""
-    if port:
+    """Expose the metrics over HTTP (0 disables). A taken port costs the metrics, not the worker."""
+    if not port:
+        return
+    try:
         start_http_server(port)
+    except OSError as exc:
+        logging.getLogger("avatune.trainer").error("cannot serve metrics on port %d: %s", port, exc)

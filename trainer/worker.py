@@ -28,8 +28,9 @@ log = logging.getLogger("avatune.trainer")
 LONG_POLL_SECONDS = 20
 
 
-class _Interrupted(Exception):
-    """Raised by the signal handler to leave an idle long poll."""
+class _Interrupted(BaseException):
+    """Raised by the signal handler to leave an idle long poll (a BaseException, like
+    KeyboardInterrupt, so no library retry loop catches it as an ordinary error)."""
 
 
 class PoisonMessage(Exception):

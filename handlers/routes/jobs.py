@@ -143,6 +143,10 @@ def _too_many(cap: int) -> Problem:
     )
 
 
+def _unavailable() -> Problem:
+    return Problem(503, "could not queue the training job; nothing was kept, retry later", headers={"Retry-After": "5"})
+
+
 async def _claim_slot(jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
     """Take the avatar's active-job pointer for `job_id`; its ETag. A pointer left by a finished
     job is removed and the claim retried once. Raises the 409 naming the active job."""
@@ -169,7 +173,13 @@ async def _take_slot(jobs: JobStore, avatar: AvatarRef, job_id: str, cap: int) -
         if await jobs.count_active(avatar.user_id) >= cap:
             raise _too_many(cap)
         etag = await _claim_slot(jobs, avatar, job_id)
-        if await jobs.count_active(avatar.user_id) <= cap:
+        try:
+            within_cap = await jobs.count_active(avatar.user_id) <= cap
+        except Exception:
+            log.exception("counting active jobs failed; releasing the slot")
+            await _roll_back([lambda: jobs.release_claim(avatar, etag)])
+            raise _unavailable() from None
+        if within_cap:
             return etag
         await jobs.release_claim(avatar, etag)
         await asyncio.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
@@ -245,8 +255,7 @@ async def create_job(
     except Exception:
         log.exception("creating job %s failed; rolling back", job_id)
         await _roll_back(undo)
-        raise Problem(503, "could not queue the training job; nothing was kept, retry later",
-                      headers={"Retry-After": "5"}) from None
+        raise _unavailable() from None
     return JobView.of(record)
 
 

@@ -1,0 +1,124 @@
+"""Shared helpers: processes, ports, the machine description, markdown tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def ready_process(args: list[str], env: dict[str, str] | None = None, stdin: bool = False,
+                  log: Path | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A child that prints `ready PORT` first; yields it and the port, stops it afterwards."""
+    err = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(args, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line.startswith("ready "):
+            raise RuntimeError(f"{args} did not start: {line!r}")
+        yield proc, int(line.split()[1])
+    finally:
+        if stdin and proc.stdin:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        stop(proc)
+        if log:
+            err.close()  # type: ignore[union-attr]
+
+
+def command(proc: subprocess.Popen, cmd: dict) -> dict:
+    """Send a JSON command line to a child started with stdin=True; its JSON answer."""
+    assert proc.stdin and proc.stdout
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    answer = json.loads(proc.stdout.readline())
+    if not answer.get("ok"):
+        raise RuntimeError(f"{cmd['op']} failed: {answer.get('error')}")
+    return answer
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        mem_s = f", {mem:.0f} GiB RAM"
+    except (ValueError, OSError):
+        mem_s = ""
+    return f"{cpu}, {os.cpu_count()} cores{mem_s}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def today() -> str:
+    return date.today().isoformat()
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def secs(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f} s"
+    if value >= 10:
+        return f"{value:.1f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1000:.0f} ms"
+
+
+def ratio(baseline: float, ours: float) -> str:
+    return f"{baseline / ours:.1f}×" if ours > 0 else "∞"

@@ -1,0 +1,1 @@
+"""Command groups of the `avatune` command line."""

@@ -1,0 +1,172 @@
+"""`avatune adapter ...` and `avatune fuse`: the avatar's trained adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cli.client import ApiError
+from cli.context import CliError, State, fmt_value, human_size, human_time, kv_table, parse_settings, state
+
+app = typer.Typer(help="The avatar's adapter: configuration, files, versions.", no_args_is_help=True)
+
+
+def _print_adapter(st: State, adapter: dict[str, Any], *, files: bool = True) -> None:
+    st.out.print(kv_table({
+        "avatar": st.avatar,
+        "current version": adapter.get("current_version"),
+        "updated": human_time(adapter.get("updated_at")),
+    }))
+    st.out.print(kv_table(adapter.get("config") or {}, title="config"))
+    if adapter.get("metrics"):
+        st.out.print(kv_table(adapter["metrics"], title="metrics"))
+    if files and adapter.get("files"):
+        table = Table(title="files", title_justify="left")
+        table.add_column("name", overflow="fold")
+        table.add_column("sha256", overflow="fold")
+        for f in adapter["files"]:
+            table.add_row(Text(f["name"]), Text(f.get("sha256") or "-"))
+        st.out.print(table)
+
+
+@app.command("show")
+def show(ctx: typer.Context) -> None:
+    """Show the configuration, current version, metrics and files."""
+    st = state(ctx)
+    _print_adapter(st, st.client().get_adapter())
+
+
+@app.command("list")
+def list_adapters(ctx: typer.Context) -> None:
+    """The user's avatars that have an adapter."""
+    st = state(ctx)
+    items = st.client(avatar=False).list_adapters()
+    if not items:
+        st.out.print("no adapters")
+        return
+    table = Table(title_justify="left")
+    table.add_column("avatar")
+    table.add_column("version", justify="right")
+    table.add_column("updated")
+    for a in items:
+        table.add_row(Text(a["avatar_id"]), str(a["current_version"]), human_time(a.get("updated_at")))
+    st.out.print(table)
+
+
+@app.command("download")
+def download(
+    ctx: typer.Context,
+    output: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        "-o", "--output", file_okay=False, help="directory to write the files to; default: AVATAR-adapter")] = None,
+) -> None:
+    """Download the current adapter's files (checked against their sha256)."""
+    st = state(ctx)
+    client = st.client()
+    adapter = client.get_adapter()
+    files = adapter.get("files") or []
+    if not files:
+        raise CliError(f"avatar {st.avatar!r} has no trained adapter yet: run `avatune train`")
+    dest = output or Path(f"{st.avatar}-adapter")
+    for f in files:
+        name = f["name"]
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise CliError(f"refusing to write an adapter file named {name!r}")
+        size, digest = client.download_file(f["url"], dest / name)
+        if f.get("sha256") and f["sha256"] != digest:
+            (dest / name).unlink(missing_ok=True)
+            raise CliError(f"{name}: sha256 mismatch (expected {f['sha256']}, got {digest}); download again")
+        st.out.print(Text(f"wrote {dest / name} ({human_size(size)})"))
+    st.out.print(f"adapter version {adapter.get('current_version')}: {len(files)} file(s) in {dest}")
+
+
+@app.command("versions")
+def versions(ctx: typer.Context) -> None:
+    """List the kept versions (oldest first; * = current)."""
+    st = state(ctx)
+    client = st.client()
+    items = client.list_versions()
+    if not items:
+        st.out.print("no adapter versions")
+        return
+    try:
+        current = client.get_adapter().get("current_version")
+    except ApiError:
+        current = None
+    metric_cols = [m for m in ("train_loss", "eval_loss_before", "eval_loss_after")
+                   if any(m in (v.get("metrics") or {}) for v in items)]
+    table = Table(title=f"adapter versions of {st.avatar}", title_justify="left")
+    table.add_column("", width=1)
+    table.add_column("version", justify="right")
+    table.add_column("created")
+    table.add_column("job", overflow="fold")
+    for m in metric_cols:
+        table.add_column(m, justify="right")
+    for v in items:
+        metrics = v.get("metrics") or {}
+        table.add_row("*" if v["version"] == current else "", str(v["version"]), human_time(v.get("created_at")),
+                      Text(v.get("job_id") or "-"), *(fmt_value(metrics.get(m)) for m in metric_cols))
+    st.out.print(table)
+
+
+@app.command("promote")
+def promote(ctx: typer.Context, version: Annotated[int, typer.Argument(metavar="N", min=1)]) -> None:
+    """Make a kept version current again."""
+    st = state(ctx)
+    adapter = st.client().promote_version(version)
+    st.out.print(f"adapter version {adapter.get('current_version')} is current")
+
+
+@app.command("config")
+def config(
+    ctx: typer.Context,
+    method: Annotated[Optional[str], typer.Option("--method", help="qlora or lora")] = None,  # noqa: UP007
+    r: Annotated[Optional[int], typer.Option("--r", help="LoRA rank")] = None,  # noqa: UP007
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha")] = None,  # noqa: UP007
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout")] = None,  # noqa: UP007
+    target_modules: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--target-modules", help="comma-separated module names, e.g. q_proj,v_proj")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="learning_rate")] = None,  # noqa: UP007
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="num_epochs")] = None,  # noqa: UP007
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,  # noqa: UP007
+    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length")] = None,  # noqa: UP007
+    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio")] = None,  # noqa: UP007
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,  # noqa: UP007
+    set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
+        "--set", metavar="KEY=VALUE", help="any other field (VALUE as JSON, else a string); repeatable")] = None,
+) -> None:
+    """Set adapter configuration fields (others keep their value); without options, show it."""
+    st = state(ctx)
+    fields: dict[str, Any] = {
+        "method": method, "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+        "target_modules": [m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None,
+        "learning_rate": lr, "num_epochs": epochs, "batch_size": batch_size, "max_seq_length": max_seq_length,
+        "warmup_ratio": warmup_ratio, "seed": seed,
+    }
+    fields = {**parse_settings(set_), **{k: v for k, v in fields.items() if v is not None}}
+    client = st.client()
+    adapter = client.put_adapter(fields) if fields else client.get_adapter()
+    if fields:
+        st.out.print("updated " + ", ".join(f"{k}={fmt_value(v)}" for k, v in fields.items()))
+    st.out.print(kv_table(adapter.get("config") or {}, title="config"))
+
+
+def fuse(
+    ctx: typer.Context,
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="the adapter version; default: current")] = None,  # noqa: UP007
+) -> None:
+    """Merge an adapter version into the base model (POST {base}/fuse-jobs)."""
+    st = state(ctx)
+    client = st.client()
+    try:
+        job = client.create_fuse_job(version)
+    except ApiError as exc:
+        if exc.is_missing_route:
+            raise CliError(f"fuse is not supported by this server ({client.api_url} has no "
+                           f"POST .../fuse-jobs route; answered {exc.status})") from None
+        raise
+    job_id = job.get("id") or job.get("job_id") or "?"
+    st.out.print(Text(f"fuse job {job_id}: {job.get('status', 'accepted')}"))

@@ -1,0 +1,108 @@
+"""AWS Lambda entry point for the events queue: `handlers.events_handler.handler`.
+
+The events queue carries `contracts.messages.JobEvent`s (`job.started`, `job.succeeded`,
+`job.failed`, `job.cancelled`) published by the trainer and, for cancellations of queued jobs,
+by the API. An SQS event source mapping with `FunctionResponseTypes: [ReportBatchItemFailures]`
+invokes `handler` with up to a batch of records; the handler answers the partial batch response
+
+    {"batchItemFailures": [{"itemIdentifier": "<messageId>"}, ...]}
+
+so only the records that failed are retried (and, after the queue's maxReceiveCount, land in
+the events DLQ); the others are deleted. A malformed record fails alone.
+
+What is done with an event lives behind one seam, `deliver(event)`: today a structured log
+line; webhooks come later and plug in there without touching the batch handling.
+
+Deliberately light: this module imports pydantic and `contracts` only (no FastAPI, no boto3,
+never torch), and the events function's bundle contains nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.messages import JOB_EVENT_SCHEMA, JobEvent
+
+log = logging.getLogger("avatune.events")
+# The Lambda Python runtime leaves the root logger at WARNING: keep our INFO lines.
+log.setLevel(logging.INFO)
+
+
+class MalformedEvent(ValueError):
+    """A record whose body is not a valid JobEvent: it can never be delivered as it is."""
+
+
+def parse_event(body: Any) -> JobEvent:
+    """Parse one SQS message body into a JobEvent, or raise MalformedEvent saying why."""
+    if not isinstance(body, str):
+        raise MalformedEvent("record has no string body")
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise MalformedEvent(f"not JSON: {exc.msg}") from None
+    if not isinstance(payload, dict):
+        raise MalformedEvent("not a JSON object")
+    # `schema` has a default on the model; on the wire it must be there and be ours, so a
+    # foreign message that happens to have the same fields is not taken for a job event.
+    schema = payload.get("schema")
+    if schema != JOB_EVENT_SCHEMA:
+        raise MalformedEvent(f"unknown schema {schema!r}; expected {JOB_EVENT_SCHEMA!r}")
+    try:
+        return JobEvent.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "<root>"
+        raise MalformedEvent(f"invalid job event: {where}: {first['msg']}") from None
+
+
+def deliver(event: JobEvent) -> None:
+    """Act on one job event. The seam for webhooks: replace or extend the body, keep the
+    contract — return on success, raise to have the record retried (and dead-lettered after
+    the queue's maxReceiveCount). Today: one structured JSON log line."""
+    entry = {
+        "message": "job event",
+        "event": event.event,
+        "job_id": event.job_id,
+        "user_id": event.user_id,
+        "avatar_id": event.avatar_id,
+        "status": event.status,
+        "adapter_version": event.adapter_version,
+        "error": event.error,
+        "occurred_at": event.occurred_at.isoformat(),
+    }
+    log.info(
+        json.dumps(entry, default=str),
+        extra={"job_id": event.job_id, "user_id": event.user_id, "avatar_id": event.avatar_id},
+    )
+
+
+def process_record(record: dict[str, Any]) -> JobEvent:
+    """Parse and deliver one SQS record; raises on any failure."""
+    event = parse_event(record.get("body"))
+    deliver(event)
+    return event
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, list[dict[str, str]]]:
+    """SQS batch handler with partial batch responses (ReportBatchItemFailures)."""
+    failures: list[dict[str, str]] = []
+    records = (event or {}).get("Records") or []
+    for record in records:
+        message_id = record.get("messageId") if isinstance(record, dict) else None
+        try:
+            if not isinstance(record, dict):
+                raise MalformedEvent("record is not an object")
+            process_record(record)
+        except MalformedEvent as exc:
+            log.error(
+                json.dumps({"message": "malformed job event", "message_id": message_id, "reason": str(exc)})
+            )
+            failures.append({"itemIdentifier": str(message_id)})
+        except Exception:  # delivery trouble: retry this record only
+            log.exception(json.dumps({"message": "job event delivery failed", "message_id": message_id}))
+            failures.append({"itemIdentifier": str(message_id)})
+    return {"batchItemFailures": failures}
