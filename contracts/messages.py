@@ -4,10 +4,11 @@ the train queue and consume `JobEvent`s from the events queue. JSON Schemas of b
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from contracts.adapter import AdapterSettings
 from contracts.ids import validate_id
@@ -34,6 +35,11 @@ class TrainRequest(BaseModel):
     avatar_id: str
     config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides")
     requested_at: datetime = Field(default_factory=utcnow)
+    origin: Literal["api", "external"] = Field(
+        default="external",
+        description="'api' when the avatune API created the job record first; the trainer then "
+        "drops a request whose record is gone (the API rolled the job back)",
+    )
 
     @field_validator("job_id", "user_id", "avatar_id")
     @classmethod
@@ -72,3 +78,30 @@ class JobEvent(BaseModel):
 
     def to_message_body(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+class InvalidMessage(ValueError):
+    """A queue message that can never be processed as it is (poison); the text says why."""
+
+
+def parse_message(body: object, model: type[TrainRequest] | type[JobEvent], schema: str) -> Any:
+    """Parse one SQS body as `model`, which must carry `schema`; raise InvalidMessage saying why.
+
+    `schema` must be on the wire even where the model has a default, so a foreign message that
+    happens to have the same fields is not taken for ours."""
+    if not isinstance(body, str):
+        raise InvalidMessage("message has no string body")
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage(f"not JSON: {exc.msg}") from None
+    if not isinstance(payload, dict):
+        raise InvalidMessage("not a JSON object")
+    if payload.get("schema") != schema:
+        raise InvalidMessage(f"unknown schema {payload.get('schema')!r}; expected {schema!r}")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "<root>"
+        raise InvalidMessage(f"invalid {schema}: {where}: {first['msg']}") from None

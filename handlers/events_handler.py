@@ -23,40 +23,19 @@ import json
 import logging
 from typing import Any
 
-from pydantic import ValidationError
-
-from contracts.messages import JOB_EVENT_SCHEMA, JobEvent
+from contracts.messages import JOB_EVENT_SCHEMA, InvalidMessage, JobEvent, parse_message
 
 log = logging.getLogger("avatune.events")
 # The Lambda Python runtime leaves the root logger at WARNING: keep our INFO lines.
 log.setLevel(logging.INFO)
 
 
-class MalformedEvent(ValueError):
-    """A record whose body is not a valid JobEvent: it can never be delivered as it is."""
+MalformedEvent = InvalidMessage
 
 
 def parse_event(body: Any) -> JobEvent:
     """Parse one SQS message body into a JobEvent, or raise MalformedEvent saying why."""
-    if not isinstance(body, str):
-        raise MalformedEvent("record has no string body")
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise MalformedEvent(f"not JSON: {exc.msg}") from None
-    if not isinstance(payload, dict):
-        raise MalformedEvent("not a JSON object")
-    # `schema` has a default on the model; on the wire it must be there and be ours, so a
-    # foreign message that happens to have the same fields is not taken for a job event.
-    schema = payload.get("schema")
-    if schema != JOB_EVENT_SCHEMA:
-        raise MalformedEvent(f"unknown schema {schema!r}; expected {JOB_EVENT_SCHEMA!r}")
-    try:
-        return JobEvent.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "<root>"
-        raise MalformedEvent(f"invalid job event: {where}: {first['msg']}") from None
+    return parse_message(body, JobEvent, JOB_EVENT_SCHEMA)
 
 
 def deliver(event: JobEvent) -> None:

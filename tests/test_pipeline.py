@@ -181,3 +181,21 @@ def test_second_job_reuses_the_loaded_base_model(pipeline: Pipeline, worker) -> 
         second = wait_for_job(api, start_job(api)["id"], {"succeeded"}, pipeline=pipeline)[0]
     # The module's worker has trained before: neither job loaded the base again.
     assert first["metrics"]["base_model_reused"] and second["metrics"]["base_model_reused"]
+
+
+def test_rolled_back_api_job_is_dropped_and_queue_job_without_data_fails(pipeline: Pipeline, worker) -> None:
+    with pipeline.client() as api:
+        send = lambda req: pipeline.sqs.send_message(  # noqa: E731
+            QueueUrl=pipeline.train_queue_url, MessageBody=req.to_message_body(),
+            MessageGroupId=req.message_group_id(), MessageDeduplicationId=req.job_id)
+        # The API wrote no record (it rolled back) but its message went out: nothing must run.
+        ghost = TrainRequest(schema="avatune.train-request/v1", job_id="ghost-" + uuid.uuid4().hex[:8],
+                             user_id=api.user_id, avatar_id=api.avatar_id, origin="api")
+        send(ghost)
+        # Another service's request for an avatar with no flagged document: failed, with the reason.
+        empty = TrainRequest(schema="avatune.train-request/v1", job_id="empty-" + uuid.uuid4().hex[:8],
+                             user_id=api.user_id, avatar_id=api.avatar_id)
+        send(empty)
+        done, _ = wait_for_job(api, empty.job_id, {"succeeded", "failed"}, pipeline=pipeline)
+        assert done["status"] == "failed" and "use_for_training=true" in done["error"]
+        assert api.get(f"{api.base}/training-jobs/{ghost.job_id}").status_code == 404

@@ -159,8 +159,10 @@ class JobRunner:
 
     # -- claiming ---------------------------------------------------------------------------
 
-    def _record_for(self, req: TrainRequest) -> JobRecord:
+    def _record_for(self, req: TrainRequest) -> JobRecord | None:
         loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
+        if loaded is None and req.origin == "api":
+            return None  # the API rolled this job back after its message went out
         if loaded is None:  # sent straight to the queue by another service
             record = JobRecord(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, config=req.config,
                                source="queue", created_at=req.requested_at)
@@ -191,7 +193,8 @@ class JobRunner:
             record.error = None
             return record
 
-        self._record_for(req)
+        if self._record_for(req) is None:
+            return None, "gone"
         record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, claim)
         return (None if verdict["why"] else record), verdict["why"]
 
@@ -202,6 +205,9 @@ class JobRunner:
         if job is None:
             if why == "final":
                 log.info("job %s already finished: duplicate delivery ignored", req.job_id)
+                return Outcome.DONE
+            if why == "gone":
+                log.warning("job %s has no record (rolled back by the API): message dropped", req.job_id)
                 return Outcome.DONE
             log.info("job %s is owned by a live worker: leaving the message", req.job_id)
             return Outcome.RETRY

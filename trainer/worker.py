@@ -13,10 +13,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from pydantic import ValidationError
-
 from contracts import logs
-from contracts.messages import TRAIN_REQUEST_SCHEMA, TrainRequest
+from contracts.messages import TRAIN_REQUEST_SCHEMA, InvalidMessage, TrainRequest, parse_message
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
@@ -33,25 +31,11 @@ class _Interrupted(BaseException):
     KeyboardInterrupt, so no library retry loop catches it as an ordinary error)."""
 
 
-class PoisonMessage(Exception):
-    """A message that can never be processed: it goes to the dead-letter queue."""
+PoisonMessage = InvalidMessage
 
 
 def parse_train_request(body: str) -> TrainRequest:
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise PoisonMessage(f"not JSON: {exc.msg}") from None
-    if not isinstance(payload, dict):
-        raise PoisonMessage("not a JSON object")
-    schema = payload.get("schema")
-    if schema != TRAIN_REQUEST_SCHEMA:
-        raise PoisonMessage(f"unknown schema {schema!r}; expected {TRAIN_REQUEST_SCHEMA!r}")
-    try:
-        return TrainRequest.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PoisonMessage(f"invalid train request: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return parse_message(body, TrainRequest, TRAIN_REQUEST_SCHEMA)
 
 
 class Worker:

@@ -248,7 +248,7 @@ async def create_job(
             undo.append(lambda: jobs.forget(avatar, key_hash, key_etag))
         await queue.send(TrainRequest(
             schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-            config=record.config, requested_at=record.created_at,
+            config=record.config, requested_at=record.created_at, origin="api",
         ))
     except Problem:
         raise
