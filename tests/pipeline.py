@@ -67,6 +67,9 @@ class Pipeline:
         self.workers.append(proc)
         return proc
 
+    def trainers_alive(self) -> bool:
+        return any(p.poll() is None for p in self.workers if "trainer" in p.args)
+
     def stop_workers(self) -> None:
         for proc in self.workers:
             if proc.poll() is None:
@@ -116,6 +119,8 @@ def wait_for_job(api: Api, job_id: str, until: set[str], timeout: float = 180, p
             seen.append(job["status"])
         if job["status"] in until and (condition is None or condition(job)):
             return job, seen
+        if pipeline is not None and not pipeline.trainers_alive():
+            raise RuntimeError(f"every trainer worker has exited; job {job_id} is {seen}\n{pipeline.worker_log()}")
         time.sleep(0.1)
     logs = pipeline.worker_log() if pipeline else ""
     raise TimeoutError(f"job {job_id} stuck in {seen}\n{logs}")
