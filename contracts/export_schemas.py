@@ -11,12 +11,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from contracts.jobs import JobRecord
-from contracts.messages import JobEvent, TrainRequest
+from contracts.messages import FuseRequest, JobEvent, TrainRequest
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 PUBLIC_MODELS: dict[str, type[BaseModel]] = {
     "train-request.v1.json": TrainRequest,
+    "fuse-request.v1.json": FuseRequest,
     "job-event.v1.json": JobEvent,
     "job.v1.json": JobRecord,
 }

@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 from contracts.adapter import AdapterSettings
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# "train" publishes a new adapter version; "fuse" merges one into its base (`merged/{version}/`).
+JobType = Literal["train", "fuse"]
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -53,7 +55,7 @@ class JobLease(BaseModel):
 class JobRecord(BaseModel):
     schema_: Literal["avatune.job/v1"] = Field(default="avatune.job/v1", alias="schema")
     id: str
-    type: Literal["train"] = "train"
+    type: JobType = "train"
     user_id: str
     avatar_id: str
     status: JobStatus = "queued"
@@ -65,7 +67,11 @@ class JobRecord(BaseModel):
     progress: JobProgress = Field(default_factory=JobProgress)
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
-    adapter_version: int | None = None
+    adapter_version: int | None = Field(
+        default=None,
+        description="train: the adapter version the job published (null until then); fuse: the version it "
+        "merges, stored at users/{user_id}/avatars/{avatar_id}/merged/{adapter_version}/",
+    )
     data: list[TrainingDocumentRef] = Field(default_factory=list)
     cancel_requested: bool = False
     attempts: int = 0

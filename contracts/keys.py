@@ -6,6 +6,7 @@ users/{user_id}/avatars/{avatar_id}/adapters/training_data/      training docume
 users/{user_id}/avatars/{avatar_id}/adapters/versions/{n}/       kept adapter versions
 users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
 users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
+users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter version {version} merged into its base (fuse jobs)
 ```
 `vectorstore_data/`, `media/` (per avatar) and `vectorstore/`, `image/` (per user) are reserved
 and never touched by avatune.
@@ -94,6 +95,23 @@ def avatars_prefix(user_id: str) -> str:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METRICS_FILE = "metrics.json"
 CHECKPOINT_COMPLETE_MARKER = "_COMPLETE"
+
+
+def merged_prefix(user_id: str, avatar_id: str) -> str:
+    """Where fuse jobs store merged models: beside `adapters/`, one folder per adapter version."""
+    return f"{avatar_prefix(user_id, avatar_id)}merged/"
+
+
+def merged_version_prefix(user_id: str, avatar_id: str, version: int) -> str:
+    """Adapter `version` merged into its base: safetensors weights, config, tokenizer, and
+    `MERGED_MANIFEST_FILE` written last."""
+    if version < 1:
+        raise ValueError("adapter versions start at 1")
+    return f"{merged_prefix(user_id, avatar_id)}{version}/"
+
+
+# Written last under `merged/{version}/`: the merged model is complete once it is there.
+MERGED_MANIFEST_FILE = "manifest.json"
 
 
 def checkpoints_prefix(user_id: str, avatar_id: str) -> str:

@@ -1,6 +1,6 @@
-"""Queue message contracts: versioned, public. Other services send `TrainRequest`s straight to
-the train queue and consume `JobEvent`s from the events queue. JSON Schemas of both live in
-`schemas/` (regenerate with `python -m contracts.export_schemas`)."""
+"""Queue message contracts: versioned, public. Other services send `TrainRequest`s and
+`FuseRequest`s straight to the train queue and consume `JobEvent`s from the events queue. JSON
+Schemas of all three live in `schemas/` (regenerate with `python -m contracts.export_schemas`)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contracts.adapter import AdapterSettings
 from contracts.ids import validate_id
-from contracts.jobs import JobStatus, utcnow
+from contracts.jobs import JobStatus, JobType, utcnow
 
 TRAIN_REQUEST_SCHEMA = "avatune.train-request/v1"
+FUSE_REQUEST_SCHEMA = "avatune.fuse-request/v1"
 JOB_EVENT_SCHEMA = "avatune.job-event/v1"
 
 EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled"]
 
 
-class TrainRequest(BaseModel):
-    """Ask the trainer to train an avatar's adapter on its documents flagged for training.
+class QueueRequest(BaseModel):
+    """What every message on the train queue carries: the job, the avatar, who sent it.
 
     Send to the FIFO train queue with `MessageGroupId` = `message_group_id()` and
-    `MessageDeduplicationId` = `job_id`.
-    """
+    `MessageDeduplicationId` = `job_id`: an avatar's jobs run one at a time whatever their type."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    schema_: Literal["avatune.train-request/v1"] = Field(alias="schema")
+    schema_: str = Field(alias="schema")  # each request type pins its own literal
     job_id: str = Field(description="unique id chosen by the sender; retries reuse it")
     user_id: str
     avatar_id: str
-    config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides")
     requested_at: datetime = Field(default_factory=utcnow)
     origin: Literal["api", "external"] = Field(
         default="external",
@@ -49,15 +48,45 @@ class TrainRequest(BaseModel):
     def message_group_id(self) -> str:
         """`{user_id}/{avatar_id}`: one job per avatar at a time. SQS caps group ids at 128
         characters, so longer pairs are replaced by their SHA-256 (still one group per avatar)."""
-        group = f"{self.user_id}/{self.avatar_id}"
-        if len(group) <= 128:
-            return group
-        import hashlib
-
-        return "sha256-" + hashlib.sha256(group.encode()).hexdigest()
+        return message_group_id(self.user_id, self.avatar_id)
 
     def to_message_body(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+def message_group_id(user_id: str, avatar_id: str) -> str:
+    """The train queue's `MessageGroupId` for an avatar (see `QueueRequest.message_group_id`)."""
+    group = f"{user_id}/{avatar_id}"
+    if len(group) <= 128:
+        return group
+    import hashlib
+
+    return "sha256-" + hashlib.sha256(group.encode()).hexdigest()
+
+
+class TrainRequest(QueueRequest):
+    """Ask the trainer to train an avatar's adapter on its documents flagged for training.
+
+    Send to the FIFO train queue with `MessageGroupId` = `message_group_id()` and
+    `MessageDeduplicationId` = `job_id`.
+    """
+
+    schema_: Literal["avatune.train-request/v1"] = Field(alias="schema")
+    config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides")
+
+
+class FuseRequest(QueueRequest):
+    """Ask the trainer to merge an adapter version into its base model (16-bit) and store the
+    merged model under `users/{user_id}/avatars/{avatar_id}/merged/{version}/`.
+
+    Sent on the same FIFO train queue as `TrainRequest`, with the same `MessageGroupId`
+    (`message_group_id()`) and `MessageDeduplicationId` (`job_id`).
+    """
+
+    schema_: Literal["avatune.fuse-request/v1"] = Field(alias="schema")
+    adapter_version: int | None = Field(
+        default=None, ge=1, description="the adapter version to merge; null = the avatar's current version"
+    )
 
 
 class JobEvent(BaseModel):
@@ -71,7 +100,12 @@ class JobEvent(BaseModel):
     user_id: str
     avatar_id: str
     status: JobStatus
-    adapter_version: int | None = None
+    job_type: JobType = Field(
+        default="train", description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one"
+    )
+    adapter_version: int | None = Field(
+        default=None, description="train: the version the job published; fuse: the version it merged"
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
@@ -84,11 +118,14 @@ class InvalidMessage(ValueError):
     """A queue message that can never be processed as it is (poison); the text says why."""
 
 
-def parse_message(body: object, model: type[TrainRequest] | type[JobEvent], schema: str) -> Any:
-    """Parse one SQS body as `model`, which must carry `schema`; raise InvalidMessage saying why.
+# What the train queue carries, by `schema`: the trainer dispatches on it.
+TRAIN_QUEUE_MESSAGES: dict[str, type[TrainRequest] | type[FuseRequest]] = {
+    TRAIN_REQUEST_SCHEMA: TrainRequest,
+    FUSE_REQUEST_SCHEMA: FuseRequest,
+}
 
-    `schema` must be on the wire even where the model has a default, so a foreign message that
-    happens to have the same fields is not taken for ours."""
+
+def _payload(body: object) -> dict[str, Any]:
     if not isinstance(body, str):
         raise InvalidMessage("message has no string body")
     try:
@@ -97,11 +134,35 @@ def parse_message(body: object, model: type[TrainRequest] | type[JobEvent], sche
         raise InvalidMessage(f"not JSON: {exc.msg}") from None
     if not isinstance(payload, dict):
         raise InvalidMessage("not a JSON object")
-    if payload.get("schema") != schema:
-        raise InvalidMessage(f"unknown schema {payload.get('schema')!r}; expected {schema!r}")
+    return payload
+
+
+def _validated(payload: dict[str, Any], model: type[BaseModel], schema: str) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "<root>"
         raise InvalidMessage(f"invalid {schema}: {where}: {first['msg']}") from None
+
+
+def parse_message(body: object, model: type[BaseModel], schema: str) -> Any:
+    """Parse one SQS body as `model`, which must carry `schema`; raise InvalidMessage saying why.
+
+    `schema` must be on the wire even where the model has a default, so a foreign message that
+    happens to have the same fields is not taken for ours."""
+    payload = _payload(body)
+    if payload.get("schema") != schema:
+        raise InvalidMessage(f"unknown schema {payload.get('schema')!r}; expected {schema!r}")
+    return _validated(payload, model, schema)
+
+
+def parse_train_queue_message(body: object) -> TrainRequest | FuseRequest:
+    """Parse one train-queue body as the request its `schema` names (`TRAIN_QUEUE_MESSAGES`);
+    raise InvalidMessage saying why (an unknown schema included)."""
+    payload = _payload(body)
+    schema = payload.get("schema")
+    model = TRAIN_QUEUE_MESSAGES.get(schema) if isinstance(schema, str) else None
+    if model is None:
+        raise InvalidMessage(f"unknown schema {schema!r}; expected one of {', '.join(map(repr, TRAIN_QUEUE_MESSAGES))}")
+    return _validated(payload, model, schema)

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from contracts import logs
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, health, jobs, training_data
+from handlers.routes import adapters, fuse, health, jobs, training_data
 from handlers.settings import get_settings
 
 
@@ -23,6 +23,7 @@ def create_app() -> FastAPI:
     app.include_router(training_data.router)
     app.include_router(adapters.router)
     app.include_router(jobs.router)
+    app.include_router(fuse.router)
     return app
 
 

@@ -1,5 +1,5 @@
-"""The SQS side of jobs: train requests to the FIFO train queue, job events to the events queue.
-The only module of the API that sends to SQS."""
+"""The SQS side of jobs: train and fuse requests to the FIFO train queue, job events to the
+events queue. The only module of the API that sends to SQS."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends
 
-from contracts.messages import JobEvent, TrainRequest
+from contracts.messages import JobEvent, QueueRequest
 from handlers.aws import sqs_client
 from handlers.dependencies import SettingsDep
 
@@ -32,9 +32,10 @@ class TrainQueue:
             _queue_urls[key] = url
         return url
 
-    async def send(self, request: TrainRequest) -> str:
-        """Queue a train request; the job id is the deduplication id, so a retried send within
-        SQS's five-minute window never queues the job twice. Returns the message id."""
+    async def send(self, request: QueueRequest) -> str:
+        """Queue a train or fuse request in the avatar's message group; the job id is the
+        deduplication id, so a retried send within SQS's five-minute window never queues the job
+        twice. Returns the message id."""
         resp = await self._sqs.send_message(
             QueueUrl=await self._url(self._train_queue),
             MessageBody=request.to_message_body(),

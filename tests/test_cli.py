@@ -198,9 +198,10 @@ def test_connection_error_is_one_line(pipeline: Pipeline) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-def test_fuse_is_reported_unsupported(cli: Cli) -> None:
-    failed(cli("fuse"), "fuse is not supported by this server")
-    failed(cli("fuse", "--version", "2"), "not supported")
+def test_fuse_without_an_adapter_reports_the_servers_404(cli: Cli) -> None:
+    # The server has the route now: its problem detail is shown, not "not supported".
+    failed(cli("fuse"), "error 404", "no trained adapter")
+    failed(cli("fuse", "--version", "2"), "error 404", "no trained adapter")
 
 
 # -- training, jobs, adapter -----------------------------------------------------------------

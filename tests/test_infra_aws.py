@@ -329,6 +329,7 @@ LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 API_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:GetObjectTagging", "s3:PutObjectTagging")
 TRAINER_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:GetObjectTagging")
 ADAPTERS = "users/*/avatars/*/adapters/*"
+MERGED = "users/*/avatars/*/merged/*"
 
 
 def _expect(*groups: tuple[tuple[str, ...], str]) -> set[tuple[str, str]]:
@@ -414,6 +415,7 @@ def check_trainer_role(t: dict) -> None:
     assert role.get("Condition") == "HasEksOidc"
     expected = _expect(
         (TRAINER_OBJECT_ACTIONS, "${Bucket.Arn}/" + ADAPTERS),
+        (("s3:GetObject", "s3:PutObject", "s3:DeleteObject"), "${Bucket.Arn}/" + MERGED),
         (("s3:ListBucket",), "${Bucket.Arn}"),
         (("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl",
           "sqs:GetQueueAttributes"), "${TrainQueue.Arn}"),
@@ -424,7 +426,7 @@ def check_trainer_role(t: dict) -> None:
     assert set(g) == expected, (
         f"trainer role grants differ.\n  extra:   {sorted(set(g) - expected)}\n  missing: {sorted(expected - set(g))}"
     )
-    assert g[("s3:ListBucket", "${Bucket.Arn}")] == {"StringLike": {"s3:prefix": [ADAPTERS]}}
+    assert g[("s3:ListBucket", "${Bucket.Arn}")] == {"StringLike": {"s3:prefix": [ADAPTERS, MERGED]}}
     for key, condition in g.items():
         if key[0] != "s3:ListBucket":
             assert condition is None, f"unexpected condition on {key}"

@@ -3,7 +3,8 @@
 Publishing a version writes `versions/{n}/` (adapter files, then metrics.json), then
 overwrites the current files in `adapters/`, then `manifest.json` last: a reader that trusts
 the manifest never sees a half-written adapter. Checkpoints follow the same rule: files
-first, the `_COMPLETE` marker last, and only a marked checkpoint is ever resumed from.
+first, the `_COMPLETE` marker last, and only a marked checkpoint is ever resumed from. So do
+merged models (`merged/{version}/`, fuse jobs): files first, their `manifest.json` last.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from contracts.adapters import AdapterManifest, VersionMetrics
+from contracts.adapters import AdapterManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
     CHECKPOINT_COMPLETE_MARKER,
+    MERGED_MANIFEST_FILE,
     METRICS_FILE,
     adapter_manifest_key,
     adapter_prefix,
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoint_prefix,
+    merged_version_prefix,
 )
 from trainer.aws import is_not_found, is_precondition_failed
 
@@ -82,6 +85,34 @@ class ArtifactStore:
                 return None
             raise
         return AdapterManifest.model_validate_json(resp["Body"].read())
+
+    def version_metrics(self, user_id: str, avatar_id: str, version: int) -> VersionMetrics | None:
+        """A version's metrics.json (written after its files), or None: no such complete version."""
+        key = adapter_version_prefix(user_id, avatar_id, version) + METRICS_FILE
+        try:
+            body = self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return VersionMetrics.model_validate_json(body)
+
+    def download_version(self, user_id: str, avatar_id: str, version: int, dest: Path) -> VersionMetrics | None:
+        """Download a kept version's adapter files into `dest`; its metrics, or None when the
+        version does not exist or is incomplete."""
+        meta = self.version_metrics(user_id, avatar_id, version)
+        if meta is None:
+            return None
+        prefix = adapter_version_prefix(user_id, avatar_id, version)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            try:
+                self._s3.download_file(self._bucket, prefix + name, str(dest / name))
+            except Exception as exc:
+                if is_not_found(exc):  # pruned or deleted meanwhile
+                    return None
+                raise
+        return meta
 
     def version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
         """The version a job already published (a retried job must not publish twice)."""
@@ -144,6 +175,37 @@ class ArtifactStore:
         for version in versions[: max(0, len(versions) - keep)]:
             if version not in protected:
                 self._delete_keys(self._keys(adapter_version_prefix(user_id, avatar_id, version)))
+
+    # -- merged models (fuse jobs) ----------------------------------------------------------
+
+    def merged_manifest(self, user_id: str, avatar_id: str, version: int) -> MergedManifest | None:
+        """The manifest of version `version` merged, or None while there is no complete one."""
+        key = merged_version_prefix(user_id, avatar_id, version) + MERGED_MANIFEST_FILE
+        try:
+            body = self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return MergedManifest.model_validate_json(body)
+
+    def publish_merged(self, user_id: str, avatar_id: str, model_dir: Path, manifest: MergedManifest) -> MergedManifest:
+        """Upload the merged model in `model_dir` to `merged/{version}/`, `manifest.json` last.
+
+        A model merged before under the same version is replaced: its manifest goes first (so
+        no reader trusts a mix of old and new files), files the new model lacks go before the
+        new manifest is written. Returns the manifest written (with every file's sha256)."""
+        prefix = merged_version_prefix(user_id, avatar_id, manifest.adapter_version)
+        files = {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
+        if MERGED_MANIFEST_FILE in files:
+            raise ValueError(f"a merged model may not carry its own {MERGED_MANIFEST_FILE}")
+        manifest = manifest.model_copy(update={"files": {name: sha256_file(path) for name, path in files.items()}})
+        self._s3.delete_object(Bucket=self._bucket, Key=prefix + MERGED_MANIFEST_FILE)
+        for name, path in files.items():
+            self._s3.upload_file(str(path), self._bucket, prefix + name)
+        self._delete_keys([k for k in self._keys(prefix) if k[len(prefix):] not in files])
+        self._put_json(prefix + MERGED_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
+        return manifest
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@
 A worker keeps one base model loaded (per name and quantisation) and reuses it for every
 job on that base: PEFT injects LoRA layers for a job and `unload()` removes them again, so
 the next job starts from the untouched base without reloading it.
+
+Fuse jobs never touch that cached copy (it may be 4-bit, and merging rewrites weights):
+`load_16bit` gives them a private 16-bit copy, which they free when done.
 """
 
 from __future__ import annotations
@@ -73,6 +76,23 @@ class BaseModelCache:
         if self._loaded is not None and self._loaded.name == name:
             return self._loaded.tokenizer
         return self._load_tokenizer(name)
+
+    def load_16bit(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Any:
+        """A fresh, uncached copy of the base in 16-bit (never quantised) on this worker's device,
+        for merging an adapter into; the caller owns it and frees it."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"load_16bit takes a 16-bit dtype, not {dtype}")
+        device = _device()
+        placement: dict[str, Any] = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, cache_dir=self._cache_dir, token=self._token, **placement
+        )
+        log.info("loaded %s (%s, uncached) on %s", name, dtype, device)
+        return model
+
+    def stock_tokenizer(self, name: str) -> PreTrainedTokenizerBase:
+        """The base's tokenizer exactly as published (no pad token added): what ships with a merged model."""
+        return AutoTokenizer.from_pretrained(name, cache_dir=self._cache_dir, token=self._token)
 
     def _load_tokenizer(self, name: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=self._cache_dir, token=self._token)

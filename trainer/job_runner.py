@@ -1,4 +1,10 @@
-"""Running one train request end to end: claim the job, heartbeat, fetch data, train, publish.
+"""Running one request from the train queue end to end: claim the job, heartbeat, do the job's
+work, finish (record, active slot, event).
+
+The runner owns everything every job type shares: the claim and its lease, duplicate and
+rolled-back deliveries, attempts, the heartbeat (visibility, lease, progress, cancel), stops
+(cancel, SIGTERM, lost lease), failures and the final record + event. What a job *does* is a
+`JobWork` strategy handed to `run()`: `JobRunner.train` (the default) or `trainer.fuse.FuseWork`.
 
 The job record in S3 is the truth about who owns a job (SQS caps a message's invisibility at
 12 hours, so a long job's message may come back while its worker is alive): a worker owns a
@@ -12,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +26,9 @@ from typing import Any
 
 from contracts import logs
 from contracts.adapter import AdapterSettings
-from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, utcnow
+from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
 from contracts.keys import adapter_config_key
-from contracts.messages import TrainRequest
+from contracts.messages import FuseRequest, QueueRequest, TrainRequest
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
@@ -51,6 +58,12 @@ class Outcome:
     DONE = "done"  # delete the message
     RETRY = "retry"  # leave it to come back
     RELEASED = "released"  # made visible again for another worker (preempted)
+
+
+# A job's work once the runner has claimed it: (job, heartbeat, scratch dir, delivery) -> Outcome.
+# It ends the job through `JobRunner.finish` / `JobRunner.stopped`; a JobFailure it raises fails
+# the job with that reason, any other error is retried up to MAX_JOB_ATTEMPTS.
+JobWork = Callable[[JobRecord, "_Heartbeat", Path, Delivery], str]
 
 
 class _Heartbeat(threading.Thread):
@@ -159,21 +172,20 @@ class JobRunner:
 
     # -- claiming ---------------------------------------------------------------------------
 
-    def _record_for(self, req: TrainRequest) -> JobRecord | None:
+    def _record_for(self, req: QueueRequest) -> JobRecord | None:
         loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
         if loaded is None and req.origin == "api":
             return None  # the API rolled this job back after its message went out
         if loaded is None:  # sent straight to the queue by another service
-            record = JobRecord(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, config=req.config,
-                               source="queue", created_at=req.requested_at)
-            self.jobs.create(record)
+            self.jobs.create(_queue_record(req))
             self.jobs.ensure_active_pointer(req.user_id, req.avatar_id, req.job_id)
             loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
             assert loaded is not None
         return loaded[0]
 
-    def _claim(self, req: TrainRequest) -> tuple[JobRecord | None, str]:
-        """Take ownership of the job, or say why not: ("", done) duplicates, ("", busy) owned."""
+    def _claim(self, req: QueueRequest) -> tuple[JobRecord | None, str]:
+        """Take ownership of the job, or say why not: "final" (a duplicate), "owned" (a live
+        worker has it), "gone" (rolled back by the API), "mismatch" (the record is another type)."""
         verdict = {"why": ""}
         worker = self.settings.worker_id
 
@@ -193,14 +205,20 @@ class JobRunner:
             record.error = None
             return record
 
-        if self._record_for(req) is None:
+        existing = self._record_for(req)
+        if existing is None:
             return None, "gone"
+        if existing.type != _request_type(req):
+            return None, "mismatch"
         record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, claim)
         return (None if verdict["why"] else record), verdict["why"]
 
     # -- the job ----------------------------------------------------------------------------
 
-    def run(self, req: TrainRequest, delivery: Delivery) -> str:
+    def run(self, req: QueueRequest, delivery: Delivery, work: JobWork | None = None) -> str:
+        """Claim the request's job and run `work` on it (default: training); the Outcome says
+        what to do with the message."""
+        work = work or self.train
         job, why = self._claim(req)
         if job is None:
             if why == "final":
@@ -209,12 +227,16 @@ class JobRunner:
             if why == "gone":
                 log.warning("job %s has no record (rolled back by the API): message dropped", req.job_id)
                 return Outcome.DONE
+            if why == "mismatch":
+                log.error("job %s is not a %s job: message (schema %s) dropped", req.job_id, _request_type(req),
+                          req.schema_)
+                return Outcome.DONE
             log.info("job %s is owned by a live worker: leaving the message", req.job_id)
             return Outcome.RETRY
         if job.attempts > self.settings.max_attempts:
-            self._finish(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
+            self.finish(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
             return Outcome.DONE
-        log.info("job %s started (attempt %d)", job.id, job.attempts)
+        log.info("%s job %s started (attempt %d)", job.type, job.id, job.attempts)
         prom.QUEUE_WAIT.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
         if job.attempts == 1:
             self.events.publish("job.started", job)
@@ -224,20 +246,20 @@ class JobRunner:
         heartbeat.start()
         scratch = Path(tempfile.mkdtemp(prefix=f"avatune-{job.id}-", dir=self.settings.scratch_dir))
         try:
-            return self._train(job, heartbeat, scratch, delivery)
+            return work(job, heartbeat, scratch, delivery)
         except JobFailure as exc:
-            self._finish(job, "failed", error=str(exc))
+            self.finish(job, "failed", error=str(exc))
             return Outcome.DONE
         except MemoryError:
-            self._finish(job, "failed", error="out of memory: lower batch_size or max_seq_length")
+            self.finish(job, "failed", error="out of memory: lower batch_size or max_seq_length")
             return Outcome.DONE
         except Exception as exc:
-            if _is_cuda_oom(exc):
-                self._finish(job, "failed", error="out of GPU memory: lower batch_size or max_seq_length")
+            if is_cuda_oom(exc):
+                self.finish(job, "failed", error="out of GPU memory: lower batch_size or max_seq_length")
                 return Outcome.DONE
             log.exception("job %s hit an unexpected error", job.id)
             if job.attempts >= self.settings.max_attempts:
-                self._finish(job, "failed", error=f"internal error after {job.attempts} attempts: {type(exc).__name__}")
+                self.finish(job, "failed", error=f"internal error after {job.attempts} attempts: {type(exc).__name__}")
                 return Outcome.DONE
             self._release(job)
             return Outcome.RETRY
@@ -257,7 +279,12 @@ class JobRunner:
                 raise
         return job.config.merged_over(stored.merged_over(self.settings.default_adapter_settings()))
 
-    def _train(self, job: JobRecord, heartbeat: _Heartbeat, scratch: Path, delivery: Delivery) -> str:
+    def control(self, job: JobRecord, heartbeat: _Heartbeat) -> _Control:
+        """What a job's work consults to stop (cancel, SIGTERM, lost lease) and report progress."""
+        return _Control(self, job, heartbeat, self.shutdown)
+
+    def train(self, job: JobRecord, heartbeat: _Heartbeat, scratch: Path, delivery: Delivery) -> str:
+        """The work of a train job: data, dataset, training, publish."""
         cfg = self._resolved_config(job)
         data = self.documents.fetch(job.user_id, job.avatar_id, scratch / "data")
         resume_from = self._checkpoint_to_resume(job, data.documents, scratch)
@@ -272,7 +299,7 @@ class JobRunner:
         if not examples or stats.trainable_tokens == 0:
             raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
         train_set, eval_set = split_train_eval(examples, self.settings.eval_fraction, seed=cfg.seed or 0)
-        control = _Control(self, job, heartbeat, self.shutdown)
+        control = self.control(job, heartbeat)
         if processes > 1:  # the ranks load the base themselves
             outcome = run_data_parallel(
                 processes=processes, base_model=self.settings.base_model, method=cfg.method or "qlora", cfg=cfg,
@@ -284,7 +311,7 @@ class JobRunner:
             outcome = train_adapter(base, cfg, train_set, eval_set, scratch / "work", control, resume_from)
         base_model_reused = processes == 1 and self.models.loads == loads_before
         if not outcome.completed:
-            return self._stopped(job, outcome.stop_reason, delivery)
+            return self.stopped(job, outcome.stop_reason, delivery)
         metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,
                        dropped_examples=stats.dropped, documents=len(data.documents),
                        resumed_from_step=_checkpoint_step(resume_from), base_model_reused=base_model_reused)
@@ -296,7 +323,7 @@ class JobRunner:
         final_progress = heartbeat.progress
         if final_progress is not None:
             final_progress = final_progress.model_copy(update={"step": final_progress.total_steps or final_progress.step, "eta_seconds": 0})
-        self._finish(job, "succeeded", metrics=metrics, adapter_version=version, progress=final_progress)
+        self.finish(job, "succeeded", metrics=metrics, adapter_version=version, progress=final_progress)
         return Outcome.DONE
 
     def _checkpoint_to_resume(self, job: JobRecord, documents: list, scratch: Path) -> Path | None:
@@ -312,9 +339,10 @@ class JobRunner:
         dest = scratch / "work" / "checkpoints" / f"checkpoint-{step}"
         return self.artifacts.download_checkpoint(job.user_id, job.avatar_id, job.id, step, dest)
 
-    def _stopped(self, job: JobRecord, reason: str | None, delivery: Delivery) -> str:
+    def stopped(self, job: JobRecord, reason: str | None, delivery: Delivery) -> str:
+        """End a job whose work stopped early for `reason` (a `_Control.stop_reason()`)."""
         if reason == "cancelled":
-            self._finish(job, "cancelled", error="cancelled by request")
+            self.finish(job, "cancelled", error="cancelled by request")
             return Outcome.DONE
         if reason == "preempted":
             self._release(job)
@@ -337,9 +365,9 @@ class JobRunner:
 
         self.jobs.update(job.user_id, job.avatar_id, job.id, release)
 
-    def _finish(self, job: JobRecord, status: str, *, error: str | None = None,
-                metrics: dict[str, Any] | None = None, adapter_version: int | None = None,
-                progress: JobProgress | None = None) -> None:
+    def finish(self, job: JobRecord, status: str, *, error: str | None = None,
+               metrics: dict[str, Any] | None = None, adapter_version: int | None = None,
+               progress: JobProgress | None = None) -> None:
         def finish(record: JobRecord) -> JobRecord:
             record.status = status  # type: ignore[assignment]
             record.finished_at = utcnow()
@@ -375,5 +403,19 @@ def _checkpoint_step(path: Path | None) -> int | None:
     return int(path.name.rsplit("-", 1)[-1]) if path is not None else None
 
 
-def _is_cuda_oom(exc: BaseException) -> bool:
+def _request_type(req: QueueRequest) -> JobType:
+    return "fuse" if isinstance(req, FuseRequest) else "train"
+
+
+def _queue_record(req: QueueRequest) -> JobRecord:
+    """The record of a job another service sent straight to the queue."""
+    common: dict[str, Any] = dict(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, source="queue",
+                                  created_at=req.requested_at)
+    if isinstance(req, FuseRequest):
+        return JobRecord(type="fuse", adapter_version=req.adapter_version, **common)
+    assert isinstance(req, TrainRequest)
+    return JobRecord(type="train", config=req.config, **common)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)

@@ -1,5 +1,9 @@
 """The worker loop: long-poll the train queue, run each request, never die on a bad message.
 
+Requests are dispatched by their `schema`: `avatune.train-request/v1` trains
+(`JobRunner.train`), `avatune.fuse-request/v1` merges an adapter version (`trainer.fuse`);
+anything else goes to the dead-letter queue.
+
 Shutdown: SIGTERM/SIGINT while idle ends the long poll at once; during a job the training
 loop stops at the next step, checkpoints to S3 and hands the message back to the queue.
 """
@@ -14,11 +18,12 @@ from types import FrameType
 from typing import Any
 
 from contracts import logs
-from contracts.messages import TRAIN_REQUEST_SCHEMA, InvalidMessage, TrainRequest, parse_message
+from contracts.messages import FuseRequest, InvalidMessage, TrainRequest, parse_train_queue_message
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
-from trainer.job_runner import Delivery, JobRunner, Outcome
+from trainer.fuse import FuseWork
+from trainer.job_runner import Delivery, JobRunner, JobWork, Outcome
 from trainer.settings import TrainerSettings, get_settings
 
 log = logging.getLogger("avatune.trainer")
@@ -34,8 +39,9 @@ class _Interrupted(BaseException):
 PoisonMessage = InvalidMessage
 
 
-def parse_train_request(body: str) -> TrainRequest:
-    return parse_message(body, TrainRequest, TRAIN_REQUEST_SCHEMA)
+def parse_request(body: str) -> TrainRequest | FuseRequest:
+    """Any request the train queue carries, by its `schema`; PoisonMessage when none fits."""
+    return parse_train_queue_message(body)
 
 
 class Worker:
@@ -51,6 +57,13 @@ class Worker:
         self.models = BaseModelCache(self.settings.model_cache_dir, token)
         events = EventPublisher(self.sqs, aws.queue_url(self.settings.events_queue_name))
         self.runner = JobRunner(self.settings, self.s3, self.sqs, events, self.models, self.shutdown)
+        self.fuse = FuseWork(self.runner)
+
+    def work_for(self, request: TrainRequest | FuseRequest) -> JobWork:
+        """What the request's job does once claimed."""
+        if isinstance(request, FuseRequest):
+            return self.fuse
+        return self.runner.train
 
     def _dead_letter_queue_url(self) -> str:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.train_queue_url, AttributeNames=["RedrivePolicy"])
@@ -100,12 +113,12 @@ class Worker:
     def handle(self, message: dict[str, Any]) -> None:
         delivery = Delivery(self.train_queue_url, message["ReceiptHandle"])
         try:
-            request = parse_train_request(message["Body"])
+            request = parse_request(message["Body"])
         except PoisonMessage as exc:
             self._dead_letter(message, str(exc))
             return
         with logs.log_context(job_id=request.job_id, user_id=request.user_id, avatar_id=request.avatar_id):
-            outcome = self.runner.run(request, delivery)
+            outcome = self.runner.run(request, delivery, self.work_for(request))
         if outcome == Outcome.DONE:
             self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
 

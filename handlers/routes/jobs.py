@@ -1,15 +1,16 @@
 """Training jobs: `/v1/users/{user_id}/avatars/{avatar_id}/training-jobs` and the user's jobs
-across avatars, `/v1/users/{user_id}/training-jobs`.
+across avatars, `/v1/users/{user_id}/training-jobs`. Every job type (train, fuse) is listed,
+shown and cancelled here; `queue_job` creates any of them (`routes/fuse.py` creates fuse jobs).
 
-Creating a job (one avatar has at most one queued or running job; a user at most
+Creating a job (one avatar has at most one queued or running job of any type; a user at most
 MAX_ACTIVE_JOBS_PER_USER across avatars):
 
 1. an `Idempotency-Key` seen before answers the job it created;
-2. 409 unless a document is flagged for training;
+2. the job type's own check (train: 409 unless a document is flagged for training);
 3. 429 when the user is at the cap;
 4. claim the avatar's active-job pointer (If-None-Match); 409 naming the holder when taken;
    count again, and step back (retry, then 429) when a concurrent request made it one too many;
-5. write the job record, 6. the idempotency record, 7. send the train request.
+5. write the job record, 6. the idempotency record, 7. send the request on the train queue.
 
 A failure after 4 removes what this request wrote (If-Match on each ETag) and answers 503.
 """
@@ -22,20 +23,20 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, status
 from pydantic import BaseModel, field_serializer
 
 from contracts.adapter import AdapterSettings
 from contracts.ids import InvalidIdentifier, validate_id
-from contracts.jobs import JobProgress, JobRecord, JobStatus, TrainingDocumentRef, new_job_id, utcnow
-from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, TrainRequest
+from contracts.jobs import JobProgress, JobRecord, JobStatus, JobType, TrainingDocumentRef, new_job_id, utcnow
+from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, QueueRequest, TrainRequest
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
 from handlers.problems import Problem
-from handlers.train_queue import TrainQueueDep
+from handlers.train_queue import TrainQueue, TrainQueueDep
 from handlers.training_data_store import decode_cursor, encode_cursor
 
 log = logging.getLogger("avatune.api")
@@ -52,7 +53,7 @@ class JobView(BaseModel):
     """A job as the API shows it."""
 
     id: str
-    type: Literal["train"]
+    type: JobType
     status: JobStatus
     created_at: datetime
     updated_at: datetime
@@ -144,7 +145,7 @@ def _too_many(cap: int) -> Problem:
 
 
 def _unavailable() -> Problem:
-    return Problem(503, "could not queue the training job; nothing was kept, retry later", headers={"Retry-After": "5"})
+    return Problem(503, "could not queue the job; nothing was kept, retry later", headers={"Retry-After": "5"})
 
 
 async def _claim_slot(jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
@@ -196,43 +197,40 @@ async def _roll_back(undo: list[Callable[[], Awaitable[bool]]]) -> None:
     undo.clear()
 
 
-# -- routes ----------------------------------------------------------------------------------
+# The job a request is about to create: its record and the request to queue, for a job id.
+JobPlan = Callable[[str], tuple[JobRecord, QueueRequest]]
 
 
-@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView, summary="Queue a training job",
-             responses={409: {"description": "no document flagged for training, or a job is already active"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
-async def create_job(
-    avatar: AuthorizedAvatar,
-    jobs: JobStoreDep,
-    documents: TrainingDataStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    body: AdapterSettings | None = None,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", description="retries with the same key answer the same job")
-    ] = None,
+async def queue_job(
+    avatar: AvatarRef,
+    jobs: JobStore,
+    queue: TrainQueue,
+    max_active_jobs: int,
+    idempotency_key: str | None,
+    prepare: Callable[[], Awaitable[JobPlan]],
 ) -> JobView:
+    """Create and queue one job of any type (steps 1-7 of the module docstring).
+
+    `prepare` runs after the idempotency check and before the slot is taken: it raises the job
+    type's own problems (409 no flagged document, 404 no adapter version, ...) or returns the
+    plan that builds the job's record and queue request."""
     key_hash = _key_hash(idempotency_key)
     if key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
         return JobView.of(earlier)
 
-    flagged, _ = await documents.list(avatar, True, 1)
-    if not flagged:
-        raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; upload or flag one first")
+    plan = await prepare()
 
     job_id = new_job_id()
     try:
-        pointer_etag = await _take_slot(jobs, avatar, job_id, settings.max_active_jobs_per_user)
+        pointer_etag = await _take_slot(jobs, avatar, job_id, max_active_jobs)
     except Problem as conflict:
         if conflict.status == 409 and key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
             return JobView.of(earlier)
         raise
     undo: list[Callable[[], Awaitable[bool]]] = [lambda: jobs.release_claim(avatar, pointer_etag)]
 
-    record = JobRecord(id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                       config=body or AdapterSettings(), source="api")
     try:
+        record, request = plan(job_id)
         record_etag = await jobs.create(record)
         if record_etag is None:
             raise RuntimeError(f"job id {job_id} is taken")
@@ -246,10 +244,7 @@ async def create_job(
                 raise Problem(409, "a request with this Idempotency-Key is in progress; retry",
                               headers={"Retry-After": "1"})
             undo.append(lambda: jobs.forget(avatar, key_hash, key_etag))
-        await queue.send(TrainRequest(
-            schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-            config=record.config, requested_at=record.created_at, origin="api",
-        ))
+        await queue.send(request)
     except Problem:
         raise
     except Exception:
@@ -257,6 +252,43 @@ async def create_job(
         await _roll_back(undo)
         raise _unavailable() from None
     return JobView.of(record)
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", description="retries with the same key answer the same job")
+]
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView, summary="Queue a training job",
+             responses={409: {"description": "no document flagged for training, or a job is already active"},
+                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+async def create_job(
+    avatar: AuthorizedAvatar,
+    jobs: JobStoreDep,
+    documents: TrainingDataStoreDep,
+    queue: TrainQueueDep,
+    settings: SettingsDep,
+    body: AdapterSettings | None = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobView:
+    def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
+        record = JobRecord(id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
+                           config=body or AdapterSettings(), source="api")
+        return record, TrainRequest(
+            schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
+            config=record.config, requested_at=record.created_at, origin="api",
+        )
+
+    async def prepare() -> JobPlan:
+        flagged, _ = await documents.list(avatar, True, 1)
+        if not flagged:
+            raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; upload or flag one first")
+        return plan
+
+    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
 
 
 @router.get(BASE, response_model=JobList, summary="The avatar's jobs, newest first")
@@ -323,7 +355,7 @@ async def cancel_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQu
         try:
             await queue.publish(JobEvent(
                 event="job.cancelled", job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                status="cancelled",
+                status="cancelled", job_type=record.type, adapter_version=record.adapter_version,
             ))
         except Exception:
             log.exception("publishing job.cancelled for %s failed", job_id)
