@@ -173,8 +173,8 @@ class TrainingDataStore:
         )
         return doc, existing is None
 
-    async def describe(self, ref: AvatarRef, name: str) -> TrainingDocument:
-        key = training_document_key(ref.user_id, ref.avatar_id, name)
+    async def _head_and_tags(self, key: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """HeadObject and GetObjectTagging of one document, concurrently; DocumentNotFound if gone."""
         head, tags = await asyncio.gather(
             self._s3.head_object(Bucket=self._bucket, Key=key),
             self._s3.get_object_tagging(Bucket=self._bucket, Key=key),
@@ -185,6 +185,11 @@ class TrainingDataStore:
                 if error_code(result) in NOT_FOUND_CODES:  # type: ignore[arg-type]
                     raise DocumentNotFound(name)
                 raise result
+        return head, tags  # type: ignore[return-value]
+
+    async def describe(self, ref: AvatarRef, name: str) -> TrainingDocument:
+        key = training_document_key(ref.user_id, ref.avatar_id, name)
+        head, tags = await self._head_and_tags(key, name)
         return TrainingDocument(
             name=name,
             size=head["ContentLength"],
@@ -219,16 +224,7 @@ class TrainingDataStore:
         a new LastModified, which is what keeps every flag index entry honest (module doc)."""
         key = training_document_key(ref.user_id, ref.avatar_id, name)
         for _ in range(5):
-            head, tags = await asyncio.gather(
-                self._s3.head_object(Bucket=self._bucket, Key=key),
-                self._s3.get_object_tagging(Bucket=self._bucket, Key=key),
-                return_exceptions=True,
-            )
-            for result in (head, tags):
-                if isinstance(result, BaseException):
-                    if error_code(result) in NOT_FOUND_CODES:  # type: ignore[arg-type]
-                        raise DocumentNotFound(name)
-                    raise result
+            head, tags = await self._head_and_tags(key, name)
             tagset = [t for t in tags.get("TagSet", []) if t.get("Key") != USE_FOR_TRAINING]
             tagset.append({"Key": USE_FOR_TRAINING, "Value": flag_value(flag)})
             if head["ContentLength"] > COPY_MAX_BYTES:

@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from contracts.adapters import AdapterManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
@@ -31,6 +33,8 @@ from contracts.keys import (
 from trainer.aws import is_not_found, is_precondition_failed
 
 log = logging.getLogger("avatune.trainer")
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def sha256_file(path: Path) -> str:
@@ -77,25 +81,22 @@ class ArtifactStore:
     def versions(self, user_id: str, avatar_id: str) -> list[int]:
         return self._child_numbers(adapter_versions_prefix(user_id, avatar_id))
 
-    def current_manifest(self, user_id: str, avatar_id: str) -> AdapterManifest | None:
-        try:
-            resp = self._s3.get_object(Bucket=self._bucket, Key=adapter_manifest_key(user_id, avatar_id))
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return AdapterManifest.model_validate_json(resp["Body"].read())
-
-    def version_metrics(self, user_id: str, avatar_id: str, version: int) -> VersionMetrics | None:
-        """A version's metrics.json (written after its files), or None: no such complete version."""
-        key = adapter_version_prefix(user_id, avatar_id, version) + METRICS_FILE
+    def _get_model(self, key: str, model: type[M]) -> M | None:
+        """The JSON object at `key` as `model`, or None when there is none."""
         try:
             body = self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
         except Exception as exc:
             if is_not_found(exc):
                 return None
             raise
-        return VersionMetrics.model_validate_json(body)
+        return model.model_validate_json(body)
+
+    def current_manifest(self, user_id: str, avatar_id: str) -> AdapterManifest | None:
+        return self._get_model(adapter_manifest_key(user_id, avatar_id), AdapterManifest)
+
+    def version_metrics(self, user_id: str, avatar_id: str, version: int) -> VersionMetrics | None:
+        """A version's metrics.json (written after its files), or None: no such complete version."""
+        return self._get_model(adapter_version_prefix(user_id, avatar_id, version) + METRICS_FILE, VersionMetrics)
 
     def download_version(self, user_id: str, avatar_id: str, version: int, dest: Path) -> VersionMetrics | None:
         """Download a kept version's adapter files into `dest`; its metrics, or None when the
@@ -117,14 +118,8 @@ class ArtifactStore:
     def version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
         """The version a job already published (a retried job must not publish twice)."""
         for version in reversed(self.versions(user_id, avatar_id)):
-            key = adapter_version_prefix(user_id, avatar_id, version) + METRICS_FILE
-            try:
-                meta = VersionMetrics.model_validate_json(self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read())
-            except Exception as exc:
-                if is_not_found(exc):
-                    continue
-                raise
-            if meta.job_id == job_id:
+            meta = self.version_metrics(user_id, avatar_id, version)
+            if meta is not None and meta.job_id == job_id:
                 return version
         return None
 
@@ -180,14 +175,7 @@ class ArtifactStore:
 
     def merged_manifest(self, user_id: str, avatar_id: str, version: int) -> MergedManifest | None:
         """The manifest of version `version` merged, or None while there is no complete one."""
-        key = merged_version_prefix(user_id, avatar_id, version) + MERGED_MANIFEST_FILE
-        try:
-            body = self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return MergedManifest.model_validate_json(body)
+        return self._get_model(merged_version_prefix(user_id, avatar_id, version) + MERGED_MANIFEST_FILE, MergedManifest)
 
     def publish_merged(self, user_id: str, avatar_id: str, model_dir: Path, manifest: MergedManifest) -> MergedManifest:
         """Upload the merged model in `model_dir` to `merged/{version}/`, `manifest.json` last.
