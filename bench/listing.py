@@ -122,8 +122,8 @@ def run(sizes: tuple[int, ...] = (100, 1000, 10000), delay_ms: float = 10.0, log
                     row_false.floor = _list_floor(proxy_url)
                     for row in (row_false, row_true):
                         row.calls["ours"] = h.best_of(3, row.flag, "indexed")
-                        row.calls["ours_fresh_process"] = h.best_of(1 if size >= 10000 else 3, row.flag, "indexed", fresh=True)
-                        if size < 10000 or row.flag == "true":
+                        row.calls["ours_fresh_process"] = h.best_of(1 if size >= 1000 else 3, row.flag, "indexed", fresh=True)
+                        if size < 10000 and row.flag == "false":  # at 10,000 the cold call is this cost
                             row.calls["concurrent"] = h.call(row.flag, "concurrent")
                         log(f"    {size} {row.flag}: baseline...")
                         row.calls["baseline"] = h.call(row.flag, "baseline")
@@ -149,9 +149,9 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         "",
         "- **ours**: the shipped store with its flag index warm in the API process (median of 3).",
         "- **baseline**: the straightforward code in the same run: `list_objects_v2` pages, then `get_object_tagging` per key, one after another.",
-        "- *fresh process*: index read from S3, nothing in process memory (a new Lambda container).",
+        "- *fresh process*: index read from S3, nothing in process memory (a new Lambda container; median of 3 at 100 documents, one call above).",
         "- *cold*: the first call after the import (`false`, which scans every key): reads the new objects' tags 64 at a time and writes the index.",
-        "- *no index*: the code before this change (tag reads 64 at a time, no index).",
+        "- *no index*: the code before this change (tag reads 64 at a time, no index); at 10,000 the *cold* call pays the same.",
         "- *listing floor*: ListObjectsV2 pages alone over every key, sequential, through the same proxy.",
         "",
     ]
@@ -173,15 +173,26 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
     out.append("")
     for row in rows:
         if row.size == max(r.size for r in rows):
-            floor = next(r.floor for r in rows if r.size == row.size and r.floor)
+            floor = next((r.floor for r in rows if r.size == row.size and r.floor), 0.0)
             ours, base = row.calls["ours"], row.calls["baseline"]
             ok_ratio = base.seconds / ours.seconds >= 20
             ok_abs = ours.seconds < 2
+            why = ""
+            if not ok_abs:
+                why = (f" This call must list all {row.size:,} keys (only {len(ours.items)} match, spread over the key "
+                       f"space), and listing them alone takes {secs(floor)} page after page "
+                       f"({floor / row.size * 1000:.2f} ms per key): moto serializes ListObjectsV2 with a generic XML "
+                       "serializer that re-parses every key's timestamp (most of that time in a profile), so the mock "
+                       "store, not the S3 requests or our code, sets the floor; ours lists the index's ranges "
+                       + ("concurrently and gets under that floor, but not under 2 s on this machine. "
+                          if ours.seconds < floor else
+                          f"concurrently and stays within {ours.seconds / floor:.2f}× of that floor. ")
+                       + f"Tag reads, the cost the issue targets, are gone "
+                       f"({ours.by_operation.get('GetObjectTagging', 0)} of them).")
             out.append(
                 f"- Target at {row.size:,} documents, `{row.flag}`: ≥ 20× the baseline — "
                 f"{'**met**' if ok_ratio else '**not met**'} ({ratio(base.seconds, ours.seconds)}); "
-                f"under 2 s — {'**met**' if ok_abs else '**not met**'} ({secs(ours.seconds)}; "
-                f"a full-scan listing alone takes {secs(floor)})."
+                f"under 2 s — {'**met**' if ok_abs else '**not met**'} ({secs(ours.seconds)}).{why}"
             )
     ops = {}
     for row in rows:
@@ -189,5 +200,9 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
             ops[row.flag] = row.calls["ours"].by_operation
     out.append(f"- S3 requests of one warm call at the largest size, by operation: "
                + "; ".join(f"`{f}`: {', '.join(f'{k} {v}' for k, v in sorted(o.items()))}" for f, o in ops.items()) + ".")
+    for row in rows:
+        if row.size == max(r.size for r in rows) and "cold" in row.calls:
+            cold = row.calls["cold"].by_operation
+            out.append(f"- The cold call at {row.size:,}: " + ", ".join(f"{k} {v}" for k, v in sorted(cold.items())) + ".")
     out += ["", f"Machine: {result['machine']}. Date: {result['date']}. Reproduce: `{command_line}`.", ""]
     return "\n".join(out)

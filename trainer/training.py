@@ -14,13 +14,22 @@ import logging
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    DataCollatorWithFlattening,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobProgress
@@ -30,6 +39,82 @@ from trainer.dataset import IGNORE_INDEX, TokenizedExample, collate_padding_free
 log = logging.getLogger("avatune.trainer")
 
 ALL_LINEAR = "all-linear"
+
+# -- packed attention -----------------------------------------------------------------------
+#
+# With padding-free batches, SDPA gets one (1, T) sequence and a block-diagonal mask built from
+# position_ids: it computes attention over all T x T positions and throws most away (the mask
+# also keeps the kernel off its causal fast path). `PACKED_SDPA` runs causal SDPA once per
+# example instead (the boundaries are where position_ids stop counting up, the rule
+# transformers itself uses), so attention costs sum(len^2) / 2 rather than T^2 and no mask is
+# built. Results are the same as the masked path (tests/test_bench_training.py). Anything
+# else (a padding mask, a batch of several rows, a cache) goes to the stock SDPA function.
+PACKED_SDPA = "avatune_packed_sdpa"
+_segments_cache: list[Any] = [None, None]  # (weakref to the position_ids tensor, its segments)
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each example in a (1, T) packed row; computed once per forward."""
+    ref, segments = _segments_cache
+    if ref is not None and ref() is position_ids:
+        return segments
+    positions = position_ids[0]
+    starts = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
+    bounds = [0, *starts, int(positions.shape[0])]
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    _segments_cache[0], _segments_cache[1] = weakref.ref(position_ids), segments
+    return segments
+
+
+def _packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    packed = (
+        attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1
+        and key.shape[2] == query.shape[2] and position_ids.shape[-1] == query.shape[2]
+    )
+    segments = _segments(position_ids) if packed else []
+    if len(segments) < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
+                               scaling=scaling, is_causal=True)[0]
+        for a, b in segments
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def _packed_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    """No mask for padding-free input (boundaries come from position_ids); SDPA's otherwise."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
+
+
+_register_packed_attention()
+
+
+def _use_packed_attention(model: Any) -> str | None:
+    """Switch a model on SDPA to PACKED_SDPA; the implementation to restore afterwards (None: unchanged)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return None
+    model.set_attn_implementation(PACKED_SDPA)
+    return current
 
 
 class TrainingControl(Protocol):
@@ -196,6 +281,7 @@ def train_adapter(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model._avatune_kbit_prepared = True
     model.config.use_cache = False  # a cache disables the packed-sequence mask
+    restore_attention = _use_packed_attention(model)
     torch.manual_seed(cfg.seed or 0)
     peft_model = get_peft_model(model, lora_config(cfg))
     try:
@@ -206,7 +292,11 @@ def train_adapter(
             model=peft_model,
             args=_training_arguments(cfg, work_dir / "checkpoints", base.device),
             train_dataset=dataset,  # type: ignore[arg-type]
-            data_collator=collate_padding_free,
+            # Padding-free batches: one (1, total_tokens) row, boundaries in position_ids, no
+            # attention mask, label -100 on each example's first token. The same tensors as
+            # trainer.dataset.collate_padding_free; the library's collator measured as fast
+            # (BENCHMARKS.md, benchmark 3), so it is the one used.
+            data_collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX),
             callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)  # the job record carries progress, not stdout
@@ -237,6 +327,8 @@ def train_adapter(
         return TrainOutcome(completed=True, adapter_dir=adapter_dir, metrics=metrics)
     finally:
         base.model = _remove_lora(peft_model)
+        if restore_attention is not None:
+            base.model.set_attn_implementation(restore_attention)
 
 
 def _remove_lora(peft_model: PeftModel) -> Any:
