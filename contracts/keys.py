@@ -117,3 +117,8 @@ MERGED_MANIFEST_FILE = "manifest.json"
 def checkpoints_prefix(user_id: str, avatar_id: str) -> str:
     """Every job's checkpoints of the avatar (`checkpoint_prefix` is one job's)."""
     return f"{adapter_prefix(user_id, avatar_id)}checkpoints/"
+
+
+def training_data_index_key(user_id: str, avatar_id: str) -> str:
+    """The API's derived flag index of the avatar's training documents (a cache, safe to delete)."""
+    return f"{adapter_prefix(user_id, avatar_id)}training_data_index.json"

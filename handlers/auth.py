@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import jwt
 from fastapi import Depends, Path, Request
 
 from contracts import logs
@@ -47,6 +46,8 @@ def _claims_from_apigateway(request: Request) -> dict[str, Any]:
 
 
 def _claims_from_bearer(request: Request, secret: str) -> dict[str, Any]:
+    import jwt  # on first use: PyJWT pulls in cryptography, a cold-start cost /healthz never needs
+
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -120,6 +121,8 @@ AuthorizedUser = Annotated[str, Depends(authorized_user)]
 def issue_token(secret: str, subject: str, *, role: str | None = None, ttl_seconds: int = 86400) -> str:
     """Mint an HS256 token (dev tooling and tests)."""
     import time
+
+    import jwt
 
     claims: dict[str, Any] = {"sub": subject, "iat": int(time.time()), "exp": int(time.time()) + ttl_seconds}
     if role:

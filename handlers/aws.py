@@ -11,9 +11,6 @@ import asyncio
 from contextlib import AsyncExitStack
 from typing import Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-
 from handlers.settings import Settings, get_settings
 
 _clients: dict[tuple[int, str], Any] = {}
@@ -21,7 +18,11 @@ _stacks: dict[int, AsyncExitStack] = {}
 _locks: dict[int, asyncio.Lock] = {}
 
 
-def _client_config(settings: Settings) -> AioConfig:
+def _client_config(settings: Settings) -> Any:
+    # Imported on first use: aiobotocore + aiohttp + botocore are most of a cold start's imports,
+    # and /healthz (or a rejected request) never needs them.
+    from aiobotocore.config import AioConfig
+
     return AioConfig(
         retries={"max_attempts": 5, "mode": "standard"},
         max_pool_connections=settings.s3_max_concurrency,
@@ -34,6 +35,8 @@ def _client_config(settings: Settings) -> AioConfig:
 
 
 async def _client(service: str) -> Any:
+    from aiobotocore.session import get_session
+
     loop = asyncio.get_running_loop()
     key = (id(loop), service)
     client = _clients.get(key)

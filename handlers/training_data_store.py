@@ -43,7 +43,7 @@ from urllib.parse import urlencode
 from pydantic import BaseModel
 
 from contracts.documents import content_type_for
-from contracts.keys import adapter_prefix, document_name_from_key, training_data_prefix, training_document_key
+from contracts.keys import document_name_from_key, training_data_index_key, training_data_prefix, training_document_key
 from contracts.tags import (
     DEFAULT_USE_FOR_TRAINING,
     USE_FOR_TRAINING,
@@ -60,7 +60,6 @@ LIST_PAGE_SIZE = 1000  # S3's maximum per ListObjectsV2 call
 DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
 COPY_MAX_BYTES = 5 * 1024**3  # S3's largest CopyObject source
 
-INDEX_FILE = "training_data_index.json"  # under adapters/, next to config.json
 INDEX_VERSION = 1
 # A listing that reaches this many objects uses (and maintains) the flag index; smaller
 # avatars just read their tags and never get an index object.
@@ -668,7 +667,7 @@ def clear_index_cache() -> None:
 
 
 def _index_key(ref: AvatarRef) -> str:
-    return adapter_prefix(ref.user_id, ref.avatar_id) + INDEX_FILE
+    return training_data_index_key(ref.user_id, ref.avatar_id)
 
 
 def _etag(value: str) -> str:

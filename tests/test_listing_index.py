@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from contracts.keys import adapter_prefix, training_data_prefix
+from contracts.keys import training_data_index_key, training_data_prefix
 from contracts.tags import flag_from_tagset
 from handlers import training_data_store as tds
 from handlers.auth import AvatarRef
@@ -73,7 +73,7 @@ def prefix(ref: AvatarRef) -> str:
 
 
 def index_key(ref: AvatarRef) -> str:
-    return adapter_prefix(ref.user_id, ref.avatar_id) + tds.INDEX_FILE
+    return training_data_index_key(ref.user_id, ref.avatar_id)
 
 
 def put(s3, ref: AvatarRef, name: str, body: bytes, flag: bool | None) -> None:
@@ -271,7 +271,7 @@ def test_small_avatars_get_no_index(api: Api, s3) -> None:
     for i in range(5):
         assert api.put_doc(f"d{i}.txt", b"x", flag=i % 2 == 0).status_code == 201
     assert len(api.get(api.docs, params={"use_for_training": "true"}).json()["items"]) == 3
-    assert keys_under(s3, adapter_prefix(api.user_id, api.avatar_id) + tds.INDEX_FILE) == []
+    assert keys_under(s3, training_data_index_key(api.user_id, api.avatar_id)) == []
 
 
 def test_api_listing_follows_presigned_uploads_patches_and_deletes(api: Api, s3) -> None:
