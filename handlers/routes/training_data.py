@@ -61,10 +61,11 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, f"document exceeds MAX_UPLOAD_BYTES ({limit} bytes); use POST .../training-data/uploads for large files")
 
 
-def _refuse_declared_size(request: Request, limit: int) -> None:
+def _refuse_declared_size(request: Request, limit: int, overhead: int = 0) -> None:
+    """Refuse a body whose declared length exceeds the document limit plus framing `overhead`."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit - _MULTIPART_OVERHEAD if limit > _MULTIPART_OVERHEAD else limit)
+    if declared is not None and declared.isdigit() and int(declared) > limit + overhead:
+        raise _too_large(limit)
 
 
 async def _validated(name: str, data: bytes) -> None:
@@ -89,7 +90,7 @@ async def upload_document(
     use_for_training: Annotated[bool, Form()] = True,
     name: Annotated[str | None, Form(description="store under this name instead of the file's")] = None,
 ) -> TrainingDocument:
-    _refuse_declared_size(request, settings.max_upload_bytes + _MULTIPART_OVERHEAD)
+    _refuse_declared_size(request, settings.max_upload_bytes, _MULTIPART_OVERHEAD)
     doc_name = _checked_name(name or file.filename or "")
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise _too_large(settings.max_upload_bytes)
