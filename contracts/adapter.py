@@ -7,7 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["qlora", "lora"]
+# "full" fine-tunes every (or the `trainable_layers`') weight and saves a whole model, not an adapter.
+Method = Literal["qlora", "lora", "full"]
+Precision = Literal["bf16", "fp16", "fp32"]
+QuantType = Literal["nf4", "fp4"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 _MODULE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
 
@@ -37,6 +41,19 @@ class AdapterSettings(BaseModel):
         default=None, ge=1, le=64,
         description="data-parallel processes (GPUs) on one worker; more than the worker has fails the job clearly",
     )
+    # The full job spec's knobs (contracts.spec folds its `tuning`, `qlora`, ... sections in here).
+    precision: Precision | None = Field(default=None, description="training dtype; null = bf16 where supported, else fp32")
+    quant_type: QuantType | None = Field(default=None, description="qlora: 4-bit quantisation type")
+    double_quant: bool | None = Field(default=None, description="qlora: quantise the quantisation constants too")
+    compute_dtype: ComputeDtype | None = Field(default=None, description="qlora: dtype of the 4-bit matmuls")
+    trainable_layers: list[int] | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="indices of the decoder layers to train (LoRA layers_to_transform, or the layers full fine-tuning unfreezes)",
+    )
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=1024)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="overrides num_epochs when set")
+    gradient_checkpointing: bool | None = None
+    eval_fraction: float | None = Field(default=None, ge=0, lt=1, description="held-out share; null = EVAL_FRACTION")
 
     @field_validator("target_modules")
     @classmethod
@@ -47,6 +64,13 @@ class AdapterSettings(BaseModel):
             if not name or len(name) > 100 or not set(name) <= _MODULE_NAME_CHARS:
                 raise ValueError(f"invalid module name {name!r}")
         return value
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(i < 0 for i in value):
+            raise ValueError("layer indices start at 0")
+        return sorted(set(value)) if value is not None else None
 
     def merged_over(self, base: "AdapterSettings") -> "AdapterSettings":
         """`base` with every field set here replacing it."""
@@ -66,4 +90,8 @@ DOCUMENTED_DEFAULTS = AdapterSettings(
     warmup_ratio=0.03,
     seed=42,
     gpus=1,
+    quant_type="nf4",
+    double_quant=True,
+    gradient_accumulation_steps=1,
+    gradient_checkpointing=False,
 )

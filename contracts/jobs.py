@@ -9,10 +9,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from contracts.adapter import AdapterSettings
+from contracts.spec import JobSpec
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-# "train" publishes a new adapter version; "fuse" merges one into its base (`merged/{version}/`).
-JobType = Literal["train", "fuse"]
+# "train" publishes a new adapter version; "fuse" merges one into its base (`merged/{version}/`);
+# "generate" tries an adapter on a prompt; "index" (re)builds the avatar's vector index from its
+# context documents; "retrieve" queries it. The last three put their answer in `result`.
+JobType = Literal["train", "fuse", "generate", "index", "retrieve"]
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -73,6 +76,13 @@ class JobRecord(BaseModel):
         "merges, stored at users/{user_id}/avatars/{avatar_id}/merged/{adapter_version}/",
     )
     data: list[TrainingDocumentRef] = Field(default_factory=list)
+    spec: JobSpec = Field(default_factory=JobSpec, description="train: the full job spec beyond `config`")
+    request: dict[str, Any] = Field(
+        default_factory=dict, description="generate/index/retrieve: the request's parameters (prompt, query, ...)"
+    )
+    result: dict[str, Any] | None = Field(
+        default=None, description="generate/index/retrieve: the answer (completion, passages, counts)"
+    )
     cancel_requested: bool = False
     attempts: int = 0
     lease: JobLease | None = None

@@ -7,9 +7,10 @@ users/{user_id}/avatars/{avatar_id}/adapters/versions/{n}/       kept adapter ve
 users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
 users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
 users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter version {version} merged into its base (fuse jobs)
+users/{user_id}/avatars/{avatar_id}/vectorstore_data/            context documents (RAG)
+users/{user_id}/vectorstore/                                     the user's vector index (index jobs)
 ```
-`vectorstore_data/`, `media/` (per avatar) and `vectorstore/`, `image/` (per user) are reserved
-and never touched by avatune.
+`media/` (per avatar) and `image/` (per user) are reserved and never touched by avatune.
 """
 
 from __future__ import annotations
@@ -122,3 +123,26 @@ def checkpoints_prefix(user_id: str, avatar_id: str) -> str:
 def training_data_index_key(user_id: str, avatar_id: str) -> str:
     """The API's derived flag index of the avatar's training documents (a cache, safe to delete)."""
     return f"{adapter_prefix(user_id, avatar_id)}training_data_index.json"
+
+
+def context_data_prefix(user_id: str, avatar_id: str) -> str:
+    """The avatar's context documents for retrieval (`.txt`, `.md`, `.jsonl`)."""
+    return f"{avatar_prefix(user_id, avatar_id)}vectorstore_data/"
+
+
+def context_document_key(user_id: str, avatar_id: str, name: str) -> str:
+    return f"{context_data_prefix(user_id, avatar_id)}{validate_document_name(name)}"
+
+
+def vectorstore_prefix(user_id: str) -> str:
+    """The user-level vector index built by index jobs (one store per user; every chunk carries its avatar)."""
+    return f"{user_prefix(user_id)}vectorstore/"
+
+
+def version_file_key(user_id: str, avatar_id: str, version: int, name: str) -> str:
+    """A file kept beside a version's adapter (`metrics.json`, `samples.json`, `loss.png`)."""
+    return f"{adapter_version_prefix(user_id, avatar_id, version)}{name}"
+
+
+SAMPLES_FILE = "samples.json"
+LOSS_CURVE_FILE = "loss.png"

@@ -8,14 +8,18 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from contracts.adapter import AdapterSettings
 from contracts.ids import validate_id
 from contracts.jobs import JobStatus, JobType, utcnow
+from contracts.spec import JobSpec
 
 TRAIN_REQUEST_SCHEMA = "avatune.train-request/v1"
 FUSE_REQUEST_SCHEMA = "avatune.fuse-request/v1"
+GENERATE_REQUEST_SCHEMA = "avatune.generate-request/v1"
+INDEX_REQUEST_SCHEMA = "avatune.index-request/v1"
+RETRIEVE_REQUEST_SCHEMA = "avatune.retrieve-request/v1"
 JOB_EVENT_SCHEMA = "avatune.job-event/v1"
 
 EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled"]
@@ -64,15 +68,24 @@ def message_group_id(user_id: str, avatar_id: str) -> str:
     return "sha256-" + hashlib.sha256(group.encode()).hexdigest()
 
 
-class TrainRequest(QueueRequest):
-    """Ask the trainer to train an avatar's adapter on its documents flagged for training.
+class TrainRequest(QueueRequest, JobSpec):
+    """Ask the trainer to train an avatar's adapter on its documents flagged for training (and
+    any `datasets`), with the full job spec (`contracts.spec.JobSpec`) at the top level.
 
     Send to the FIFO train queue with `MessageGroupId` = `message_group_id()` and
     `MessageDeduplicationId` = `job_id`.
     """
 
     schema_: Literal["avatune.train-request/v1"] = Field(alias="schema")
-    config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides")
+    config: AdapterSettings = Field(default_factory=AdapterSettings, description="per-job overrides (flat form)")
+
+    def job_spec(self) -> JobSpec:
+        """The spec part of this request."""
+        return JobSpec.model_validate({name: getattr(self, name) for name in JobSpec.model_fields})
+
+    def effective_config(self) -> AdapterSettings:
+        """`config` with the spec's structured sections (`tuning`, `qlora`, ...) laid over it."""
+        return self.job_spec().settings_overrides().merged_over(self.config)
 
 
 class FuseRequest(QueueRequest):
@@ -89,6 +102,66 @@ class FuseRequest(QueueRequest):
     )
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class RagOptions(BaseModel):
+    """Retrieval for a generation: passages from the avatar's vector index go into the prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=5, ge=1, le=50)
+    score_threshold: float | None = Field(default=None, ge=-1, le=1)
+
+
+class GenerateRequest(QueueRequest):
+    """Try an adapter on a prompt: a small generation job (greedy by default, bounded tokens);
+    the completion lands in the job's `result`. For trying an adapter, not for serving traffic."""
+
+    schema_: Literal["avatune.generate-request/v1"] = Field(alias="schema")
+    prompt: str | None = Field(default=None, min_length=1, max_length=100_000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=200)
+    max_new_tokens: int = Field(default=128, ge=1, le=2048)
+    adapter_version: int | None = Field(
+        default=None, ge=0, description="null = the avatar's current adapter; 0 = the base model alone"
+    )
+    rag: RagOptions | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+MetadataValue = str | int | float | bool
+
+
+class IndexRequest(QueueRequest):
+    """(Re)build the avatar's part of the user's vector index from its context documents:
+    only documents whose ETag changed are embedded again; chunks of deleted ones are dropped."""
+
+    schema_: Literal["avatune.index-request/v1"] = Field(alias="schema")
+    chunk_size: int | None = Field(default=None, ge=32, le=8192, description="characters per chunk")
+    chunk_overlap: int | None = Field(default=None, ge=0, le=4096, description="characters shared by neighbours")
+    full: bool = Field(default=False, description="re-embed every document")
+
+
+class RetrieveRequest(QueueRequest):
+    """Query the avatar's vector index: the best `top_k` chunks with scores and sources."""
+
+    schema_: Literal["avatune.retrieve-request/v1"] = Field(alias="schema")
+    query: str = Field(min_length=1, max_length=10_000)
+    top_k: int = Field(default=5, ge=1, le=100)
+    score_threshold: float | None = Field(default=None, ge=-1, le=1)
+    filters: dict[str, MetadataValue] = Field(default_factory=dict, max_length=16,
+                                              description="metadata equality filters, applied inside the store")
+
+
 class JobEvent(BaseModel):
     """Published on the events queue whenever a job starts or ends."""
 
@@ -101,7 +174,8 @@ class JobEvent(BaseModel):
     avatar_id: str
     status: JobStatus
     job_type: JobType = Field(
-        default="train", description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one"
+        default="train", description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one, "
+        "'generate'/'index'/'retrieve' leave their answer in the job's `result`"
     )
     adapter_version: int | None = Field(
         default=None, description="train: the version the job published; fuse: the version it merged"
@@ -119,9 +193,18 @@ class InvalidMessage(ValueError):
 
 
 # What the train queue carries, by `schema`: the trainer dispatches on it.
-TRAIN_QUEUE_MESSAGES: dict[str, type[TrainRequest] | type[FuseRequest]] = {
+AnyRequest = TrainRequest | FuseRequest | GenerateRequest | IndexRequest | RetrieveRequest
+TRAIN_QUEUE_MESSAGES: dict[str, type[QueueRequest]] = {
     TRAIN_REQUEST_SCHEMA: TrainRequest,
     FUSE_REQUEST_SCHEMA: FuseRequest,
+    GENERATE_REQUEST_SCHEMA: GenerateRequest,
+    INDEX_REQUEST_SCHEMA: IndexRequest,
+    RETRIEVE_REQUEST_SCHEMA: RetrieveRequest,
+}
+# The job type each request creates.
+REQUEST_JOB_TYPES: dict[type[QueueRequest], JobType] = {
+    TrainRequest: "train", FuseRequest: "fuse", GenerateRequest: "generate", IndexRequest: "index",
+    RetrieveRequest: "retrieve",
 }
 
 
@@ -157,7 +240,7 @@ def parse_message(body: object, model: type[BaseModel], schema: str) -> Any:
     return _validated(payload, model, schema)
 
 
-def parse_train_queue_message(body: object) -> TrainRequest | FuseRequest:
+def parse_train_queue_message(body: object) -> AnyRequest:
     """Parse one train-queue body as the request its `schema` names (`TRAIN_QUEUE_MESSAGES`);
     raise InvalidMessage saying why (an unknown schema included)."""
     payload = _payload(body)

@@ -28,7 +28,7 @@ from contracts import logs
 from contracts.adapter import AdapterSettings
 from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
 from contracts.keys import adapter_config_key
-from contracts.messages import FuseRequest, QueueRequest, TrainRequest
+from contracts.messages import REQUEST_JOB_TYPES, FuseRequest, QueueRequest, TrainRequest
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
@@ -404,7 +404,7 @@ def _checkpoint_step(path: Path | None) -> int | None:
 
 
 def _request_type(req: QueueRequest) -> JobType:
-    return "fuse" if isinstance(req, FuseRequest) else "train"
+    return REQUEST_JOB_TYPES[type(req)]
 
 
 def _queue_record(req: QueueRequest) -> JobRecord:
@@ -413,8 +413,11 @@ def _queue_record(req: QueueRequest) -> JobRecord:
                                   created_at=req.requested_at)
     if isinstance(req, FuseRequest):
         return JobRecord(type="fuse", adapter_version=req.adapter_version, **common)
-    assert isinstance(req, TrainRequest)
-    return JobRecord(type="train", config=req.config, **common)
+    if isinstance(req, TrainRequest):
+        return JobRecord(type="train", config=req.effective_config(), spec=req.job_spec(), **common)
+    # generate / index / retrieve: the request's own fields are the job's parameters
+    params = req.model_dump(mode="json", exclude=set(QueueRequest.model_fields) | {"schema_"})
+    return JobRecord(type=_request_type(req), request=params, **common)
 
 
 def is_cuda_oom(exc: BaseException) -> bool:

@@ -1,8 +1,8 @@
 """The worker loop: long-poll the train queue, run each request, never die on a bad message.
 
 Requests are dispatched by their `schema`: `avatune.train-request/v1` trains
-(`JobRunner.train`), `avatune.fuse-request/v1` merges an adapter version (`trainer.fuse`);
-anything else goes to the dead-letter queue.
+(`JobRunner.train`); fuse, generate, index and retrieve requests go to the `JobWork` named in
+`WORK_CLASSES`; anything else goes to the dead-letter queue.
 
 Shutdown: SIGTERM/SIGINT while idle ends the long poll at once; during a job the training
 loop stops at the next step, checkpoints to S3 and hands the message back to the queue.
@@ -10,6 +10,7 @@ loop stops at the next step, checkpoints to S3 and hands the message back to the
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -18,11 +19,11 @@ from types import FrameType
 from typing import Any
 
 from contracts import logs
-from contracts.messages import FuseRequest, InvalidMessage, TrainRequest, parse_train_queue_message
+from contracts.jobs import JobType
+from contracts.messages import REQUEST_JOB_TYPES, AnyRequest, InvalidMessage, parse_train_queue_message
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
-from trainer.fuse import FuseWork
 from trainer.job_runner import Delivery, JobRunner, JobWork, Outcome
 from trainer.settings import TrainerSettings, get_settings
 
@@ -39,7 +40,17 @@ class _Interrupted(BaseException):
 PoisonMessage = InvalidMessage
 
 
-def parse_request(body: str) -> TrainRequest | FuseRequest:
+# The JobWork of each job type but "train" (JobRunner.train): "module:Class", built with the
+# runner on first use so a worker that never sees a type never imports its dependencies.
+WORK_CLASSES: dict[JobType, str] = {
+    "fuse": "trainer.fuse:FuseWork",
+    "generate": "trainer.generate:GenerateWork",
+    "index": "trainer.rag.index_job:IndexWork",
+    "retrieve": "trainer.rag.retrieve_job:RetrieveWork",
+}
+
+
+def parse_request(body: str) -> AnyRequest:
     """Any request the train queue carries, by its `schema`; PoisonMessage when none fits."""
     return parse_train_queue_message(body)
 
@@ -57,13 +68,17 @@ class Worker:
         self.models = BaseModelCache(self.settings.model_cache_dir, token)
         events = EventPublisher(self.sqs, aws.queue_url(self.settings.events_queue_name))
         self.runner = JobRunner(self.settings, self.s3, self.sqs, events, self.models, self.shutdown)
-        self.fuse = FuseWork(self.runner)
+        self._works: dict[JobType, JobWork] = {}
 
-    def work_for(self, request: TrainRequest | FuseRequest) -> JobWork:
+    def work_for(self, request: AnyRequest) -> JobWork:
         """What the request's job does once claimed."""
-        if isinstance(request, FuseRequest):
-            return self.fuse
-        return self.runner.train
+        job_type = REQUEST_JOB_TYPES[type(request)]
+        if job_type == "train":
+            return self.runner.train
+        if job_type not in self._works:
+            module, _, name = WORK_CLASSES[job_type].partition(":")
+            self._works[job_type] = getattr(importlib.import_module(module), name)(self.runner)
+        return self._works[job_type]
 
     def _dead_letter_queue_url(self) -> str:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.train_queue_url, AttributeNames=["RedrivePolicy"])

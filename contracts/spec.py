@@ -1,0 +1,138 @@
+"""The full job spec: what a train request (API body and SQS message alike) may say beyond the
+avatar's LoRA hyper-parameters.
+
+Hyper-parameters (`method`, `precision`, `qlora`, `target_modules`, `trainable_layers`,
+`tuning`, `resources.gpus`) are folded into the job's `config` (`AdapterSettings`) by
+`JobSpec.settings_overrides()`, so the trainer resolves them like every other setting
+(worker defaults <- the avatar's stored config <- the job). Everything else (where the base
+model and data come from, limits, where artifacts go, callbacks, integrations, warm start,
+promotion) stays in the spec and is stored on the job record as `spec`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from contracts.adapter import AdapterSettings, ComputeDtype, Method, Precision, QuantType
+
+DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
+ReportTo = Literal["tensorboard", "wandb", "mlflow"]
+Promote = Literal["always", "if_better"]
+
+_ENV_NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSpec(_Section):
+    name: str | None = Field(
+        default=None, min_length=1, max_length=300,
+        description="a Hugging Face model id or an s3:// prefix holding a saved model; null = the trainer's BASE_MODEL",
+    )
+    revision: str | None = Field(default=None, min_length=1, max_length=200, description="branch, tag or commit")
+    token_env: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="the NAME of the trainer's environment variable (or mounted secret) holding the hub token; "
+        "never the token itself",
+    )
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and (not set(value) <= _ENV_NAME_CHARS or value[0].isdigit()):
+            raise ValueError("token_env must be an environment variable name (letters, digits, _), not a token")
+        return value
+
+
+class QLoRAOptions(_Section):
+    quant_type: QuantType | None = None
+    double_quant: bool | None = None
+    compute_dtype: ComputeDtype | None = None
+
+
+class DatasetSource(_Section):
+    uri: str = Field(min_length=6, max_length=1100, description="s3://bucket/key of a JSONL file inside the caller's prefix")
+    format: DatasetFormat = "auto"
+
+
+class Tuning(_Section):
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    batch_size: int | None = Field(default=None, ge=1, le=512)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=1024)
+    num_epochs: float | None = Field(default=None, gt=0, le=100)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    gradient_checkpointing: bool | None = None
+    max_seq_length: int | None = Field(default=None, ge=16, le=32768)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    eval_fraction: float | None = Field(default=None, ge=0, lt=1)
+
+
+class Resources(_Section):
+    gpus: int | None = Field(default=None, ge=1, le=64)
+    max_duration_minutes: float | None = Field(
+        default=None, gt=0, le=7 * 24 * 60,
+        description="a job past it stops, keeps its last checkpoint and ends failed with that reason",
+    )
+
+
+class Artifacts(_Section):
+    output_uri: str | None = Field(default=None, max_length=1100, description="s3:// prefix inside the caller's prefix")
+    log_uri: str | None = Field(default=None, max_length=1100, description="s3:// prefix inside the caller's prefix")
+
+
+class Callbacks(_Section):
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    auth_header: SecretStr | None = Field(
+        default=None, max_length=8192,
+        description="sent verbatim as Authorization; accepted on input only: stored encrypted "
+        "(`auth_header_sealed`), never logged or returned",
+    )
+    auth_header_sealed: str | None = Field(default=None, max_length=32768, description="the encrypted auth_header")
+    signing_secret_ref: str | None = Field(
+        default=None, max_length=128,
+        description="name of the events handler's environment variable holding the HMAC signing secret",
+    )
+    allow_private: bool = Field(default=False, description="allow a webhook on a private/loopback address (development)")
+
+
+class Integrations(_Section):
+    report_to: list[ReportTo] = Field(default_factory=list)
+
+
+class JobSpec(_Section):
+    """The non-hyper-parameter part of a train request, plus the structured hyper-parameter
+    sections (folded into `config` by `settings_overrides`)."""
+
+    base_model: BaseModelSpec | None = None
+    method: Method | None = None
+    precision: Precision | None = None
+    qlora: QLoRAOptions | None = None
+    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    trainable_layers: list[int] | None = Field(default=None, min_length=1, max_length=1024)
+    datasets: list[DatasetSource] = Field(default_factory=list, max_length=64)
+    tuning: Tuning | None = None
+    resources: Resources | None = None
+    artifacts: Artifacts | None = None
+    callbacks: Callbacks | None = None
+    integrations: Integrations | None = None
+    warm_start: bool = False
+    promote: Promote = Field(default="always", description="if_better: keep the current adapter when eval loss got worse")
+
+    def settings_overrides(self) -> AdapterSettings:
+        """The hyper-parameters this spec sets, as `AdapterSettings` (unset fields None)."""
+        values: dict[str, object] = {}
+        if self.tuning:
+            values.update(self.tuning.model_dump(exclude_none=True))
+        if self.qlora:
+            values.update(self.qlora.model_dump(exclude_none=True))
+        if self.resources and self.resources.gpus is not None:
+            values["gpus"] = self.resources.gpus
+        for name in ("method", "precision", "target_modules", "trainable_layers"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        return AdapterSettings.model_validate(values)
