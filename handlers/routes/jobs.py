@@ -32,6 +32,7 @@ from contracts.adapter import AdapterSettings
 from contracts.ids import InvalidIdentifier, validate_id
 from contracts.jobs import JobProgress, JobRecord, JobStatus, JobType, TrainingDocumentRef, new_job_id, utcnow
 from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, QueueRequest, TrainRequest
+from contracts.spec import JobSpec
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
@@ -66,6 +67,9 @@ class JobView(BaseModel):
     error: str | None
     adapter_version: int | None
     data: list[TrainingDocumentRef]
+    spec: JobSpec
+    request: dict[str, Any]
+    result: dict[str, Any] | None
     cancel_requested: bool
     attempts: int
 
@@ -73,6 +77,12 @@ class JobView(BaseModel):
     def _overrides_only(self, config: AdapterSettings) -> dict[str, Any]:
         """The job's overrides: only the fields it set."""
         return config.model_dump(exclude_none=True)
+
+    @field_serializer("spec")
+    def _spec_without_secrets(self, spec: JobSpec) -> dict[str, Any]:
+        """The spec as sent, less defaults and the webhook's Authorization (never returned)."""
+        return spec.model_dump(mode="json", exclude_defaults=True,
+                               exclude={"callbacks": {"auth_header", "auth_header_sealed"}})
 
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
