@@ -119,7 +119,7 @@ def test_put_merges_over_stored_config_and_get_shows_defaults(api: Api, s3) -> N
 
 @pytest.mark.parametrize("body", [
     {"r": 0}, {"r": 257}, {"lora_dropout": 1}, {"unknown": 1}, {"target_modules": ["q/proj"]},
-    {"target_modules": []}, {"method": "full"}, {"learning_rate": "fast"},
+    {"target_modules": []}, {"method": "sgd"}, {"learning_rate": "fast"},
 ], ids=lambda b: json.dumps(b))
 def test_put_refuses_invalid_config(api: Api, s3, body: dict) -> None:
     r = api.put(f"{api.base}/adapter", json=body)
