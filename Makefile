@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so the trainer extra never pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[api,trainer,cli,dev]'
+	$(PY) -m pip install -q -e '.[api,trainer,rag,cli,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from cli.client import ApiError, ApiUnreachable
 from cli.commands import adapter, docs, jobs
+from cli.commands import generate as generation
 from cli.context import DEFAULT_API_URL, CliError, State
 
 
@@ -70,6 +71,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(adapter.app, name="adapter")
 app.command("train")(jobs.train)
 app.command("fuse")(adapter.fuse)
+app.command("generate")(generation.generate)
 
 
 @app.callback()

@@ -36,6 +36,32 @@ class VersionMetrics(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex (copied into the manifest on promote)")
 
 
+class SampleCompletion(BaseModel):
+    """One held-out prompt: what the base and the adapter answered (greedy) and the reference."""
+
+    prompt: str = Field(description="the held-out conversation up to its first trained answer, as the model saw it "
+                        "(chat template applied)")
+    reference: str = Field(description="the held-out answer the job did not train on")
+    base: str = Field(description="the base model's completion")
+    adapter: str = Field(description="the new adapter's completion")
+    prompt_tokens: int = Field(ge=0)
+
+
+class VersionSamples(BaseModel):
+    """`adapters/versions/{n}/samples.json`: the base's and the adapter's completions on a few
+    held-out prompts (greedy, at most `max_new_tokens` each), so a person can read the difference."""
+
+    schema_: Literal["avatune.samples/v1"] = Field(default="avatune.samples/v1", alias="schema")
+    job_id: str | None = None
+    decoding: Literal["greedy"] = "greedy"
+    max_new_tokens: int = Field(ge=1)
+    samples: list[SampleCompletion] = Field(default_factory=list)
+    note: str | None = Field(default=None, description="why there are fewer samples than asked for, if so")
+    created_at: datetime = Field(default_factory=utcnow)
+
+    model_config = {"populate_by_name": True}
+
+
 class MergedManifest(BaseModel):
     """`merged/{version}/manifest.json`, written last by a fuse job: the merged model's files
     (safetensors weights, config, tokenizer) are complete once it names them."""
@@ -62,3 +88,21 @@ class ActiveJobPointer(BaseModel):
 class IdempotencyRecord(BaseModel):
     job_id: str
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class FullModelManifest(BaseModel):
+    """`full/{version}/manifest.json`, written last by a full fine-tuning job (`method: full`):
+    the whole model's files (safetensors weights, config, tokenizer) are complete once it names them."""
+
+    schema_: Literal["avatune.full-model-manifest/v1"] = Field(default="avatune.full-model-manifest/v1", alias="schema")
+    version: int = Field(ge=1)
+    job_id: str | None = None
+    base_model: str | None = None
+    precision: str = Field(description="the training precision; the weights are saved in its dtype")
+    dtype: str
+    trainable_layers: list[int] | None = Field(default=None, description="the decoder layers trained (null: all weights)")
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    model_config = {"populate_by_name": True}

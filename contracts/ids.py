@@ -17,6 +17,8 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@ ()+-]*$")
 
 DOCUMENT_EXTENSIONS = (".jsonl", ".json", ".txt")
+# Context documents (RAG, `vectorstore_data/`): see contracts/context_documents.py.
+CONTEXT_DOCUMENT_EXTENSIONS = (".txt", ".md", ".jsonl")
 
 
 class InvalidIdentifier(ValueError):
@@ -48,8 +50,9 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
-def validate_document_name(value: str) -> str:
-    """Return `value` if it is a safe training-document name with an accepted extension."""
+def validate_document_name(value: str, extensions: tuple[str, ...] = DOCUMENT_EXTENSIONS) -> str:
+    """Return `value` if it is a safe document name ending in one of `extensions` (default:
+    training documents')."""
     _check_common(value, "document name", MAX_DOCUMENT_NAME_LENGTH)
     if value != value.strip():
         raise InvalidIdentifier("document name must not start or end with whitespace")
@@ -57,8 +60,8 @@ def validate_document_name(value: str) -> str:
         raise InvalidIdentifier(
             "document name may contain only letters, digits, spaces and _ - . @ ( ) + and must start with a letter or digit"
         )
-    if not value.lower().endswith(DOCUMENT_EXTENSIONS):
+    if not value.lower().endswith(extensions):
         raise InvalidIdentifier(
-            f"document name must end with one of {', '.join(DOCUMENT_EXTENSIONS)}"
+            f"document name must end with one of {', '.join(extensions)}"
         )
     return value

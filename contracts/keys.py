@@ -7,6 +7,8 @@ users/{user_id}/avatars/{avatar_id}/adapters/versions/{n}/       kept adapter ve
 users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
 users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
 users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter version {version} merged into its base (fuse jobs)
+users/{user_id}/avatars/{avatar_id}/full/{version}/              whole models of full fine-tuning jobs (method full)
+users/{user_id}/avatars/{avatar_id}/adapters/logs/{job_id}/     integrations' logs (report_to; default log_uri)
 users/{user_id}/avatars/{avatar_id}/vectorstore_data/            context documents (RAG)
 users/{user_id}/vectorstore/                                     the user's vector index (index jobs)
 ```
@@ -15,7 +17,7 @@ users/{user_id}/vectorstore/                                     the user's vect
 
 from __future__ import annotations
 
-from contracts.ids import validate_document_name, validate_id
+from contracts.ids import CONTEXT_DOCUMENT_EXTENSIONS, validate_document_name, validate_id
 
 
 def user_prefix(user_id: str) -> str:
@@ -131,7 +133,7 @@ def context_data_prefix(user_id: str, avatar_id: str) -> str:
 
 
 def context_document_key(user_id: str, avatar_id: str, name: str) -> str:
-    return f"{context_data_prefix(user_id, avatar_id)}{validate_document_name(name)}"
+    return f"{context_data_prefix(user_id, avatar_id)}{validate_document_name(name, CONTEXT_DOCUMENT_EXTENSIONS)}"
 
 
 def vectorstore_prefix(user_id: str) -> str:
@@ -146,3 +148,24 @@ def version_file_key(user_id: str, avatar_id: str, version: int, name: str) -> s
 
 SAMPLES_FILE = "samples.json"
 LOSS_CURVE_FILE = "loss.png"
+
+
+def full_model_prefix(user_id: str, avatar_id: str) -> str:
+    """Where full fine-tuning jobs (`method: full`) store whole models: beside `adapters/` and `merged/`."""
+    return f"{avatar_prefix(user_id, avatar_id)}full/"
+
+
+def full_model_version_prefix(user_id: str, avatar_id: str, version: int) -> str:
+    """Full fine-tune number `version`: safetensors weights, config, tokenizer, and
+    `FULL_MODEL_MANIFEST_FILE` written last (the model is complete once it is there)."""
+    if version < 1:
+        raise ValueError("full model versions start at 1")
+    return f"{full_model_prefix(user_id, avatar_id)}{version}/"
+
+
+FULL_MODEL_MANIFEST_FILE = "manifest.json"
+
+
+def training_logs_prefix(user_id: str, avatar_id: str, job_id: str) -> str:
+    """Default `artifacts.log_uri` of a job: its integrations' logs (TensorBoard event files, ...)."""
+    return f"{adapter_prefix(user_id, avatar_id)}logs/{validate_id(job_id, 'job_id')}/"

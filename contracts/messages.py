@@ -118,24 +118,54 @@ class RagOptions(BaseModel):
     score_threshold: float | None = Field(default=None, ge=-1, le=1)
 
 
-class GenerateRequest(QueueRequest):
-    """Try an adapter on a prompt: a small generation job (greedy by default, bounded tokens);
-    the completion lands in the job's `result`. For trying an adapter, not for serving traffic."""
+MAX_NEW_TOKENS_LIMIT = 2048
+# The text of a generation (prompt or all messages' contents), UTF-8: the request travels on
+# SQS (256 KiB a message), and JSON escaping may double it.
+MAX_GENERATION_TEXT_BYTES = 96 * 1024
 
-    schema_: Literal["avatune.generate-request/v1"] = Field(alias="schema")
-    prompt: str | None = Field(default=None, min_length=1, max_length=100_000)
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=200)
-    max_new_tokens: int = Field(default=128, ge=1, le=2048)
+
+class GenerateParams(BaseModel):
+    """What a generation job does: the body of `POST {base}/generations` and the job's `request`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, min_length=1, max_length=100_000,
+                               description="a single user message (give this or messages)")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=200,
+                                               description="a chat, rendered with the base model's chat template")
+    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS_LIMIT,
+                                description="at most this many new tokens (the worker's MAX_GENERATION_TOKENS caps it too)")
     adapter_version: int | None = Field(
         default=None, ge=0, description="null = the avatar's current adapter; 0 = the base model alone"
     )
-    rag: RagOptions | None = None
+    rag: RagOptions | None = Field(default=None, description="retrieve passages from the avatar's vector index "
+                                   "and put them into the prompt")
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerateRequest":
+    def _one_input(self) -> "GenerateParams":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and self.messages[-1].role == "assistant":
+            raise ValueError("messages must not end with an assistant message: the model writes the next one")
+        size = sum(len(m["content"].encode()) for m in self.chat())
+        if size > MAX_GENERATION_TEXT_BYTES:
+            raise ValueError(f"the prompt or messages hold {size} bytes of text; at most {MAX_GENERATION_TEXT_BYTES} "
+                             "(generations are for trying an adapter)")
         return self
+
+    def chat(self) -> list[dict[str, str]]:
+        """The conversation to complete: `messages`, or `prompt` as one user message."""
+        if self.messages is not None:
+            return [m.model_dump() for m in self.messages]
+        assert self.prompt is not None
+        return [{"role": "user", "content": self.prompt}]
+
+
+class GenerateRequest(QueueRequest, GenerateParams):
+    """Try an adapter on a prompt: a small generation job (greedy, bounded tokens); the
+    completion lands in the job's `result`. For trying an adapter, not for serving traffic."""
+
+    schema_: Literal["avatune.generate-request/v1"] = Field(alias="schema")
 
 
 MetadataValue = str | int | float | bool

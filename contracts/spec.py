@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from contracts.adapter import AdapterSettings, ComputeDtype, Method, Precision, QuantType
+from contracts.webhooks import InvalidWebhookUrl, check_auth_header, check_signing_secret_ref, check_webhook_url
 
 DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
 ReportTo = Literal["tensorboard", "wandb", "mlflow"]
@@ -98,6 +99,28 @@ class Callbacks(_Section):
         description="name of the events handler's environment variable holding the HMAC signing secret",
     )
     allow_private: bool = Field(default=False, description="allow a webhook on a private/loopback address (development)")
+
+    @field_validator("auth_header")
+    @classmethod
+    def _header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        # A masked dump ('**********') or a value with CR/LF would be sent as a broken header.
+        if value is not None:
+            check_auth_header(value.get_secret_value())
+        return value
+
+    @field_validator("signing_secret_ref")
+    @classmethod
+    def _secret_ref(cls, value: str | None) -> str | None:
+        return None if value is None else check_signing_secret_ref(value)
+
+    @model_validator(mode="after")
+    def _webhook_target(self) -> "Callbacks":
+        if self.webhook_url is not None:
+            try:
+                check_webhook_url(self.webhook_url, self.allow_private)
+            except InvalidWebhookUrl as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class Integrations(_Section):

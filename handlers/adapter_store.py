@@ -2,14 +2,16 @@
 adapter files and their manifest (`adapters/manifest.json`, written last), and the kept
 versions (`adapters/versions/{n}/`). The only module of the API that touches those keys.
 
-The trainer publishes versions; the API reads them, promotes one over the current files and
-deletes the whole adapter."""
+The trainer publishes versions (with samples.json and loss.png beside each metrics.json); the
+API reads them, serves a version's files, promotes one over the current files and deletes the
+whole adapter (with the avatar's merged models)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends
@@ -19,20 +21,29 @@ from contracts.adapter import AdapterSettings
 from contracts.adapters import AdapterManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
+    LOSS_CURVE_FILE,
+    MERGED_MANIFEST_FILE,
     METRICS_FILE,
+    SAMPLES_FILE,
     adapter_config_key,
     adapter_manifest_key,
     adapter_prefix,
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoints_prefix,
+    merged_prefix,
+    version_file_key,
 )
 from handlers.auth import AvatarRef
-from handlers.aws import s3_client
+from handlers.aws import NOT_FOUND_CODES, error_code, s3_client
 from handlers.dependencies import SettingsDep
 from handlers.job_store import MAX_WRITE_ATTEMPTS, S3Json, StoreBusy
 
 DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
+# The files kept beside a version's adapter that the API serves, and their content types
+# (fixed here, never taken from the stored object).
+VERSION_FILES: dict[str, str] = {METRICS_FILE: "application/json", SAMPLES_FILE: "application/json",
+                                 LOSS_CURVE_FILE: "image/png"}
 
 
 class AdapterFile(BaseModel):
@@ -44,6 +55,10 @@ class AdapterFile(BaseModel):
 
 
 class VersionNotFound(Exception):
+    pass
+
+
+class VersionFileNotFound(Exception):
     pass
 
 
@@ -156,33 +171,62 @@ class AdapterStore:
         await self.objects.put(adapter_manifest_key(ref.user_id, ref.avatar_id), manifest.model_dump_json(by_alias=True).encode())
         return manifest
 
+    async def open_version_file(
+        self, ref: AvatarRef, version: int, name: str
+    ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+        """A version's file (one of VERSION_FILES): its GetObject response and body chunks.
+        Raises VersionFileNotFound when the version or the file does not exist."""
+        if name not in VERSION_FILES:
+            raise VersionFileNotFound(name)
+        key = version_file_key(ref.user_id, ref.avatar_id, version, name)
+        try:
+            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in NOT_FOUND_CODES:
+                raise VersionFileNotFound(name) from None
+            raise
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async with resp["Body"] as body:
+                async for chunk in body.iter_chunks(64 * 1024):
+                    yield chunk
+
+        return resp, chunks()
+
     # -- deletion ---------------------------------------------------------------------------
 
     async def delete(self, ref: AvatarRef) -> int:
-        """Delete the configuration, the manifest, the current files, every version and every
-        checkpoint; never training data, job records or idempotency records. Returns how many
-        objects were deleted (0: there was no adapter)."""
+        """Delete the configuration, the manifest, the current files, every version, every
+        checkpoint and every merged model (`merged/`, fuse jobs); never training data, job
+        records or idempotency records. Returns how many objects were deleted (0: there was no
+        adapter)."""
         u, a = ref.user_id, ref.avatar_id
         root = adapter_prefix(u, a)
         wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}
         top, _ = await self.objects.objects(root, delimiter="/")
-        versions, checkpoints = await asyncio.gather(
-            self.objects.objects(adapter_versions_prefix(u, a)), self.objects.objects(checkpoints_prefix(u, a))
+        versions, checkpoints, merged = await asyncio.gather(
+            self.objects.objects(adapter_versions_prefix(u, a)), self.objects.objects(checkpoints_prefix(u, a)),
+            self.objects.objects(merged_prefix(u, a)),
         )
-        keys = [o["Key"] for o in top if o["Key"] in wanted] + [o["Key"] for o in versions[0] + checkpoints[0]]
-        manifest_key = adapter_manifest_key(u, a)
-        if manifest_key in keys:
-            # The manifest goes first: from then on no reader takes the files for a complete adapter.
-            await self._s3.delete_object(Bucket=self._bucket, Key=manifest_key)
-        rest = [k for k in keys if k != manifest_key]
-        for i in range(0, len(rest), DELETE_BATCH_SIZE):
-            batch = rest[i : i + DELETE_BATCH_SIZE]
+        keys = [o["Key"] for o in top if o["Key"] in wanted]
+        keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0]]
+        # Manifests go first (the adapter's, then each merged model's): from then on no reader
+        # takes the files that remain for a complete adapter or merged model.
+        merged_root = merged_prefix(u, a)
+        manifests = [k for k in keys if k == adapter_manifest_key(u, a)
+                     or (k.startswith(merged_root) and k.endswith("/" + MERGED_MANIFEST_FILE))]
+        await self._delete_keys(manifests)
+        await self._delete_keys([k for k in keys if k not in set(manifests)])
+        return len(keys)
+
+    async def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), DELETE_BATCH_SIZE):
+            batch = keys[i : i + DELETE_BATCH_SIZE]
             resp = await self._s3.delete_objects(
                 Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
             )
             if resp.get("Errors"):
                 raise RuntimeError(f"S3 refused to delete {len(resp['Errors'])} adapter objects")
-        return len(keys)
 
 
 async def adapter_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> AdapterStore:

@@ -10,11 +10,13 @@ invokes `handler` with up to a batch of records; the handler answers the partial
 so only the records that failed are retried (and, after the queue's maxReceiveCount, land in
 the events DLQ); the others are deleted. A malformed record fails alone.
 
-What is done with an event lives behind one seam, `deliver(event)`: today a structured log
-line; webhooks come later and plug in there without touching the batch handling.
+What is done with an event lives behind one seam, `deliver(event)`: a structured log line,
+then, for a final event, the job's webhook (`handlers.webhooks`: signed POST, SSRF checks,
+retries). A delivery that must be retried raises, and only its record is reported failed.
 
-Deliberately light: this module imports pydantic and `contracts` only (no FastAPI, no boto3,
-never torch), and the events function's bundle contains nothing more.
+Deliberately light: this module imports pydantic, `contracts` and `handlers.webhooks` (standard
+library) only; boto3 (in the Lambda runtime) is imported on the first final event, never
+FastAPI or torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 from typing import Any
 
 from contracts.messages import JOB_EVENT_SCHEMA, InvalidMessage, JobEvent, parse_message
+from handlers import webhooks
 
 log = logging.getLogger("avatune.events")
 # The Lambda Python runtime leaves the root logger at WARNING: keep our INFO lines.
@@ -39,9 +42,9 @@ def parse_event(body: Any) -> JobEvent:
 
 
 def deliver(event: JobEvent) -> None:
-    """Act on one job event. The seam for webhooks: replace or extend the body, keep the
-    contract — return on success, raise to have the record retried (and dead-lettered after
-    the queue's maxReceiveCount). Today: one structured JSON log line."""
+    """Act on one job event: return on success, raise to have the record retried (and
+    dead-lettered after the queue's maxReceiveCount). One structured JSON log line, then the
+    job's webhook for a final event (`handlers.webhooks.deliver`)."""
     entry = {
         "message": "job event",
         "event": event.event,
@@ -57,6 +60,7 @@ def deliver(event: JobEvent) -> None:
         json.dumps(entry, default=str),
         extra={"job_id": event.job_id, "user_id": event.user_id, "avatar_id": event.avatar_id},
     )
+    webhooks.deliver(event)
 
 
 def process_record(record: dict[str, Any]) -> JobEvent:

@@ -88,7 +88,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail, errors = _validation_detail(exc)
-        return problem_response(422, detail, instance=request.url.path, errors=errors)
+        # `field`: the first invalid field's dotted path in the body or query (as in the detail).
+        loc = errors[0]["loc"] if errors else []
+        field = ".".join(loc[1:] if len(loc) > 1 else loc) or None
+        return problem_response(422, detail, instance=request.url.path, errors=errors, field=field)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

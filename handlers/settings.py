@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.sealing import Sealer, sealer_from_env
 
 # Used only when DEV_MODE is on and no AUTH_JWT_SECRET is set; never valid in production
 # because the API refuses to start without a secret outside dev mode.
@@ -34,6 +36,21 @@ class Settings(BaseSettings):
     presign_expires_seconds: int = Field(default=900, alias="PRESIGN_EXPIRES_SECONDS", ge=60, le=604800)
     s3_max_concurrency: int = Field(default=64, alias="S3_MAX_CONCURRENCY", ge=1, le=512)
     max_active_jobs_per_user: int = Field(default=4, alias="MAX_ACTIVE_JOBS_PER_USER", ge=1)
+    # A train job asking for more GPUs (resources.gpus / gpus) is refused with a 422 before queueing.
+    max_gpus_per_job: int = Field(default=8, alias="MAX_GPUS_PER_JOB", ge=1, le=64)
+    # s3:// prefixes (comma-separated) a job's base_model.name may point at besides the caller's
+    # own prefix; the same variable as the trainer's, so both sides refuse the same bases.
+    base_model_s3_allowed_prefixes: str = Field(default="", alias="BASE_MODEL_S3_ALLOWED_PREFIXES")
+    # A successful PUT/DELETE of a context document also queues an index job (best effort).
+    auto_index: bool = Field(default=False, alias="AUTO_INDEX")
+    # Sealing a job's callbacks.auth_header (contracts.sealing): kms | local; unset = inferred.
+    callback_sealer: Literal["kms", "local"] | None = Field(default=None, alias="CALLBACK_SEALER")
+    callback_kms_key_id: str | None = Field(default=None, alias="CALLBACK_KMS_KEY_ID")
+    callback_seal_key: SecretStr | None = Field(default=None, alias="CALLBACK_SEAL_KEY")
+    _sealer_cache: list[Sealer | None] = PrivateAttr(default_factory=list)
+
+    def base_model_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.base_model_s3_allowed_prefixes.split(",") if p.strip()]
 
     @property
     def region(self) -> str:
@@ -44,6 +61,15 @@ class Settings(BaseSettings):
         if self.auth_jwt_secret is not None and self.auth_jwt_secret.get_secret_value():
             return self.auth_jwt_secret.get_secret_value()
         return DEV_JWT_SECRET if self.dev_mode else None
+
+    def sealer(self) -> Sealer | None:
+        """The sealer for callbacks.auth_header (None: none configured); built once."""
+        if not self._sealer_cache:
+            env = {"CALLBACK_SEALER": self.callback_sealer or "", "CALLBACK_KMS_KEY_ID": self.callback_kms_key_id or "",
+                   "CALLBACK_SEAL_KEY": self.callback_seal_key.get_secret_value() if self.callback_seal_key else "",
+                   "DEV_MODE": "true" if self.dev_mode else ""}
+            self._sealer_cache.append(sealer_from_env(env, endpoint_url=self.aws_endpoint_url, region=self.region))
+        return self._sealer_cache[0]
 
     def check_startable(self) -> None:
         """Refuse to serve with no way to verify tokens (outside dev mode)."""

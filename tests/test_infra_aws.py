@@ -351,6 +351,8 @@ def check_api_role(t: dict) -> None:
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${TrainQueue.Arn}"),
         # job.cancelled for a queued job is published by the API itself.
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${EventsQueue.Arn}"),
+        # callbacks.auth_header is sealed (encrypt only) before the job record is written.
+        (("kms:Encrypt",), "${CallbackKey.Arn}"),
     )
     assert set(g) == expected, (
         f"API role grants differ.\n  extra:   {sorted(set(g) - expected)}\n  missing: {sorted(expected - set(g))}"
@@ -373,6 +375,9 @@ def check_events_role(t: dict) -> None:
         (LOG_ACTIONS, "${EventsLogGroup.Arn}"),
         (("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"),
          "${EventsQueue.Arn}"),
+        # webhooks: the job record (read only, job records only) and the sealed auth_header (decrypt only)
+        (("s3:GetObject",), "${Bucket.Arn}/users/*/avatars/*/adapters/jobs/*"),
+        (("kms:Decrypt",), "${CallbackKey.Arn}"),
     )
     g = grants(role)
     assert set(g) == expected, f"events role: extra {sorted(set(g) - expected)}, missing {sorted(expected - set(g))}"
@@ -421,6 +426,7 @@ def check_trainer_role(t: dict) -> None:
           "sqs:GetQueueAttributes"), "${TrainQueue.Arn}"),
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${TrainDeadLetterQueue.Arn}"),
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${EventsQueue.Arn}"),
+        (("kms:Encrypt",), "${CallbackKey.Arn}"),
     )
     g = grants(role)
     assert set(g) == expected, (
@@ -549,6 +555,10 @@ MUTATIONS: dict[str, Callable[[dict], None]] = {
     "no partial batch responses": lambda t: props(t, "EventsFunction")["Events"]["EventsQueue"]["Properties"].pop(
         "FunctionResponseTypes"),
     "events trigger removed": lambda t: props(t, "EventsFunction").pop("Events"),
+    "events reads all of users/": lambda t: _role_statement(t, "EventsFunctionRole", "ReadJobRecords").update(
+        Resource={"Fn::Sub": "${Bucket.Arn}/users/*"}),
+    "api may decrypt webhook headers": lambda t: _role_statement(t, "ApiFunctionRole", "SealCallbackHeaders").update(
+        Action=["kms:Encrypt", "kms:Decrypt"]),
     "api jwt mode": lambda t: props(t, "ApiFunction")["Environment"]["Variables"].update(AUTH_MODE="jwt"),
 }
 

@@ -38,7 +38,7 @@ CHAT = chat_line("How was the trip?", "Long, but the food was great.")
 VIEW_FIELDS = {
     "id", "type", "status", "created_at", "updated_at", "started_at", "finished_at", "avatar_id", "config",
     "progress", "metrics", "error", "adapter_version", "data", "cancel_requested", "attempts",
-    "spec", "request", "result",
+    "spec", "request", "result", "links",
 }
 
 

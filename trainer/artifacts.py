@@ -1,10 +1,11 @@
 """Adapter versions and checkpoints in S3.
 
-Publishing a version writes `versions/{n}/` (adapter files, then metrics.json), then
-overwrites the current files in `adapters/`, then `manifest.json` last: a reader that trusts
-the manifest never sees a half-written adapter. Checkpoints follow the same rule: files
-first, the `_COMPLETE` marker last, and only a marked checkpoint is ever resumed from. So do
-merged models (`merged/{version}/`, fuse jobs): files first, their `manifest.json` last.
+Publishing a version writes `versions/{n}/` (adapter files, samples.json and loss.png, then
+metrics.json), then, when the version is promoted, overwrites the current files in `adapters/`,
+then `manifest.json` last: a reader that trusts the manifest never sees a half-written
+adapter. Checkpoints follow the same rule: files first, the `_COMPLETE` marker last, and only
+a marked checkpoint is ever resumed from. So do merged models (`merged/{version}/`, fuse
+jobs): files first, their `manifest.json` last.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mimetypes
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from contracts.adapters import AdapterManifest, MergedManifest, VersionMetrics
+from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
     CHECKPOINT_COMPLETE_MARKER,
+    FULL_MODEL_MANIFEST_FILE,
     MERGED_MANIFEST_FILE,
     METRICS_FILE,
     adapter_manifest_key,
@@ -28,6 +31,8 @@ from contracts.keys import (
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoint_prefix,
+    full_model_prefix,
+    full_model_version_prefix,
     merged_version_prefix,
 )
 from trainer.aws import is_not_found, is_precondition_failed
@@ -123,11 +128,34 @@ class ArtifactStore:
                 return version
         return None
 
+    def download_current(self, user_id: str, avatar_id: str, dest: Path) -> AdapterManifest | None:
+        """Download the current adapter files into `dest`; their manifest, or None when the
+        avatar has no adapter (or it was deleted meanwhile)."""
+        manifest = self.current_manifest(user_id, avatar_id)
+        if manifest is None:
+            return None
+        prefix = adapter_prefix(user_id, avatar_id)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            try:
+                self._s3.download_file(self._bucket, prefix + name, str(dest / name))
+            except Exception as exc:
+                if is_not_found(exc):
+                    return None
+                raise
+        return manifest
+
     def publish(
         self, user_id: str, avatar_id: str, adapter_dir: Path, *, job_id: str, base_model: str,
-        metrics: dict[str, Any], keep_versions: int,
+        metrics: dict[str, Any], keep_versions: int, extra_files: dict[str, Path] | None = None,
+        promote: bool = True,
     ) -> int:
-        """Store the adapter in `adapter_dir` as the next version and make it current."""
+        """Store the adapter in `adapter_dir` as the next version, with `extra_files` (samples.json,
+        loss.png) beside it, and make it current unless `promote` is False (then it is kept
+        under versions/{n}/ to be promoted later, and the current adapter stays)."""
+        extra = dict(extra_files or {})
+        if {METRICS_FILE, ".claim", *ADAPTER_FILES} & set(extra) or any("/" in name for name in extra):
+            raise ValueError(f"extra files may not replace a version's own files: {sorted(extra)}")
         files = {name: adapter_dir / name for name in ADAPTER_FILES}
         hashes = {name: sha256_file(path) for name, path in files.items()}
         while True:
@@ -143,12 +171,36 @@ class ArtifactStore:
             break
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
+        for name, path in extra.items():  # before metrics.json, which marks the version complete
+            self._s3.upload_file(str(path), self._bucket, prefix + name,
+                                 ExtraArgs={"ContentType": _content_type(name)})
         meta = VersionMetrics(version=version, job_id=job_id, base_model=base_model, metrics=metrics)
         self._put_json(prefix + METRICS_FILE, _with_files(meta, hashes))
-        self.make_current(user_id, avatar_id, version, job_id=job_id, base_model=base_model, metrics=metrics,
-                          hashes=hashes, source_dir=adapter_dir)
+        if promote:
+            self.make_current(user_id, avatar_id, version, job_id=job_id, base_model=base_model, metrics=metrics,
+                              hashes=hashes, source_dir=adapter_dir)
         self.prune(user_id, avatar_id, keep_versions, protect=version)
         return version
+
+    def finish_promotion(self, user_id: str, avatar_id: str, version: int) -> VersionMetrics | None:
+        """For a retried job whose version is already published: complete its promotion if the
+        earlier attempt stopped between metrics.json and the manifest. Returns the version's
+        stored metrics (the outcome that stands), or None when it is gone."""
+        meta = self.version_metrics(user_id, avatar_id, version)
+        if meta is None or not meta.metrics.get("promoted", True):
+            return meta
+        manifest = self.current_manifest(user_id, avatar_id)
+        if manifest is not None and (manifest.job_id == meta.job_id or manifest.current_version >= version):
+            return meta  # promoted already, or a newer version is current by now
+        prefix, current = adapter_version_prefix(user_id, avatar_id, version), adapter_prefix(user_id, avatar_id)
+        for name in ADAPTER_FILES:
+            self._s3.copy_object(Bucket=self._bucket, Key=current + name,
+                                 CopySource={"Bucket": self._bucket, "Key": prefix + name})
+        promoted = AdapterManifest(current_version=version, job_id=meta.job_id, base_model=meta.base_model,
+                                   files=meta.files, metrics=meta.metrics)
+        self._put_json(adapter_manifest_key(user_id, avatar_id), promoted.model_dump_json(by_alias=True))
+        log.info("version %d of job %s promoted on retry", version, meta.job_id)
+        return meta
 
     def make_current(
         self, user_id: str, avatar_id: str, version: int, *, job_id: str | None, base_model: str | None,
@@ -195,6 +247,43 @@ class ArtifactStore:
         self._put_json(prefix + MERGED_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
         return manifest
 
+    # -- full fine-tunes (method full) -----------------------------------------------------
+
+    def full_manifest(self, user_id: str, avatar_id: str, version: int) -> FullModelManifest | None:
+        return self._get_model(full_model_version_prefix(user_id, avatar_id, version) + FULL_MODEL_MANIFEST_FILE,
+                               FullModelManifest)
+
+    def full_version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
+        """The full-model version a job already published (a retried job must not publish twice)."""
+        for version in reversed(self._child_numbers(full_model_prefix(user_id, avatar_id))):
+            manifest = self.full_manifest(user_id, avatar_id, version)
+            if manifest is not None and manifest.job_id == job_id:
+                return version
+        return None
+
+    def publish_full(self, user_id: str, avatar_id: str, model_dir: Path, manifest: FullModelManifest) -> FullModelManifest:
+        """Upload a whole model to the next `full/{version}/` (claimed like adapter versions), its
+        `manifest.json` last; returns the manifest written (version and files' sha256 filled in)."""
+        files = {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
+        if FULL_MODEL_MANIFEST_FILE in files:
+            raise ValueError(f"a saved model may not carry its own {FULL_MODEL_MANIFEST_FILE}")
+        while True:
+            version = max(self._child_numbers(full_model_prefix(user_id, avatar_id)), default=0) + 1
+            prefix = full_model_version_prefix(user_id, avatar_id, version)
+            try:  # a concurrent publisher gets 412 and takes the next number
+                self._put_json(prefix + ".claim", json.dumps({"job_id": manifest.job_id}), IfNoneMatch="*")
+            except Exception as exc:
+                if is_precondition_failed(exc):
+                    continue
+                raise
+            break
+        manifest = manifest.model_copy(update={
+            "version": version, "files": {name: sha256_file(path) for name, path in files.items()}})
+        for name, path in files.items():
+            self._s3.upload_file(str(path), self._bucket, prefix + name)
+        self._put_json(prefix + FULL_MODEL_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
+        return manifest
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, user_id: str, avatar_id: str, job_id: str, local_dir: Path, step: int) -> None:
@@ -231,6 +320,10 @@ class ArtifactStore:
 
     def delete_checkpoints(self, user_id: str, avatar_id: str, job_id: str) -> None:
         self._delete_keys(self._keys(checkpoint_prefix(user_id, avatar_id, job_id)))
+
+
+def _content_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def _with_files(meta: VersionMetrics, hashes: dict[str, str]) -> str:

@@ -66,6 +66,8 @@ def run_data_parallel(
     *, processes: int, base_model: str, method: str, cfg: AdapterSettings,
     train_examples: list[TokenizedExample], eval_examples: list[TokenizedExample],
     work_dir: Path, control: TrainingControl, resume_from: Path | None, env: dict[str, str] | None = None,
+    revision: str | None = None, token_env: str | None = None, report_to: list[str] | None = None,
+    log_dir: Path | None = None,
 ) -> TrainOutcome:
     """Train on `processes` ranks; returns when they have finished or stopped."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,11 @@ def run_data_parallel(
         "eval": [asdict(e) for e in eval_examples],
         "work_dir": str(work_dir),
         "resume_from": str(resume_from) if resume_from else None,
+        # The hub token stays in the environment the ranks inherit: only its variable's name is written.
+        "revision": revision,
+        "token_env": token_env,
+        "report_to": list(report_to or []),
+        "log_dir": str(log_dir) if log_dir else None,
     }
     _write_json(work_dir / "spec.json", spec)
     command = [
@@ -141,7 +148,7 @@ class _FileControl:
 def _rank_main(spec_path: str) -> None:
     import torch.distributed as dist
 
-    from trainer.base_model import BaseModelCache
+    from trainer.base_model import BaseModelCache, QuantOptions
     from trainer.settings import get_settings
     from trainer.training import train_adapter
 
@@ -154,14 +161,23 @@ def _rank_main(spec_path: str) -> None:
 
         torch.set_num_threads(settings.torch_threads)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    base = BaseModelCache(settings.model_cache_dir, token).get(spec["base_model"], spec["method"])
+    if spec.get("token_env"):
+        token = os.environ.get(spec["token_env"]) or token
+    cfg = AdapterSettings.model_validate(spec["config"])
+    quant = QuantOptions(cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant,
+                         cfg.compute_dtype)
+    base = BaseModelCache(settings.model_cache_dir, token).get(spec["base_model"], spec["method"], quant,
+                                                               revision=spec.get("revision"))
     schedule = CheckpointSchedule(settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
     control = _FileControl(work_dir, rank, schedule)
     outcome = train_adapter(
-        base, AdapterSettings.model_validate(spec["config"]),
+        base, cfg,
         [TokenizedExample(**e) for e in spec["train"]], [TokenizedExample(**e) for e in spec["eval"]],
         work_dir / f"rank-{rank}" if rank else work_dir, control,
         Path(spec["resume_from"]) if spec["resume_from"] else None,
+        # Only rank 0 logs: the other ranks would write duplicate event files.
+        report_to=spec.get("report_to") if rank == 0 else None,
+        log_dir=Path(spec["log_dir"]) if spec.get("log_dir") else None,
     )
     if rank == 0:
         metrics = dict(outcome.metrics, world_size=int(os.environ.get("WORLD_SIZE", "1")))

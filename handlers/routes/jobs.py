@@ -26,19 +26,24 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, status
-from pydantic import BaseModel, field_serializer
+from pydantic import BaseModel, Field, field_serializer
 
 from contracts.adapter import AdapterSettings
 from contracts.ids import InvalidIdentifier, validate_id
 from contracts.jobs import JobProgress, JobRecord, JobStatus, JobType, TrainingDocumentRef, new_job_id, utcnow
+from contracts.keys import LOSS_CURVE_FILE, METRICS_FILE, SAMPLES_FILE
 from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, QueueRequest, TrainRequest
+from contracts.sealing import SealError, job_context, seal_callbacks
 from contracts.spec import JobSpec
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.job_spec import TrainJobBody, check_job_body
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
 from handlers.problems import Problem
+from handlers.routes.adapters import version_file_path
+from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
-from handlers.training_data_store import decode_cursor, encode_cursor
+from handlers.training_data_store import DocumentNotFound, TrainingDataStore, decode_cursor, encode_cursor
 
 log = logging.getLogger("avatune.api")
 
@@ -72,6 +77,11 @@ class JobView(BaseModel):
     result: dict[str, Any] | None
     cancel_requested: bool
     attempts: int
+    links: dict[str, str] = Field(
+        default_factory=dict,
+        description="train jobs with a published version: API paths of that version's metrics.json, "
+        "samples.json (base vs adapter completions) and loss.png (loss curve)",
+    )
 
     @field_serializer("config")
     def _overrides_only(self, config: AdapterSettings) -> dict[str, Any]:
@@ -86,7 +96,13 @@ class JobView(BaseModel):
 
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
-        return cls.model_validate(record.model_dump(exclude={"lease", "user_id", "source", "schema_"}))
+        view = cls.model_validate(record.model_dump(exclude={"lease", "user_id", "source", "schema_"}))
+        if record.type == "train" and record.adapter_version is not None:
+            view.links = {
+                link: version_file_path(record.user_id, record.avatar_id, record.adapter_version, name)
+                for link, name in (("metrics", METRICS_FILE), ("samples", SAMPLES_FILE), ("loss_curve", LOSS_CURVE_FILE))
+            }
+        return view
 
 
 class JobList(BaseModel):
@@ -209,6 +225,9 @@ async def _roll_back(undo: list[Callable[[], Awaitable[bool]]]) -> None:
 
 # The job a request is about to create: its record and the request to queue, for a job id.
 JobPlan = Callable[[str], tuple[JobRecord, QueueRequest]]
+# What a job stores before it is queued (train: its inline training document), for a job id;
+# returns the step that removes it again should the job not be queued.
+JobStage = Callable[[str], Awaitable[Callable[[], Awaitable[Any]]]]
 
 
 async def queue_job(
@@ -218,12 +237,14 @@ async def queue_job(
     max_active_jobs: int,
     idempotency_key: str | None,
     prepare: Callable[[], Awaitable[JobPlan]],
+    stage: JobStage | None = None,
 ) -> JobView:
     """Create and queue one job of any type (steps 1-7 of the module docstring).
 
     `prepare` runs after the idempotency check and before the slot is taken: it raises the job
     type's own problems (409 no flagged document, 404 no adapter version, ...) or returns the
-    plan that builds the job's record and queue request."""
+    plan that builds the job's record and queue request. `stage` stores what the job needs
+    before it is queued (rolled back with the rest when queueing fails)."""
     key_hash = _key_hash(idempotency_key)
     if key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
         return JobView.of(earlier)
@@ -240,6 +261,8 @@ async def queue_job(
     undo: list[Callable[[], Awaitable[bool]]] = [lambda: jobs.release_claim(avatar, pointer_etag)]
 
     try:
+        if stage is not None:
+            undo.append(await stage(job_id))
         record, request = plan(job_id)
         record_etag = await jobs.create(record)
         if record_etag is None:
@@ -272,8 +295,33 @@ IdempotencyKeyHeader = Annotated[
 # -- routes ----------------------------------------------------------------------------------
 
 
+def inline_document_name(job_id: str) -> str:
+    """The training document a job's inline `training_data` is stored as."""
+    return f"inline-{job_id}.jsonl"
+
+
+def _inline_stage(avatar: AvatarRef, documents: TrainingDataStore, data: bytes) -> JobStage:
+    """Store the inline data as the job's flagged document; the step that removes it again."""
+
+    async def stage(job_id: str) -> Callable[[], Awaitable[Any]]:
+        name = inline_document_name(job_id)
+        await documents.put(avatar, name, data, True)
+
+        async def remove() -> None:
+            try:
+                await documents.delete(avatar, name)
+            except DocumentNotFound:
+                pass
+
+        return remove
+
+    return stage
+
+
 @router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView, summary="Queue a training job",
-             responses={409: {"description": "no document flagged for training, or a job is already active"},
+             responses={409: {"description": "no document flagged for training (and no datasets or training_data), "
+                                             "or a job is already active"},
+                        422: {"description": "an impossible spec; `field` names the field"},
                         429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
 async def create_job(
     avatar: AuthorizedAvatar,
@@ -281,24 +329,70 @@ async def create_job(
     documents: TrainingDataStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
-    body: AdapterSettings | None = None,
+    body: TrainJobBody | None = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
+    body = body or TrainJobBody()
+    inline = check_job_body(body, user_id=avatar.user_id, bucket=settings.s3_bucket,
+                            max_gpus=settings.max_gpus_per_job, max_inline_bytes=settings.max_upload_bytes,
+                            base_model_prefixes=settings.base_model_prefixes())
+    config, spec = body.config(), body.spec()
+    sealed: dict[str, JobSpec] = {}  # job id -> spec with callbacks.auth_header sealed (see _sealing_stage)
+
     def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
+        job_spec = sealed[job_id] if _has_auth_header(spec) else spec  # never the plaintext header
         record = JobRecord(id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                           config=body or AdapterSettings(), source="api")
+                           config=config, spec=job_spec, source="api")
         return record, TrainRequest(
             schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-            config=record.config, requested_at=record.created_at, origin="api",
+            config=config, requested_at=record.created_at, origin="api", **dict(job_spec),
         )
 
     async def prepare() -> JobPlan:
-        flagged, _ = await documents.list(avatar, True, 1)
-        if not flagged:
-            raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; upload or flag one first")
+        if inline is None and not spec.datasets:
+            flagged, _ = await documents.list(avatar, True, 1)
+            if not flagged:
+                raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; "
+                                   "upload or flag one first, or send datasets or training_data")
         return plan
 
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
+    stage = _inline_stage(avatar, documents, inline) if inline is not None else None
+    if _has_auth_header(spec):
+        stage = _sealing_stage(settings, avatar, spec, sealed, stage)
+    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare, stage)
+
+
+def _has_auth_header(spec: JobSpec) -> bool:
+    return spec.callbacks is not None and spec.callbacks.auth_header is not None
+
+
+def _sealing_stage(settings: Settings, avatar: AvatarRef, spec: JobSpec, sealed: dict[str, JobSpec],
+                   then: JobStage | None) -> JobStage:
+    """Seal callbacks.auth_header for the new job's id (the KMS encryption context names the
+    job) into `sealed`, then run `then`. The sealer is checked now, so a deployment without one
+    answers 422 before anything is stored; KMS runs in a thread (boto3 is synchronous)."""
+    try:
+        sealer = settings.sealer()
+    except SealError:
+        log.exception("CALLBACK_SEALER is misconfigured")
+        raise Problem(503, "callbacks.auth_header cannot be stored right now; retry later",
+                      headers={"Retry-After": "30"}) from None
+    if sealer is None:
+        raise Problem(422, "callbacks.auth_header: this deployment has no key to encrypt it at rest "
+                           "(CALLBACK_SEALER); send the job without it", field="callbacks.auth_header")
+
+    async def stage(job_id: str) -> Callable[[], Awaitable[Any]]:
+        context = job_context(avatar.user_id, avatar.avatar_id, job_id)
+        sealed[job_id] = await asyncio.to_thread(seal_callbacks, spec, sealer, context)
+        if then is not None:
+            return await then(job_id)
+
+        async def nothing() -> None:
+            return None
+
+        return nothing
+
+    return stage
 
 
 @router.get(BASE, response_model=JobList, summary="The avatar's jobs, newest first")

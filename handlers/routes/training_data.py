@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from contracts.documents import DocumentError, parse_document
-from contracts.ids import InvalidIdentifier, validate_document_name
+from contracts.ids import validate_document_name
 from handlers.archive import zip_stream
 from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
@@ -20,14 +20,14 @@ from handlers.training_data_store import (
     DocumentNotFound,
     PresignedUpload,
     TrainingDocument,
-    decode_cursor,
     encode_cursor,
 )
+from handlers.uploads import MULTIPART_OVERHEAD, checked_name, page_after, read_capped_body, refuse_declared_size, too_large
 
 router = APIRouter(prefix="/v1/users/{user_id}/avatars/{avatar_id}/training-data", tags=["training data"])
 
-# Multipart framing around the file; a request bigger than the cap plus this is refused unread.
-_MULTIPART_OVERHEAD = 64 * 1024
+# Where a document too large for MAX_UPLOAD_BYTES goes instead (named in the 413).
+_UPLOADS = "training-data/uploads"
 
 
 class DocumentList(BaseModel):
@@ -51,21 +51,11 @@ class DeleteResult(BaseModel):
 
 
 def _checked_name(name: str) -> str:
-    try:
-        return validate_document_name(name)
-    except InvalidIdentifier as exc:
-        raise Problem(400, str(exc)) from None
+    return checked_name(name, validate_document_name)
 
 
 def _too_large(limit: int) -> Problem:
-    return Problem(413, f"document exceeds MAX_UPLOAD_BYTES ({limit} bytes); use POST .../training-data/uploads for large files")
-
-
-def _refuse_declared_size(request: Request, limit: int, overhead: int = 0) -> None:
-    """Refuse a body whose declared length exceeds the document limit plus framing `overhead`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + overhead:
-        raise _too_large(limit)
+    return too_large(limit, _UPLOADS)
 
 
 async def _validated(name: str, data: bytes) -> None:
@@ -90,7 +80,7 @@ async def upload_document(
     use_for_training: Annotated[bool, Form()] = True,
     name: Annotated[str | None, Form(description="store under this name instead of the file's")] = None,
 ) -> TrainingDocument:
-    _refuse_declared_size(request, settings.max_upload_bytes, _MULTIPART_OVERHEAD)
+    refuse_declared_size(request, settings.max_upload_bytes, _UPLOADS, MULTIPART_OVERHEAD)
     doc_name = _checked_name(name or file.filename or "")
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise _too_large(settings.max_upload_bytes)
@@ -118,13 +108,7 @@ async def list_documents(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,
 ) -> DocumentList:
-    after = None
-    if cursor:
-        try:
-            after = decode_cursor(cursor)
-        except ValueError:
-            raise Problem(400, "invalid cursor: pass back the next_cursor of a previous page") from None
-    items, last = await store.list(avatar, use_for_training, limit, after)
+    items, last = await store.list(avatar, use_for_training, limit, page_after(cursor))
     return DocumentList(items=items, next_cursor=encode_cursor(last) if last else None)
 
 
@@ -176,13 +160,7 @@ async def put_document(
     use_for_training: Annotated[bool | None, Query(description="absent: keep the existing flag (true for a new document)")] = None,
 ) -> TrainingDocument:
     name = _checked_name(name)
-    _refuse_declared_size(request, settings.max_upload_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > settings.max_upload_bytes:
-            raise _too_large(settings.max_upload_bytes)
-    data = bytes(body)
+    data = await read_capped_body(request, settings.max_upload_bytes, _UPLOADS)
     await _validated(name, data)
     doc, created = await store.put(avatar, name, data, use_for_training)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK

@@ -1,0 +1,335 @@
+"""Judging a freshly trained adapter, and what a person reads about it.
+
+    during training: LossCurveCallback evaluates the held-out split at a few evenly spaced
+        steps (start and end come from train_adapter's eval_loss_before / _after) and keeps
+        the points in the Trainer's log_history, so a resumed job keeps its curve
+    after training:  evaluate_version -> the base's and the adapter's greedy completions on a
+        few held-out prompts (samples.json), the loss curve drawn (loss.png) and, for
+        `promote: if_better`, the current adapter's eval loss on the same split, to decide
+        whether the new version becomes current
+
+Adapters are attached to the worker's cached base for these checks and removed again, so the
+base comes back untouched, as after training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState
+
+from contracts.adapters import SampleCompletion, VersionSamples
+from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
+from trainer.dataset import IGNORE_INDEX, TokenizedExample
+
+log = logging.getLogger("avatune.trainer")
+
+# Eval points during training besides the start and the end (each costs one pass over the
+# held-out split, which is small: EVAL_FRACTION of the data).
+CURVE_EVAL_POINTS = 5
+# The train curve in metrics.json (and the job record) is thinned to this many points; the
+# record is read on every GET of the job, so it stays small even for long runs.
+MAX_TRAIN_CURVE_POINTS = 500
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+Curve = dict[str, list[list[float | None]]]  # {"train": [[step, loss], ...], "eval": [[step, loss], ...]}
+
+
+# -- the loss curve ---------------------------------------------------------------------------
+
+
+def eval_steps(max_steps: int, points: int = CURVE_EVAL_POINTS) -> set[int]:
+    """`points` steps evenly spaced strictly between 0 and `max_steps` (fewer on short runs)."""
+    if max_steps <= 1 or points <= 0:
+        return set()
+    steps = {round(max_steps * k / (points + 1)) for k in range(1, points + 1)}
+    return {s for s in steps if 0 < s < max_steps}
+
+
+def _finite(value: Any) -> float | None:
+    """A loss as JSON can carry it: a diverged (inf/nan) loss becomes null."""
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+class LossCurveCallback(TrainerCallback):
+    """Evaluates the held-out split at a few steps and records the points in
+    `state.log_history` as {"eval_loss", "step"} (saved in every checkpoint with the state)."""
+
+    def __init__(self, evaluate: Callable[[], float | None], start_loss: float | None,
+                 points: int = CURVE_EVAL_POINTS) -> None:
+        self._evaluate = evaluate
+        self._start_loss = start_loss
+        self._points = points
+        self._due: set[int] = set()
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:  # type: ignore[override]
+        self._due = eval_steps(state.max_steps, self._points)
+        # A resumed run's state (loaded before this call) already has its start point.
+        if state.global_step == 0 and self._start_loss is not None and state.is_world_process_zero:
+            state.log_history.append({"eval_loss": _finite(self._start_loss), "step": 0})
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:  # type: ignore[override]
+        # Rank 0 alone evaluates (its curve is the one kept); a stopping job skips the work.
+        if state.global_step not in self._due or control.should_training_stop or not state.is_world_process_zero:
+            return
+        loss = self._evaluate()
+        if loss is not None:
+            state.log_history.append({"eval_loss": _finite(loss), "step": state.global_step})
+
+    @staticmethod
+    def curve(state: TrainerState, eval_after: float | None) -> Curve:
+        """Train loss per logged step and eval loss at start, the evaluated steps and the end."""
+        return loss_curve(state.log_history, state.global_step, eval_after)
+
+
+def loss_curve(log_history: list[dict[str, Any]], final_step: int, eval_after: float | None) -> Curve:
+    train: dict[int, float | None] = {}
+    evals: dict[int, float | None] = {}
+    for entry in log_history:
+        if "step" not in entry:
+            continue
+        if "loss" in entry:
+            train[int(entry["step"])] = _finite(entry["loss"])
+        if "eval_loss" in entry:
+            evals[int(entry["step"])] = _finite(entry["eval_loss"])
+    if eval_after is not None:
+        evals[final_step] = _finite(eval_after)
+    return {
+        "train": _thin([[s, v] for s, v in sorted(train.items())], MAX_TRAIN_CURVE_POINTS),
+        "eval": [[s, v] for s, v in sorted(evals.items())],
+    }
+
+
+def _thin(points: list[list[Any]], limit: int) -> list[list[Any]]:
+    """At most `limit` points, evenly spaced, the first and the last kept."""
+    if len(points) <= limit:
+        return points
+    last = len(points) - 1
+    return [points[round(i * last / (limit - 1))] for i in range(limit)]
+
+
+def plot_loss_curve(curve: Curve, path: Path, title: str = "loss") -> Path:
+    """Draw the train and eval curves to a PNG at `path` (matplotlib's Agg canvas: no display)."""
+    from matplotlib.figure import Figure  # the object API: no pyplot global state, safe off the main thread
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    train = [(s, v) for s, v in curve.get("train", []) if v is not None]
+    evals = [(s, v) for s, v in curve.get("eval", []) if v is not None]
+    if train:
+        ax.plot(*zip(*train), linewidth=1, alpha=0.8, label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", linewidth=1.5, label="eval loss (held-out)")
+    values = [v for _, v in train + evals]
+    if values and min(values) > 0 and max(values) / min(values) > 50:
+        ax.set_yscale("log")  # a diverging run would flatten everything else
+    if not values:
+        ax.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+# -- samples -----------------------------------------------------------------------------------
+
+
+@dataclass
+class HeldOutPrompt:
+    prompt_ids: list[int]  # the conversation up to its first trained answer (the assistant header included)
+    reference_ids: list[int]  # that answer
+
+
+def held_out_prompts(examples: list[TokenizedExample], count: int,
+                     max_prompt_tokens: int | None) -> list[HeldOutPrompt]:
+    """The first `count` held-out examples that have a prompt (and fit `max_prompt_tokens`)."""
+    prompts: list[HeldOutPrompt] = []
+    for ex in examples:
+        if len(prompts) >= count:
+            break
+        start = next((i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX), None)
+        if not start or (max_prompt_tokens is not None and start > max_prompt_tokens):
+            continue
+        end = next((i for i in range(start, len(ex.labels)) if ex.labels[i] == IGNORE_INDEX), len(ex.labels))
+        prompts.append(HeldOutPrompt(ex.input_ids[:start], ex.input_ids[start:end]))
+    return prompts
+
+
+def _end_ids(model: Any, tokenizer: Any) -> list[int]:
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
+
+def greedy_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy-decode at most `max_new_tokens` after `prompt_ids`; only the new text."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    end_ids = _end_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids[0] if end_ids else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                eos_token_id=end_ids or None, pad_token_id=pad_id,
+                use_cache=True,  # training switched the config's cache off
+            )
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
+
+
+@contextmanager
+def adapter_attached(base: Any, adapter_dir: Path) -> Iterator[Any]:
+    """The PEFT adapter in `adapter_dir` on the cached base (a LoadedBase), removed on exit."""
+    from peft import PeftModel
+
+    from trainer.training import _remove_lora
+
+    peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    try:
+        yield peft_model
+    finally:
+        base.model = _remove_lora(peft_model)
+
+
+def adapter_eval_loss(base: Any, adapter_dir: Path, examples: list[TokenizedExample]) -> float | None:
+    """Eval loss of the adapter in `adapter_dir` on `examples` (same measure as training's)."""
+    from trainer.training import evaluate_loss
+
+    with adapter_attached(base, adapter_dir) as model:
+        return evaluate_loss(model, examples, base.device)
+
+
+# -- the verdict ------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What evaluate_version found: metrics to add, files to store beside metrics.json, and
+    whether the version becomes current."""
+
+    promote: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class CurrentAdapter:
+    """The avatar's current adapter, downloaded, for `promote: if_better`."""
+
+    version: int
+    adapter_dir: Path
+
+
+def decide(policy: str, eval_after: float | None, reference: float | None, against: str) -> tuple[bool, str]:
+    """(promote?, why). `if_better` keeps the current adapter only on evidence that the new one
+    is worse: a higher (or diverged) eval loss on the same held-out split; equal counts as not worse."""
+    if policy != "if_better":
+        return True, "promote: always"
+    if eval_after is None:
+        return True, "no held-out examples to compare on (EVAL_FRACTION / too few examples): promoted"
+    if not math.isfinite(eval_after):
+        return False, f"eval loss diverged ({eval_after}); the current adapter stays"
+    if reference is None or not math.isfinite(reference):
+        return True, f"{against} has no finite eval loss to compare with: promoted"
+    if eval_after <= reference:
+        return True, f"eval loss {eval_after:.6g} <= {reference:.6g} of {against}: promoted"
+    return False, f"eval loss got worse: {eval_after:.6g} > {reference:.6g} of {against}; the current adapter stays"
+
+
+def evaluate_version(
+    base: Any, adapter_dir: Path, eval_examples: list[TokenizedExample], out_dir: Path, *,
+    job_id: str, policy: str, current: CurrentAdapter | None, metrics: dict[str, Any],
+    sample_prompts: int, max_new_tokens: int,
+) -> Evaluation:
+    """Samples, loss plot and the promotion verdict for the version trained into `adapter_dir`.
+
+    `base` is the worker's LoadedBase with no adapter attached; `metrics` the training's
+    (eval_loss_before / _after, loss_curve). For `if_better` the reference is the current
+    adapter's eval loss on `eval_examples`, or the base's (eval_loss_before) when there is none."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    is_adapter = (adapter_dir / ADAPTER_CONFIG_FILE).is_file()
+    found: dict[str, Any] = {"promote": policy}
+
+    reference: float | None = None
+    against = "the base model"
+    if policy == "if_better":
+        reference = metrics.get("eval_loss_before")
+        if current is not None and eval_examples:
+            try:
+                reference = adapter_eval_loss(base, current.adapter_dir, eval_examples)
+                against = f"the current version {current.version}"
+            except Exception as exc:  # e.g. an adapter of other shapes: the base is the fallback yardstick
+                log.exception("job %s: evaluating the current version %d failed", job_id, current.version)
+                against = f"the base model (the current version {current.version} could not be evaluated: " \
+                          f"{type(exc).__name__})"
+        found["eval_loss_current"] = _finite(reference)
+        found["compared_with"] = against
+    eval_after = metrics.get("eval_loss_after")
+    promote, reason = decide(policy, None if eval_after is None else float(eval_after), reference, against)
+    found.update(promoted=promote, promote_reason=reason)
+
+    samples = _samples(base, adapter_dir if is_adapter else None, eval_examples, job_id, sample_prompts, max_new_tokens)
+    (out_dir / SAMPLES_FILE).write_text(samples.model_dump_json(by_alias=True, indent=2))
+    found["samples"] = len(samples.samples)
+    curve = metrics.get("loss_curve") or {"train": [], "eval": []}
+    plot_loss_curve(curve, out_dir / LOSS_CURVE_FILE, title=f"job {job_id}")
+    return Evaluation(promote=promote, metrics=found,
+                      files={SAMPLES_FILE: out_dir / SAMPLES_FILE, LOSS_CURVE_FILE: out_dir / LOSS_CURVE_FILE})
+
+
+def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExample], job_id: str,
+             count: int, max_new_tokens: int) -> VersionSamples:
+    tokenizer = base.tokenizer
+    window = getattr(base.model.config, "max_position_embeddings", None)
+    prompts = held_out_prompts(examples, count, None if window is None else window - max_new_tokens)
+    note = None
+    if adapter_dir is None:
+        prompts, note = [], "the job did not produce an adapter to sample"
+    elif len(prompts) < count:
+        note = f"{len(prompts)} of {count} asked: the held-out split has no more prompts that fit the model"
+    try:
+        base_texts = [greedy_completion(base.model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
+        adapter_texts: list[str] = []
+        if prompts:
+            assert adapter_dir is not None
+            with adapter_attached(base, adapter_dir) as model:
+                adapter_texts = [greedy_completion(model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
+    except Exception as exc:  # samples are for reading; they never cost the job its trained version
+        if type(exc).__name__ == "OutOfMemoryError":
+            torch.cuda.empty_cache()
+        log.exception("job %s: generating samples failed", job_id)
+        return VersionSamples(job_id=job_id, max_new_tokens=max_new_tokens,
+                              note=f"generating samples failed: {type(exc).__name__}")
+    return VersionSamples(
+        job_id=job_id, max_new_tokens=max_new_tokens, note=note,
+        samples=[
+            SampleCompletion(
+                prompt=tokenizer.decode(p.prompt_ids, skip_special_tokens=False),
+                reference=tokenizer.decode(p.reference_ids, skip_special_tokens=True),
+                base=b, adapter=a, prompt_tokens=len(p.prompt_ids),
+            )
+            for p, b, a in zip(prompts, base_texts, adapter_texts, strict=True)
+        ],
+    )

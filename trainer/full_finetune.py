@@ -1,0 +1,121 @@
+"""Full fine-tuning (`method: full`): every weight (or the `trainable_layers`' and
+`target_modules`' weights) of a private copy of the base is trained, and the whole model is
+saved (safetensors + tokenizer), not an adapter.
+
+    private fp32 copy of the base (never the worker's cached base, which later LoRA jobs reuse)
+    -> freeze all but the chosen layers/modules -> Trainer (mixed precision from `precision`)
+    -> saved in the precision's dtype -> the copy freed
+
+Full fine-tuning never runs on 4-bit weights: the runner refuses a full job with qlora options.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contracts.adapter import AdapterSettings
+from trainer import integrations
+from trainer.base_model import BaseModelCache, BaseRef
+from trainer.dataset import TokenizedExample
+from trainer.training import (
+    TrainingControl,
+    TrainOutcome,
+    _JobCallback,
+    _round,
+    _use_packed_attention,
+    check_modules,
+    evaluate_loss,
+    make_trainer,
+    resolve_precision,
+    spec_metrics,
+)
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def freeze_for(model: Any, cfg: AdapterSettings) -> int:
+    """Leave trainable only the parameters of `trainable_layers` (decoder layer indices) and of
+    `target_modules` (module names) when set; everything when neither is. Returns the number of
+    trainable parameters."""
+    layers = set(cfg.trainable_layers or [])
+    modules = set(cfg.target_modules or [])
+    count = 0
+    for name, param in model.named_parameters():
+        module_path = name.rsplit(".", 1)[0]
+        match = _LAYER_RE.search(name)
+        in_layers = not layers or (match is not None and int(match.group(1)) in layers)
+        in_modules = not modules or any(module_path == m or module_path.endswith("." + m) for m in modules)
+        param.requires_grad = in_layers and in_modules
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
+def train_full(
+    models: BaseModelCache, ref: BaseRef, cfg: AdapterSettings, train_examples: list[TokenizedExample],
+    eval_examples: list[TokenizedExample], work_dir: Path, control: TrainingControl,
+    resume_from: Path | None = None, report_to: list[str] | None = None, log_dir: Path | None = None,
+) -> TrainOutcome:
+    """Fully fine-tune a private copy of the base; the model is saved under `work_dir/model`."""
+    started = time.monotonic()
+    report_to = list(report_to or [])
+    held: dict[str, Any] = {}
+    try:
+        # fp32 master weights: bf16/fp16 mixed precision trains on them; the saved copy is cast.
+        held["model"] = model = models.load_private(ref.path, torch.float32, revision=ref.revision, token=ref.token)
+        device = next(model.parameters()).device
+        check_modules(model, cfg)
+        precision, precision_note = resolve_precision(cfg.precision, device)
+        extra = integrations.callbacks(report_to, log_dir or work_dir / "logs") if report_to else []
+        trainable = freeze_for(model, cfg)
+        if trainable == 0:
+            from trainer.errors import JobFailure
+
+            raise JobFailure("trainable_layers/target_modules leave no weight to train")
+        model.config.use_cache = False
+        _use_packed_attention(model)
+        torch.manual_seed(cfg.seed or 0)
+        eval_before = evaluate_loss(model, eval_examples, device)
+        callback = _JobCallback(control, started)
+        held["trainer"] = trainer = make_trainer(model, cfg, train_examples, work_dir, device, precision,
+                                                 [callback, *extra])
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if callback.stop_reason:
+            return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
+        eval_after = evaluate_loss(model, eval_examples, device)
+        metrics = {
+            "train_loss": round(float(result.training_loss), 6),
+            "eval_loss_before": _round(eval_before),
+            "eval_loss_after": _round(eval_after),
+            "perplexity_before": _round(math.exp(eval_before)) if eval_before is not None else None,
+            "perplexity_after": _round(math.exp(eval_after)) if eval_after is not None else None,
+            "train_examples": len(train_examples),
+            "eval_examples": len(eval_examples),
+            "train_tokens_per_epoch": sum(ex.num_trainable_tokens for ex in train_examples),
+            "steps": trainer.state.global_step,
+            "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
+            "method": "full",
+            "train_seconds": round(time.monotonic() - started, 3),
+            **spec_metrics(cfg, trainer, precision, precision_note, report_to),
+        }
+        out_dir = work_dir / "model"
+        if trainer.is_world_process_zero():
+            model.config.use_cache = True
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("sdpa")  # our packed kernel is not registered where it is loaded
+            model.to(SAVE_DTYPES[precision]).save_pretrained(out_dir, safe_serialization=True)
+            models.stock_tokenizer(ref.path, revision=ref.revision, token=ref.token).save_pretrained(out_dir)
+        metrics["dtype"] = str(SAVE_DTYPES[precision]).removeprefix("torch.")
+        return TrainOutcome(completed=True, adapter_dir=out_dir, metrics=metrics)
+    finally:
+        held.clear()  # free the private copy (and its optimizer state) before the next job
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
