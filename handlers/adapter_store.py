@@ -22,6 +22,7 @@ from contracts.adapters import AdapterManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
     LOSS_CURVE_FILE,
+    FULL_MODEL_MANIFEST_FILE,
     MERGED_MANIFEST_FILE,
     METRICS_FILE,
     SAMPLES_FILE,
@@ -31,6 +32,7 @@ from contracts.keys import (
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoints_prefix,
+    full_model_prefix,
     merged_prefix,
     version_file_key,
 )
@@ -197,24 +199,25 @@ class AdapterStore:
 
     async def delete(self, ref: AvatarRef) -> int:
         """Delete the configuration, the manifest, the current files, every version, every
-        checkpoint and every merged model (`merged/`, fuse jobs); never training data, job
+        checkpoint, every merged model (`merged/`, fuse jobs) and every fully fine-tuned model
+        (`full/`, `method: full` jobs); never training data, job
         records or idempotency records. Returns how many objects were deleted (0: there was no
         adapter)."""
         u, a = ref.user_id, ref.avatar_id
         root = adapter_prefix(u, a)
         wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}
         top, _ = await self.objects.objects(root, delimiter="/")
-        versions, checkpoints, merged = await asyncio.gather(
+        versions, checkpoints, merged, full = await asyncio.gather(
             self.objects.objects(adapter_versions_prefix(u, a)), self.objects.objects(checkpoints_prefix(u, a)),
-            self.objects.objects(merged_prefix(u, a)),
+            self.objects.objects(merged_prefix(u, a)), self.objects.objects(full_model_prefix(u, a)),
         )
         keys = [o["Key"] for o in top if o["Key"] in wanted]
-        keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0]]
-        # Manifests go first (the adapter's, then each merged model's): from then on no reader
-        # takes the files that remain for a complete adapter or merged model.
-        merged_root = merged_prefix(u, a)
+        keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0] + full[0]]
+        # Manifests go first (the adapter's, then each merged or full model's): from then on no
+        # reader takes the files that remain for a complete adapter or model.
+        model_roots = (merged_prefix(u, a), full_model_prefix(u, a))
         manifests = [k for k in keys if k == adapter_manifest_key(u, a)
-                     or (k.startswith(merged_root) and k.endswith("/" + MERGED_MANIFEST_FILE))]
+                     or (k.startswith(model_roots) and k.endswith(("/" + MERGED_MANIFEST_FILE, "/" + FULL_MODEL_MANIFEST_FILE)))]
         await self._delete_keys(manifests)
         await self._delete_keys([k for k in keys if k not in set(manifests)])
         return len(keys)

@@ -25,6 +25,7 @@ from contracts.keys import (
     adapter_manifest_key,
     adapter_prefix,
     adapter_version_prefix,
+    full_model_prefix,
     merged_prefix,
     training_data_prefix,
     version_file_key,
@@ -207,9 +208,14 @@ def test_delete_adapter_removes_merged_models(pipeline: Pipeline, first_if_bette
     assert fused["links"] == {}  # a fuse job's version is the one it merged, not one it published
     merged = merged_prefix(api.user_id, api.avatar_id)
     assert keys_under(s3, merged)  # the premise: a merged model exists
+    # A full fine-tune's model (written here directly: a full job is tested in test_job_spec_trainer).
+    full = full_model_prefix(api.user_id, api.avatar_id)
+    for name in ("model.safetensors", "manifest.json"):
+        s3.put_object(Bucket=TEST_BUCKET, Key=f"{full}1/{name}", Body=b"x")
 
     assert api.delete(f"{api.base}/adapter").status_code == 204
     assert keys_under(s3, merged) == []
+    assert keys_under(s3, full) == []
     assert keys_under(s3, adapter_version_prefix(api.user_id, api.avatar_id, 1)) == []
     assert keys_under(s3, training_data_prefix(api.user_id, api.avatar_id))  # training data stays
     assert api.get(f"{api.base}/adapter/versions/1/files/{SAMPLES_FILE}").status_code == 404

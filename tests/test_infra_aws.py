@@ -327,7 +327,6 @@ def check_no_side_doors(t: dict) -> None:
 
 LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 API_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:GetObjectTagging", "s3:PutObjectTagging")
-TRAINER_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:GetObjectTagging")
 ADAPTERS = "users/*/avatars/*/adapters/*"
 MERGED = "users/*/avatars/*/merged/*"
 
@@ -377,11 +376,13 @@ def check_events_role(t: dict) -> None:
          "${EventsQueue.Arn}"),
         # webhooks: the job record (read only, job records only) and the sealed auth_header (decrypt only)
         (("s3:GetObject",), "${Bucket.Arn}/users/*/avatars/*/adapters/jobs/*"),
+        (("s3:ListBucket",), "${Bucket.Arn}"),
         (("kms:Decrypt",), "${CallbackKey.Arn}"),
     )
     g = grants(role)
     assert set(g) == expected, f"events role: extra {sorted(set(g) - expected)}, missing {sorted(expected - set(g))}"
-    assert all(c is None for c in g.values())
+    assert g[("s3:ListBucket", "${Bucket.Arn}")] == {"StringLike": {"s3:prefix": ["users/*/avatars/*/adapters/jobs/*"]}}
+    assert all(c is None for k, c in g.items() if k[0] != "s3:ListBucket")
     assert render(props(t, "EventsFunction")["LoggingConfig"]["LogGroup"]) == "${EventsLogGroup}"
 
 
@@ -419,8 +420,12 @@ def check_trainer_role(t: dict) -> None:
     role = roles["TrainerRole"]
     assert role.get("Condition") == "HasEksOidc"
     expected = _expect(
-        (TRAINER_OBJECT_ACTIONS, "${Bucket.Arn}/" + ADAPTERS),
-        (("s3:GetObject", "s3:PutObject", "s3:DeleteObject"), "${Bucket.Arn}/" + MERGED),
+        (("s3:GetObject", "s3:PutObject"), "${Bucket.Arn}/users/*"),
+        (("s3:DeleteObject",), "${Bucket.Arn}/" + ADAPTERS),
+        (("s3:DeleteObject",), "${Bucket.Arn}/" + MERGED),
+        (("s3:DeleteObject",), "${Bucket.Arn}/users/*/avatars/*/full/*"),
+        (("s3:DeleteObject",), "${Bucket.Arn}/users/*/vectorstore/*"),
+        (("s3:GetObjectTagging",), "${Bucket.Arn}/" + ADAPTERS),
         (("s3:ListBucket",), "${Bucket.Arn}"),
         (("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl",
           "sqs:GetQueueAttributes"), "${TrainQueue.Arn}"),
@@ -432,7 +437,7 @@ def check_trainer_role(t: dict) -> None:
     assert set(g) == expected, (
         f"trainer role grants differ.\n  extra:   {sorted(set(g) - expected)}\n  missing: {sorted(expected - set(g))}"
     )
-    assert g[("s3:ListBucket", "${Bucket.Arn}")] == {"StringLike": {"s3:prefix": [ADAPTERS, MERGED]}}
+    assert g[("s3:ListBucket", "${Bucket.Arn}")] == {"StringLike": {"s3:prefix": ["users/*"]}}
     for key, condition in g.items():
         if key[0] != "s3:ListBucket":
             assert condition is None, f"unexpected condition on {key}"
@@ -524,11 +529,12 @@ MUTATIONS: dict[str, Callable[[dict], None]] = {
     "api managed policy": lambda t: props(t, "ApiFunctionRole").update(
         ManagedPolicyArns=["arn:aws:iam::aws:policy/AmazonS3FullAccess"]),
     "function gets sam policies": lambda t: props(t, "ApiFunction").update(Policies=["AmazonSQSFullAccess"]),
-    "trainer reads all of users/": lambda t: _role_statement(t, "TrainerRole", "AdapterObjects").update(
-        Resource={"Fn::Sub": "${Bucket.Arn}/users/*"}),
-    "trainer tags documents": lambda t: _role_statement(t, "TrainerRole", "AdapterObjects")["Action"].append(
-        "s3:PutObjectTagging"),
-    "trainer lists the bucket": lambda t: _role_statement(t, "TrainerRole", "ListAdapters").pop("Condition"),
+    "trainer deletes training data": lambda t: _role_statement(t, "TrainerRole", "UserObjects")["Action"].append(
+        "s3:DeleteObject"),
+    "trainer tags documents": lambda t: _role_statement(t, "TrainerRole", "TrainingDataTags").update(
+        Action=["s3:GetObjectTagging", "s3:PutObjectTagging"]),
+    "trainer lists the bucket": lambda t: _role_statement(t, "TrainerRole", "ListUsers").pop("Condition"),
+    "events lists the bucket": lambda t: _role_statement(t, "EventsFunctionRole", "ListJobRecords").pop("Condition"),
     "trainer purges queue": lambda t: _role_statement(t, "TrainerRole", "ConsumeTrainQueue")["Action"].append(
         "sqs:PurgeQueue"),
     "trainer any service account": lambda t: _mutate_trust(

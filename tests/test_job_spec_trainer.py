@@ -262,6 +262,7 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         assert done["status"] == "succeeded", done
         m = done["metrics"]
         assert done["adapter_version"] == 1 and m["method"] == "full"
+        assert done["links"] == {}  # its version numbers a model under full/, not an adapter version's files
         assert m["precision"] == "bf16" and m["dtype"] == "bfloat16"
         assert m["steps"] == 2 and m["max_steps"] == 2 and m["gradient_accumulation_steps"] == 2
         assert m["eval_examples"] == 10 and m["train_examples"] == 10  # eval_fraction 0.5, not EVAL_FRACTION 0.1

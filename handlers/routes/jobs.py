@@ -97,7 +97,8 @@ class JobView(BaseModel):
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
         view = cls.model_validate(record.model_dump(exclude={"lease", "user_id", "source", "schema_"}))
-        if record.type == "train" and record.adapter_version is not None:
+        # A full fine-tune's version numbers a whole model under full/, not an adapter version.
+        if record.type == "train" and record.adapter_version is not None and record.config.method != "full":
             view.links = {
                 link: version_file_path(record.user_id, record.avatar_id, record.adapter_version, name)
                 for link, name in (("metrics", METRICS_FILE), ("samples", SAMPLES_FILE), ("loss_curve", LOSS_CURVE_FILE))
