@@ -524,7 +524,8 @@ def test_values_file_is_the_only_thing_to_fill(manifests):
     assert len(placeholders) <= len(replaced)
     data = vals["data"]
     assert set(data) == {"trainerImage", "trainerRoleArn", "region", "bucket", "trainQueueName", "trainQueueUrl",
-                         "eventsQueueName"}
+                         "eventsQueueName", "callbackKeyArn"}
+    assert data["callbackKeyArn"].startswith("arn:aws:kms:")
     assert data["trainQueueUrl"].endswith("/" + data["trainQueueName"])
     assert f"sqs.{data['region']}." in data["trainQueueUrl"]
 
@@ -543,6 +544,7 @@ def test_matches_the_sam_template(docs, template):
     expand = lambda s: render(s).replace("${AWS::StackName}", stack_name)  # noqa: E731
     assert config["TRAIN_QUEUE_NAME"] == expand(train_queue["QueueName"])
     assert config["EVENTS_QUEUE_NAME"] == expand(template["Resources"]["EventsQueue"]["Properties"]["QueueName"])
+    assert "CallbackKeyArn" in template["Outputs"] and config["CALLBACK_SEALER"] == "kms"
     image = trainer_container(docs)["image"]
     assert image.endswith(f"/{stack_name}-trainer:" + params["TrainerImageTag"]["Default"]), image
     assert render(template["Resources"]["TrainerRepository"]["Properties"]["RepositoryName"]) == "${AWS::StackName}-trainer"
