@@ -25,7 +25,6 @@ the same error type as training documents.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from contracts.documents import DocumentError
+from contracts.documents import DocumentError, decode_document, first_error, jsonl_objects
 from contracts.ids import CONTEXT_DOCUMENT_EXTENSIONS, validate_document_name
 
 __all__ = [
@@ -136,38 +135,16 @@ def validate_metadata(metadata: Mapping[str, object]) -> dict[str, bool | int | 
     return checked
 
 
-def _decode(data: bytes) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DocumentError(f"document is not valid UTF-8 (byte offset {exc.start})") from None
-    return text.removeprefix("\ufeff")
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{where}: {err['msg']}" if where else err["msg"]
-
-
 def _parse_jsonl(text: str) -> list[ContextRecord]:
     records: list[ContextRecord] = []
-    offset = 0
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        start, offset = offset, offset + len(line)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DocumentError(f"malformed JSON: {exc.msg}", line=number) from None
+    for number, start, obj in jsonl_objects(text):
         if not isinstance(obj, dict):
             raise DocumentError('each line must be a JSON object {"text": ..., "metadata"?: {...}}', line=number)
         try:
             rec = _JsonlRecord.model_validate(obj)
             metadata = validate_metadata(rec.metadata)
         except ValidationError as exc:
-            raise DocumentError(_first_error(exc), line=number) from None
+            raise DocumentError(first_error(exc), line=number) from None
         except ValueError as exc:
             raise DocumentError(str(exc), line=number) from None
         if not rec.text.strip():
@@ -185,7 +162,7 @@ def parse_context_document(name: str, data: bytes) -> list[ContextRecord]:
     1-based `line` for JSONL) when the document cannot be indexed.
     """
     fmt = context_document_format(name)
-    text = _decode(data)
+    text = decode_document(data)
     if not text.strip():
         raise DocumentError("document is empty")
     if fmt == "jsonl":

@@ -15,6 +15,7 @@ trainer can use. Accepted:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -97,7 +98,8 @@ def content_type_for(name: str) -> str:
     }[document_format(name)]
 
 
-def _decode(data: bytes) -> str:
+def decode_document(data: bytes) -> str:
+    """A document's text: UTF-8 (else DocumentError), a leading BOM dropped."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -105,10 +107,26 @@ def _decode(data: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first error of a pydantic ValidationError as "loc: message"."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ()))
     return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def jsonl_objects(text: str) -> Iterator[tuple[int, int, object]]:
+    """(1-based line number, character offset of the line, parsed JSON value) for each
+    non-blank line of a JSONL text; DocumentError with the line on malformed JSON."""
+    offset = 0
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DocumentError(f"malformed JSON: {exc.msg}", line=number) from None
+        yield number, start, obj
 
 
 def _parse_jsonl_record(obj: object) -> Conversation:
@@ -132,17 +150,11 @@ def _parse_jsonl_record(obj: object) -> Conversation:
 
 def _parse_jsonl(text: str) -> list[Conversation]:
     conversations: list[Conversation] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DocumentError(f"malformed JSON: {exc.msg}", line=number) from None
+    for number, _, obj in jsonl_objects(text):
         try:
             conversations.append(_parse_jsonl_record(obj))
         except ValidationError as exc:
-            raise DocumentError(_first_error(exc), line=number) from None
+            raise DocumentError(first_error(exc), line=number) from None
         except ValueError as exc:
             raise DocumentError(str(exc), line=number) from None
     return conversations
@@ -170,7 +182,7 @@ def _parse_dialog(text: str) -> list[Conversation]:
     except ValidationError as exc:
         raise DocumentError(
             'a .json document must be a dialog {"dialog": [{"speaker", "content"}...], "speaker": ...}: '
-            + _first_error(exc)
+            + first_error(exc)
         ) from None
     if not any(t.speaker == dialog.speaker for t in dialog.dialog):
         raise DocumentError(f"speaker {dialog.speaker!r} does not occur in the dialog")
@@ -191,7 +203,7 @@ def parse_document(name: str, data: bytes) -> list[Conversation]:
     document cannot be used.
     """
     fmt = document_format(name)
-    text = _decode(data)
+    text = decode_document(data)
     if not text.strip():
         raise DocumentError("document is empty")
     if fmt == "jsonl":

@@ -127,6 +127,17 @@ def _payload(sealed: str, prefix: str, name: str) -> str:
     return sealed[len(prefix):]
 
 
+def sealer_from_settings(settings: Any) -> Sealer | None:
+    """`sealer_from_env` over a service's settings object (the API's or the worker's): its
+    callback_sealer, callback_kms_key_id, callback_seal_key (a SecretStr or None), dev_mode,
+    aws_endpoint_url and region."""
+    seal_key = settings.callback_seal_key
+    env = {"CALLBACK_SEALER": settings.callback_sealer or "", "CALLBACK_KMS_KEY_ID": settings.callback_kms_key_id or "",
+           "CALLBACK_SEAL_KEY": seal_key.get_secret_value() if seal_key else "",
+           "DEV_MODE": "true" if settings.dev_mode else ""}
+    return sealer_from_env(env, endpoint_url=settings.aws_endpoint_url, region=settings.region)
+
+
 def sealer_from_env(environ: Mapping[str, str] | None = None, *, endpoint_url: str | None = None,
                     region: str | None = None) -> Sealer | None:
     """The sealer the environment configures (module docstring), or None when there is none.

@@ -37,7 +37,7 @@ from contracts.keys import (
     version_file_key,
 )
 from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, error_code, s3_client
+from handlers.aws import open_object, s3_client
 from handlers.dependencies import SettingsDep
 from handlers.job_store import MAX_WRITE_ATTEMPTS, S3Json, StoreBusy
 
@@ -181,19 +181,7 @@ class AdapterStore:
         if name not in VERSION_FILES:
             raise VersionFileNotFound(name)
         key = version_file_key(ref.user_id, ref.avatar_id, version, name)
-        try:
-            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                raise VersionFileNotFound(name) from None
-            raise
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with resp["Body"] as body:
-                async for chunk in body.iter_chunks(64 * 1024):
-                    yield chunk
-
-        return resp, chunks()
+        return await open_object(self._s3, self._bucket, key, lambda: VersionFileNotFound(name))
 
     # -- deletion ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from handlers.settings import Settings, get_settings
@@ -80,3 +81,22 @@ def error_code(exc: Exception) -> str | None:
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+async def open_object(s3: Any, bucket: str, key: str,
+                      not_found: Callable[[], Exception]) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    """An object's GetObject response and an iterator over its body chunks (64 KiB). Raises
+    `not_found()` when the object does not exist."""
+    try:
+        resp = await s3.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if error_code(exc) in NOT_FOUND_CODES:
+            raise not_found() from None
+        raise
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with resp["Body"] as body:
+            async for chunk in body.iter_chunks(64 * 1024):
+                yield chunk
+
+    return resp, chunks()

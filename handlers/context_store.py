@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from contracts.context_documents import context_content_type
 from contracts.keys import context_data_prefix, context_document_key, document_name_from_key, vectorstore_prefix
 from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, error_code, s3_client
+from handlers.aws import NOT_FOUND_CODES, error_code, open_object, s3_client
 from handlers.dependencies import SettingsDep
 from handlers.training_data_store import DocumentNotFound, PresignedUpload
 
@@ -76,19 +76,7 @@ class ContextStore:
     async def open(self, ref: AvatarRef, name: str) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
         """The object's GetObject response and an iterator over its body chunks."""
         key = context_document_key(ref.user_id, ref.avatar_id, name)
-        try:
-            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                raise DocumentNotFound(name) from None
-            raise
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with resp["Body"] as body:
-                async for chunk in body.iter_chunks(64 * 1024):
-                    yield chunk
-
-        return resp, chunks()
+        return await open_object(self._s3, self._bucket, key, lambda: DocumentNotFound(name))
 
     async def delete(self, ref: AvatarRef, name: str) -> None:
         """Delete one document; DocumentNotFound when there is none (S3 itself would not say)."""

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.sealing import Sealer, sealer_from_env
+from contracts.sealing import Sealer, sealer_from_settings
 
 # Used only when DEV_MODE is on and no AUTH_JWT_SECRET is set; never valid in production
 # because the API refuses to start without a secret outside dev mode.
@@ -65,10 +65,7 @@ class Settings(BaseSettings):
     def sealer(self) -> Sealer | None:
         """The sealer for callbacks.auth_header (None: none configured); built once."""
         if not self._sealer_cache:
-            env = {"CALLBACK_SEALER": self.callback_sealer or "", "CALLBACK_KMS_KEY_ID": self.callback_kms_key_id or "",
-                   "CALLBACK_SEAL_KEY": self.callback_seal_key.get_secret_value() if self.callback_seal_key else "",
-                   "DEV_MODE": "true" if self.dev_mode else ""}
-            self._sealer_cache.append(sealer_from_env(env, endpoint_url=self.aws_endpoint_url, region=self.region))
+            self._sealer_cache.append(sealer_from_settings(self))
         return self._sealer_cache[0]
 
     def check_startable(self) -> None:

@@ -52,7 +52,7 @@ from contracts.tags import (
     tagging_header,
 )
 from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code
+from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code, open_object
 
 log = logging.getLogger("avatune.api")
 
@@ -201,19 +201,7 @@ class TrainingDataStore:
     async def open(self, ref: AvatarRef, name: str) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
         """The object's GetObject response and an iterator over its body chunks."""
         key = training_document_key(ref.user_id, ref.avatar_id, name)
-        try:
-            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                raise DocumentNotFound(name) from None
-            raise
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with resp["Body"] as body:
-                async for chunk in body.iter_chunks(64 * 1024):
-                    yield chunk
-
-        return resp, chunks()
+        return await open_object(self._s3, self._bucket, key, lambda: DocumentNotFound(name))
 
     async def set_flag(self, ref: AvatarRef, name: str, flag: bool) -> TrainingDocument:
         """Set the flag, keeping any other tags the object carries.

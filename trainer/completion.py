@@ -59,6 +59,33 @@ def _context_window(model: Any) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def greedy_new_token_ids(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy-decode at most `max_new_tokens` after `prompt_ids` and return only the new token
+    ids. `model` may be a plain model or a PeftModel; it is put in eval mode for the call and
+    restored afterwards. No context-window check: callers bound the prompt themselves."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    end_ids = _end_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids[0] if end_ids else None)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                # Unset sampling knobs a checkpoint's generation config may carry: greedy ignores them anyway.
+                temperature=None, top_p=None, top_k=None,
+                eos_token_id=end_ids or None, pad_token_id=pad_id,
+                use_cache=True,  # training may have switched the config's cache off
+            )
+    finally:
+        if was_training:
+            model.train()
+    return output[0, len(prompt_ids):].tolist()
+
+
 def generate_completion(model: Any, tokenizer: Any, messages: Sequence[Message],
                         max_new_tokens: int) -> tuple[str, CompletionFacts]:
     """Greedy-decode at most `max_new_tokens` after `messages` (chat template applied, with
@@ -78,31 +105,12 @@ def generate_completion(model: Any, tokenizer: Any, messages: Sequence[Message],
     if window is not None and prompt_tokens + max_new_tokens > window:
         raise PromptTooLong(f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
                             f"exceeds the model's context window of {window} tokens")
-    device = next(model.parameters()).device
-    inputs = {name: tensor.to(device) for name, tensor in encoded.items() if name in ("input_ids", "attention_mask")}
-    end_ids = _end_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids[0] if end_ids else None)
-
-    was_training = model.training
-    model.eval()
     started = time.monotonic()
-    try:
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                # Unset sampling knobs a checkpoint's generation config may carry: greedy ignores them anyway.
-                temperature=None, top_p=None, top_k=None,
-                eos_token_id=end_ids or None, pad_token_id=pad_id,
-                use_cache=True,  # training may have switched the config's cache off
-            )
-    finally:
-        if was_training:
-            model.train()
+    new_ids = greedy_new_token_ids(model, tokenizer, encoded["input_ids"][0].tolist(), max_new_tokens)
     seconds = time.monotonic() - started
 
-    new_ids = output[0, prompt_tokens:].tolist()
     finish_reason: FinishReason = "length"
-    if new_ids and new_ids[-1] in end_ids:
+    if new_ids and new_ids[-1] in _end_token_ids(model, tokenizer):
         finish_reason = "stop"
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return text, CompletionFacts(

@@ -27,6 +27,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from contracts.adapters import SampleCompletion, VersionSamples
 from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
+from trainer.completion import greedy_new_token_ids
 from trainer.dataset import IGNORE_INDEX, TokenizedExample
 
 log = logging.getLogger("avatune.trainer")
@@ -172,31 +173,10 @@ def held_out_prompts(examples: list[TokenizedExample], count: int,
     return prompts
 
 
-def _end_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
-
-
 def greedy_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
     """Greedy-decode at most `max_new_tokens` after `prompt_ids`; only the new text."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    end_ids = _end_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids[0] if end_ids else None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                eos_token_id=end_ids or None, pad_token_id=pad_id,
-                use_cache=True,  # training switched the config's cache off
-            )
-    finally:
-        model.train(was_training)
-    return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
+    return tokenizer.decode(greedy_new_token_ids(model, tokenizer, prompt_ids, max_new_tokens),
+                            skip_special_tokens=True)
 
 
 @contextmanager

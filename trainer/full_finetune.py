@@ -12,7 +12,6 @@ Full fine-tuning never runs on 4-bit weights: the runner refuses a full job with
 from __future__ import annotations
 
 import gc
-import math
 import re
 import time
 from pathlib import Path
@@ -28,12 +27,12 @@ from trainer.training import (
     TrainingControl,
     TrainOutcome,
     _JobCallback,
-    _round,
     _use_packed_attention,
     check_modules,
     evaluate_loss,
     make_trainer,
     resolve_precision,
+    run_metrics,
     spec_metrics,
 )
 
@@ -91,16 +90,7 @@ def train_full(
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
         eval_after = evaluate_loss(model, eval_examples, device)
         metrics = {
-            "train_loss": round(float(result.training_loss), 6),
-            "eval_loss_before": _round(eval_before),
-            "eval_loss_after": _round(eval_after),
-            "perplexity_before": _round(math.exp(eval_before)) if eval_before is not None else None,
-            "perplexity_after": _round(math.exp(eval_after)) if eval_after is not None else None,
-            "train_examples": len(train_examples),
-            "eval_examples": len(eval_examples),
-            "train_tokens_per_epoch": sum(ex.num_trainable_tokens for ex in train_examples),
-            "steps": trainer.state.global_step,
-            "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
+            **run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after),
             "method": "full",
             "train_seconds": round(time.monotonic() - started, 3),
             **spec_metrics(cfg, trainer, precision, precision_note, report_to),

@@ -26,7 +26,7 @@ from contracts.keys import ADAPTER_FILES, merged_version_prefix
 from trainer.artifacts import sha256_file
 from trainer.base_model import BaseModelCache
 from trainer.errors import JobFailure
-from trainer.job_runner import Delivery, JobRunner, Outcome, is_cuda_oom
+from trainer.job_runner import Delivery, JobRunner, Outcome, is_cuda_oom, report_progress
 
 log = logging.getLogger("avatune.trainer")
 
@@ -85,9 +85,7 @@ class FuseWork:
         control = runner.control(job, heartbeat)
 
         def progress(step: int) -> JobProgress:
-            progress = JobProgress(step=step, total_steps=FUSE_STEPS)
-            control.report(progress)
-            return progress
+            return report_progress(control, step, FUSE_STEPS)
 
         progress(0)
         version = job.adapter_version or self._current_version(user_id, avatar_id)

@@ -30,7 +30,7 @@ from trainer.artifacts import sha256_file
 from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
 from trainer.completion import Message, PromptTooLong, generate_completion, render_prompt
 from trainer.errors import JobFailure
-from trainer.job_runner import Delivery, JobRunner, Outcome, is_cuda_oom
+from trainer.job_runner import Delivery, JobRunner, Outcome, is_cuda_oom, report_progress
 
 log = logging.getLogger("avatune.trainer")
 
@@ -117,9 +117,7 @@ class GenerateWork:
         control = runner.control(job, heartbeat)
 
         def progress(step: int) -> JobProgress:
-            progress = JobProgress(step=step, total_steps=GENERATE_STEPS)
-            control.report(progress)
-            return progress
+            return report_progress(control, step, GENERATE_STEPS)
 
         progress(0)
         if job.result is not None:  # a retry of a job that already wrote its answer

@@ -584,5 +584,13 @@ def _queue_record(req: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
     return JobRecord(type=_request_type(req), request=params, **common)
 
 
+def report_progress(control: Any, step: int, total_steps: int) -> JobProgress:
+    """Report `step` of `total_steps` through a job's control (its heartbeat writes it to the
+    record) and return that progress, for `finish(..., progress=...)`."""
+    progress = JobProgress(step=step, total_steps=total_steps)
+    control.report(progress)
+    return progress
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)

@@ -12,7 +12,7 @@ from pydantic import AliasChoices, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings, Method
-from contracts.sealing import Sealer, sealer_from_env
+from contracts.sealing import Sealer, sealer_from_settings
 
 
 class TrainerSettings(BaseSettings):
@@ -82,10 +82,7 @@ class TrainerSettings(BaseSettings):
     def sealer(self) -> Sealer | None:
         """The sealer for callbacks.auth_header (None: none configured); built once."""
         if not self._sealer_cache:
-            env = {"CALLBACK_SEALER": self.callback_sealer or "", "CALLBACK_KMS_KEY_ID": self.callback_kms_key_id or "",
-                   "CALLBACK_SEAL_KEY": self.callback_seal_key.get_secret_value() if self.callback_seal_key else "",
-                   "DEV_MODE": "true" if self.dev_mode else ""}
-            self._sealer_cache.append(sealer_from_env(env, endpoint_url=self.aws_endpoint_url, region=self.region))
+            self._sealer_cache.append(sealer_from_settings(self))
         return self._sealer_cache[0]
 
     def allowed_base_prefixes(self) -> list[str]:

@@ -440,19 +440,8 @@ def train_adapter(
         adapter_dir = work_dir / "adapter"
         if trainer.is_world_process_zero():
             peft_model.save_pretrained(str(adapter_dir))
-        trained_tokens = sum(ex.num_trainable_tokens for ex in train_examples)
         metrics = {
-            "train_loss": round(float(result.training_loss), 6),
-            "eval_loss_before": _round(eval_before),
-            "eval_loss_after": _round(eval_after),
-            "perplexity_before": _round(math.exp(eval_before)) if eval_before is not None else None,
-            "perplexity_after": _round(math.exp(eval_after)) if eval_after is not None else None,
-            "train_examples": len(train_examples),
-            "eval_examples": len(eval_examples),
-            "train_tokens_per_epoch": trained_tokens,
-            "steps": trainer.state.global_step,
-            # max_steps overrides num_epochs: then the epochs actually run
-            "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
+            **run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after),
             "method": base.method,
             "train_seconds": round(time.monotonic() - started, 3),
             "loss_curve": curve.curve(trainer.state, eval_after),
@@ -479,6 +468,25 @@ def _remove_lora(peft_model: PeftModel) -> Any:
             except AttributeError:
                 pass
     return model
+
+
+def run_metrics(cfg: AdapterSettings, trainer: Trainer, result: Any, train_examples: list[TokenizedExample],
+                eval_examples: list[TokenizedExample], eval_before: float | None,
+                eval_after: float | None) -> dict[str, Any]:
+    """The metrics every training method reports first: losses, perplexities, data sizes, steps, epochs."""
+    return {
+        "train_loss": round(float(result.training_loss), 6),
+        "eval_loss_before": _round(eval_before),
+        "eval_loss_after": _round(eval_after),
+        "perplexity_before": _round(math.exp(eval_before)) if eval_before is not None else None,
+        "perplexity_after": _round(math.exp(eval_after)) if eval_after is not None else None,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "train_tokens_per_epoch": sum(ex.num_trainable_tokens for ex in train_examples),
+        "steps": trainer.state.global_step,
+        # max_steps overrides num_epochs: then the epochs actually run
+        "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
+    }
 
 
 def _round(value: float | None) -> float | None:
