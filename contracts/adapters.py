@@ -86,8 +86,13 @@ class ActiveJobPointer(BaseModel):
 
 
 class IdempotencyRecord(BaseModel):
+    """`adapters/idempotency/{sha256 of the key}.json`: the job an Idempotency-Key created."""
+
     job_id: str
     created_at: datetime = Field(default_factory=utcnow)
+    # sha256 of the request's method, path and canonical body (handlers.idempotency); None in
+    # records written before fingerprints, which then match any request.
+    fingerprint: str | None = None
 
 
 class FullModelManifest(BaseModel):

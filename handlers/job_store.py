@@ -25,6 +25,7 @@ from contracts.keys import active_job_key, avatars_prefix, idempotency_key, job_
 from handlers.auth import AvatarRef
 from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code, s3_client
 from handlers.dependencies import SettingsDep
+from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
 
 LIST_PAGE_SIZE = 1000
 # A read-modify-write that loses this many races in a row gives up (StoreBusy).
@@ -77,8 +78,10 @@ class S3Json:
             raise
         return str(resp["ETag"])
 
-    async def create(self, key: str, data: bytes) -> str | None:
-        """Write a new object; its ETag, or None when one exists already."""
+    async def create(self, key: str, data: bytes, tagging: str | None = None) -> str | None:
+        """Write a new object (with `tagging`, `k=v&...`, if given); its ETag, or None when one exists already."""
+        if tagging is not None:
+            return await self._put(key, data, IfNoneMatch="*", Tagging=tagging)
         return await self._put(key, data, IfNoneMatch="*")
 
     async def replace(self, key: str, data: bytes, etag: str) -> str | None:
@@ -286,18 +289,19 @@ class JobStore:
 
     # -- idempotency records ----------------------------------------------------------------
 
-    async def idempotent_job(self, ref: AvatarRef, key_hash: str) -> tuple[str, str] | None:
-        """(job_id, record ETag) of an earlier request with this key, or None."""
+    async def idempotency_record(self, ref: AvatarRef, key_hash: str) -> tuple[IdempotencyRecord, str] | None:
+        """The record of an earlier request with this key and its ETag, or None."""
         loaded = await self.objects.read(idempotency_key(ref.user_id, ref.avatar_id, key_hash))
         if loaded is None:
             return None
         data, etag = loaded
-        return IdempotencyRecord.model_validate_json(data).job_id, etag
+        return IdempotencyRecord.model_validate_json(data), etag
 
-    async def remember(self, ref: AvatarRef, key_hash: str, job_id: str) -> str | None:
+    async def remember(self, ref: AvatarRef, key_hash: str, job_id: str, fingerprint: str) -> str | None:
         """Record that this key created `job_id`; the ETag, or None when the key is taken."""
-        body = IdempotencyRecord(job_id=job_id).model_dump_json().encode()
-        return await self.objects.create(idempotency_key(ref.user_id, ref.avatar_id, key_hash), body)
+        body = IdempotencyRecord(job_id=job_id, fingerprint=fingerprint).model_dump_json().encode()
+        return await self.objects.create(idempotency_key(ref.user_id, ref.avatar_id, key_hash), body,
+                                         tagging=IDEMPOTENCY_RECORD_TAG)
 
     async def forget(self, ref: AvatarRef, key_hash: str, etag: str) -> bool:
         return await self.objects.delete_if(idempotency_key(ref.user_id, ref.avatar_id, key_hash), etag)

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     presign_expires_seconds: int = Field(default=900, alias="PRESIGN_EXPIRES_SECONDS", ge=60, le=604800)
     s3_max_concurrency: int = Field(default=64, alias="S3_MAX_CONCURRENCY", ge=1, le=512)
     max_active_jobs_per_user: int = Field(default=4, alias="MAX_ACTIVE_JOBS_PER_USER", ge=1)
+    # How long an Idempotency-Key answers the job it created; after that it may create a new one.
+    idempotency_key_ttl_hours: int = Field(default=24, alias="IDEMPOTENCY_KEY_TTL_HOURS", ge=1, le=24 * 30)
     # A train job asking for more GPUs (resources.gpus / gpus) is refused with a 422 before queueing.
     max_gpus_per_job: int = Field(default=8, alias="MAX_GPUS_PER_JOB", ge=1, le=64)
     # s3:// prefixes (comma-separated) a job's base_model.name may point at besides the caller's

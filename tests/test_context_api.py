@@ -294,8 +294,9 @@ def test_index_job_is_queued_with_its_parameters(capi: Api, plain: Server, s3, s
     assert (message.job_id, message.user_id, message.avatar_id, message.origin) == (job["id"], capi.user_id, capi.avatar_id, "api")
     assert (message.chunk_size, message.chunk_overlap, message.full) == (256, 32, True)
 
-    again = capi.post(index, json={"chunk_size": 256}, headers={"Idempotency-Key": "k1"})
-    assert again.status_code == 202 and again.json()["id"] == job["id"]  # same key: same job
+    again = capi.post(index, json={"full": True, "chunk_overlap": 32, "chunk_size": 256}, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 202 and again.json()["id"] == job["id"]  # same key and request: same job
+    assert_problem(capi.post(index, json={"chunk_size": 256}, headers={"Idempotency-Key": "k1"}), 422, job["id"])
     assert_problem(capi.post(index), 409, job["id"])  # the avatar's slot is taken
     assert queued(sqs, plain) == []
 

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import pytest
 
+from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
+
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +176,14 @@ def check_bucket(t: dict) -> None:
     assert render(days) == "${NoncurrentVersionExpirationDays}", "NoncurrentDays must be a parameter"
     param = t["Parameters"]["NoncurrentVersionExpirationDays"]
     assert param["Type"] == "Number" and int(param["MinValue"]) >= 1 and int(param["Default"]) >= 1
+
+    # Idempotency-Key records carry the API's tag; a rule by that tag removes them.
+    tag_key, tag_value = IDEMPOTENCY_RECORD_TAG.split("=")
+    idempotency = [r for r in lifecycle if {"Key": tag_key, "Value": tag_value} in r.get("TagFilters", [])]
+    assert idempotency and "ExpirationInDays" in idempotency[0], "idempotency records need an expiring rule by tag"
+    assert render(idempotency[0]["ExpirationInDays"]) == "${IdempotencyRecordExpirationDays}"
+    param = t["Parameters"]["IdempotencyRecordExpirationDays"]
+    assert param["Type"] == "Number" and int(param["MinValue"]) >= 1 and int(param["Default"]) * 24 >= 24
 
 
 def check_bucket_policy_grants_nothing(t: dict) -> None:
@@ -549,6 +559,7 @@ MUTATIONS: dict[str, Callable[[dict], None]] = {
     "bucket public": lambda t: props(t, "Bucket")["PublicAccessBlockConfiguration"].update(BlockPublicPolicy=False),
     "bucket unversioned": lambda t: props(t, "Bucket")["VersioningConfiguration"].update(Status="Suspended"),
     "no noncurrent expiry": lambda t: props(t, "Bucket")["LifecycleConfiguration"]["Rules"].pop(0),
+    "idempotency records kept": lambda t: props(t, "Bucket")["LifecycleConfiguration"]["Rules"].pop(1),
     "bucket policy allows": lambda t: props(t, "BucketPolicy")["PolicyDocument"]["Statement"].append(
         {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "*"}),
     "train queue not fifo": lambda t: props(t, "TrainQueue").pop("FifoQueue"),

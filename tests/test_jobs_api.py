@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contracts.adapters import ActiveJobPointer
+from contracts.adapters import ActiveJobPointer, IdempotencyRecord
 from contracts.jobs import JobRecord, new_job_id, utcnow
 from contracts.keys import (
     active_job_key,
@@ -229,15 +229,71 @@ def test_idempotency_key_answers_the_same_job_and_sends_once(papi: Api, private:
     first = start(papi, headers=key, json={"r": 4})
     again = start(papi, headers=key, json={"r": 4})
     assert again["id"] == first["id"]
+    # The same body with its keys reordered and spaced differently is the same request.
+    assert start(papi, headers={**key, "content-type": "application/json"},
+                 content=b'{ "r" : 4 }')["id"] == first["id"]
     # Still the same job once it has ended.
     set_status(s3, papi, first["id"], "succeeded")
-    assert start(papi, headers=key)["id"] == first["id"]
+    assert start(papi, headers=key, json={"r": 4})["id"] == first["id"]
     messages = drain(sqs, private.train_queue_url)
     assert [TrainRequest.model_validate_json(m["Body"]).job_id for m in messages] == [first["id"]]
     # Another key is another job.
     other = start(papi, headers={"Idempotency-Key": "other"})
     assert other["id"] != first["id"]
     assert len(drain(sqs, private.train_queue_url)) == 1
+
+
+def test_idempotency_key_reused_for_another_request_is_422(papi: Api, private: Server, s3, sqs) -> None:
+    ready(papi)
+    key = {"Idempotency-Key": "reuse-" + uuid.uuid4().hex}
+    first = start(papi, headers=key, json={"r": 4})
+    set_status(s3, papi, first["id"], "succeeded")  # the slot is free: only the key stands in the way
+    before = state_keys(s3, papi)
+    for other in ({"json": {"r": 8}}, {}):  # another body, no body
+        r = papi.post(f"{papi.base}/training-jobs", headers=key, **other)
+        assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+        assert r.json()["job_id"] == first["id"] and "different request" in r.json()["detail"]
+    # The same key on another route is another request too.
+    r = papi.post(f"{papi.base}/fuse-jobs", headers=key, json={"adapter_version": 1})
+    assert r.status_code == 422 and "different request" in r.json()["detail"], r.text
+    assert state_keys(s3, papi) == before
+    assert [TrainRequest.model_validate_json(m["Body"]).job_id for m in drain(sqs, private.train_queue_url)] == [first["id"]]
+
+
+def test_request_fingerprint_is_canonical_and_leaves_the_auth_header_out() -> None:
+    from handlers.idempotency import request_fingerprint
+
+    path = "/v1/users/u/avatars/a/training-jobs"
+    base = request_fingerprint("POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}')
+    assert base == request_fingerprint("POST", path, b'{"callbacks":{"auth_header":"B","webhook_url":"https://x"},"r":4}')
+    assert base != request_fingerprint("POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://y", "auth_header": "A"}}')
+    assert base != request_fingerprint("POST", path.replace("training-jobs", "fuse-jobs"),
+                                       b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}')
+    assert request_fingerprint("POST", path, b"") == request_fingerprint("POST", path, b"  ")
+    assert request_fingerprint("POST", path, b"") != request_fingerprint("POST", path, b"{}")
+
+
+def test_idempotency_key_expires_after_its_ttl(api: Api, s3) -> None:
+    ready(api)
+    key = "ttl-" + uuid.uuid4().hex
+    first = start(api, headers={"Idempotency-Key": key})
+    set_status(s3, api, first["id"], "succeeded")
+    stored = idempotency_key(api.user_id, api.avatar_id, hashlib.sha256(key.encode()).hexdigest())
+    # The record carries the tag the bucket's lifecycle rule expires it by.
+    tags = s3.get_object_tagging(Bucket=TEST_BUCKET, Key=stored)["TagSet"]
+    assert tags == [{"Key": "avatune-record", "Value": "idempotency"}]
+    # A day and an hour later (IDEMPOTENCY_KEY_TTL_HOURS defaults to 24) the key is free again.
+    old = IdempotencyRecord.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=stored)["Body"].read())
+    old.created_at -= timedelta(hours=23)
+    s3.put_object(Bucket=TEST_BUCKET, Key=stored, Body=old.model_dump_json().encode())
+    assert start(api, headers={"Idempotency-Key": key})["id"] == first["id"]  # 23 hours: still answered
+    old.created_at -= timedelta(hours=2)
+    s3.put_object(Bucket=TEST_BUCKET, Key=stored, Body=old.model_dump_json().encode())
+    second = start(api, headers={"Idempotency-Key": key}, json={"r": 8})  # even with another body
+    assert second["id"] != first["id"]
+    renewed = IdempotencyRecord.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=stored)["Body"].read())
+    assert renewed.job_id == second["id"]
+    assert start(api, headers={"Idempotency-Key": key}, json={"r": 8})["id"] == second["id"]
 
 
 def test_idempotency_key_length(api: Api, s3) -> None:

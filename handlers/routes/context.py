@@ -41,7 +41,8 @@ from handlers.context_store import ContextDocument, ContextStoreDep, DocumentNot
 from handlers.dependencies import SettingsDep
 from handlers.job_store import JobStore, JobStoreDep
 from handlers.problems import Problem
-from handlers.routes.jobs import IdempotencyKeyHeader, JobPlan, JobView, queue_job
+from handlers.idempotency import IdempotencyDep
+from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
 from handlers.training_data_store import encode_cursor
@@ -165,7 +166,7 @@ async def _auto_index(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, sett
         return _plan_for(avatar, "index", IndexRequest, INDEX_REQUEST_SCHEMA)
 
     try:
-        view = await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, None, prepare)
+        view = await queue_job(avatar, jobs, queue, settings, None, prepare)
         outcome, job_id = "queued", view.id
     except Problem as problem:
         active = problem.extensions.get("active_job_id") if problem.status == 409 else None
@@ -218,8 +219,8 @@ async def create_index_job(
     jobs: JobStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
+    idempotency: IdempotencyDep,
     body: IndexJobBody | None = None,
-    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
     params = body or IndexJobBody()
 
@@ -231,7 +232,7 @@ async def create_index_job(
                                f"PUT one to .../context/{{name}} first")
         return _plan_for(avatar, "index", IndexRequest, INDEX_REQUEST_SCHEMA, **params.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
 
 
 @router.put(CONTEXT + "/{name}", response_model=ContextDocument, summary="Create or replace a context document from the raw body",
@@ -298,8 +299,8 @@ async def create_retrieval(
     jobs: JobStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
+    idempotency: IdempotencyDep,
     body: RetrievalBody,
-    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
     async def prepare() -> JobPlan:
         if not await store.has_vector_index(avatar.user_id):
@@ -307,4 +308,4 @@ async def create_retrieval(
                                "POST .../context/index and wait for the job to succeed first")
         return _plan_for(avatar, "retrieve", RetrieveRequest, RETRIEVE_REQUEST_SCHEMA, **body.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)

@@ -20,7 +20,8 @@ from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep
 from handlers.job_store import JobStoreDep
 from handlers.problems import Problem
-from handlers.routes.jobs import IdempotencyKeyHeader, JobPlan, JobView, queue_job
+from handlers.idempotency import IdempotencyDep
+from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.train_queue import TrainQueueDep
 
 router = APIRouter(tags=["fuse jobs"])
@@ -52,8 +53,8 @@ async def create_fuse_job(
     adapters: AdapterStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
+    idempotency: IdempotencyDep,
     body: FuseJobBody | None = None,
-    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
     requested = body.adapter_version if body else None
 
@@ -77,4 +78,4 @@ async def create_fuse_job(
 
         return plan
 
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)

@@ -24,7 +24,8 @@ from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep
 from handlers.job_store import JobStoreDep
 from handlers.problems import Problem
-from handlers.routes.jobs import IdempotencyKeyHeader, JobPlan, JobView, queue_job
+from handlers.idempotency import IdempotencyDep
+from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.train_queue import TrainQueueDep
 
 router = APIRouter(tags=["generations"])
@@ -45,7 +46,7 @@ async def create_generation(
     adapters: AdapterStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
-    idempotency_key: IdempotencyKeyHeader = None,
+    idempotency: IdempotencyDep,
 ) -> JobView:
     async def prepare() -> JobPlan:
         version = body.adapter_version
@@ -71,4 +72,4 @@ async def create_generation(
 
         return plan
 
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)

@@ -5,7 +5,8 @@ shown and cancelled here; `queue_job` creates any of them (`routes/fuse.py` crea
 Creating a job (one avatar has at most one queued or running job of any type; a user at most
 MAX_ACTIVE_JOBS_PER_USER across avatars):
 
-1. an `Idempotency-Key` seen before answers the job it created;
+1. an `Idempotency-Key` seen before answers the job it created (handlers.idempotency: a
+   different request under the key is a 422; a record older than its TTL frees the key);
 2. the job type's own check (train: 409 unless a document is flagged for training);
 3. 429 when the user is at the cap;
 4. claim the avatar's active-job pointer (If-None-Match); 409 naming the holder when taken;
@@ -18,14 +19,13 @@ A failure after 4 removes what this request wrote (If-Match on each ETag) and an
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field, field_serializer
 
 from contracts.adapter import AdapterSettings
@@ -37,6 +37,7 @@ from contracts.sealing import SealError, job_context, seal_callbacks
 from contracts.spec import JobSpec
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.idempotency import Idempotency, IdempotencyDep
 from handlers.job_spec import TrainJobBody, check_job_body
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
 from handlers.problems import Problem
@@ -50,7 +51,6 @@ log = logging.getLogger("avatune.api")
 router = APIRouter(tags=["training jobs"])
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/training-jobs"
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
 CAP_RETRY_AFTER_SECONDS = 60
 CAP_ATTEMPTS = 3
 
@@ -137,23 +137,23 @@ async def _page(jobs: JobStore, refs: list[AvatarRef], limit: int, cursor: str |
     return JobList(items=[JobView.of(r) for r in page.items], next_cursor=next_cursor)
 
 
-def _key_hash(idempotency_key: str | None) -> str | None:
-    if idempotency_key is None:
-        return None
-    if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-    return hashlib.sha256(idempotency_key.encode()).hexdigest()
-
-
-async def _earlier_job(jobs: JobStore, avatar: AvatarRef, key_hash: str) -> JobRecord | None:
-    """The job an earlier request with the same Idempotency-Key created."""
-    found = await jobs.idempotent_job(avatar, key_hash)
+async def _earlier_job(jobs: JobStore, avatar: AvatarRef, idempotency: Idempotency, ttl: timedelta) -> JobRecord | None:
+    """The job an earlier request with the same Idempotency-Key created; None when there is
+    none, it is older than `ttl` or its job is gone (rolled back): the key is then free again.
+    Raises the 422 for a different request under a used key."""
+    found = await jobs.idempotency_record(avatar, idempotency.key_hash)
     if found is None:
         return None
-    job_id, etag = found
-    record = await jobs.get(avatar, job_id)
-    if record is None:  # the job is gone (rolled back): the key is free again
-        await jobs.forget(avatar, key_hash, etag)
+    earlier, etag = found
+    if utcnow() - earlier.created_at > ttl:
+        await jobs.forget(avatar, idempotency.key_hash, etag)
+        return None
+    if earlier.fingerprint is not None and earlier.fingerprint != idempotency.fingerprint:
+        raise Problem(422, f"this Idempotency-Key was already used for a different request (job {earlier.job_id}); "
+                           "send a new key for a new request", job_id=earlier.job_id)
+    record = await jobs.get(avatar, earlier.job_id)
+    if record is None:
+        await jobs.forget(avatar, idempotency.key_hash, etag)
     return record
 
 
@@ -235,8 +235,8 @@ async def queue_job(
     avatar: AvatarRef,
     jobs: JobStore,
     queue: TrainQueue,
-    max_active_jobs: int,
-    idempotency_key: str | None,
+    settings: Settings,
+    idempotency: Idempotency | None,
     prepare: Callable[[], Awaitable[JobPlan]],
     stage: JobStage | None = None,
 ) -> JobView:
@@ -246,17 +246,17 @@ async def queue_job(
     type's own problems (409 no flagged document, 404 no adapter version, ...) or returns the
     plan that builds the job's record and queue request. `stage` stores what the job needs
     before it is queued (rolled back with the rest when queueing fails)."""
-    key_hash = _key_hash(idempotency_key)
-    if key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
+    ttl = timedelta(hours=settings.idempotency_key_ttl_hours)
+    if idempotency and (earlier := await _earlier_job(jobs, avatar, idempotency, ttl)):
         return JobView.of(earlier)
 
     plan = await prepare()
 
     job_id = new_job_id()
     try:
-        pointer_etag = await _take_slot(jobs, avatar, job_id, max_active_jobs)
+        pointer_etag = await _take_slot(jobs, avatar, job_id, settings.max_active_jobs_per_user)
     except Problem as conflict:
-        if conflict.status == 409 and key_hash and (earlier := await _earlier_job(jobs, avatar, key_hash)):
+        if conflict.status == 409 and idempotency and (earlier := await _earlier_job(jobs, avatar, idempotency, ttl)):
             return JobView.of(earlier)
         raise
     undo: list[Callable[[], Awaitable[bool]]] = [lambda: jobs.release_claim(avatar, pointer_etag)]
@@ -269,11 +269,12 @@ async def queue_job(
         if record_etag is None:
             raise RuntimeError(f"job id {job_id} is taken")
         undo.append(lambda: jobs.delete_created(avatar, job_id, record_etag))
-        if key_hash:
-            key_etag = await jobs.remember(avatar, key_hash, job_id)
+        if idempotency:
+            key_hash = idempotency.key_hash
+            key_etag = await jobs.remember(avatar, key_hash, job_id, idempotency.fingerprint)
             if key_etag is None:  # a concurrent request with the same key won: answer its job
                 await _roll_back(undo)
-                if earlier := await _earlier_job(jobs, avatar, key_hash):
+                if earlier := await _earlier_job(jobs, avatar, idempotency, ttl):
                     return JobView.of(earlier)
                 raise Problem(409, "a request with this Idempotency-Key is in progress; retry",
                               headers={"Retry-After": "1"})
@@ -286,11 +287,6 @@ async def queue_job(
         await _roll_back(undo)
         raise _unavailable() from None
     return JobView.of(record)
-
-
-IdempotencyKeyHeader = Annotated[
-    str | None, Header(alias="Idempotency-Key", description="retries with the same key answer the same job")
-]
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -330,8 +326,8 @@ async def create_job(
     documents: TrainingDataStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
+    idempotency: IdempotencyDep,
     body: TrainJobBody | None = None,
-    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
     body = body or TrainJobBody()
     inline = check_job_body(body, user_id=avatar.user_id, bucket=settings.s3_bucket,
@@ -360,7 +356,7 @@ async def create_job(
     stage = _inline_stage(avatar, documents, inline) if inline is not None else None
     if _has_auth_header(spec):
         stage = _sealing_stage(settings, avatar, spec, sealed, stage)
-    return await queue_job(avatar, jobs, queue, settings.max_active_jobs_per_user, idempotency_key, prepare, stage)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare, stage)
 
 
 def _has_auth_header(spec: JobSpec) -> bool:
