@@ -33,6 +33,9 @@ DEFAULT_SIGNING_SECRET_ENV = SIGNING_SECRET_ENV_PREFIX
 DEFAULT_TOLERANCE_SECONDS = 300
 # What pydantic prints for a SecretStr: a value equal to it is a masked dump, never a header.
 MASKED_SECRET = "**********"
+# What `make dev` signs local deliveries with and `avatune webhooks listen` checks by default;
+# public, so never a secret anywhere but a development machine.
+DEV_SIGNING_SECRET = "avatune-dev-webhook-secret"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -137,6 +137,9 @@ def _check_model(body: TrainJobBody, config: AdapterSettings) -> None:
                           "method 'full' trains 16/32-bit weights; 4-bit (qlora) options do not apply")
     if body.warm_start and (config.method == "full" or (config.gpus or 1) > 1):
         raise _refuse("warm_start", "continues the current LoRA adapter on one GPU: not with method 'full' or gpus > 1")
+    if body.promote == "if_better" and config.method == "full":
+        raise _refuse("promote", "method 'full' publishes a new full/{version}/ model and has no current one to "
+                                 "compare with: leave promote at 'always'")
     layers = known_layer_count(base)
     if config.trainable_layers and layers is not None and max(config.trainable_layers) >= layers:
         raise _refuse("trainable_layers", f"layer {max(config.trainable_layers)} does not exist: "

@@ -2,8 +2,9 @@
 
 Starts moto in server mode as the S3+SQS endpoint on 127.0.0.1:4566 (unless
 AWS_ENDPOINT_URL already points elsewhere), creates the bucket and queues, starts one
-trainer worker, and serves the API with hot reload on 127.0.0.1:$PORT (default 8000).
-Ctrl-C stops everything it started.
+trainer worker and the events consumer (the events Lambda's stand-in, so webhooks are
+delivered; EVENTS_CONSUMER=false leaves the events queue to your own consumer), and serves
+the API with hot reload on 127.0.0.1:$PORT (default 8000). Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from contracts.webhooks import DEV_SIGNING_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 MOTO_PORT = 4566
@@ -55,6 +58,18 @@ def _start_trainer(env: dict[str, str], procs: list[subprocess.Popen]) -> None:
     procs.append(subprocess.Popen([sys.executable, "-m", "trainer"], cwd=ROOT, env=env))
 
 
+def _start_events_consumer(env: dict[str, str], procs: list[subprocess.Popen]) -> None:
+    """The events queue's consumer, as the events Lambda is configured in AWS, except that a
+    job with `callbacks.allow_private` may call back to this machine (a local receiver)."""
+    if env.get("EVENTS_CONSUMER", "true").strip().lower() in ("0", "false", "no", "off"):
+        print("avatune: EVENTS_CONSUMER is off: job events stay on the events queue, no webhooks are sent")
+        return
+    consumer_env = dict(env)
+    consumer_env.setdefault("WEBHOOK_SIGNING_SECRET", DEV_SIGNING_SECRET)
+    consumer_env.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
+    procs.append(subprocess.Popen([sys.executable, "-m", "infra.events_consumer"], cwd=ROOT, env=consumer_env))
+
+
 def main() -> None:
     env = dict(os.environ)
     _set_defaults(env)
@@ -86,6 +101,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "infra.bootstrap"], check=True, cwd=ROOT, env=env,
                        stdout=subprocess.DEVNULL)
         _start_trainer(env, procs)
+        _start_events_consumer(env, procs)
         port = env.get("PORT", "8000")
         print(
             "\navatune: API on http://127.0.0.1:%s  (docs: /docs)\n"

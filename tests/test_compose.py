@@ -233,8 +233,8 @@ def bootstrap_hook() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def test_three_services(services):
-    assert {"localstack", "api", "trainer"} <= set(services)
+def test_services(services):
+    assert {"localstack", "api", "trainer", "events"} <= set(services)
 
 
 def test_localstack_image_is_pinned(services):
@@ -368,12 +368,23 @@ def test_api_healthcheck_hits_healthz(services):
         compile(code, "<api healthcheck>", "exec")
 
 
-@pytest.mark.parametrize("name", ["api", "trainer"])
+@pytest.mark.parametrize("name", ["api", "trainer", "events"])
 def test_waits_for_healthy_localstack(services, name):
     depends = services[name].get("depends_on")
     assert isinstance(depends, dict), f"{name}: depends_on must use the long form with a condition"
     assert depends.get("localstack", {}).get("condition") == "service_healthy"
     assert services["localstack"].get("healthcheck"), "service_healthy needs a healthcheck"
+
+
+def test_events_consumer_runs_from_the_api_image_with_the_source_mounted(services):
+    events = services["events"]
+    assert events["build"]["dockerfile"] == "Dockerfile.dev"
+    assert events["command"] == ["python", "-m", "infra.events_consumer"]
+    assert (ROOT / "infra" / "events_consumer.py").is_file()
+    for pkg in ("handlers", "contracts", "infra"):
+        assert bind_with_target(events, f"/app/{pkg}"), f"events: ./{pkg} is not mounted"
+    env = env_of(events)
+    assert env["AWS_ENDPOINT_URL"] == "http://localstack:4566" and env["WEBHOOK_ALLOW_PRIVATE"] == "true"
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,7 +499,7 @@ def test_stack_names_match_infra_bootstrap(services):
     hook_text = bootstrap_hook().read_text()
     for key, default in defaults.items():
         expected = f"${{{key}:-{default}}}"
-        for name in ("localstack", "api", "trainer"):
+        for name in ("localstack", "api", "trainer", "events"):
             assert env_of(services[name]).get(key) == expected, f"{name}: {key} should be {expected}"
         assert expected in hook_text, f"hook: {key} should default to {default}"
 

@@ -79,6 +79,7 @@ def test_impossible_specs_are_422_naming_the_field(api: Api, s3) -> None:
          "training_data.1", "assistant"),
         ({"training_data": ["x" * 1000] * 300}, "training_data", "MAX_UPLOAD_BYTES"),  # 256 KiB in tests
         ({"warm_start": True, "method": "full"}, "warm_start", "LoRA"),
+        ({"promote": "if_better", "method": "full"}, "promote", "no current one"),
         ({"bogus": 1}, "bogus", "Extra inputs"),
     ]
     for body, field, words in cases:

@@ -360,6 +360,7 @@ def test_impossible_specs_fail_clearly(pipeline: Pipeline, worker, s3, tiny_mode
         cases = [
             (dict(target_modules=["q_proj", "wqkv"]), "['wqkv']"),
             (dict(method="full", qlora={"quant_type": "nf4"}), "qlora options (quant_type)"),
+            (dict(method="full", promote="if_better"), "promote if_better needs a LoRA method"),
             (dict(base_model={"name": str(tiny_model_dir), "token_env": "AVATUNE_NO_SUCH_TOKEN"}),
              "'AVATUNE_NO_SUCH_TOKEN', which is not set"),
             (dict(base_model={"name": f"s3://{TEST_BUCKET}/{foreign}"}), "outside your prefix"),

@@ -384,6 +384,9 @@ class JobRunner:
             if asked:
                 raise JobFailure(f"method full trains unquantised weights: qlora options ({', '.join(asked)}) "
                                  "need method qlora")
+            if job.spec.promote == "if_better":
+                raise JobFailure("method full publishes a new full/{version}/ model and has no current one to "
+                                 "compare with: promote if_better needs a LoRA method")
         report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
         check_integrations(report_to)
         log_dest = self._log_destination(job)
