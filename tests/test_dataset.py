@@ -18,6 +18,7 @@ from trainer.dataset import (
     TokenizedExample,
     build_examples,
     collate_padding_free,
+    conversation_windows,
     pack_examples,
     split_train_eval,
     tokenize_conversation,
@@ -275,6 +276,49 @@ def test_truncation_keeps_prefix_and_drops_untrainable(tokenizer) -> None:
     assert stats.trainable_tokens == 3 * cut.num_trainable_tokens < stats.assistant_tokens
     _, stats = build_examples(tokenizer, conversations, max_seq_length=first_trained)
     assert (stats.examples, stats.dropped) == (0, 3)
+
+
+def _long_dialog(exchanges: int) -> list[ChatMessage]:
+    """A system prompt, then exchanges of one or two user turns and one or two replies."""
+    messages = [ChatMessage(role="system", content="You are Ann, who loves trains.")]
+    for i in range(exchanges):
+        messages.append(ChatMessage(role="user", content=f"question {i} about the journey"))
+        if i % 3 == 0:
+            messages.append(ChatMessage(role="user", content=f"and a follow-up {i}"))
+        messages.append(ChatMessage(role="assistant", content=f"answer {i}: the train left on time"))
+        if i % 4 == 1:
+            messages.append(ChatMessage(role="assistant", content=f"also {i}: the food was great"))
+    return messages
+
+
+def test_a_long_conversation_is_cut_into_windows_that_train_every_turn(tokenizer) -> None:
+    messages = _long_dialog(30)
+    whole = tokenize_conversation(tokenizer, messages, max_seq_length=100_000)
+    assert whole is not None
+    max_seq_length = len(whole) // 5  # about five windows
+    examples, stats = build_examples(tokenizer, [Conversation(messages=messages)], max_seq_length)
+
+    assert stats.split == 1 and stats.truncated == 0 and stats.dropped == 0 and stats.examples == len(examples) >= 5
+    assert all(len(ex) <= max_seq_length for ex in examples)
+    assert stats.trainable_tokens == stats.assistant_tokens == whole.num_trainable_tokens
+    # Every assistant turn is trained exactly once, in order, and each window opens with the system prompt.
+    trained = [tokenizer.decode(ex.input_ids[a:b]) for ex in examples for a, b in _labelled_runs(ex)]
+    assert trained == _expected_runs(messages)
+    assert all("You are Ann, who loves trains." in tokenizer.decode(ex.input_ids[:40]) for ex in examples)
+
+    windows = conversation_windows(tokenizer, messages, max_seq_length)
+    assert [m for w in windows for m in w if m.role != "system"] == messages[1:]  # nothing lost or repeated
+    for window in windows:
+        assert window[0].role == "system" and window[1].role == "user"  # cut between exchanges
+    # Each window is as long as it can be: the next exchange would not have fitted.
+    for window, following in zip(windows, windows[1:]):
+        end = next((i for i in range(2, len(following)) if following[i].role == "user" and following[i - 1].role != "user"),
+                   len(following))
+        next_exchange = following[1:end]
+        longer = tokenize_conversation(tokenizer, window + next_exchange, max_seq_length=100_000)
+        assert longer is not None and len(longer) > max_seq_length
+    # Short enough: one window, the conversation itself.
+    assert conversation_windows(tokenizer, messages, len(whole)) == [messages]
 
 
 # --- split, packing, collation ----------------------------------------------------------

@@ -64,12 +64,14 @@ class DatasetStats:
     `assistant_tokens` is a cross-check on the label mask: the tokens of each trainable
     assistant turn (content + end-of-turn), counted by tokenizing that turn's rendered
     span on its own. It equals `trainable_tokens` unless truncation cut a turn short
-    (then `truncated` > 0).
+    (then `truncated` > 0). `examples` counts windows: a split conversation gives several.
     """
 
     examples: int = 0
     dropped: int = 0
     truncated: int = 0
+    # Conversations longer than max_seq_length, cut into windows (see `conversation_windows`).
+    split: int = 0
     total_tokens: int = 0
     trainable_tokens: int = 0
     assistant_tokens: int = 0
@@ -180,26 +182,91 @@ def _span_token_count(tokenizer: PreTrainedTokenizerBase, rendered: _Rendered) -
     )
 
 
+def _token_count(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> int:
+    text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _exchanges(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[list[ChatMessage]]]:
+    """The leading system messages, and the rest cut before each user turn that follows
+    another role: an exchange is a user's turn(s) and the replies to them."""
+    head_end = 0
+    while head_end < len(messages) and messages[head_end].role == "system":
+        head_end += 1
+    groups: list[list[ChatMessage]] = []
+    for message in messages[head_end:]:
+        if not groups or (message.role == "user" and groups[-1][-1].role != "user"):
+            groups.append([message])
+        else:
+            groups[-1].append(message)
+    return list(messages[:head_end]), groups
+
+
+def conversation_windows(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], max_seq_length: int
+) -> list[list[ChatMessage]]:
+    """`messages` as one window, or, when they render to more than `max_seq_length` tokens,
+    as consecutive windows that each fit: cut between exchanges, each opening with the
+    conversation's system messages, so a long chat export trains on every turn instead of its
+    first `max_seq_length` tokens. An exchange too long on its own stays one window (it is
+    truncated like any over-long conversation)."""
+    if _token_count(tokenizer, messages) <= max_seq_length:
+        return [list(messages)]
+    head, groups = _exchanges(messages)
+    if len(groups) < 2:
+        return [list(messages)]
+
+    def window(start: int, end: int) -> list[ChatMessage]:
+        return head + [m for group in groups[start:end] for m in group]
+
+    def fits(start: int, end: int) -> bool:
+        return _token_count(tokenizer, window(start, end)) <= max_seq_length
+
+    windows: list[list[ChatMessage]] = []
+    start = 0
+    while start < len(groups):
+        # The longest run of exchanges from `start` that fits: gallop, then bisect, so each
+        # window costs O(its length x log) renders rather than a render of the whole rest.
+        good, step = start + 1, 1
+        while good + step <= len(groups) and fits(start, good + step):
+            good += step
+            step *= 2
+        bad = min(good + step, len(groups) + 1)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if fits(start, mid):
+                good = mid
+            else:
+                bad = mid
+        windows.append(window(start, good))
+        start = good
+    return windows
+
+
 def build_examples(
     tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], max_seq_length: int
 ) -> tuple[list[TokenizedExample], DatasetStats]:
-    """Tokenize every conversation; drop (and count) those with nothing to train on."""
+    """Tokenize every conversation (a long one as several windows, `conversation_windows`);
+    drop (and count) windows with nothing to train on."""
     if max_seq_length < 1:
         raise ValueError("max_seq_length must be positive")
     examples: list[TokenizedExample] = []
     stats = DatasetStats()
     for conversation in conversations:
-        rendered = _render_conversation(tokenizer, conversation.messages)
-        example, truncated = _tokenize_rendered(tokenizer, rendered, max_seq_length)
-        if example is None:
-            stats.dropped += 1
-            continue
-        examples.append(example)
-        stats.examples += 1
-        stats.truncated += truncated
-        stats.total_tokens += len(example)
-        stats.trainable_tokens += example.num_trainable_tokens
-        stats.assistant_tokens += _span_token_count(tokenizer, rendered)
+        windows = conversation_windows(tokenizer, conversation.messages, max_seq_length)
+        stats.split += len(windows) > 1
+        for messages in windows:
+            rendered = _render_conversation(tokenizer, messages)
+            example, truncated = _tokenize_rendered(tokenizer, rendered, max_seq_length)
+            if example is None:
+                stats.dropped += 1
+                continue
+            examples.append(example)
+            stats.examples += 1
+            stats.truncated += truncated
+            stats.total_tokens += len(example)
+            stats.trainable_tokens += example.num_trainable_tokens
+            stats.assistant_tokens += _span_token_count(tokenizer, rendered)
     return examples, stats
 
 

@@ -349,7 +349,8 @@ class JobRunner:
         if not outcome.completed:
             return self.stopped(job, outcome.stop_reason, delivery)
         metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,
-                       dropped_examples=stats.dropped, documents=len(data.documents),
+                       dropped_examples=stats.dropped, split_conversations=stats.split,
+                       truncated_examples=stats.truncated, documents=len(data.documents),
                        resumed_from_step=_checkpoint_step(resume_from), base_model_reused=base_model_reused)
         if warm is not None:
             metrics.update(warm.metrics, documents_skipped=data.skipped)
