@@ -76,6 +76,11 @@ class AdapterSettings(BaseModel):
         """`base` with every field set here replacing it."""
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
+    def patched_over(self, stored: "AdapterSettings") -> "AdapterSettings":
+        """`stored` updated by this PUT body, JSON-merge-patch style (RFC 7386): a field given a
+        value replaces it, a field given as null goes back to its default, an omitted one stays."""
+        return stored.model_copy(update={name: getattr(self, name) for name in self.model_fields_set})
+
 
 DOCUMENTED_DEFAULTS = AdapterSettings(
     method="qlora",

@@ -80,13 +80,14 @@ class AdapterStore:
         return AdapterSettings.model_validate_json(loaded[0]) if loaded else None
 
     async def update_config(self, ref: AvatarRef, patch: AdapterSettings) -> AdapterSettings:
-        """Merge the fields set in `patch` over the stored configuration and store the result
-        (set fields only), guarded by If-Match / If-None-Match against a concurrent update."""
+        """Apply `patch` to the stored configuration (`AdapterSettings.patched_over`: null resets a
+        field) and store the result (set fields only), guarded by If-Match / If-None-Match
+        against a concurrent update."""
         key = adapter_config_key(ref.user_id, ref.avatar_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             loaded = await self.objects.read(key)
             stored = AdapterSettings.model_validate_json(loaded[0]) if loaded else AdapterSettings()
-            merged = patch.merged_over(stored)
+            merged = patch.patched_over(stored)
             body = json.dumps(merged.model_dump(exclude_none=True), sort_keys=True).encode()
             written = await (self.objects.replace(key, body, loaded[1]) if loaded else self.objects.create(key, body))
             if written:

@@ -115,6 +115,11 @@ def test_put_merges_over_stored_config_and_get_shows_defaults(api: Api, s3) -> N
     assert api.get(f"{api.base}/adapter").json()["config"] == expected
     # An empty object changes nothing.
     assert api.put(f"{api.base}/adapter", json={}).json()["config"] == expected
+    # null resets a field to its default; the others stay.
+    r = api.put(f"{api.base}/adapter", json={"target_modules": None, "r": None, "lora_alpha": 32})
+    assert r.status_code == 200, r.text
+    assert r.json()["config"] == {**DEFAULTS, "lora_alpha": 32, "method": "lora"}
+    assert stored_config(s3, api) == {"lora_alpha": 32, "method": "lora"}
 
 
 @pytest.mark.parametrize("body", [

@@ -88,7 +88,8 @@ async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings
     return await _view(store, avatar, settings.presign_expires_seconds, config, manifest)
 
 
-@router.put(BASE, response_model=AdapterView, summary="Set configuration fields (omitted fields keep their value)")
+@router.put(BASE, response_model=AdapterView,
+            summary="Set configuration fields (omitted fields keep their value, null resets one to its default)")
 async def put_adapter(
     avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, body: AdapterSettings
 ) -> AdapterView:
