@@ -116,14 +116,17 @@ def first_error(exc: ValidationError) -> str:
 
 def jsonl_objects(text: str) -> Iterator[tuple[int, int, object]]:
     """(1-based line number, character offset of the line, parsed JSON value) for each
-    non-blank line of a JSONL text; DocumentError with the line on malformed JSON."""
+    non-blank line of a JSONL text; DocumentError with the line on malformed JSON.
+
+    Lines end at "\n" only (a "\r" before it is JSON whitespace): `str.splitlines` would also
+    cut at U+2028, U+0085, form feeds..., which may stand unescaped inside a JSON string."""
     offset = 0
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        start, offset = offset, offset + len(line)
+    for number, line in enumerate(text.split("\n"), start=1):
+        start, offset = offset, offset + len(line) + 1
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.strip())
         except json.JSONDecodeError as exc:
             raise DocumentError(f"malformed JSON: {exc.msg}", line=number) from None
         yield number, start, obj

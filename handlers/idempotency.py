@@ -33,12 +33,15 @@ class Idempotency:
 
 
 def _canonical_body(body: bytes) -> bytes:
-    """The body as sorted compact JSON, so retries that reorder keys or spacing still match.
+    """The body as sorted compact JSON, so retries that reorder keys or spacing still match;
+    no body, `null` and `{}` alike are empty.
     `callbacks.auth_header` is left out: not even a digest of a secret is stored."""
     try:
         parsed: Any = json.loads(body)
     except ValueError:
         return body  # not JSON: the route refuses it anyway
+    if parsed is None or parsed == {}:
+        return b""  # the optional-body routes read null and {} as no body: the same request
     if isinstance(parsed, dict) and isinstance(parsed.get("callbacks"), dict) and "auth_header" in parsed["callbacks"]:
         parsed["callbacks"]["auth_header"] = "<secret>"
     return json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()

@@ -72,3 +72,18 @@ def test_train_request_contract() -> None:
 def test_committed_json_schemas_are_current(filename: str) -> None:
     committed = (SCHEMAS_DIR / filename).read_text()
     assert committed == render(PUBLIC_MODELS[filename]), "run `make schemas` and commit schemas/"
+
+
+def test_jsonl_lines_end_at_newline_only() -> None:
+    """U+2028, U+0085 and form feeds may stand unescaped inside JSON strings (ensure_ascii=False
+    writers emit them): they neither end a line nor break a record; CRLF files parse too."""
+    from contracts.context_documents import parse_context_document
+
+    text = '{"text": "one\u2028line"}\r\n\n{"text": "two\x85"}\x0c\n{"text": "three"}'
+    conversations = parse_document("x.jsonl", text.encode())
+    assert [c.messages[0].content for c in conversations] == ["one\u2028line", "two\x85", "three"]
+    records = parse_context_document("x.jsonl", text.encode())
+    assert [r.text for r in records] == ["one\u2028line", "two\x85", "three"]
+    with pytest.raises(DocumentError) as err:
+        parse_document("x.jsonl", b'{"text": "fine"}\n{"text": \n')
+    assert err.value.line == 2

@@ -269,8 +269,10 @@ def test_request_fingerprint_is_canonical_and_leaves_the_auth_header_out() -> No
     assert base != request_fingerprint("POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://y", "auth_header": "A"}}')
     assert base != request_fingerprint("POST", path.replace("training-jobs", "fuse-jobs"),
                                        b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}')
-    assert request_fingerprint("POST", path, b"") == request_fingerprint("POST", path, b"  ")
-    assert request_fingerprint("POST", path, b"") != request_fingerprint("POST", path, b"{}")
+    # No body, null and {} are all "no body" to the routes.
+    empty = request_fingerprint("POST", path, b"")
+    assert empty == request_fingerprint("POST", path, b"  ") == request_fingerprint("POST", path, b"{ }")
+    assert empty == request_fingerprint("POST", path, b"null") != request_fingerprint("POST", path, b'{"r": 4}')
 
 
 def test_idempotency_key_expires_after_its_ttl(api: Api, s3) -> None:

@@ -95,9 +95,11 @@ def listen(
     except OSError as exc:
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound = server.server_address[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     Console(stderr=True, soft_wrap=True).print(
         f"listening on http://{host}:{bound}/ (a job's callbacks: "
-        f'{{"webhook_url": "http://{host}:{bound}/hook", "allow_private": true}}); Ctrl-C stops')
+        f'{{"webhook_url": "http://{shown}:{bound}/hook", "allow_private": true}}; from docker compose: '
+        f"http://host.docker.internal:{bound}/hook with --host 0.0.0.0); Ctrl-C stops", markup=False, highlight=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         done.wait()

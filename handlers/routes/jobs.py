@@ -148,12 +148,13 @@ async def _earlier_job(jobs: JobStore, avatar: AvatarRef, idempotency: Idempoten
     if utcnow() - earlier.created_at > ttl:
         await jobs.forget(avatar, idempotency.key_hash, etag)
         return None
-    if earlier.fingerprint is not None and earlier.fingerprint != idempotency.fingerprint:
-        raise Problem(422, f"this Idempotency-Key was already used for a different request (job {earlier.job_id}); "
-                           "send a new key for a new request", job_id=earlier.job_id)
     record = await jobs.get(avatar, earlier.job_id)
     if record is None:
         await jobs.forget(avatar, idempotency.key_hash, etag)
+        return None
+    if earlier.fingerprint is not None and earlier.fingerprint != idempotency.fingerprint:
+        raise Problem(422, f"this Idempotency-Key was already used for a different request (job {earlier.job_id}); "
+                           "send a new key for a new request", job_id=earlier.job_id)
     return record
 
 
