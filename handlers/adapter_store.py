@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends
 from pydantic import BaseModel
 
 from contracts.adapter import AdapterSettings
-from contracts.adapters import AdapterManifest, VersionMetrics
+from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
     LOSS_CURVE_FILE,
@@ -33,7 +33,9 @@ from contracts.keys import (
     adapter_versions_prefix,
     checkpoints_prefix,
     full_model_prefix,
+    full_model_version_prefix,
     merged_prefix,
+    merged_version_prefix,
     version_file_key,
 )
 from handlers.auth import AvatarRef
@@ -46,6 +48,15 @@ DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
 # (fixed here, never taken from the stored object).
 VERSION_FILES: dict[str, str] = {METRICS_FILE: "application/json", SAMPLES_FILE: "application/json",
                                  LOSS_CURVE_FILE: "image/png"}
+
+
+WholeModelKind = Literal["merged", "full"]
+WholeModelManifest = MergedManifest | FullModelManifest
+# kind -> (the avatar's prefix of that kind, a version's prefix, the manifest's file name, its model)
+_WHOLE_MODELS: dict[str, tuple[Callable[[str, str], str], Callable[[str, str, int], str], str, type[BaseModel]]] = {
+    "merged": (merged_prefix, merged_version_prefix, MERGED_MANIFEST_FILE, MergedManifest),
+    "full": (full_model_prefix, full_model_version_prefix, FULL_MODEL_MANIFEST_FILE, FullModelManifest),
+}
 
 
 class AdapterFile(BaseModel):
@@ -102,15 +113,39 @@ class AdapterStore:
 
     async def files(self, ref: AvatarRef, manifest: AdapterManifest, expires_in: int) -> list[AdapterFile]:
         """Presigned (SigV4) GET URLs of the current adapter files."""
-        prefix = adapter_prefix(ref.user_id, ref.avatar_id)
+        files = {name: manifest.files.get(name) for name in ADAPTER_FILES}
+        return await self.presigned(adapter_prefix(ref.user_id, ref.avatar_id), files, expires_in)
 
-        async def one(name: str) -> AdapterFile:
+    async def presigned(self, prefix: str, files: dict[str, str | None], expires_in: int) -> list[AdapterFile]:
+        """Presigned GET URLs of `prefix + name` for each file name -> sha256 of `files`."""
+
+        async def one(name: str, sha256: str | None) -> AdapterFile:
             url = await self._s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self._bucket, "Key": prefix + name}, ExpiresIn=expires_in
             )
-            return AdapterFile(name=name, url=url, sha256=manifest.files.get(name))
+            return AdapterFile(name=name, url=url, sha256=sha256)
 
-        return list(await asyncio.gather(*(one(name) for name in ADAPTER_FILES)))
+        return list(await asyncio.gather(*(one(name, sha) for name, sha in files.items())))
+
+    # -- whole models: merged/{n}/ (fuse jobs) and full/{n}/ (full fine-tunes) -------------
+
+    async def whole_model(self, ref: AvatarRef, kind: WholeModelKind, version: int) -> WholeModelManifest | None:
+        """The manifest of `merged/{version}/` or `full/{version}/`; None until it is complete
+        (the manifest is written last) or when it does not exist."""
+        _, _, manifest_file, model = _WHOLE_MODELS[kind]
+        loaded = await self.objects.read(self.whole_model_prefix(ref, kind, version) + manifest_file)
+        return model.model_validate_json(loaded[0]) if loaded else None  # type: ignore[return-value]
+
+    async def whole_models(self, ref: AvatarRef, kind: WholeModelKind) -> list[tuple[int, WholeModelManifest]]:
+        """(version, manifest) of every complete merged or full model, by version ascending."""
+        prefix = _WHOLE_MODELS[kind][0]
+        _, children = await self.objects.objects(prefix(ref.user_id, ref.avatar_id), delimiter="/")
+        numbers = sorted(int(c) for c in children if c.isdigit() and int(c) >= 1)
+        manifests = await asyncio.gather(*(self.whole_model(ref, kind, n) for n in numbers))
+        return [(n, m) for n, m in zip(numbers, manifests, strict=True) if m is not None]
+
+    def whole_model_prefix(self, ref: AvatarRef, kind: WholeModelKind, version: int) -> str:
+        return _WHOLE_MODELS[kind][1](ref.user_id, ref.avatar_id, version)
 
     async def adapters_of(self, user_id: str) -> list[tuple[str, AdapterManifest]]:
         """(avatar_id, manifest) of each of the user's avatars that has an adapter, by avatar id."""

@@ -6,9 +6,7 @@ from fastapi import FastAPI
 
 from contracts import logs
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, fuse, health, jobs, training_data
-from handlers.routes import generations
-from handlers.routes import context
+from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
 
 
@@ -26,6 +24,7 @@ def create_app() -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(jobs.router)
     app.include_router(fuse.router)
+    app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
     return app

@@ -23,6 +23,10 @@ ROUTES = [
     ("DELETE", "/training-data?use_for_training=false", {}),
     ("GET", "/training-data/archive", {}),
     ("POST", "/training-data/uploads", {"json": {"name": "a.txt"}}),
+    ("GET", "/merged-models", {}),
+    ("GET", "/merged-models/1", {}),
+    ("GET", "/full-models", {}),
+    ("GET", "/full-models/1", {}),
 ]
 
 

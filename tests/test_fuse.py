@@ -4,10 +4,12 @@ model must reproduce base + adapter's logits (within bf16 rounding) and differ f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -99,6 +101,12 @@ def test_fuse_merges_the_adapter_into_the_base(pipeline: Pipeline, trained: Api,
     manifest = MergedManifest.model_validate_json((merged_dir / MERGED_MANIFEST_FILE).read_text())
     assert set(manifest.files) == set(names) - {MERGED_MANIFEST_FILE}
     assert manifest.adapter_version == 1 and manifest.job_id == job["id"] and manifest.dtype == "bfloat16"
+    # The API hands the same files out: presigned URLs whose bytes match the manifest's sha256.
+    assert [m["version"] for m in api.get(f"{api.base}/merged-models").json()["items"]] == [1]
+    view = api.get(f"{api.base}/merged-models/1").json()
+    assert view["job_id"] == job["id"] and {f["name"] for f in view["files"]} == set(manifest.files)
+    for f in view["files"]:
+        assert hashlib.sha256(httpx.get(f["url"]).content).hexdigest() == f["sha256"] == manifest.files[f["name"]]
     weights = next(n for n in names if n.endswith(".safetensors"))
     with safe_open(str(merged_dir / weights), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
