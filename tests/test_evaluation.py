@@ -205,7 +205,9 @@ def test_delete_adapter_removes_merged_models(pipeline: Pipeline, first_if_bette
     assert r.status_code == 202, r.text
     fused, _ = wait_for_job(api, r.json()["id"], {"succeeded", "failed"}, pipeline=pipeline)
     assert fused["status"] == "succeeded", fused
-    assert fused["links"] == {}  # a fuse job's version is the one it merged, not one it published
+    # A fuse job's version is the one it merged: it links to the merged model, not to version files.
+    assert fused["links"] == {"model": f"{api.base}/merged-models/1"}
+    assert api.get(fused["links"]["model"]).status_code == 200
     merged = merged_prefix(api.user_id, api.avatar_id)
     assert keys_under(s3, merged)  # the premise: a merged model exists
     # A full fine-tune's model (written here directly: a full job is tested in test_job_spec_trainer).
@@ -219,6 +221,8 @@ def test_delete_adapter_removes_merged_models(pipeline: Pipeline, first_if_bette
     assert keys_under(s3, adapter_version_prefix(api.user_id, api.avatar_id, 1)) == []
     assert keys_under(s3, training_data_prefix(api.user_id, api.avatar_id))  # training data stays
     assert api.get(f"{api.base}/adapter/versions/1/files/{SAMPLES_FILE}").status_code == 404
+    assert api.get(fused["links"]["model"]).status_code == 404
+    assert api.get(f"{api.base}/merged-models").json() == api.get(f"{api.base}/full-models").json() == {"items": []}
 
 
 # -- the artifact store and the verdict, without a trainer -------------------------------------

@@ -103,7 +103,8 @@ def test_fuse_merges_the_adapter_into_the_base(pipeline: Pipeline, trained: Api,
     assert manifest.adapter_version == 1 and manifest.job_id == job["id"] and manifest.dtype == "bfloat16"
     # The API hands the same files out: presigned URLs whose bytes match the manifest's sha256.
     assert [m["version"] for m in api.get(f"{api.base}/merged-models").json()["items"]] == [1]
-    view = api.get(f"{api.base}/merged-models/1").json()
+    assert done["links"] == {"model": f"{api.base}/merged-models/1"}
+    view = api.get(done["links"]["model"]).json()
     assert view["job_id"] == job["id"] and {f["name"] for f in view["files"]} == set(manifest.files)
     for f in view["files"]:
         assert hashlib.sha256(httpx.get(f["url"]).content).hexdigest() == f["sha256"] == manifest.files[f["name"]]

@@ -15,6 +15,7 @@ import json
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -262,7 +263,8 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         assert done["status"] == "succeeded", done
         m = done["metrics"]
         assert done["adapter_version"] == 1 and m["method"] == "full"
-        assert done["links"] == {}  # its version numbers a model under full/, not an adapter version's files
+        # Its version numbers a model under full/, not an adapter version's files.
+        assert done["links"] == {"model": f"{api.base}/full-models/1"}
         assert m["precision"] == "bf16" and m["dtype"] == "bfloat16"
         assert m["steps"] == 2 and m["max_steps"] == 2 and m["gradient_accumulation_steps"] == 2
         assert m["eval_examples"] == 10 and m["train_examples"] == 10  # eval_fraction 0.5, not EVAL_FRACTION 0.1
@@ -277,7 +279,10 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         manifest = json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=prefix + FULL_MODEL_MANIFEST_FILE)["Body"].read())
         assert manifest["job_id"] == done["id"] and manifest["base_model"] == base_uri and manifest["version"] == 1
         assert set(manifest["files"]) == names - {FULL_MODEL_MANIFEST_FILE, ".claim"}
-        s3.download_file(TEST_BUCKET, prefix + "model.safetensors", str(tmp_path / "model.safetensors"))
+        view = api.get(done["links"]["model"]).json()  # the files, through the API
+        assert {f["name"]: f["sha256"] for f in view["files"]} == manifest["files"] and view["metrics"]["method"] == "full"
+        url = next(f["url"] for f in view["files"] if f["name"] == "model.safetensors")
+        (tmp_path / "model.safetensors").write_bytes(httpx.get(url).content)
         with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # precision bf16
         saved = load_file(str(tmp_path / "model.safetensors"))

@@ -42,6 +42,7 @@ from handlers.job_spec import TrainJobBody, check_job_body
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
 from handlers.problems import Problem
 from handlers.routes.adapters import version_file_path
+from handlers.routes.models import whole_model_path
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
 from handlers.training_data_store import DocumentNotFound, TrainingDataStore, decode_cursor, encode_cursor
@@ -80,7 +81,8 @@ class JobView(BaseModel):
     links: dict[str, str] = Field(
         default_factory=dict,
         description="train jobs with a published version: API paths of that version's metrics.json, "
-        "samples.json (base vs adapter completions) and loss.png (loss curve)",
+        "samples.json (base vs adapter completions) and loss.png (loss curve); a succeeded fuse or "
+        "full fine-tuning job: `model`, the API path of the model it wrote",
     )
 
     @field_serializer("config")
@@ -97,12 +99,18 @@ class JobView(BaseModel):
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
         view = cls.model_validate(record.model_dump(exclude={"lease", "user_id", "source", "schema_"}))
+        version = record.adapter_version
+        if version is None:
+            return view
         # A full fine-tune's version numbers a whole model under full/, not an adapter version.
-        if record.type == "train" and record.adapter_version is not None and record.config.method != "full":
+        if record.type == "train" and record.config.method != "full":
             view.links = {
-                link: version_file_path(record.user_id, record.avatar_id, record.adapter_version, name)
+                link: version_file_path(record.user_id, record.avatar_id, version, name)
                 for link, name in (("metrics", METRICS_FILE), ("samples", SAMPLES_FILE), ("loss_curve", LOSS_CURVE_FILE))
             }
+        elif record.status == "succeeded" and (record.type == "fuse" or record.type == "train"):
+            kind = "merged" if record.type == "fuse" else "full"
+            view.links = {"model": whole_model_path(record.user_id, record.avatar_id, kind, version)}
         return view
 
 
