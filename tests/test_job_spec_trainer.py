@@ -20,11 +20,14 @@ import pytest
 import torch
 
 from contracts.adapter import AdapterSettings
+from contracts.adapters import VersionSamples
 from contracts.jobs import JobProgress
 from contracts.keys import (
     CHECKPOINT_COMPLETE_MARKER,
     FULL_MODEL_MANIFEST_FILE,
+    LOSS_CURVE_FILE,
     METRICS_FILE,
+    SAMPLES_FILE,
     adapter_version_prefix,
     checkpoint_prefix,
     full_model_version_prefix,
@@ -276,6 +279,14 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
 
         names = {k[len(prefix):] for k in keys_under(s3, prefix)}
         assert {FULL_MODEL_MANIFEST_FILE, "config.json", "model.safetensors", "tokenizer.json"} <= names
+        # Like an adapter version: samples (base vs trained, from the same copy) and the loss curve.
+        assert {SAMPLES_FILE, LOSS_CURVE_FILE} <= names
+        samples = VersionSamples.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=prefix + SAMPLES_FILE)["Body"].read())
+        assert samples.job_id == done["id"] and len(samples.samples) == m["samples"] > 0
+        assert all(x.prompt and x.reference and x.prompt_tokens > 0 for x in samples.samples)
+        png = s3.get_object(Bucket=TEST_BUCKET, Key=prefix + LOSS_CURVE_FILE)["Body"].read()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        assert [step for step, _ in m["loss_curve"]["eval"]][0] == 0 and m["loss_curve"]["eval"][-1][0] == 2
         manifest = json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=prefix + FULL_MODEL_MANIFEST_FILE)["Body"].read())
         assert manifest["job_id"] == done["id"] and manifest["base_model"] == base_uri and manifest["version"] == 1
         assert set(manifest["files"]) == names - {FULL_MODEL_MANIFEST_FILE, ".claim"}

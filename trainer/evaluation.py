@@ -279,29 +279,21 @@ def evaluate_version(
                       files={SAMPLES_FILE: out_dir / SAMPLES_FILE, LOSS_CURVE_FILE: out_dir / LOSS_CURVE_FILE})
 
 
-def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExample], job_id: str,
-             count: int, max_new_tokens: int) -> VersionSamples:
-    tokenizer = base.tokenizer
-    window = getattr(base.model.config, "max_position_embeddings", None)
+def sample_prompts(model: Any, examples: list[TokenizedExample], count: int,
+                   max_new_tokens: int) -> tuple[list[HeldOutPrompt], str | None]:
+    """The held-out prompts to sample (those that leave room for `max_new_tokens` in the
+    model's window) and the note to record when there are fewer than `count`."""
+    window = getattr(model.config, "max_position_embeddings", None)
     prompts = held_out_prompts(examples, count, None if window is None else window - max_new_tokens)
     note = None
-    if adapter_dir is None:
-        prompts, note = [], "the job did not produce an adapter to sample"
-    elif len(prompts) < count:
+    if len(prompts) < count:
         note = f"{len(prompts)} of {count} asked: the held-out split has no more prompts that fit the model"
-    try:
-        base_texts = [greedy_completion(base.model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
-        adapter_texts: list[str] = []
-        if prompts:
-            assert adapter_dir is not None
-            with adapter_attached(base, adapter_dir) as model:
-                adapter_texts = [greedy_completion(model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
-    except Exception as exc:  # samples are for reading; they never cost the job its trained version
-        if type(exc).__name__ == "OutOfMemoryError":
-            torch.cuda.empty_cache()
-        log.exception("job %s: generating samples failed", job_id)
-        return VersionSamples(job_id=job_id, max_new_tokens=max_new_tokens,
-                              note=f"generating samples failed: {type(exc).__name__}")
+    return prompts, note
+
+
+def build_samples(tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str], tuned_texts: list[str], *,
+                  job_id: str | None, max_new_tokens: int, note: str | None) -> VersionSamples:
+    """samples.json's content: each prompt with the base's and the trained model's completions."""
     return VersionSamples(
         job_id=job_id, max_new_tokens=max_new_tokens, note=note,
         samples=[
@@ -310,6 +302,34 @@ def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExampl
                 reference=tokenizer.decode(p.reference_ids, skip_special_tokens=True),
                 base=b, adapter=a, prompt_tokens=len(p.prompt_ids),
             )
-            for p, b, a in zip(prompts, base_texts, adapter_texts, strict=True)
+            for p, b, a in zip(prompts, base_texts, tuned_texts, strict=True)
         ],
     )
+
+
+def samples_failed(job_id: str | None, max_new_tokens: int, exc: BaseException) -> VersionSamples:
+    """Samples are for reading: a failure to generate them is logged and noted, never fatal."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        torch.cuda.empty_cache()
+    log.error("job %s: generating samples failed", job_id, exc_info=exc)
+    return VersionSamples(job_id=job_id, max_new_tokens=max_new_tokens,
+                          note=f"generating samples failed: {type(exc).__name__}")
+
+
+def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExample], job_id: str,
+             count: int, max_new_tokens: int) -> VersionSamples:
+    tokenizer = base.tokenizer
+    prompts, note = sample_prompts(base.model, examples, count, max_new_tokens)
+    if adapter_dir is None:
+        prompts, note = [], "the job did not produce an adapter to sample"
+    try:
+        base_texts = [greedy_completion(base.model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
+        adapter_texts: list[str] = []
+        if prompts:
+            assert adapter_dir is not None
+            with adapter_attached(base, adapter_dir) as model:
+                adapter_texts = [greedy_completion(model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
+    except Exception as exc:
+        return samples_failed(job_id, max_new_tokens, exc)
+    return build_samples(tokenizer, prompts, base_texts, adapter_texts, job_id=job_id,
+                         max_new_tokens=max_new_tokens, note=note)

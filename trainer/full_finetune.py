@@ -3,8 +3,11 @@
 saved (safetensors + tokenizer), not an adapter.
 
     private fp32 copy of the base (never the worker's cached base, which later LoRA jobs reuse)
-    -> freeze all but the chosen layers/modules -> Trainer (mixed precision from `precision`)
-    -> saved in the precision's dtype -> the copy freed
+    -> the base's completions on a few held-out prompts (samples.json's `base`, from the same
+       copy before it trains) -> freeze all but the chosen layers/modules -> Trainer (mixed
+       precision from `precision`, eval loss at a few steps for the curve) -> the trained
+       model's completions -> saved in the precision's dtype with samples.json and loss.png
+       -> the copy freed
 
 Full fine-tuning never runs on 4-bit weights: the runner refuses a full job with qlora options.
 """
@@ -14,15 +17,27 @@ from __future__ import annotations
 import gc
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from contracts.adapter import AdapterSettings
+from contracts.adapters import VersionSamples
+from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
 from trainer import integrations
 from trainer.base_model import BaseModelCache, BaseRef
 from trainer.dataset import TokenizedExample
+from trainer.evaluation import (
+    HeldOutPrompt,
+    LossCurveCallback,
+    build_samples,
+    greedy_completion,
+    plot_loss_curve,
+    sample_prompts,
+    samples_failed,
+)
 from trainer.training import (
     TrainingControl,
     TrainOutcome,
@@ -37,6 +52,28 @@ from trainer.training import (
 )
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _completions(model: Any, tokenizer: Any, prompts: list[HeldOutPrompt], samples: SampleOptions) -> list[str] | None:
+    """Greedy completions of `prompts`; None when generating failed (noted in samples.json)."""
+    try:
+        return [greedy_completion(model, tokenizer, p.prompt_ids, samples.max_new_tokens) for p in prompts]
+    except Exception as exc:
+        samples_failed(samples.job_id, samples.max_new_tokens, exc)
+        return None
+
+
+def _write_samples(out_dir: Path, tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str] | None,
+                   tuned_texts: list[str] | None, samples: SampleOptions, note: str | None) -> VersionSamples:
+    if base_texts is None or tuned_texts is None:
+        written = VersionSamples(job_id=samples.job_id, max_new_tokens=samples.max_new_tokens,
+                                 note="generating samples failed (see the worker log)")
+    else:
+        written = build_samples(tokenizer, prompts, base_texts, tuned_texts, job_id=samples.job_id,
+                                max_new_tokens=samples.max_new_tokens, note=note)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SAMPLES_FILE).write_text(written.model_dump_json(by_alias=True, indent=2))
+    return written
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -57,19 +94,35 @@ def freeze_for(model: Any, cfg: AdapterSettings) -> int:
     return count
 
 
+@dataclass
+class SampleOptions:
+    """samples.json beside the model: how many held-out prompts, how many new tokens each."""
+
+    job_id: str | None = None
+    prompts: int = 0
+    max_new_tokens: int = 48
+
+
 def train_full(
     models: BaseModelCache, ref: BaseRef, cfg: AdapterSettings, train_examples: list[TokenizedExample],
     eval_examples: list[TokenizedExample], work_dir: Path, control: TrainingControl,
     resume_from: Path | None = None, report_to: list[str] | None = None, log_dir: Path | None = None,
+    samples: SampleOptions | None = None,
 ) -> TrainOutcome:
-    """Fully fine-tune a private copy of the base; the model is saved under `work_dir/model`."""
+    """Fully fine-tune a private copy of the base; the model is saved under `work_dir/model`
+    with samples.json (base vs trained completions) and loss.png beside its files."""
     started = time.monotonic()
     report_to = list(report_to or [])
+    samples = samples or SampleOptions()
     held: dict[str, Any] = {}
     try:
         # fp32 master weights: bf16/fp16 mixed precision trains on them; the saved copy is cast.
         held["model"] = model = models.load_private(ref.path, torch.float32, revision=ref.revision, token=ref.token)
         device = next(model.parameters()).device
+        tokenizer = models.stock_tokenizer(ref.path, revision=ref.revision, token=ref.token)
+        prompts, note = sample_prompts(model, eval_examples, samples.prompts, samples.max_new_tokens)
+        # Still the base: its answers are samples.json's `base` (before attention is swapped for training).
+        base_texts = _completions(model, tokenizer, prompts, samples)
         check_modules(model, cfg)
         precision, precision_note = resolve_precision(cfg.precision, device)
         extra = integrations.callbacks(report_to, log_dir or work_dir / "logs") if report_to else []
@@ -83,8 +136,9 @@ def train_full(
         torch.manual_seed(cfg.seed or 0)
         eval_before = evaluate_loss(model, eval_examples, device)
         callback = _JobCallback(control, started)
+        curve = LossCurveCallback(lambda: evaluate_loss(model, eval_examples, device), eval_before)
         held["trainer"] = trainer = make_trainer(model, cfg, train_examples, work_dir, device, precision,
-                                                 [callback, *extra])
+                                                 [callback, curve, *extra])
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if callback.stop_reason:
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
@@ -93,6 +147,7 @@ def train_full(
             **run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after),
             "method": "full",
             "train_seconds": round(time.monotonic() - started, 3),
+            "loss_curve": curve.curve(trainer.state, eval_after),
             **spec_metrics(cfg, trainer, precision, precision_note, report_to),
         }
         out_dir = work_dir / "model"
@@ -100,8 +155,13 @@ def train_full(
             model.config.use_cache = True
             if hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation("sdpa")  # our packed kernel is not registered where it is loaded
+            written = _write_samples(out_dir, tokenizer, prompts, base_texts, _completions(model, tokenizer, prompts, samples),
+                                     samples, note)
+            metrics["samples"] = len(written.samples)
             model.to(SAVE_DTYPES[precision]).save_pretrained(out_dir, safe_serialization=True)
-            models.stock_tokenizer(ref.path, revision=ref.revision, token=ref.token).save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+            plot_loss_curve(metrics["loss_curve"], out_dir / LOSS_CURVE_FILE,
+                            title=f"job {samples.job_id}" if samples.job_id else "full fine-tune")
         metrics["dtype"] = str(SAVE_DTYPES[precision]).removeprefix("torch.")
         return TrainOutcome(completed=True, adapter_dir=out_dir, metrics=metrics)
     finally:

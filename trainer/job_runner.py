@@ -46,7 +46,7 @@ from trainer.events import EventPublisher
 from trainer.job_store import JobStore
 from trainer.outputs import copy_prefix, output_target
 from trainer.settings import TrainerSettings
-from trainer.full_finetune import train_full
+from trainer.full_finetune import SampleOptions, train_full
 from trainer.integrations import check_available as check_integrations
 from trainer.integrations import upload_logs
 from trainer.training import DURATION_EXCEEDED, train_adapter
@@ -336,7 +336,9 @@ class JobRunner:
                 )
             elif cfg.method == "full":
                 outcome = train_full(self.models, ref, cfg, train_set, eval_set, scratch / "work", control,
-                                     resume_from, report_to, log_dir)
+                                     resume_from, report_to, log_dir,
+                                     SampleOptions(job.id, self.settings.sample_prompts,
+                                                   self.settings.sample_max_new_tokens))
             else:
                 outcome = train_adapter(self._base(cfg), cfg, train_set, eval_set, scratch / "work", control,
                                         resume_from, report_to, log_dir,
