@@ -54,26 +54,29 @@ from trainer.training import (
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _completions(model: Any, tokenizer: Any, prompts: list[HeldOutPrompt], samples: SampleOptions) -> list[str] | None:
-    """Greedy completions of `prompts`; None when generating failed (noted in samples.json)."""
+def _completions(model: Any, tokenizer: Any, prompts: list[HeldOutPrompt],
+                 samples: SampleOptions) -> list[str] | VersionSamples:
+    """Greedy completions of `prompts`, or (generating failed) the samples.json saying so."""
     try:
         return [greedy_completion(model, tokenizer, p.prompt_ids, samples.max_new_tokens) for p in prompts]
     except Exception as exc:
-        samples_failed(samples.job_id, samples.max_new_tokens, exc)
-        return None
+        return samples_failed(samples.job_id, samples.max_new_tokens, exc)
 
 
-def _write_samples(out_dir: Path, tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str] | None,
-                   tuned_texts: list[str] | None, samples: SampleOptions, note: str | None) -> VersionSamples:
-    if base_texts is None or tuned_texts is None:
-        written = VersionSamples(job_id=samples.job_id, max_new_tokens=samples.max_new_tokens,
-                                 note="generating samples failed (see the worker log)")
+def _write_samples(out_dir: Path, tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str] | VersionSamples,
+                   tuned_texts: list[str] | VersionSamples, samples: SampleOptions, note: str | None) -> VersionSamples:
+    if isinstance(base_texts, VersionSamples):
+        written = base_texts
+    elif isinstance(tuned_texts, VersionSamples):
+        written = tuned_texts
     else:
         written = build_samples(tokenizer, prompts, base_texts, tuned_texts, job_id=samples.job_id,
                                 max_new_tokens=samples.max_new_tokens, note=note)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SAMPLES_FILE).write_text(written.model_dump_json(by_alias=True, indent=2))
     return written
+
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -155,8 +158,9 @@ def train_full(
             model.config.use_cache = True
             if hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation("sdpa")  # our packed kernel is not registered where it is loaded
-            written = _write_samples(out_dir, tokenizer, prompts, base_texts, _completions(model, tokenizer, prompts, samples),
-                                     samples, note)
+            tuned_texts = base_texts if isinstance(base_texts, VersionSamples) else \
+                _completions(model, tokenizer, prompts, samples)
+            written = _write_samples(out_dir, tokenizer, prompts, base_texts, tuned_texts, samples, note)
             metrics["samples"] = len(written.samples)
             model.to(SAVE_DTYPES[precision]).save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
