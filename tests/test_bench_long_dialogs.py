@@ -11,11 +11,12 @@ def test_long_dialog_benchmark_runs_and_writes_its_section(tmp_path: Path) -> No
     from bench import long_dialogs
     from bench.__main__ import HEADER, write_section
 
-    result = long_dialogs.run(sizes=(30,), log=lambda _: None)
+    result = long_dialogs.run(sizes=(30,), short_chats=5, log=lambda _: None)
     (row,) = result["rows"]
     assert row["tokens"] > result["max_seq_length"] and row["windows"] >= 2
     assert row["windowed_trained"] == row["assistant_tokens"] > row["truncated_trained"] > 0
     assert row["longest"] <= result["max_seq_length"]
+    assert result["short"]["chats"] == 5 and result["short"]["build"] > 0
 
     out = tmp_path / "BENCHMARKS.md"
     out.write_text(HEADER)

@@ -114,10 +114,16 @@ def _content_start(
     return turn_start + len(header)
 
 
-def _render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> _Rendered:
-    """Render `messages` with the chat template and locate the trainable assistant spans."""
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    full = _render(tokenizer, dicts)
+def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
+                         full: str | None = None) -> _Rendered:
+    """Render `messages` with the chat template (`full`: already rendered) and locate the
+    trainable assistant spans."""
+    dicts = _dicts(messages)
+    full = full if full is not None else _render(tokenizer, dicts)
     spans: list[tuple[int, int]] = []
     turn_start = 0
     for index, message in enumerate(messages):
@@ -143,15 +149,21 @@ def _labels_from_spans(
     return [tok if trainable[start] else IGNORE_INDEX for tok, (start, _end) in zip(token_ids, offsets)]
 
 
-def _tokenize_rendered(
-    tokenizer: PreTrainedTokenizerBase, rendered: _Rendered, max_seq_length: int
-) -> tuple[TokenizedExample | None, bool]:
-    """The truncated example (None if nothing is left to train on) and whether it was cut."""
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> Any:
+    """Token ids and character offsets of a rendered conversation."""
     if not tokenizer.is_fast:
         raise TypeError("a fast tokenizer is needed: labels come from its offset mapping")
     # The template already wrote `<|begin_of_text|>`; the tokenizer must not add another.
-    # verbose=False: over-long texts are expected here, they are truncated just below.
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    # verbose=False: over-long texts are expected here, they are truncated or windowed.
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+
+
+def _tokenize_rendered(
+    tokenizer: PreTrainedTokenizerBase, rendered: _Rendered, max_seq_length: int, enc: Any = None
+) -> tuple[TokenizedExample | None, bool]:
+    """The truncated example (None if nothing is left to train on) and whether it was cut.
+    `enc`: the text's `_encode`, when the caller has it already."""
+    enc = enc if enc is not None else _encode(tokenizer, rendered.text)
     input_ids: list[int] = enc["input_ids"]
     labels = _labels_from_spans(
         input_ids, enc["offset_mapping"], rendered.trainable_spans, len(rendered.text)
@@ -183,8 +195,7 @@ def _span_token_count(tokenizer: PreTrainedTokenizerBase, rendered: _Rendered) -
 
 
 def _token_count(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> int:
-    text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
-    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return len(_encode(tokenizer, _render(tokenizer, _dicts(messages)))["input_ids"])
 
 
 def _exchanges(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[list[ChatMessage]]]:
@@ -203,14 +214,15 @@ def _exchanges(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list
 
 
 def conversation_windows(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], max_seq_length: int
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], max_seq_length: int,
+    length: int | None = None,
 ) -> list[list[ChatMessage]]:
     """`messages` as one window, or, when they render to more than `max_seq_length` tokens,
     as consecutive windows that each fit: cut between exchanges, each opening with the
     conversation's system messages, so a long chat export trains on every turn instead of its
     first `max_seq_length` tokens. An exchange too long on its own stays one window (it is
-    truncated like any over-long conversation)."""
-    if _token_count(tokenizer, messages) <= max_seq_length:
+    truncated like any over-long conversation). `length`: the conversation's token count, if known."""
+    if (length if length is not None else _token_count(tokenizer, messages)) <= max_seq_length:
         return [list(messages)]
     head, groups = _exchanges(messages)
     if len(groups) < 2:
@@ -253,11 +265,15 @@ def build_examples(
     examples: list[TokenizedExample] = []
     stats = DatasetStats()
     for conversation in conversations:
-        windows = conversation_windows(tokenizer, conversation.messages, max_seq_length)
+        # Rendered and tokenized once: a conversation that fits (most do) reuses both.
+        text = _render(tokenizer, _dicts(conversation.messages))
+        enc = _encode(tokenizer, text)
+        windows = conversation_windows(tokenizer, conversation.messages, max_seq_length, len(enc["input_ids"]))
         stats.split += len(windows) > 1
         for messages in windows:
-            rendered = _render_conversation(tokenizer, messages)
-            example, truncated = _tokenize_rendered(tokenizer, rendered, max_seq_length)
+            whole = len(windows) == 1
+            rendered = _render_conversation(tokenizer, messages, text if whole else None)
+            example, truncated = _tokenize_rendered(tokenizer, rendered, max_seq_length, enc if whole else None)
             if example is None:
                 stats.dropped += 1
                 continue
