@@ -80,9 +80,7 @@ class S3Json:
 
     async def create(self, key: str, data: bytes, tagging: str | None = None) -> str | None:
         """Write a new object (with `tagging`, `k=v&...`, if given); its ETag, or None when one exists already."""
-        if tagging is not None:
-            return await self._put(key, data, IfNoneMatch="*", Tagging=tagging)
-        return await self._put(key, data, IfNoneMatch="*")
+        return await self._put(key, data, IfNoneMatch="*", **({"Tagging": tagging} if tagging else {}))
 
     async def replace(self, key: str, data: bytes, etag: str) -> str | None:
         """Overwrite the object if it is still the version `etag`; the new ETag, or None when it changed."""

@@ -59,6 +59,9 @@ def test_merged_models_are_listed_and_handed_out_by_presigned_url(api: Api, s3) 
         assert f"no merged model {missing}" in r.json()["detail"]
     for bad in ("0", "-1", "abc", "1.5", "99999999"):
         assert api.get(f"{api.base}/merged-models/{bad}").status_code == 422
+    for other in ("other-models", "other-models/1", "-models"):  # only merged and full
+        r = api.get(f"{api.base}/{other}")
+        assert r.status_code in (404, 422) and r.headers["content-type"] == "application/problem+json", r.text
 
 
 def test_full_models_carry_their_metrics(api: Api, s3) -> None:

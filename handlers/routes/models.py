@@ -16,8 +16,8 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from contracts.adapters import FullModelManifest
-from handlers.adapter_store import AdapterFile, AdapterStore, AdapterStoreDep, WholeModelKind, WholeModelManifest
-from handlers.auth import AuthorizedAvatar, AvatarRef
+from handlers.adapter_store import AdapterFile, AdapterStoreDep, WholeModelKind, WholeModelManifest
+from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep
 from handlers.problems import Problem
 
@@ -25,6 +25,7 @@ router = APIRouter(tags=["merged and full models"])
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}"
 VersionPath = Annotated[int, Path(ge=1, le=1_000_000, description="the model's version")]
+KindPath = Annotated[WholeModelKind, Path(description="merged: fuse jobs' merged/{n}/; full: method full's full/{n}/")]
 
 
 class WholeModelSummary(BaseModel):
@@ -56,45 +57,20 @@ def _summary(version: int, manifest: WholeModelManifest) -> WholeModelSummary:
                              dtype=manifest.dtype, created_at=manifest.created_at, metrics=metrics)
 
 
-async def _list(store: AdapterStore, avatar: AvatarRef, kind: WholeModelKind) -> WholeModelList:
+@router.get(BASE + "/{kind}-models", response_model=WholeModelList,
+            summary="The avatar's merged models (fuse jobs) or fully fine-tuned models (method full), by version")
+async def list_models(avatar: AuthorizedAvatar, store: AdapterStoreDep, kind: KindPath) -> WholeModelList:
     return WholeModelList(items=[_summary(v, m) for v, m in await store.whole_models(avatar, kind)])
 
 
-async def _one(store: AdapterStore, avatar: AvatarRef, kind: WholeModelKind, version: int,
-               expires_in: int) -> WholeModelView:
+@router.get(BASE + "/{kind}-models/{version}", response_model=WholeModelView,
+            summary="One merged or fully fine-tuned model: its manifest and presigned URLs of its files",
+            responses={404: {"description": "no complete model of that kind and version"}})
+async def get_model(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, kind: KindPath,
+                    version: VersionPath) -> WholeModelView:
     manifest = await store.whole_model(avatar, kind, version)
     if manifest is None:
-        what = "merged model" if kind == "merged" else "full model"
-        raise Problem(404, f"avatar {avatar.avatar_id!r} has no {what} {version}")
+        raise Problem(404, f"avatar {avatar.avatar_id!r} has no {kind} model {version}")
     prefix = store.whole_model_prefix(avatar, kind, version)
-    files = await store.presigned(prefix, dict(sorted(manifest.files.items())), expires_in)
+    files = await store.presigned(prefix, dict(sorted(manifest.files.items())), settings.presign_expires_seconds)
     return WholeModelView(**_summary(version, manifest).model_dump(), prefix=prefix, files=files)
-
-
-@router.get(BASE + "/merged-models", response_model=WholeModelList,
-            summary="The avatar's merged models (fuse jobs), by version")
-async def list_merged_models(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> WholeModelList:
-    return await _list(store, avatar, "merged")
-
-
-@router.get(BASE + "/merged-models/{version}", response_model=WholeModelView,
-            summary="One merged model: its manifest and presigned URLs of its files",
-            responses={404: {"description": "no complete merged model of that adapter version"}})
-async def get_merged_model(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep,
-                           version: VersionPath) -> WholeModelView:
-    return await _one(store, avatar, "merged", version, settings.presign_expires_seconds)
-
-
-@router.get(BASE + "/full-models", response_model=WholeModelList,
-            summary="The avatar's fully fine-tuned models (method full), by version")
-async def list_full_models(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> WholeModelList:
-    return await _list(store, avatar, "full")
-
-
-@router.get(BASE + "/full-models/{version}", response_model=WholeModelView,
-            summary="One fully fine-tuned model: its manifest and presigned URLs of its files",
-            responses={404: {"description": "no complete full model of that version"}})
-async def get_full_model(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep,
-                         version: VersionPath) -> WholeModelView:
-    return await _one(store, avatar, "full", version, settings.presign_expires_seconds)
-
