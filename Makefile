@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install dev test bench token schemas clean
+.PHONY: install dev test lint format bench token schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,17 @@ install: $(STAMP)
 dev: install
 	$(PY) -m infra.devstack
 
-test: install
+test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# ruff's lint rules and format check (pyproject.toml [tool.ruff]); `make format` fixes what it can.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 bench: install
 	$(PY) -m bench

@@ -16,8 +16,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import ROOT, machine, today
 
@@ -55,7 +56,9 @@ def write_section(n: int, text: str, path: Path = BENCHMARKS) -> None:
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
     # Keep the sections in order.
-    blocks = {int(m.group(1)): m.group(0) for m in re.finditer(r"<!-- bench:(\d+) -->.*?<!-- /bench:\1 -->", current, re.S)}
+    blocks = {
+        int(m.group(1)): m.group(0) for m in re.finditer(r"<!-- bench:(\d+) -->.*?<!-- /bench:\1 -->", current, re.S)
+    }
     head = re.split(r"<!-- bench:\d+ -->", current, maxsplit=1)[0].rstrip()
     path.write_text(head + "\n\n" + "\n\n".join(blocks[k] for k in sorted(blocks)) + "\n")
 
@@ -76,8 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, default=BENCHMARKS)
     args = p.parse_args(argv)
     wanted = [int(x) for x in args.only.split(",") if x.strip()]
-    cmd = "make bench" if wanted == [1, 2, 3, 4, 6, 7] and args.delay_ms == 10 else "python -m bench " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = (
+        "make bench"
+        if wanted == [1, 2, 3, 4, 6, 7] and args.delay_ms == 10
+        else "python -m bench " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    )
 
     from bench import cold_start, job_overhead, listing, long_dialogs, rag, throughput
 

@@ -26,7 +26,7 @@ from bench.common import PY, ROOT, machine, ready_process, secs, table, today
 
 SECRET = "bench-secret-" + uuid.uuid4().hex
 
-EVENT = r'''
+EVENT = r"""
 import base64, json, time, uuid
 def event(path, headers=None):
     return {"version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
@@ -36,16 +36,21 @@ def event(path, headers=None):
                 "timeEpoch": 0, "http": {"method": "GET", "path": path, "protocol": "HTTP/1.1",
                 "sourceIp": "203.0.113.1", "userAgent": "bench"}},
             "body": None, "isBase64Encoded": False}
-'''
+"""
 
-OURS = EVENT + r'''
+OURS = (
+    EVENT
+    + r"""
 from handlers.lambda_handler import handler
 resp = handler(event(PATH, HEADERS), None)
 assert resp["statusCode"] == 200, resp
 print("served", flush=True)
-'''
+"""
+)
 
-BARE = EVENT + r'''
+BARE = (
+    EVENT
+    + r"""
 from fastapi import FastAPI
 from mangum import Mangum
 app = FastAPI()
@@ -56,7 +61,8 @@ handler = Mangum(app, lifespan="off")
 resp = handler(event("/healthz"), None)
 assert resp["statusCode"] == 200, resp
 print("served", flush=True)
-'''
+"""
+)
 
 
 def _spawn(script: str, env: dict[str, str], cwd: Path = ROOT) -> float:
@@ -107,10 +113,10 @@ def _import_in_functions(source: str, use: str, statement: str) -> str:
             k = j + 1
             while k < len(lines) and (not lines[k] or lines[k].startswith((" ", "\t"))):
                 k += 1
-            out += lines[i:j + 1]
-            if use in "\n".join(lines[j + 1:k]):
+            out += lines[i : j + 1]
+            if use in "\n".join(lines[j + 1 : k]):
                 out.append("    " + statement)
-            out += lines[j + 1:k]
+            out += lines[j + 1 : k]
             i = k
             continue
         out.append(line)
@@ -121,8 +127,13 @@ def _import_in_functions(source: str, use: str, statement: str) -> str:
 def _importtime(env: dict[str, str]) -> tuple[list[tuple[str, float]], dict[str, float]]:
     """Self import time per top-level package while importing the handler (largest first), and
     each module's cumulative time."""
-    proc = subprocess.run([PY, "-X", "importtime", "-c", "import handlers.lambda_handler"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [PY, "-X", "importtime", "-c", "import handlers.lambda_handler"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     per_package: dict[str, float] = defaultdict(float)
     cumulative: dict[str, float] = {}
     for line in proc.stderr.splitlines():
@@ -153,8 +164,9 @@ def api_extra_size() -> dict[str, Any]:
     from packaging.utils import canonicalize_name
 
     seen: dict[str, int] = {}
-    todo: list[tuple[str, set[str]]] = [(n, x) for n, x in _requirement_names(metadata.distribution("avatune"), {"api"})
-                                        if True]
+    todo: list[tuple[str, set[str]]] = [
+        (n, x) for n, x in _requirement_names(metadata.distribution("avatune"), {"api"}) if True
+    ]
     extras_of: dict[str, set[str]] = defaultdict(set)
     while todo:
         name, extras = todo.pop()
@@ -180,8 +192,14 @@ def api_extra_size() -> dict[str, Any]:
 
 
 def run(repeats: int = 5, log=print) -> dict[str, Any]:
-    env = dict(os.environ, AUTH_JWT_SECRET=SECRET, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench",
-               AWS_SECRET_ACCESS_KEY="bench", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        AUTH_JWT_SECRET=SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     env.pop("DEV_MODE", None)
     ours_script = OURS.replace("PATH", '"/healthz"').replace("HEADERS", "None")
     # Byte-compile caches exist already (a deployed Lambda ships them too); one untimed run each.
@@ -208,8 +226,13 @@ def run(repeats: int = 5, log=print) -> dict[str, Any]:
     with ready_process([PY, "-m", "bench.moto_server"], env=env, stdin=True) as (_, port):
         import boto3
 
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="avatune-bench-cold")
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        ).create_bucket(Bucket="avatune-bench-cold")
         from handlers.auth import issue_token
 
         s3_env = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", S3_BUCKET="avatune-bench-cold")
@@ -224,8 +247,17 @@ def run(repeats: int = 5, log=print) -> dict[str, Any]:
     log("  cold start: importtime, sizes")
     imports, cumulative = _importtime(env)
     sizes = api_extra_size()
-    return {"ours": ours, "bare": bare, "lazy": lazy, "first_s3": first_s3, "imports": imports,
-            "cumulative": cumulative, "sizes": sizes, "machine": machine(), "date": today()}
+    return {
+        "ours": ours,
+        "bare": bare,
+        "lazy": lazy,
+        "first_s3": first_s3,
+        "imports": imports,
+        "cumulative": cumulative,
+        "sizes": sizes,
+        "machine": machine(),
+        "date": today(),
+    }
 
 
 def markdown(result: dict[str, Any], command_line: str) -> str:
@@ -237,45 +269,85 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
     top = result["imports"][:12]
     sizes: dict[str, int] = result["sizes"]
     total = sum(sizes.values())
-    server_only = {"uvicorn", "uvloop", "httptools", "watchfiles", "websockets", "python-dotenv", "pyyaml", "click",
-                   "h11"}
+    server_only = {
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "watchfiles",
+        "websockets",
+        "python-dotenv",
+        "pyyaml",
+        "click",
+        "h11",
+    }
     lambda_total = sum(v for k, v in sizes.items() if k not in server_only)
     runtime_has = {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"}
     zip_total = sum(v for k, v in sizes.items() if k not in server_only | runtime_has)
     cum = result.get("cumulative", {})
-    heavy = [(label, cum[m]) for label, m in (
-        ("`handlers.aws` → aiobotocore, aiohttp, botocore (imported when the module loads)", "handlers.aws"),
-        ("`handlers.auth` → `jwt` (and `cryptography`, which pyjwt loads when installed)", "jwt"),
-        ("`handlers.settings` → `pydantic_settings`", "pydantic_settings"),
-        ("`pydantic.v1` (pulled in while the routes are defined)", "pydantic.v1"),
-    ) if m in cum]
+    heavy = [
+        (label, cum[m])
+        for label, m in (
+            ("`handlers.aws` → aiobotocore, aiohttp, botocore (imported when the module loads)", "handlers.aws"),
+            ("`handlers.auth` → `jwt` (and `cryptography`, which pyjwt loads when installed)", "jwt"),
+            ("`handlers.settings` → `pydantic_settings`", "pydantic_settings"),
+            ("`pydantic.v1` (pulled in while the routes are defined)", "pydantic.v1"),
+        )
+        if m in cum
+    ]
     lazy_rows = []
     if result.get("lazy"):
         lazy = statistics.median(result["lazy"])
-        lazy_rows = [["the same with aiobotocore and jwt imported on first use (the change proposed for "
-                      "`handlers/aws.py` and `handlers/auth.py`, measured on a patched copy)", secs(lazy), secs(bare),
-                      f"{lazy / bare:.2f}×"]]
+        lazy_rows = [
+            [
+                "the same with aiobotocore and jwt imported on first use (the change proposed for "
+                "`handlers/aws.py` and `handlers/auth.py`, measured on a patched copy)",
+                secs(lazy),
+                secs(bare),
+                f"{lazy / bare:.2f}×",
+            ]
+        ]
     out = [
         "## 2. Cold start of the API handler",
         "",
         f"Wall time from spawning a fresh interpreter to the handler's answer, median of {len(result['ours'])} "
         "alternating runs (byte-code caches warm, as in a deployed package).",
         "",
-        table(["what", "ours", "baseline", "ratio"], [
-            ["`handlers.lambda_handler.handler` serving `GET /healthz` vs a bare FastAPI + Mangum app with one route",
-             f"**{secs(ours)}**", secs(bare), f"**{r:.2f}×**"],
-            *lazy_rows,
-            ["first authenticated S3-backed request (`GET …/training-data`, moto), for reference",
-             secs(first), "—", f"{first / bare:.2f}× bare"],
-        ]),
+        table(
+            ["what", "ours", "baseline", "ratio"],
+            [
+                [
+                    "`handlers.lambda_handler.handler` serving `GET /healthz` vs a bare FastAPI + Mangum "
+                    "app with one route",
+                    f"**{secs(ours)}**",
+                    secs(bare),
+                    f"**{r:.2f}×**",
+                ],
+                *lazy_rows,
+                [
+                    "first authenticated S3-backed request (`GET …/training-data`, moto), for reference",
+                    secs(first),
+                    "—",
+                    f"{first / bare:.2f}× bare",
+                ],
+            ],
+        ),
         "",
         f"- Target within 1.5× of the bare app: **{'met' if r <= 1.5 else 'not met'}** ({r:.2f}×)."
-        + ("" if r <= 1.5 else
-           " The gap is imports the bare app does not do, in modules outside this change: "
-           + "; ".join(f"{label} {secs(v)}" for label, v in heavy) + " (cumulative, one `-X importtime` run)."
-           + (f" Importing aiobotocore and jwt on first use instead brings it to {statistics.median(result['lazy']) / bare:.2f}×"
-              " (row above); the first S3-backed request then pays the aiobotocore import, as it pays the client"
-              " creation today." if result.get("lazy") else "")),
+        + (
+            ""
+            if r <= 1.5
+            else " The gap is imports the bare app does not do, in modules outside this change: "
+            + "; ".join(f"{label} {secs(v)}" for label, v in heavy)
+            + " (cumulative, one `-X importtime` run)."
+            + (
+                " Importing aiobotocore and jwt on first use instead brings it to "
+                f"{statistics.median(result['lazy']) / bare:.2f}×"
+                " (row above); the first S3-backed request then pays the aiobotocore import, as it pays the client"
+                " creation today."
+                if result.get("lazy")
+                else ""
+            )
+        ),
         "",
         f"Import time of `handlers.lambda_handler` by top-level package (`python -X importtime`, self time summed; "
         f"{secs(total_import)} in all, one run):",

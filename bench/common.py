@@ -7,11 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
+
 from infra.processes import free_port, stop, wait_http  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,12 +19,20 @@ PY = sys.executable
 
 
 @contextmanager
-def ready_process(args: list[str], env: dict[str, str] | None = None, stdin: bool = False,
-                  log: Path | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+def ready_process(
+    args: list[str], env: dict[str, str] | None = None, stdin: bool = False, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen, int]]:
     """A child that prints `ready PORT` first; yields it and the port, stops it afterwards."""
     err = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(args, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
-                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=err, text=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env or dict(os.environ),
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stderr=err,
+        text=True,
+    )
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.startswith("ready "):
@@ -66,7 +74,8 @@ def machine() -> str:
         mem_s = f", {mem:.0f} GiB RAM"
     except (ValueError, OSError):
         mem_s = ""
-    return f"{cpu}, {os.cpu_count()} cores{mem_s}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores{mem_s}, {system}, Python {platform.python_version()}"
 
 
 def today() -> str:

@@ -47,9 +47,23 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "llama-3.2-1b.json"
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = [
-    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
 ]
 
 
@@ -97,9 +111,16 @@ def _write_model(config_path: Path, out: Path, tokenizer: Any, tiny: bool) -> Pa
 
     config = LlamaConfig.from_dict(json.loads(config_path.read_text()))
     if tiny:
-        config = LlamaConfig(vocab_size=config.vocab_size if config.vocab_size < 1024 else 512, hidden_size=64,
-                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=4096, tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=config.vocab_size if config.vocab_size < 1024 else 512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):
         torch.manual_seed(0)
@@ -157,11 +178,28 @@ def _pad_to_longest(pad_id: int) -> Any:
     return collate
 
 
-def run_one(model_dir: Path, method: str, variant: str, examples: list[Any], args: argparse.Namespace,
-            device: str) -> RunResult:
+def _attention(ours: bool, cuda: bool, asked: str) -> str:
+    """The attention implementation a run uses: the baseline stays on SDPA."""
+    if ours and cuda and asked == "auto" and _installed("flash_attn"):
+        return "flash_attention_2"
+    if ours and asked != "auto":
+        return asked
+    return "sdpa"
+
+
+def run_one(
+    model_dir: Path, method: str, variant: str, examples: list[Any], args: argparse.Namespace, device: str
+) -> RunResult:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from contracts.adapter import AdapterSettings
     from trainer.dataset import collate_padding_free, pack_examples
@@ -170,19 +208,23 @@ def run_one(model_dir: Path, method: str, variant: str, examples: list[Any], arg
     ours = variant == "ours"
     cuda = device == "cuda"
     bf16 = cuda and args.bf16 and torch.cuda.is_bf16_supported()
-    attn = "sdpa"
-    if ours and cuda and args.attn == "auto" and _installed("flash_attn"):
-        attn = "flash_attention_2"
-    elif ours and args.attn not in ("auto",):
-        attn = args.attn
+    attn = _attention(ours, cuda, args.attn)
     liger = ours and cuda and args.liger and _installed("liger_kernel")
-    settings: dict[str, Any] = {"attention": attn, "bf16": bf16, "liger": liger, "padding_free": ours and args.padding_free}
+    settings: dict[str, Any] = {
+        "attention": attn,
+        "bf16": bf16,
+        "liger": liger,
+        "padding_free": ours and args.padding_free,
+    }
     result = RunResult(method, variant, settings=settings)
     common: dict[str, Any] = {"attn_implementation": attn}
     if method == "qlora":
         common["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+        )
         common["device_map"] = {"": 0}
     else:
         common["dtype"] = torch.bfloat16 if bf16 else torch.float32
@@ -205,7 +247,9 @@ def run_one(model_dir: Path, method: str, variant: str, examples: list[Any], arg
     peft_model = get_peft_model(model, lora_config(cfg))
     if ours and args.padding_free:
         rows = pack_examples(examples, args.seq_len)
-        dataset = [{"input_ids": r["input_ids"], "labels": r["labels"], "position_ids": r["position_ids"]} for r in rows]
+        dataset = [
+            {"input_ids": r["input_ids"], "labels": r["labels"], "position_ids": r["position_ids"]} for r in rows
+        ]
         collator = _Counter(collate_padding_free)
         per_device = args.rows_per_step
     else:
@@ -222,14 +266,30 @@ def run_one(model_dir: Path, method: str, variant: str, examples: list[Any], arg
 
     total_steps = args.warmup + args.steps
     targs = TrainingArguments(
-        output_dir=str(Path(args.scratch) / f"{method}-{variant}"), per_device_train_batch_size=per_device,
-        max_steps=total_steps, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10,
-        save_strategy="no", report_to=[], seed=0, bf16=bf16, use_cpu=not cuda, dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=True, gradient_checkpointing=grad_ckpt and method != "qlora",
+        output_dir=str(Path(args.scratch) / f"{method}-{variant}"),
+        per_device_train_batch_size=per_device,
+        max_steps=total_steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        bf16=bf16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        gradient_checkpointing=grad_ckpt and method != "qlora",
         use_liger_kernel=liger,
     )
-    trainer = Trainer(model=peft_model, args=targs, train_dataset=dataset, data_collator=collator,  # type: ignore[arg-type]
-                      callbacks=[Clock()])
+    trainer = Trainer(
+        model=peft_model,
+        args=targs,
+        train_dataset=dataset,
+        data_collator=collator,  # type: ignore[arg-type]
+        callbacks=[Clock()],
+    )
     trainer.remove_callback(PrinterCallback)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -241,16 +301,18 @@ def run_one(model_dir: Path, method: str, variant: str, examples: list[Any], arg
     except Exception as exc:  # reported in the table (and retried without Liger when it was on)
         result.error = f"{type(exc).__name__}: {str(exc)[:200]}"
         return result
-    steps = times[args.warmup:]
+    steps = times[args.warmup :]
     seconds = times[-1] - times[args.warmup - 1] if args.warmup else times[-1] - times[0]
-    timed_real = sum(collator.real[args.warmup:total_steps])
-    timed_processed = sum(collator.processed[args.warmup:total_steps])
+    timed_real = sum(collator.real[args.warmup : total_steps])
+    timed_processed = sum(collator.processed[args.warmup : total_steps])
     result.tokens_per_second = timed_real / seconds if seconds > 0 else 0.0
     result.step_seconds = seconds / max(1, len(steps))
     result.padding_efficiency = timed_real / timed_processed if timed_processed else 0.0
     result.loss = float(out.training_loss)
     result.settings["gradient_checkpointing"] = grad_ckpt
-    result.settings["batch"] = f"{per_device} packed row(s) of {args.seq_len}" if ours and args.padding_free else f"{per_device} examples"
+    result.settings["batch"] = (
+        f"{per_device} packed row(s) of {args.seq_len}" if ours and args.padding_free else f"{per_device} examples"
+    )
     if cuda:
         result.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
         peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name())
@@ -271,35 +333,64 @@ def markdown(results: list[RunResult], info: dict[str, Any], command_line: str) 
         if r.error:
             rows.append([r.method, r.variant, r.error, "", "", "", "", "", json.dumps(r.settings)])
             continue
-        rows.append([r.method, f"**{r.variant}**" if r.variant == "ours" else r.variant, f"{r.tokens_per_second:,.0f}",
-                     f"{r.padding_efficiency:.3f}", f"{r.peak_memory_gib:.1f} GiB", f"{r.mfu * 100:.1f}%",
-                     f"{r.step_seconds:.3f} s", f"{r.loss:.3f}",
-                     ", ".join(f"{k}={v}" for k, v in r.settings.items())])
+        rows.append(
+            [
+                r.method,
+                f"**{r.variant}**" if r.variant == "ours" else r.variant,
+                f"{r.tokens_per_second:,.0f}",
+                f"{r.padding_efficiency:.3f}",
+                f"{r.peak_memory_gib:.1f} GiB",
+                f"{r.mfu * 100:.1f}%",
+                f"{r.step_seconds:.3f} s",
+                f"{r.loss:.3f}",
+                ", ".join(f"{k}={v}" for k, v in r.settings.items()),
+            ]
+        )
     by = {(r.method, r.variant): r for r in results if not r.error}
     ratios = []
     for method in ("qlora", "lora"):
         if (method, "ours") in by and (method, "baseline") in by:
-            ratios.append(f"{method}: ours {by[(method, 'ours')].tokens_per_second / by[(method, 'baseline')].tokens_per_second:.2f}× "
-                          "the baseline's tokens/s")
-    return "\n".join([
-        "## 5. GPU training throughput (Llama-3.2-1B architecture)",
-        "",
-        f"`bench/configs/llama-3.2-1b.json` with random weights ({info['params'] / 1e9:.2f}B parameters, "
-        f"{info['matmul_params'] / 1e9:.2f}B in matmuls), packed synthetic chats at sequence length {info['seq_len']}, "
-        f"LoRA r=16 on every linear layer; {info['warmup']} warm-up + {info['steps']} timed steps per run. "
-        f"MFU = tokens/s × 4 × {info['matmul_params'] / 1e9:.2f}B / {info['peak_tflops']} TFLOP/s "
-        "(forward 2N + backward activation gradients 2N, frozen base; attention scores and LoRA weight gradients not "
-        "counted). See `bench/gpu_train.py` for what each variant turns on.",
-        "",
-        table(["method", "variant", "real tokens/s", "padding efficiency", "peak memory", "MFU", "step", "loss",
-               "settings"], rows),
-        "",
-        "- " + ("; ".join(ratios) if ratios else "no complete pair of runs") + ".",
-        "",
-        f"Machine: {info['device']}, torch {info['torch']}, transformers {info['transformers']}. Date: {info['date']}. "
-        f"Reproduce: `{command_line}`.",
-        "",
-    ])
+            ratios.append(
+                f"{method}: ours "
+                f"{by[(method, 'ours')].tokens_per_second / by[(method, 'baseline')].tokens_per_second:.2f}× "
+                "the baseline's tokens/s"
+            )
+    return "\n".join(
+        [
+            "## 5. GPU training throughput (Llama-3.2-1B architecture)",
+            "",
+            f"`bench/configs/llama-3.2-1b.json` with random weights ({info['params'] / 1e9:.2f}B parameters, "
+            f"{info['matmul_params'] / 1e9:.2f}B in matmuls), packed synthetic chats at sequence length "
+            f"{info['seq_len']}, "
+            f"LoRA r=16 on every linear layer; {info['warmup']} warm-up + {info['steps']} timed steps per run. "
+            f"MFU = tokens/s × 4 × {info['matmul_params'] / 1e9:.2f}B / {info['peak_tflops']} TFLOP/s "
+            "(forward 2N + backward activation gradients 2N, frozen base; attention scores and LoRA weight "
+            "gradients not "
+            "counted). See `bench/gpu_train.py` for what each variant turns on.",
+            "",
+            table(
+                [
+                    "method",
+                    "variant",
+                    "real tokens/s",
+                    "padding efficiency",
+                    "peak memory",
+                    "MFU",
+                    "step",
+                    "loss",
+                    "settings",
+                ],
+                rows,
+            ),
+            "",
+            "- " + ("; ".join(ratios) if ratios else "no complete pair of runs") + ".",
+            "",
+            f"Machine: {info['device']}, torch {info['torch']}, transformers {info['transformers']}. Date: "
+            f"{info['date']}. "
+            f"Reproduce: `{command_line}`.",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,13 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rows-per-step", type=int, default=2, help="ours: packed rows per step (default 2)")
     p.add_argument("--baseline-batch", type=int, default=4, help="baseline: examples per step (default 4)")
-    p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
-                   help="ours: attention kernel (auto: FlashAttention-2 if installed, else SDPA)")
+    p.add_argument(
+        "--attn",
+        default="auto",
+        choices=["auto", "flash_attention_2", "sdpa", "eager"],
+        help="ours: attention kernel (auto: FlashAttention-2 if installed, else SDPA)",
+    )
     p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=True, help="ours: Liger kernels if installed")
+    p.add_argument(
+        "--liger", action=argparse.BooleanOptionalAction, default=True, help="ours: Liger kernels if installed"
+    )
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="ours: gradient checkpointing (default off; the baseline's qlora keeps PEFT's default, on)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ours: gradient checkpointing (default off; the baseline's qlora keeps PEFT's default, on)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--scratch", default=None)
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
@@ -360,7 +461,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.liger = False
                 r = run_one(model_dir, method, variant, examples, args, device)
                 args.liger = True
-            if r.error and r.error.startswith("out of memory") and variant == "ours" and not args.gradient_checkpointing:
+            if (
+                r.error
+                and r.error.startswith("out of memory")
+                and variant == "ours"
+                and not args.gradient_checkpointing
+            ):
                 print("gpu_train: out of memory without gradient checkpointing; retrying with it", flush=True)
                 args.gradient_checkpointing = True
                 r = run_one(model_dir, method, variant, examples, args, device)
@@ -371,10 +477,16 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run, not a measurement)"
     info = {
-        "params": _param_count(config), "matmul_params": matmul_params(config),
-        "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "device": device_name,
+        "params": _param_count(config),
+        "matmul_params": matmul_params(config),
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": device_name,
         "peak_tflops": args.peak_tflops or (peak_tflops(device_name) if device == "cuda" else None),
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": today(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": today(),
     }
     text = markdown(results, info, "python -m bench.gpu_train " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.smoke or args.no_write:

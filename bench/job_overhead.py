@@ -30,7 +30,11 @@ from bench.common import PY, ROOT, free_port, machine, ready_process, secs, stop
 SECRET = "bench-secret-" + uuid.uuid4().hex
 PHASES = [
     ("queue pickup", "SQS accepted the message (its SentTimestamp) -> the worker's long poll returned it"),
-    ("status writes", "job record claim / data pin / finish (conditional S3 writes), active slot, checkpoint cleanup, events, message delete"),
+    (
+        "status writes",
+        "job record claim / data pin / finish (conditional S3 writes), active slot, checkpoint cleanup, "
+        "events, message delete",
+    ),
     ("config + lookups", "stored adapter config, checkpoint and published-version lookups"),
     ("data download", "list, tag reads, downloads and parsing of the documents"),
     ("tokenize", "chat template + labels (`build_examples`)"),
@@ -39,8 +43,11 @@ PHASES = [
     ("training", "`Trainer.train`"),
     ("upload", "adapter version + current files + manifest"),
     ("worker, in no phase", "the rest of the worker's run (splitting the data, logging, ...)"),
-    ("seen by the client", "the worker finished the message -> the client's poll saw `succeeded` (negative: seen "
-     "before the worker's last cleanup, which follows the status write)"),
+    (
+        "seen by the client",
+        "the worker finished the message -> the client's poll saw `succeeded` (negative: seen "
+        "before the worker's last cleanup, which follows the status write)",
+    ),
 ]
 
 
@@ -89,9 +96,16 @@ def _instrument(worker: Any, rec: Recorder) -> None:
         return resp
 
     sqs.receive_message = receive
-    for obj, attr in ((runner.jobs, "update"), (runner.jobs, "load"), (runner.jobs, "create"),
-                      (runner.jobs, "clear_active_pointer"), (runner.jobs, "ensure_active_pointer"),
-                      (runner.artifacts, "delete_checkpoints"), (runner.events, "publish"), (sqs, "delete_message")):
+    for obj, attr in (
+        (runner.jobs, "update"),
+        (runner.jobs, "load"),
+        (runner.jobs, "create"),
+        (runner.jobs, "clear_active_pointer"),
+        (runner.jobs, "ensure_active_pointer"),
+        (runner.artifacts, "delete_checkpoints"),
+        (runner.events, "publish"),
+        (sqs, "delete_message"),
+    ):
         rec.wrap(obj, attr, "status writes")
     rec.wrap(runner, "_resolved_config", "config + lookups")
     rec.wrap(runner.artifacts, "latest_checkpoint", "config + lookups")
@@ -131,10 +145,20 @@ def _instrument(worker: Any, rec: Recorder) -> None:
 def _document(n: int = 40) -> bytes:
     import json
 
-    lines = [json.dumps({"messages": [
-        {"role": "user", "content": f"question {i}: how was your day, and what did you do?"},
-        {"role": "assistant", "content": f"answer {i}: a long walk, then coffee with a friend; a good day."},
-    ]}) for i in range(n)]
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}: how was your day, and what did you do?"},
+                    {
+                        "role": "assistant",
+                        "content": f"answer {i}: a long walk, then coffee with a friend; a good day.",
+                    },
+                ]
+            }
+        )
+        for i in range(n)
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -148,20 +172,48 @@ def run(jobs: int = 2, log=print) -> dict[str, Any]:
     with ready_process([PY, "-m", "bench.moto_server"], env=env, stdin=True) as (_, moto_port):
         endpoint = f"http://127.0.0.1:{moto_port}"
         suffix = uuid.uuid4().hex[:6]
-        stack_env = dict(env, AWS_ENDPOINT_URL=endpoint, S3_BUCKET="avatune-bench-jobs",
-                         TRAIN_QUEUE_NAME=f"bench-{suffix}.fifo", EVENTS_QUEUE_NAME=f"bench-{suffix}-events",
-                         AUTH_JWT_SECRET=SECRET, BASE_MODEL=str(model_dir), TORCH_THREADS=str(os.cpu_count() or 1))
+        stack_env = dict(
+            env,
+            AWS_ENDPOINT_URL=endpoint,
+            S3_BUCKET="avatune-bench-jobs",
+            TRAIN_QUEUE_NAME=f"bench-{suffix}.fifo",
+            EVENTS_QUEUE_NAME=f"bench-{suffix}-events",
+            AUTH_JWT_SECRET=SECRET,
+            BASE_MODEL=str(model_dir),
+            TORCH_THREADS=str(os.cpu_count() or 1),
+        )
         saved_env = dict(os.environ)
         os.environ.update(stack_env)
         try:
             from infra.bootstrap import StackNames, bootstrap
 
-            bootstrap(StackNames(bucket="avatune-bench-jobs", train_queue=f"bench-{suffix}.fifo",
-                                 events_queue=f"bench-{suffix}-events"), endpoint_url=endpoint)
+            bootstrap(
+                StackNames(
+                    bucket="avatune-bench-jobs",
+                    train_queue=f"bench-{suffix}.fifo",
+                    events_queue=f"bench-{suffix}-events",
+                ),
+                endpoint_url=endpoint,
+            )
             api_port = free_port()
-            api = subprocess.Popen([PY, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port",
-                                    str(api_port), "--log-level", "warning"], cwd=ROOT, env=stack_env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            api = subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "uvicorn",
+                    "handlers.app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=stack_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
                 results = _jobs(f"http://127.0.0.1:{api_port}", jobs, log)
@@ -199,7 +251,9 @@ def _jobs(api_url: str, n: int, log: Callable[[str], None]) -> list[dict[str, An
     thread = threading.Thread(target=worker.run_forever, name="bench-worker", daemon=True)
     thread.start()
     user = "bench-" + uuid.uuid4().hex[:8]
-    client = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {issue_token(SECRET, user)}"}, timeout=60)
+    client = httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {issue_token(SECRET, user)}"}, timeout=60
+    )
     base = f"/v1/users/{user}/avatars/a1"
     client.put(f"{base}/training-data/chat.jsonl", content=_document()).raise_for_status()
     time.sleep(1.0)  # the worker is idle in its long poll
@@ -229,8 +283,16 @@ def _jobs(api_url: str, n: int, log: Callable[[str], None]) -> list[dict[str, An
             phases["worker, in no phase"] = span - sum(phases.values())
             phases["queue pickup"] = rec.marks.get("pickup", float("nan"))
             phases["seen by the client"] = t_done - rec.marks["run_end"]
-            out.append({"job": i + 1, "total": total, "post": t_answered - t_send, "phases": phases,
-                        "metrics": job.get("metrics") or {}, "attempts": job.get("attempts")})
+            out.append(
+                {
+                    "job": i + 1,
+                    "total": total,
+                    "post": t_answered - t_send,
+                    "phases": phases,
+                    "metrics": job.get("metrics") or {},
+                    "attempts": job.get("attempts"),
+                }
+            )
             time.sleep(1.0)
     finally:
         worker.shutdown.set()
@@ -240,14 +302,25 @@ def _jobs(api_url: str, n: int, log: Callable[[str], None]) -> list[dict[str, An
 
 def markdown(result: dict[str, Any], command_line: str) -> str:
     jobs = result["jobs"]
-    headers = ["phase"] + [f"job {j['job']}" + (" (loads the model)" if j["job"] == 1 else " (same base)") for j in jobs] + ["what"]
+    headers = (
+        ["phase"]
+        + [f"job {j['job']}" + (" (loads the model)" if j["job"] == 1 else " (same base)") for j in jobs]
+        + ["what"]
+    )
     rows = []
     for phase, what in PHASES:
         rows.append([phase] + [_signed(j["phases"].get(phase, 0.0)) for j in jobs] + [what])
-    rows.append(["POST request"] + [secs(j["post"]) for j in jobs]
-                + ["the API checks, writes the job and queues it; the worker's run starts before the answer arrives"])
+    rows.append(
+        ["POST request"]
+        + [secs(j["post"]) for j in jobs]
+        + ["the API checks, writes the job and queues it; the worker's run starts before the answer arrives"]
+    )
     rows.append(["**total** (POST sent → `succeeded` seen)"] + [f"**{secs(j['total'])}**" for j in jobs] + [""])
-    rows.append(["**everything but training**"] + [f"**{secs(j['total'] - j['phases'].get('training', 0))}**" for j in jobs] + [""])
+    rows.append(
+        ["**everything but training**"]
+        + [f"**{secs(j['total'] - j['phases'].get('training', 0))}**" for j in jobs]
+        + [""]
+    )
     last = jobs[-1]
     non_training = last["total"] - last["phases"].get("training", 0)
     pickup = last["phases"]["queue pickup"]
@@ -259,7 +332,8 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         f"worker's defaults otherwise (trained with method `{last['metrics'].get('method')}`"
         f"{'; 4-bit loading fell back to lora on this machine' if last['metrics'].get('fallback') else ''}). Moto in "
         "server mode (S3 + SQS, no injected latency), the API under uvicorn, a `trainer.worker.Worker` running in a "
-        "thread of the benchmark process, polled at 10 ms. Phases are timed by wrapping the runner's calls from outside.",
+        "thread of the benchmark process, polled at 10 ms. Phases are timed by wrapping the runner's calls "
+        "from outside.",
         "",
         table(headers, rows),
         "",

@@ -18,7 +18,20 @@ from typing import Any
 
 import httpx
 
-from bench.common import PY, ROOT, command, free_port, machine, ratio, ready_process, secs, stop, table, today, wait_http
+from bench.common import (
+    PY,
+    ROOT,
+    command,
+    free_port,
+    machine,
+    ratio,
+    ready_process,
+    secs,
+    stop,
+    table,
+    today,
+    wait_http,
+)
 
 BUCKET = "avatune-bench"
 USER = "bench-user"
@@ -59,8 +72,13 @@ class Harness:
         r.raise_for_status()
         stats = self.proxy.get("/__proxy__/stats").json()
         body = r.json()
-        return Call(seconds, stats["total"], stats["by_operation"],
-                    [(d["name"], d["use_for_training"]) for d in body["items"]], body["next_cursor"])
+        return Call(
+            seconds,
+            stats["total"],
+            stats["by_operation"],
+            [(d["name"], d["use_for_training"]) for d in body["items"]],
+            body["next_cursor"],
+        )
 
     def best_of(self, n: int, flag: str, variant: str, fresh: bool = False) -> Call:
         calls = [self.call(flag, variant, fresh) for _ in range(n)]
@@ -73,10 +91,18 @@ def _list_floor(proxy_url: str) -> float:
     import boto3
     from botocore.config import Config
 
-    s3 = boto3.client("s3", endpoint_url=proxy_url, region_name="us-east-1", aws_access_key_id="bench",
-                      aws_secret_access_key="bench", config=Config(signature_version="s3v4"))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=proxy_url,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        config=Config(signature_version="s3v4"),
+    )
     t0 = time.perf_counter()
-    for _ in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX, PaginationConfig={"PageSize": 1000}):
+    for _ in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=PREFIX, PaginationConfig={"PageSize": 1000}
+    ):
         pass
     return time.perf_counter() - t0
 
@@ -88,19 +114,41 @@ def run(sizes: tuple[int, ...] = (100, 1000, 10000), delay_ms: float = 10.0, log
         moto_url = f"http://127.0.0.1:{moto_port}"
         import boto3
 
-        boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                     aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=BUCKET)
-        with ready_process([PY, "-m", "bench.proxy", "--target", f"127.0.0.1:{moto_port}", "--delay-ms", str(delay_ms)],
-                           env=env) as (_, proxy_port):
+        boto3.client(
+            "s3",
+            endpoint_url=moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        ).create_bucket(Bucket=BUCKET)
+        with ready_process(
+            [PY, "-m", "bench.proxy", "--target", f"127.0.0.1:{moto_port}", "--delay-ms", str(delay_ms)], env=env
+        ) as (_, proxy_port):
             proxy_url = f"http://127.0.0.1:{proxy_port}"
             api_port = free_port()
-            api_env = dict(env, AWS_ENDPOINT_URL=proxy_url, S3_BUCKET=BUCKET, AUTH_JWT_SECRET=SECRET,
-                           S3_MAX_CONCURRENCY="64")
+            api_env = dict(
+                env, AWS_ENDPOINT_URL=proxy_url, S3_BUCKET=BUCKET, AUTH_JWT_SECRET=SECRET, S3_MAX_CONCURRENCY="64"
+            )
             import subprocess
 
-            api = subprocess.Popen([PY, "-m", "uvicorn", "bench.listing_app:app", "--host", "127.0.0.1",
-                                    "--port", str(api_port), "--log-level", "warning"],
-                                   cwd=ROOT, env=api_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            api = subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "uvicorn",
+                    "bench.listing_app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=api_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
                 from handlers.auth import issue_token
@@ -122,14 +170,21 @@ def run(sizes: tuple[int, ...] = (100, 1000, 10000), delay_ms: float = 10.0, log
                     row_false.floor = _list_floor(proxy_url)
                     for row in (row_false, row_true):
                         row.calls["ours"] = h.best_of(3, row.flag, "indexed")
-                        row.calls["ours_fresh_process"] = h.best_of(1 if size >= 1000 else 3, row.flag, "indexed", fresh=True)
+                        row.calls["ours_fresh_process"] = h.best_of(
+                            1 if size >= 1000 else 3, row.flag, "indexed", fresh=True
+                        )
                         if size < 10000 and row.flag == "false":  # at 10,000 the cold call is this cost
                             row.calls["concurrent"] = h.call(row.flag, "concurrent")
                         log(f"    {size} {row.flag}: baseline...")
                         row.calls["baseline"] = h.call(row.flag, "baseline")
                         for name, call in row.calls.items():
-                            if call.items != row.calls["baseline"].items or call.next_cursor != row.calls["baseline"].next_cursor:
-                                raise AssertionError(f"{name} listed other documents than the baseline at {size}/{row.flag}")
+                            if (
+                                call.items != row.calls["baseline"].items
+                                or call.next_cursor != row.calls["baseline"].next_cursor
+                            ):
+                                raise AssertionError(
+                                    f"{name} listed other documents than the baseline at {size}/{row.flag}"
+                                )
                         rows.append(row)
             finally:
                 stop(api)
@@ -143,32 +198,58 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         "",
         f"One call = `GET …/training-data?use_for_training=<flag>&limit=1000` (the API's largest page) through "
         f"the API under uvicorn, against moto in server mode behind `bench/proxy.py` adding "
-        f"**{result['delay_ms']:g} ms per S3 request**. Documents were loaded straight into moto (behind the API's back); "
+        f"**{result['delay_ms']:g} ms per S3 request**. Documents were loaded straight into moto (behind the "
+        "API's back); "
         "10% are flagged false and 3% carry no tag (count as true), names spread over the key space. "
-        "S3 requests per call are counted by the proxy. Every variant returned exactly the baseline's items and cursor.",
+        "S3 requests per call are counted by the proxy. Every variant returned exactly the baseline's items "
+        "and cursor.",
         "",
         "- **ours**: the shipped store with its flag index warm in the API process (median of 3).",
-        "- **baseline**: the straightforward code in the same run: `list_objects_v2` pages, then `get_object_tagging` per key, one after another.",
-        "- *fresh process*: index read from S3, nothing in process memory (a new Lambda container; median of 3 at 100 documents, one call above).",
-        "- *cold*: the first call after the import (`false`, which scans every key): reads the new objects' tags 64 at a time and writes the index.",
-        "- *no index*: the code before this change (tag reads 64 at a time, no index); at 10,000 the *cold* call pays the same.",
+        "- **baseline**: the straightforward code in the same run: `list_objects_v2` pages, then "
+        "`get_object_tagging` per key, one after another.",
+        "- *fresh process*: index read from S3, nothing in process memory (a new Lambda container; median "
+        "of 3 at 100 documents, one call above).",
+        "- *cold*: the first call after the import (`false`, which scans every key): reads the new objects' "
+        "tags 64 at a time and writes the index.",
+        "- *no index*: the code before this change (tag reads 64 at a time, no index); at 10,000 the *cold* "
+        "call pays the same.",
         "- *listing floor*: ListObjectsV2 pages alone over every key, sequential, through the same proxy.",
         "",
     ]
-    headers = ["documents", "flag", "items", "ours", "S3 req", "baseline", "S3 req", "ratio",
-               "fresh process", "cold", "no index", "listing floor"]
+    headers = [
+        "documents",
+        "flag",
+        "items",
+        "ours",
+        "S3 req",
+        "baseline",
+        "S3 req",
+        "ratio",
+        "fresh process",
+        "cold",
+        "no index",
+        "listing floor",
+    ]
     body = []
     for row in rows:
         c = row.calls
         ours, base = c["ours"], c["baseline"]
-        body.append([
-            f"{row.size:,}", row.flag, len(ours.items), f"**{secs(ours.seconds)}**", ours.requests,
-            secs(base.seconds), base.requests, f"**{ratio(base.seconds, ours.seconds)}**",
-            f"{secs(c['ours_fresh_process'].seconds)} ({c['ours_fresh_process'].requests} req)",
-            f"{secs(c['cold'].seconds)} ({c['cold'].requests} req)" if "cold" in c else "—",
-            f"{secs(c['concurrent'].seconds)} ({c['concurrent'].requests} req)" if "concurrent" in c else "—",
-            secs(row.floor) if row.floor else "—",
-        ])
+        body.append(
+            [
+                f"{row.size:,}",
+                row.flag,
+                len(ours.items),
+                f"**{secs(ours.seconds)}**",
+                ours.requests,
+                secs(base.seconds),
+                base.requests,
+                f"**{ratio(base.seconds, ours.seconds)}**",
+                f"{secs(c['ours_fresh_process'].seconds)} ({c['ours_fresh_process'].requests} req)",
+                f"{secs(c['cold'].seconds)} ({c['cold'].requests} req)" if "cold" in c else "—",
+                f"{secs(c['concurrent'].seconds)} ({c['concurrent'].requests} req)" if "concurrent" in c else "—",
+                secs(row.floor) if row.floor else "—",
+            ]
+        )
     out.append(table(headers, body))
     out.append("")
     for row in rows:
@@ -179,16 +260,20 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
             ok_abs = ours.seconds < 2
             why = ""
             if not ok_abs:
-                why = (f" This call must list all {row.size:,} keys (only {len(ours.items)} match, spread over the key "
-                       f"space), and listing them alone takes {secs(floor)} page after page "
-                       f"({floor / row.size * 1000:.2f} ms per key): moto serializes ListObjectsV2 with a generic XML "
-                       "serializer that re-parses every key's timestamp (most of that time in a profile), so the mock "
-                       "store, not the S3 requests or our code, sets the floor; ours lists the index's ranges "
-                       + ("concurrently and gets under that floor, but not under 2 s on this machine. "
-                          if ours.seconds < floor else
-                          f"concurrently and stays within {ours.seconds / floor:.2f}× of that floor. ")
-                       + f"Tag reads, the cost the issue targets, are gone "
-                       f"({ours.by_operation.get('GetObjectTagging', 0)} of them).")
+                why = (
+                    f" This call must list all {row.size:,} keys (only {len(ours.items)} match, spread over the key "
+                    f"space), and listing them alone takes {secs(floor)} page after page "
+                    f"({floor / row.size * 1000:.2f} ms per key): moto serializes ListObjectsV2 with a generic XML "
+                    "serializer that re-parses every key's timestamp (most of that time in a profile), so the mock "
+                    "store, not the S3 requests or our code, sets the floor; ours lists the index's ranges "
+                    + (
+                        "concurrently and gets under that floor, but not under 2 s on this machine. "
+                        if ours.seconds < floor
+                        else f"concurrently and stays within {ours.seconds / floor:.2f}× of that floor. "
+                    )
+                    + f"Tag reads, the cost the issue targets, are gone "
+                    f"({ours.by_operation.get('GetObjectTagging', 0)} of them)."
+                )
             out.append(
                 f"- Target at {row.size:,} documents, `{row.flag}`: ≥ 20× the baseline — "
                 f"{'**met**' if ok_ratio else '**not met**'} ({ratio(base.seconds, ours.seconds)}); "
@@ -198,11 +283,16 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
     for row in rows:
         if row.size == max(r.size for r in rows):
             ops[row.flag] = row.calls["ours"].by_operation
-    out.append(f"- S3 requests of one warm call at the largest size, by operation: "
-               + "; ".join(f"`{f}`: {', '.join(f'{k} {v}' for k, v in sorted(o.items()))}" for f, o in ops.items()) + ".")
+    out.append(
+        "- S3 requests of one warm call at the largest size, by operation: "
+        + "; ".join(f"`{f}`: {', '.join(f'{k} {v}' for k, v in sorted(o.items()))}" for f, o in ops.items())
+        + "."
+    )
     for row in rows:
         if row.size == max(r.size for r in rows) and "cold" in row.calls:
             cold = row.calls["cold"].by_operation
-            out.append(f"- The cold call at {row.size:,}: " + ", ".join(f"{k} {v}" for k, v in sorted(cold.items())) + ".")
+            out.append(
+                f"- The cold call at {row.size:,}: " + ", ".join(f"{k} {v}" for k, v in sorted(cold.items())) + "."
+            )
     out += ["", f"Machine: {result['machine']}. Date: {result['date']}. Reproduce: `{command_line}`.", ""]
     return "\n".join(out)

@@ -20,7 +20,9 @@ from handlers.dependencies import SettingsDep, training_data_store
 from handlers.training_data_store import TrainingDataStore, clear_index_cache
 
 
-async def bench_store(request: Request, settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> TrainingDataStore:
+async def bench_store(
+    request: Request, settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]
+) -> TrainingDataStore:
     if request.headers.get("x-bench-fresh-process") == "1":
         clear_index_cache()
     variant = request.headers.get("x-bench-store", "indexed")

@@ -32,10 +32,16 @@ class StraightforwardStore(TrainingDataStore):
                     continue
                 if len(items) == limit:
                     return items, items[-1].name
-                items.append(TrainingDocument(
-                    name=name, size=obj["Size"], etag=obj["ETag"].strip('"'), last_modified=obj["LastModified"],
-                    use_for_training=doc_flag, content_type=_content_type_or_default(name),
-                ))
+                items.append(
+                    TrainingDocument(
+                        name=name,
+                        size=obj["Size"],
+                        etag=obj["ETag"].strip('"'),
+                        last_modified=obj["LastModified"],
+                        use_for_training=doc_flag,
+                        content_type=_content_type_or_default(name),
+                    )
+                )
             if not resp.get("IsTruncated"):
                 return items, None
             kwargs.pop("StartAfter", None)

@@ -26,20 +26,23 @@ def dialog(exchanges: int) -> list[Any]:
 
     messages = [ChatMessage(role="system", content="You are Ann. Answer like Ann does in her chats.")]
     for i in range(exchanges):
-        messages.append(ChatMessage(role="user", content=f"hey, about thing {i}: did the trip go as planned last summer?"))
-        messages.append(ChatMessage(role="assistant", content=f"mostly! day {i} the train left on time and the food was great"))
+        messages.append(
+            ChatMessage(role="user", content=f"hey, about thing {i}: did the trip go as planned last summer?")
+        )
+        messages.append(
+            ChatMessage(role="assistant", content=f"mostly! day {i} the train left on time and the food was great")
+        )
     return messages
 
 
 def run(sizes: tuple[int, ...] = (50, 200, 400), short_chats: int = 400, log=print) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from bench.throughput import synthetic_chats
     from contracts.documents import Conversation
     from trainer import dataset
     from trainer.dataset import build_examples, tokenize_conversation
     from trainer.tiny_model import write_tiny_model
-
-    from bench.throughput import synthetic_chats
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_model(Path(tmp))
@@ -55,13 +58,23 @@ def run(sizes: tuple[int, ...] = (50, 200, 400), short_chats: int = 400, log=pri
         t0 = time.perf_counter()
         examples, stats = build_examples(tokenizer, [Conversation(messages=messages)], MAX_SEQ_LENGTH)
         windowed_seconds = time.perf_counter() - t0
-        rows.append({
-            "exchanges": exchanges, "tokens": len(whole), "assistant_tokens": whole.num_trainable_tokens,
-            "truncated_trained": truncated.num_trainable_tokens if truncated else 0, "truncated_seconds": truncated_seconds,
-            "windows": len(examples), "windowed_trained": stats.trainable_tokens, "windowed_seconds": windowed_seconds,
-            "longest": max(len(e) for e in examples),
-        })
-        log(f"  {exchanges} exchanges: {len(examples)} windows, {windowed_seconds:.2f} s vs truncation {truncated_seconds:.2f} s")
+        rows.append(
+            {
+                "exchanges": exchanges,
+                "tokens": len(whole),
+                "assistant_tokens": whole.num_trainable_tokens,
+                "truncated_trained": truncated.num_trainable_tokens if truncated else 0,
+                "truncated_seconds": truncated_seconds,
+                "windows": len(examples),
+                "windowed_trained": stats.trainable_tokens,
+                "windowed_seconds": windowed_seconds,
+                "longest": max(len(e) for e in examples),
+            }
+        )
+        log(
+            f"  {exchanges} exchanges: {len(examples)} windows, {windowed_seconds:.2f} s vs truncation "
+            f"{truncated_seconds:.2f} s"
+        )
     # Conversations that fit (most do): what the window check costs them, best of 3 alternating rounds.
     chats = synthetic_chats(short_chats, 0)
     plain, checked = [], []
@@ -83,19 +96,34 @@ def run(sizes: tuple[int, ...] = (50, 200, 400), short_chats: int = 400, log=pri
 def markdown(r: dict[str, Any], cmd: str) -> str:
     rows = []
     for row in r["rows"]:
-        share = lambda n: f"{100 * n / row['assistant_tokens']:.0f}%"  # noqa: E731
-        rows.append([
-            f"{row['exchanges']} ({row['tokens']:,} tokens)",
-            f"{row['truncated_trained']:,} ({share(row['truncated_trained'])})", secs(row["truncated_seconds"]),
-            f"**{row['windowed_trained']:,} ({share(row['windowed_trained'])})**", f"{row['windows']} (≤ {row['longest']} tokens)",
-            f"**{secs(row['windowed_seconds'])}**", f"{row['truncated_seconds'] / row['windowed_seconds']:.1f}×",
-        ])
-    headers = ["dialog exchanges", "baseline: truncated, assistant tokens trained", "baseline time",
-               "windows: assistant tokens trained", "windows", "windows time", "speed-up"]
+
+        def share(n: int, row: dict[str, Any] = row) -> str:
+            return f"{100 * n / row['assistant_tokens']:.0f}%"
+
+        rows.append(
+            [
+                f"{row['exchanges']} ({row['tokens']:,} tokens)",
+                f"{row['truncated_trained']:,} ({share(row['truncated_trained'])})",
+                secs(row["truncated_seconds"]),
+                f"**{row['windowed_trained']:,} ({share(row['windowed_trained'])})**",
+                f"{row['windows']} (≤ {row['longest']} tokens)",
+                f"**{secs(row['windowed_seconds'])}**",
+                f"{row['truncated_seconds'] / row['windowed_seconds']:.1f}×",
+            ]
+        )
+    headers = [
+        "dialog exchanges",
+        "baseline: truncated, assistant tokens trained",
+        "baseline time",
+        "windows: assistant tokens trained",
+        "windows",
+        "windows time",
+        "speed-up",
+    ]
     return f"""## 7. Long conversations: windows instead of truncation
 
 One `.json` dialog (a chat export: a system prompt and N user/assistant exchanges) through the
-trainer's dataset build at `max_seq_length` {r['max_seq_length']}, with the tiny model's tokenizer.
+trainer's dataset build at `max_seq_length` {r["max_seq_length"]}, with the tiny model's tokenizer.
 Baseline in the same run: the earlier behaviour, one example truncated at `max_seq_length`.
 Windows are cut between exchanges and each repeats the system prompt; the build renders each
 window turn by turn, so it is also faster than rendering the whole dialog turn by turn (which
@@ -103,11 +131,11 @@ grows with the square of its length).
 
 {table(headers, rows)}
 
-Conversations that fit (most chats) pay for the check only: {r['short']['chats']} synthetic chats
-(1–8 exchanges) build in {secs(r['short']['build'])} against {secs(r['short']['baseline'])} for the build
+Conversations that fit (most chats) pay for the check only: {r["short"]["chats"]} synthetic chats
+(1–8 exchanges) build in {secs(r["short"]["build"])} against {secs(r["short"]["baseline"])} for the build
 before windows (render, tokenize and count each conversation once, no length check):
-{r['short']['build'] / r['short']['baseline']:.2f}×, best of 3 alternating rounds. The fitting conversation's
+{r["short"]["build"] / r["short"]["baseline"]:.2f}×, best of 3 alternating rounds. The fitting conversation's
 render and tokenization are reused, so the check costs one more template render each.
 
-Machine: {r['machine']}. Date: {r['date']}. Reproduce: `{cmd}` (this section: `python -m bench --only 7`).
+Machine: {r["machine"]}. Date: {r["date"]}. Reproduce: `{cmd}` (this section: `python -m bench --only 7`).
 """

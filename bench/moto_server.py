@@ -30,8 +30,17 @@ def document(i: int) -> tuple[str, bytes, str | None]:
     between earlier ones, as real uploads do."""
     h = hashlib.sha1(str(i).encode()).hexdigest()[:8]
     name = f"{h}-chat-{i:05d}.jsonl"
-    body = json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
-                                    {"role": "assistant", "content": f"answer {i}"}]}).encode() + b"\n"
+    body = (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"answer {i}"},
+                ]
+            }
+        ).encode()
+        + b"\n"
+    )
     if i % UNTAGGED_EVERY == 7:
         return name, body, None
     return name, body, "false" if i % FALSE_EVERY == 3 else "true"

@@ -33,7 +33,9 @@ def operation(method: str, target: str, headers: dict[str, str]) -> str:
     if method == "GET" and query.get("list-type") == ["2"]:
         return "ListObjectsV2"
     if "tagging" in query:
-        return {"GET": "GetObjectTagging", "PUT": "PutObjectTagging", "DELETE": "DeleteObjectTagging"}.get(method, method)
+        return {"GET": "GetObjectTagging", "PUT": "PutObjectTagging", "DELETE": "DeleteObjectTagging"}.get(
+            method, method
+        )
     if method == "POST" and "delete" in query:
         return "DeleteObjects"
     if method == "PUT" and "x-amz-copy-source" in headers:
@@ -88,8 +90,10 @@ class Proxy:
             body = b"{}"
         else:
             body = json.dumps({"total": sum(self.counts.values()), "by_operation": dict(self.counts)}).encode()
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        w.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
 
 
 async def _read_head(r: asyncio.StreamReader) -> bytes | None:

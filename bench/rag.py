@@ -25,9 +25,11 @@ from bench.common import PY, machine, ready_process, secs, table, today
 BUCKET = "avatune-bench-rag"
 USER, AVATAR = "bench-user", "bench-avatar"
 
-_WORDS = ("river harbour lantern orchard council winter market engine garden library bridge mountain "
-          "festival copper signal meadow quarry vessel archive tunnel glacier beacon workshop valley "
-          "ferry tower cellar compass forest canal pasture mill chapel museum island").split()
+_WORDS = (
+    "river harbour lantern orchard council winter market engine garden library bridge mountain "
+    "festival copper signal meadow quarry vessel archive tunnel glacier beacon workshop valley "
+    "ferry tower cellar compass forest canal pasture mill chapel museum island"
+).split()
 _VERBS = "built repaired crossed painted measured carried opened closed visited described".split()
 
 
@@ -36,10 +38,12 @@ def document(i: int, rng: random.Random) -> str:
     paragraphs = []
     for p in range(6):
         sentences = []
-        for s in range(5):
+        for _ in range(5):
             a, b, c = rng.sample(_WORDS, 3)
-            sentences.append(f"The {a} of district {i}-{p} was {rng.choice(_VERBS)} near the {b} "
-                             f"by the {c} guild in year {1700 + rng.randrange(300)}.")
+            sentences.append(
+                f"The {a} of district {i}-{p} was {rng.choice(_VERBS)} near the {b} "
+                f"by the {c} guild in year {1700 + rng.randrange(300)}."
+            )
         paragraphs.append(" ".join(sentences))
     return "\n\n".join(paragraphs) + "\n"
 
@@ -94,8 +98,17 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
     log(f"  model loaded in {model_load:.1f} s; indexing {n_docs} documents")
 
     def index(full: bool = False) -> dict[str, Any]:
-        return build_index(s3, settings, USER, AVATAR, "bench", _Control(), chunk_size=settings.chunk_size,
-                           chunk_overlap=settings.chunk_overlap, full=full)
+        return build_index(
+            s3,
+            settings,
+            USER,
+            AVATAR,
+            "bench",
+            _Control(),
+            chunk_size=settings.chunk_size,
+            chunk_overlap=settings.chunk_overlap,
+            full=full,
+        )
 
     first = index()
     log(f"  first index: {first['chunks_added']} chunks in {first['seconds']:.1f} s")
@@ -106,7 +119,7 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
     full = index(full=True)
     log(f"  incremental {incremental['seconds']:.2f} s vs full {full['seconds']:.2f} s")
 
-    sample = [text[:settings.chunk_size] for text in list(texts.values())[:embed_sample]]  # chunk-sized
+    sample = [text[: settings.chunk_size] for text in list(texts.values())[:embed_sample]]  # chunk-sized
     embedder.embed(sample[:4])  # warm
     batched_runs, single_runs = [], []
     for _ in range(3):  # alternating rounds, medians: a shared machine's load shifts between them
@@ -120,8 +133,11 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
     batched, one_by_one = statistics.median(batched_runs), statistics.median(single_runs)
 
     runner = SimpleNamespace(settings=settings)
-    questions = [f"What was {rng.choice(_VERBS)} near the {rng.choice(_WORDS)} in district {rng.randrange(n_docs)}-"
-                 f"{rng.randrange(6)}?" for _ in range(n_queries)]
+    questions = [
+        f"What was {rng.choice(_VERBS)} near the {rng.choice(_WORDS)} in district {rng.randrange(n_docs)}-"
+        f"{rng.randrange(6)}?"
+        for _ in range(n_queries)
+    ]
     search(runner, USER, AVATAR, questions[0])  # warm: connection, caches
     latencies, embed_only = [], []
     for q in questions:
@@ -139,12 +155,24 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
         filtered.append(time.perf_counter() - t0)
 
     return {
-        "documents": n_docs, "edited": n_edited, "chunks": first["chunks"], "chunk_size": settings.chunk_size,
-        "chunk_overlap": settings.chunk_overlap, "model": embedder.name, "model_load": model_load,
-        "first": first, "incremental": incremental, "full": full,
-        "embed_sample": len(sample), "batched": batched, "one_by_one": one_by_one,
+        "documents": n_docs,
+        "edited": n_edited,
+        "chunks": first["chunks"],
+        "chunk_size": settings.chunk_size,
+        "chunk_overlap": settings.chunk_overlap,
+        "model": embedder.name,
+        "model_load": model_load,
+        "first": first,
+        "incremental": incremental,
+        "full": full,
+        "embed_sample": len(sample),
+        "batched": batched,
+        "one_by_one": one_by_one,
         "batch_size": settings.embedding_batch_size,
-        "queries": n_queries, "latencies": latencies, "embed_only": embed_only, "filtered": filtered,
+        "queries": n_queries,
+        "latencies": latencies,
+        "embed_only": embed_only,
+        "filtered": filtered,
     }
 
 
@@ -152,24 +180,49 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
     first, inc, full = r["first"], r["incremental"], r["full"]
     p = lambda xs, q: secs(_percentile(xs, q))  # noqa: E731
     index_rows = [
-        ["first index (every document new)", f"{first['chunks_added']}", secs(first["seconds"]),
-         f"**{first['chunks_per_second']:.0f}**", secs(first["embed_seconds"]), "—"],
-        [f"**incremental** re-index ({r['edited']} of {r['documents']} documents edited)",
-         f"{inc['chunks_added']} (kept {inc['chunks_kept']})", f"**{secs(inc['seconds'])}**",
-         f"{inc['chunks_per_second'] or 0:.0f}", secs(inc["embed_seconds"]),
-         f"**{full['seconds'] / inc['seconds']:.1f}× faster** than full"],
-        ["baseline: full re-index (`full: true`)", f"{full['chunks_added']}", secs(full["seconds"]),
-         f"{full['chunks_per_second']:.0f}", secs(full["embed_seconds"]), "1×"],
+        [
+            "first index (every document new)",
+            f"{first['chunks_added']}",
+            secs(first["seconds"]),
+            f"**{first['chunks_per_second']:.0f}**",
+            secs(first["embed_seconds"]),
+            "—",
+        ],
+        [
+            f"**incremental** re-index ({r['edited']} of {r['documents']} documents edited)",
+            f"{inc['chunks_added']} (kept {inc['chunks_kept']})",
+            f"**{secs(inc['seconds'])}**",
+            f"{inc['chunks_per_second'] or 0:.0f}",
+            secs(inc["embed_seconds"]),
+            f"**{full['seconds'] / inc['seconds']:.1f}× faster** than full",
+        ],
+        [
+            "baseline: full re-index (`full: true`)",
+            f"{full['chunks_added']}",
+            secs(full["seconds"]),
+            f"{full['chunks_per_second']:.0f}",
+            secs(full["embed_seconds"]),
+            "1×",
+        ],
     ]
     n = r["embed_sample"]
     embed_rows = [
-        [f"batched (EMBEDDING_BATCH_SIZE={r['batch_size']})", secs(r["batched"]), f"**{n / r['batched']:.0f}**",
-         f"**{r['one_by_one'] / r['batched']:.1f}×**"],
+        [
+            f"batched (EMBEDDING_BATCH_SIZE={r['batch_size']})",
+            secs(r["batched"]),
+            f"**{n / r['batched']:.0f}**",
+            f"**{r['one_by_one'] / r['batched']:.1f}×**",
+        ],
         ["baseline: one chunk at a time", secs(r["one_by_one"]), f"{n / r['one_by_one']:.0f}", "1×"],
     ]
     lat, emb, flt = r["latencies"], r["embed_only"], r["filtered"]
     latency_rows = [
-        [f"`search()` top 5 of {r['chunks']} chunks (avatar prefilter)", f"**{p(lat, 0.5)}**", f"**{p(lat, 0.95)}**", len(lat)],
+        [
+            f"`search()` top 5 of {r['chunks']} chunks (avatar prefilter)",
+            f"**{p(lat, 0.5)}**",
+            f"**{p(lat, 0.95)}**",
+            len(lat),
+        ],
         ["… with a metadata filter + score threshold (no match)", p(flt, 0.5), p(flt, 0.95), len(flt)],
         ["floor: embedding the query alone", p(emb, 0.5), p(emb, 0.95), len(emb)],
     ]
@@ -177,26 +230,26 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
 
 The index job's own code (`trainer.rag.index_job.build_index`) and `trainer.rag.search.search`
 in one process on CPU, against moto in server mode (S3, no added latency), with the default
-embedding model `{r['model']}` (loaded once in {secs(r['model_load'])}). Corpus: {r['documents']}
-synthetic `.txt` documents of about 3,000 characters, chunked at {r['chunk_size']}/{r['chunk_overlap']}
-(chunk_size/chunk_overlap) into {r['chunks']} chunks, all of one avatar. Throughput is chunks
+embedding model `{r["model"]}` (loaded once in {secs(r["model_load"])}). Corpus: {r["documents"]}
+synthetic `.txt` documents of about 3,000 characters, chunked at {r["chunk_size"]}/{r["chunk_overlap"]}
+(chunk_size/chunk_overlap) into {r["chunks"]} chunks, all of one avatar. Throughput is chunks
 embedded per second of the whole job (list, download, parse, chunk, embed, one LanceDB commit on
 S3, the index_meta row, compaction).
 
 | indexing | chunks embedded | time | chunks/s | of which embedding | vs baseline |
 | --- | --- | --- | --- | --- | --- |
-{chr(10).join('| ' + ' | '.join(map(str, row)) + ' |' for row in index_rows)}
+{chr(10).join("| " + " | ".join(map(str, row)) + " |" for row in index_rows)}
 
-Embedding alone, {n} chunks of {r['chunk_size']} characters (median of 3 alternating rounds). On CPU
+Embedding alone, {n} chunks of {r["chunk_size"]} characters (median of 3 alternating rounds). On CPU
 a batch gains little over single chunks (the matrix products are already large at ~180 tokens);
 batches matter on a GPU, where `EMBEDDING_BATCH_SIZE` keeps it busy:
 
-{table(['embedding', 'time', 'chunks/s', 'vs baseline'], embed_rows)}
+{table(["embedding", "time", "chunks/s", "vs baseline"], embed_rows)}
 
-Retrieval latency, warm worker ({r['queries']} queries; each call reads the avatar's index_meta row,
+Retrieval latency, warm worker ({r["queries"]} queries; each call reads the avatar's index_meta row,
 embeds the query and runs an exact cosine search with the avatar prefilter inside LanceDB):
 
-{table(['retrieval', 'p50', 'p95', 'queries'], latency_rows)}
+{table(["retrieval", "p50", "p95", "queries"], latency_rows)}
 
 Machine: {machine()}. Date: {today()}. Reproduce: `{cmd}` (this section: `python -m bench --only 6`).
 """

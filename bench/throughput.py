@@ -42,12 +42,14 @@ MAX_SEQ_LENGTH = 512
 BATCH = 4
 LR = 1e-3
 SEED = 7
-WORDS = ("the a an my our this that weather story mountains bread music ocean language garden question news book city "
-         "night job coffee tea data letter children holidays learning bicycle joke teacher captain team friend "
-         "sister doctor student baker neighbour system model morning evening dinner rain week day year time "
-         "likes remembers writes talks answers explains asks thinks reads builds wants finds loves learns "
-         "teaches describes plans cooks paints visits trains helps with about for and but so because when "
-         "again first every really very quite always never maybe well yes no sure hello thanks great good").split()
+WORDS = (
+    "the a an my our this that weather story mountains bread music ocean language garden question news book city "
+    "night job coffee tea data letter children holidays learning bicycle joke teacher captain team friend "
+    "sister doctor student baker neighbour system model morning evening dinner rain week day year time "
+    "likes remembers writes talks answers explains asks thinks reads builds wants finds loves learns "
+    "teaches describes plans cooks paints visits trains helps with about for and but so because when "
+    "again first every really very quite always never maybe well yes no sure hello thanks great good"
+).split()
 
 
 @dataclass
@@ -159,9 +161,20 @@ def _args(out: Path, **overrides: Any) -> Any:
     from transformers import TrainingArguments
 
     kwargs: dict[str, Any] = dict(
-        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-        lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-        seed=SEED, data_seed=SEED, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=SEED,
+        data_seed=SEED,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
         disable_tqdm=True,
     )
     kwargs.update(overrides)
@@ -171,11 +184,22 @@ def _args(out: Path, **overrides: Any) -> Any:
 def _settings() -> Any:
     from contracts.adapter import AdapterSettings
 
-    return AdapterSettings(method="lora", r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=LR, num_epochs=1,
-                           batch_size=BATCH, max_seq_length=MAX_SEQ_LENGTH, warmup_ratio=0.0, seed=SEED)
+    return AdapterSettings(
+        method="lora",
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        learning_rate=LR,
+        num_epochs=1,
+        batch_size=BATCH,
+        max_seq_length=MAX_SEQ_LENGTH,
+        warmup_ratio=0.0,
+        seed=SEED,
+    )
 
 
-def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
+# The variants are closures over one shared setup (model, data, results): one function on purpose.
+def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:  # noqa: C901
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -214,13 +238,25 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
 
         torch.manual_seed(SEED)
         model = get_peft_model(load(), lora_config(_settings()))
-        trainer = Trainer(model=model, args=_args(tmp / name, **overrides), train_dataset=dataset,  # type: ignore[arg-type]
-                          data_collator=collator)
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp / name, **overrides),
+            train_dataset=dataset,  # type: ignore[arg-type]
+            data_collator=collator,
+        )
         trainer.remove_callback(PrinterCallback)
         timed = _Timed()
         timed.train(trainer)
-        results[name] = Result(name, timed.seconds, collator.real, collator.processed, trainable, timed.steps,
-                               timed.loss, evaluate_loss(model, held_out, torch.device("cpu")) or float("nan"))
+        results[name] = Result(
+            name,
+            timed.seconds,
+            collator.real,
+            collator.processed,
+            trainable,
+            timed.steps,
+            timed.loss,
+            evaluate_loss(model, held_out, torch.device("cpu")) or float("nan"),
+        )
         log(f"    {name}: {results[name].seconds:.1f} s")
 
     def ours(name: str, collator_factory: Any | None = None, packed_attention: bool = True) -> None:
@@ -267,8 +303,16 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
         finally:
             training.Trainer = real_trainer
             training._use_packed_attention = real_switch
-        results[name] = Result(name, timed.seconds, counting.real, counting.processed, trainable, timed.steps,
-                               timed.loss, outcome.metrics.get("eval_loss_after") or float("nan"))
+        results[name] = Result(
+            name,
+            timed.seconds,
+            counting.real,
+            counting.processed,
+            trainable,
+            timed.steps,
+            timed.loss,
+            outcome.metrics.get("eval_loss_after") or float("nan"),
+        )
         log(f"    {name}: {results[name].seconds:.1f} s")
 
     def trl_bfd(name: str) -> None:
@@ -281,22 +325,45 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
         torch.manual_seed(SEED)
         model = get_peft_model(load(), lora_config(_settings()))
         config = SFTConfig(
-            output_dir=str(tmp / name), per_device_train_batch_size=1, gradient_accumulation_steps=1,
-            num_train_epochs=1, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
-            save_strategy="no", report_to=[], seed=SEED, data_seed=SEED, use_cpu=True, disable_tqdm=True,
-            packing=True, packing_strategy="bfd", max_length=MAX_SEQ_LENGTH, dataset_num_proc=None,
+            output_dir=str(tmp / name),
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=1,
+            num_train_epochs=1,
+            learning_rate=LR,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=SEED,
+            data_seed=SEED,
+            use_cpu=True,
+            disable_tqdm=True,
+            packing=True,
+            packing_strategy="bfd",
+            max_length=MAX_SEQ_LENGTH,
+            dataset_num_proc=None,
             bf16=False,  # SFTConfig defaults to bf16, which this CPU only emulates (~50x slower): fp32 like the rest
         )
         with contextlib.redirect_stdout(io.StringIO()):
-            trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(dataset),
-                                 processing_class=tokenizer)
+            trainer = SFTTrainer(
+                model=model, args=config, train_dataset=Dataset.from_list(dataset), processing_class=tokenizer
+            )
         trainer.remove_callback(PrinterCallback)
         counting = CountingCollator(trainer.data_collator)
         trainer.data_collator = counting
         timed = _Timed()
         timed.train(trainer)
-        results[name] = Result(name, timed.seconds, counting.real, counting.processed, trainable, timed.steps,
-                               timed.loss, evaluate_loss(model, held_out, torch.device("cpu")) or float("nan"))
+        results[name] = Result(
+            name,
+            timed.seconds,
+            counting.real,
+            counting.processed,
+            trainable,
+            timed.steps,
+            timed.loss,
+            evaluate_loss(model, held_out, torch.device("cpu")) or float("nan"),
+        )
         log(f"    {name}: {results[name].seconds:.1f} s")
 
     from transformers import PrinterCallback
@@ -308,8 +375,12 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
     variants = {
         "ours": lambda: ours("ours"),
         "pad_to_longest": lambda: plain("pad_to_longest", CountingCollator(_pad_collator(pad_id, None))),
-        "pad_to_max": lambda: plain("pad_to_max", CountingCollator(_pad_collator(pad_id, MAX_SEQ_LENGTH)),
-                                    per_device_train_batch_size=1, gradient_accumulation_steps=BATCH),
+        "pad_to_max": lambda: plain(
+            "pad_to_max",
+            CountingCollator(_pad_collator(pad_id, MAX_SEQ_LENGTH)),
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=BATCH,
+        ),
         "handwritten": lambda: ours("handwritten", lambda: collate_padding_free),
         "trl_bfd": lambda: trl_bfd("trl_bfd"),
         "ours_masked": lambda: ours("ours_masked", packed_attention=False),
@@ -335,11 +406,24 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:
 
     shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "results": results, "params": params, "examples": len(train), "eval_examples": len(held_out),
-        "real_tokens": real, "trainable_tokens": trainable, "eval_loss_before": eval_before,
-        "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "p90": lengths[int(len(lengths) * 0.9)],
-                    "max": lengths[-1], "mean": round(real / len(train), 1)},
-        "truncated": stats.truncated, "machine": machine(), "date": today(), "threads": torch.get_num_threads(),
+        "results": results,
+        "params": params,
+        "examples": len(train),
+        "eval_examples": len(held_out),
+        "real_tokens": real,
+        "trainable_tokens": trainable,
+        "eval_loss_before": eval_before,
+        "lengths": {
+            "min": lengths[0],
+            "median": lengths[len(lengths) // 2],
+            "p90": lengths[int(len(lengths) * 0.9)],
+            "max": lengths[-1],
+            "mean": round(real / len(train), 1),
+        },
+        "truncated": stats.truncated,
+        "machine": machine(),
+        "date": today(),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -359,10 +443,19 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         if name not in r:
             continue
         x = r[name]
-        rows.append([labels[name], f"{x.tokens_per_second:,.0f}", f"{x.efficiency:.3f}", f"{x.processed_tokens:,}",
-                     x.steps, " / ".join(f"{t:.1f}" for t in x.extra.get("runs", [x.seconds])) + " s",
-                     f"{x.train_loss:.4f}", f"{x.eval_loss:.4f}",
-                     ratio(x.seconds, ours.seconds) if name != "ours" else "1.0×"])
+        rows.append(
+            [
+                labels[name],
+                f"{x.tokens_per_second:,.0f}",
+                f"{x.efficiency:.3f}",
+                f"{x.processed_tokens:,}",
+                x.steps,
+                " / ".join(f"{t:.1f}" for t in x.extra.get("runs", [x.seconds])) + " s",
+                f"{x.train_loss:.4f}",
+                f"{x.eval_loss:.4f}",
+                ratio(x.seconds, ours.seconds) if name != "ours" else "1.0×",
+            ]
+        )
     lengths = result["lengths"]
     vs_max = ours.tokens_per_second / r["pad_to_max"].tokens_per_second
     vs_longest = ours.tokens_per_second / r["pad_to_longest"].tokens_per_second
@@ -371,8 +464,10 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
     out = [
         "## 3. Training throughput and padding (CPU)",
         "",
-        f"Llama architecture, {result['params'] / 1e6:.1f}M parameters, random weights (`trainer.tiny_model`: hidden 512, "
-        f"8 layers, 8 heads, GQA 4 KV heads), fp32 on {result['threads']} CPU threads; LoRA r=16 on every linear layer, "
+        f"Llama architecture, {result['params'] / 1e6:.1f}M parameters, random weights "
+        "(`trainer.tiny_model`: hidden 512, "
+        f"8 layers, 8 heads, GQA 4 KV heads), fp32 on {result['threads']} CPU threads; LoRA r=16 on every "
+        "linear layer, "
         f"dropout 0. {result['examples']} synthetic chats (+{result['eval_examples']} held out), 1–8 exchanges, "
         "log-normal turn lengths (median 8 words per user turn, 12 per assistant turn, long tail), tokenized by the "
         f"trainer's pipeline with assistant-only labels, max_seq_length {MAX_SEQ_LENGTH} "
@@ -384,10 +479,23 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         "only adds time); the two alternatives ran once. TRL runs in fp32 like the rest (`SFTConfig` defaults to bf16, "
         "which this CPU only emulates, ~50× slower).",
         "",
-        table(["variant", "real tokens/s", "padding efficiency", "tokens processed", "steps", "train time (runs)",
-               "train loss", "eval loss after", "ours vs this"], rows),
+        table(
+            [
+                "variant",
+                "real tokens/s",
+                "padding efficiency",
+                "tokens processed",
+                "steps",
+                "train time (runs)",
+                "train loss",
+                "eval loss after",
+                "ours vs this",
+            ],
+            rows,
+        ),
         "",
-        f"Eval loss before training: {result['eval_loss_before']:.4f} (held-out set, token-weighted, assistant tokens).",
+        f"Eval loss before training: {result['eval_loss_before']:.4f} (held-out set, token-weighted, "
+        "assistant tokens).",
         "",
         f"- Padding efficiency ≥ 0.95: **{'met' if ours.efficiency >= 0.95 else 'not met'}** ({ours.efficiency:.3f}).",
         f"- ≥ 3× the real tokens/s of pad-to-max: **{'met' if vs_max >= 3 else 'not met'}** ({vs_max:.2f}×).",
@@ -408,14 +516,21 @@ def _choice(r: dict[str, Result]) -> str:
     ours = r["ours"]
     parts = []
     if "handwritten" in r:
-        parts.append(f"transformers' `DataCollatorWithFlattening` builds the same tensors as our hand-written "
-                     f"`collate_padding_free` ({ours.tokens_per_second:,.0f} vs {r['handwritten'].tokens_per_second:,.0f} "
-                     f"tokens/s, {ours.tokens_per_second / r['handwritten'].tokens_per_second:.2f}×; identical batches and "
-                     "losses, so the gap is run-to-run noise): ours is not faster, so the trainer now uses the library's")
+        parts.append(
+            f"transformers' `DataCollatorWithFlattening` builds the same tensors as our hand-written "
+            f"`collate_padding_free` ({ours.tokens_per_second:,.0f} vs {r['handwritten'].tokens_per_second:,.0f} "
+            f"tokens/s, {ours.tokens_per_second / r['handwritten'].tokens_per_second:.2f}×; identical batches and "
+            "losses, so the gap is run-to-run noise): ours is not faster, so the trainer now uses the library's"
+        )
     if "trl_bfd" in r:
-        parts.append(f"TRL's `SFTTrainer` with bfd packing reached {r['trl_bfd'].tokens_per_second:,.0f} tokens/s "
-                     f"({ours.tokens_per_second / r['trl_bfd'].tokens_per_second:.1f}× slower than ours)")
+        parts.append(
+            f"TRL's `SFTTrainer` with bfd packing reached {r['trl_bfd'].tokens_per_second:,.0f} tokens/s "
+            f"({ours.tokens_per_second / r['trl_bfd'].tokens_per_second:.1f}× slower than ours)"
+        )
     if "ours_masked" in r:
-        parts.append(f"running causal SDPA per example instead of one masked SDPA over the whole flattened batch "
-                     f"(`trainer.training.PACKED_SDPA`) is worth {ours.tokens_per_second / r['ours_masked'].tokens_per_second:.2f}×")
+        parts.append(
+            f"running causal SDPA per example instead of one masked SDPA over the whole flattened batch "
+            "(`trainer.training.PACKED_SDPA`) is worth "
+            f"{ours.tokens_per_second / r['ours_masked'].tokens_per_second:.2f}×"
+        )
     return "- Choice of collator and attention: " + "; ".join(parts) + "." if parts else ""

@@ -68,7 +68,11 @@ class ApiError(Exception):
         elif isinstance(body, dict) and isinstance(body.get("message"), str):  # API Gateway style
             detail = body["message"]
         else:
-            text = response.text.strip() if response.headers.get("content-type", "").startswith(("text/", "application/xml")) else ""
+            text = (
+                response.text.strip()
+                if response.headers.get("content-type", "").startswith(("text/", "application/xml"))
+                else ""
+            )
             detail = _s3_error_message(text) or text[:300]
         return cls(response.status_code, detail or response.reason_phrase or "error", problem)
 
@@ -172,7 +176,9 @@ class AvatuneClient:
         return response
 
     @contextmanager
-    def _stream(self, method: str, url: str, *, client: httpx.Client | None = None, **kwargs: Any) -> Iterator[httpx.Response]:
+    def _stream(
+        self, method: str, url: str, *, client: httpx.Client | None = None, **kwargs: Any
+    ) -> Iterator[httpx.Response]:
         client = client or self._http
         try:
             with client.stream(method, url, **kwargs) as response:
@@ -193,11 +199,19 @@ class AvatuneClient:
         try:
             return response.json()
         except ValueError:
-            raise ApiError(response.status_code, f"{method} {response.url.path} answered something other than JSON; "
-                                                 f"is {self.api_url} the avatune API?") from None
+            raise ApiError(
+                response.status_code,
+                f"{method} {response.url.path} answered something other than JSON; is {self.api_url} the avatune API?",
+            ) from None
 
-    def _download(self, url: str, dest: Path | BinaryIO, *, client: httpx.Client | None = None,
-                  params: dict[str, str] | None = None) -> tuple[int, str]:
+    def _download(
+        self,
+        url: str,
+        dest: Path | BinaryIO,
+        *,
+        client: httpx.Client | None = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
         """Stream `url` to `dest` (a path, written atomically, or an open binary file); the
         number of bytes and their sha256."""
         digest = hashlib.sha256()
@@ -247,8 +261,9 @@ class AvatuneClient:
 
     def presign_upload(self, name: str, *, use_for_training: bool = True) -> Json:
         """POST {base}/training-data/uploads: `{"url", "headers", "expires_at"}`."""
-        return self._json("POST", f"{self.base}/training-data/uploads",
-                          json={"name": name, "use_for_training": use_for_training})
+        return self._json(
+            "POST", f"{self.base}/training-data/uploads", json={"name": name, "use_for_training": use_for_training}
+        )
 
     def put_presigned(self, upload: Json, path: Path) -> None:
         """PUT the file to a presigned URL with exactly the headers it was signed with."""
@@ -262,8 +277,9 @@ class AvatuneClient:
         self.put_presigned(upload, path)
         return upload
 
-    def list_documents(self, use_for_training: bool | None = None, *, limit: int | None = None,
-                       cursor: str | None = None) -> Json:
+    def list_documents(
+        self, use_for_training: bool | None = None, *, limit: int | None = None, cursor: str | None = None
+    ) -> Json:
         """GET {base}/training-data: one page, `{"items", "next_cursor"}`."""
         params: dict[str, str | int] = {}
         if use_for_training is not None:
@@ -298,8 +314,9 @@ class AvatuneClient:
 
     def delete_documents(self, use_for_training: bool = False) -> int:
         """DELETE {base}/training-data?use_for_training=...: how many were deleted."""
-        body = self._json("DELETE", f"{self.base}/training-data",
-                          params={"use_for_training": str(use_for_training).lower()})
+        body = self._json(
+            "DELETE", f"{self.base}/training-data", params={"use_for_training": str(use_for_training).lower()}
+        )
         return int(body["deleted"])
 
     def download_archive(self, dest: Path | BinaryIO, use_for_training: ArchiveSelection = "true") -> tuple[int, str]:

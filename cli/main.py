@@ -9,7 +9,7 @@ shows one for unexpected errors).
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +20,6 @@ from cli.client import ApiError, ApiUnreachable
 from cli.commands import adapter, docs, jobs, webhooks
 from cli.commands import generate as generation
 from cli.context import DEFAULT_API_URL, CliError, State
-
 
 # typer's own control-flow exceptions (usage errors, exits, aborts) pass through untouched. Recent
 # typer releases vendor click, so these are typer's classes, found through its public names.
@@ -55,7 +54,9 @@ class _ErrorReportingGroup(TyperGroup):
         except Exception as exc:  # a bug or a surprise: still one line, unless debugging
             if os.environ.get("AVATUNE_DEBUG"):
                 raise
-            raise _fail(f"unexpected error: {type(exc).__name__}: {exc} (set AVATUNE_DEBUG=1 for a traceback)") from None
+            raise _fail(
+                f"unexpected error: {type(exc).__name__}: {exc} (set AVATUNE_DEBUG=1 for a traceback)"
+            ) from None
 
 
 app = typer.Typer(
@@ -78,13 +79,27 @@ app.command("generate")(generation.generate)
 @app.callback()
 def main(
     ctx: typer.Context,
-    api_url: Annotated[str, typer.Option("--api-url", envvar="AVATUNE_API_URL", help="the API's base URL")] = DEFAULT_API_URL,
-    token: Annotated[Optional[str], typer.Option(  # noqa: UP007 (typer needs Optional)
-        "--token", envvar="AVATUNE_TOKEN", show_default=False, help="bearer token (JWT)")] = None,
-    user: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--user", envvar="AVATUNE_USER", show_default=False, help="user id; default: the token's `sub`")] = None,
-    avatar: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--avatar", "-a", envvar="AVATUNE_AVATAR", show_default=False, help="avatar id (for commands on one avatar)")] = None,
+    api_url: Annotated[
+        str, typer.Option("--api-url", envvar="AVATUNE_API_URL", help="the API's base URL")
+    ] = DEFAULT_API_URL,
+    token: Annotated[
+        str | None,
+        typer.Option(  # noqa: UP007 (typer needs Optional)
+            "--token", envvar="AVATUNE_TOKEN", show_default=False, help="bearer token (JWT)"
+        ),
+    ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option(  # noqa: UP007
+            "--user", envvar="AVATUNE_USER", show_default=False, help="user id; default: the token's `sub`"
+        ),
+    ] = None,
+    avatar: Annotated[
+        str | None,
+        typer.Option(  # noqa: UP007
+            "--avatar", "-a", envvar="AVATUNE_AVATAR", show_default=False, help="avatar id (for commands on one avatar)"
+        ),
+    ] = None,
 ) -> None:
     st = State(api_url=api_url.rstrip("/"), token=token or None, user=user or None, avatar=avatar or None)
     ctx.obj = st
@@ -112,9 +127,13 @@ def token(
         secret = getattr(api_settings, "DEV_JWT_SECRET", None)
         if secret is None:
             raise CliError("no AUTH_JWT_SECRET set and DEV_MODE is off: cannot mint a token")
-        Console(stderr=True, soft_wrap=True).print(Text(
-            "AUTH_JWT_SECRET is not set here: this token is signed with the public dev secret and only works "
-            "against a server in DEV_MODE", style="yellow"))
+        Console(stderr=True, soft_wrap=True).print(
+            Text(
+                "AUTH_JWT_SECRET is not set here: this token is signed with the public dev secret and only works "
+                "against a server in DEV_MODE",
+                style="yellow",
+            )
+        )
     typer.echo(issue_token(secret, user_id, role=SERVICE_ROLE if service else None, ttl_seconds=ttl))
 
 

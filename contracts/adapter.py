@@ -28,7 +28,9 @@ class AdapterSettings(BaseModel):
     lora_alpha: float | None = Field(default=None, gt=0, le=4096)
     lora_dropout: float | None = Field(default=None, ge=0, lt=1)
     target_modules: list[str] | None = Field(
-        default=None, min_length=1, max_length=64,
+        default=None,
+        min_length=1,
+        max_length=64,
         description="module names such as ['q_proj', 'v_proj']; null = all linear projections",
     )
     learning_rate: float | None = Field(default=None, gt=0, le=1)
@@ -38,17 +40,24 @@ class AdapterSettings(BaseModel):
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     gpus: int | None = Field(
-        default=None, ge=1, le=64,
+        default=None,
+        ge=1,
+        le=64,
         description="data-parallel processes (GPUs) on one worker; more than the worker has fails the job clearly",
     )
     # The full job spec's knobs (contracts.spec folds its `tuning`, `qlora`, ... sections in here).
-    precision: Precision | None = Field(default=None, description="training dtype; null = bf16 where supported, else fp32")
+    precision: Precision | None = Field(
+        default=None, description="training dtype; null = bf16 where supported, else fp32"
+    )
     quant_type: QuantType | None = Field(default=None, description="qlora: 4-bit quantisation type")
     double_quant: bool | None = Field(default=None, description="qlora: quantise the quantisation constants too")
     compute_dtype: ComputeDtype | None = Field(default=None, description="qlora: dtype of the 4-bit matmuls")
     trainable_layers: list[int] | None = Field(
-        default=None, min_length=1, max_length=1024,
-        description="indices of the decoder layers to train (LoRA layers_to_transform, or the layers full fine-tuning unfreezes)",
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="indices of the decoder layers to train (LoRA layers_to_transform, or the layers full "
+        "fine-tuning unfreezes)",
     )
     gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=1024)
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="overrides num_epochs when set")
@@ -72,11 +81,11 @@ class AdapterSettings(BaseModel):
             raise ValueError("layer indices start at 0")
         return sorted(set(value)) if value is not None else None
 
-    def merged_over(self, base: "AdapterSettings") -> "AdapterSettings":
+    def merged_over(self, base: AdapterSettings) -> AdapterSettings:
         """`base` with every field set here replacing it."""
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
-    def patched_over(self, stored: "AdapterSettings") -> "AdapterSettings":
+    def patched_over(self, stored: AdapterSettings) -> AdapterSettings:
         """`stored` updated by this PUT body, JSON-merge-patch style (RFC 7386): a field given a
         value replaces it, a field given as null goes back to its default, an omitted one stays."""
         return stored.model_copy(update={name: getattr(self, name) for name in self.model_fields_set})

@@ -33,14 +33,18 @@ class VersionMetrics(BaseModel):
     base_model: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     metrics: dict[str, Any] = Field(default_factory=dict)
-    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex (copied into the manifest on promote)")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="file name -> sha256 hex (copied into the manifest on promote)"
+    )
 
 
 class SampleCompletion(BaseModel):
     """One held-out prompt: what the base and the adapter answered (greedy) and the reference."""
 
-    prompt: str = Field(description="the held-out conversation up to its first trained answer, as the model saw it "
-                        "(chat template applied)")
+    prompt: str = Field(
+        description="the held-out conversation up to its first trained answer, as the model saw it "
+        "(chat template applied)"
+    )
     reference: str = Field(description="the held-out answer the job did not train on")
     base: str = Field(description="the base model's completion")
     adapter: str = Field(description="the new adapter's completion")
@@ -71,8 +75,12 @@ class MergedManifest(BaseModel):
     job_id: str | None = None
     base_model: str | None = None
     dtype: str = Field(description="the dtype the base was loaded and merged in (16-bit, never 4-bit)")
-    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex of the merged model's files")
-    adapter_files: dict[str, str] = Field(default_factory=dict, description="adapter file name -> sha256 hex that was merged")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="file name -> sha256 hex of the merged model's files"
+    )
+    adapter_files: dict[str, str] = Field(
+        default_factory=dict, description="adapter file name -> sha256 hex that was merged"
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
     model_config = {"populate_by_name": True}
@@ -105,7 +113,9 @@ class FullModelManifest(BaseModel):
     base_model: str | None = None
     precision: str = Field(description="the training precision; the weights are saved in its dtype")
     dtype: str
-    trainable_layers: list[int] | None = Field(default=None, description="the decoder layers trained (null: all weights)")
+    trainable_layers: list[int] | None = Field(
+        default=None, description="the decoder layers trained (null: all weights)"
+    )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex")
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)

@@ -149,8 +149,9 @@ def _parse_jsonl(text: str) -> list[ContextRecord]:
             raise DocumentError(str(exc), line=number) from None
         if not rec.text.strip():
             raise DocumentError("text: must not be empty", line=number)
-        records.append(ContextRecord(text=rec.text, metadata=metadata, start_offset=start,
-                                     line=number, index=len(records)))
+        records.append(
+            ContextRecord(text=rec.text, metadata=metadata, start_offset=start, line=number, index=len(records))
+        )
     return records
 
 

@@ -194,9 +194,7 @@ def _parse_dialog(text: str) -> list[Conversation]:
 
 def _parse_text(text: str) -> list[Conversation]:
     paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
-    return [
-        Conversation(messages=[ChatMessage(role="assistant", content=p)]) for p in paragraphs if p
-    ]
+    return [Conversation(messages=[ChatMessage(role="assistant", content=p)]) for p in paragraphs if p]
 
 
 def parse_document(name: str, data: bytes) -> list[Conversation]:

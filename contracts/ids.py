@@ -58,10 +58,9 @@ def validate_document_name(value: str, extensions: tuple[str, ...] = DOCUMENT_EX
         raise InvalidIdentifier("document name must not start or end with whitespace")
     if not _NAME_RE.match(value):
         raise InvalidIdentifier(
-            "document name may contain only letters, digits, spaces and _ - . @ ( ) + and must start with a letter or digit"
+            "document name may contain only letters, digits, spaces and _ - . @ ( ) + and must start with a "
+            "letter or digit"
         )
     if not value.lower().endswith(extensions):
-        raise InvalidIdentifier(
-            f"document name must end with one of {', '.join(extensions)}"
-        )
+        raise InvalidIdentifier(f"document name must end with one of {', '.join(extensions)}")
     return value

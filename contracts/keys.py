@@ -6,7 +6,7 @@ users/{user_id}/avatars/{avatar_id}/adapters/training_data/      training docume
 users/{user_id}/avatars/{avatar_id}/adapters/versions/{n}/       kept adapter versions
 users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
 users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
-users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter version {version} merged into its base (fuse jobs)
+users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter {version} merged into its base (fuse jobs)
 users/{user_id}/avatars/{avatar_id}/full/{version}/              whole models of full fine-tuning jobs (method full)
 users/{user_id}/avatars/{avatar_id}/adapters/logs/{job_id}/     integrations' logs (report_to; default log_uri)
 users/{user_id}/avatars/{avatar_id}/vectorstore_data/            context documents (RAG)
@@ -79,7 +79,7 @@ def document_name_from_key(key: str, prefix: str) -> str | None:
     """The document name of `key` directly under `prefix`, or None for anything nested or foreign."""
     if not key.startswith(prefix):
         return None
-    name = key[len(prefix):]
+    name = key[len(prefix) :]
     if not name or "/" in name:
         return None
     return name

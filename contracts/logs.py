@@ -14,11 +14,11 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 CONTEXT_FIELDS = ("job_id", "user_id", "avatar_id")
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("avatune_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("avatune_log_context")
 
 # Anything that looks like a credential is masked before a line is written, wherever it came from.
 _SECRET_PATTERNS = [
@@ -37,7 +37,7 @@ def redact(text: str) -> str:
 
 def bind(**fields: str | None) -> contextvars.Token:
     """Add fields to the current log context (a task's or thread's); returns a reset token."""
-    current = dict(_context.get())
+    current = dict(_context.get({}))
     current.update({k: v for k, v in fields.items() if v is not None})
     return _context.set(current)
 
@@ -52,7 +52,7 @@ def log_context(**fields: str | None) -> Iterator[None]:
 
 
 def current_context() -> dict[str, str]:
-    return dict(_context.get())
+    return dict(_context.get({}))
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,13 +62,13 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "service": self._service,
             "logger": record.name,
             "message": redact(record.getMessage()),
         }
-        entry.update(_context.get())
+        entry.update(_context.get({}))
         for name in CONTEXT_FIELDS:  # explicit `extra=` wins over the ambient context
             if hasattr(record, name):
                 entry[name] = getattr(record, name)

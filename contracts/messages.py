@@ -129,28 +129,37 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(default=None, min_length=1, max_length=100_000,
-                               description="a single user message (give this or messages)")
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=200,
-                                               description="a chat, rendered with the base model's chat template")
-    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS_LIMIT,
-                                description="at most this many new tokens (the worker's MAX_GENERATION_TOKENS caps it too)")
+    prompt: str | None = Field(
+        default=None, min_length=1, max_length=100_000, description="a single user message (give this or messages)"
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, max_length=200, description="a chat, rendered with the base model's chat template"
+    )
+    max_new_tokens: int = Field(
+        default=128,
+        ge=1,
+        le=MAX_NEW_TOKENS_LIMIT,
+        description="at most this many new tokens (the worker's MAX_GENERATION_TOKENS caps it too)",
+    )
     adapter_version: int | None = Field(
         default=None, ge=0, description="null = the avatar's current adapter; 0 = the base model alone"
     )
-    rag: RagOptions | None = Field(default=None, description="retrieve passages from the avatar's vector index "
-                                   "and put them into the prompt")
+    rag: RagOptions | None = Field(
+        default=None, description="retrieve passages from the avatar's vector index and put them into the prompt"
+    )
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerateParams":
+    def _one_input(self) -> GenerateParams:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if self.messages is not None and self.messages[-1].role == "assistant":
             raise ValueError("messages must not end with an assistant message: the model writes the next one")
         size = sum(len(m["content"].encode()) for m in self.chat())
         if size > MAX_GENERATION_TEXT_BYTES:
-            raise ValueError(f"the prompt or messages hold {size} bytes of text; at most {MAX_GENERATION_TEXT_BYTES} "
-                             "(generations are for trying an adapter)")
+            raise ValueError(
+                f"the prompt or messages hold {size} bytes of text; at most {MAX_GENERATION_TEXT_BYTES} "
+                "(generations are for trying an adapter)"
+            )
         return self
 
     def chat(self) -> list[dict[str, str]]:
@@ -188,8 +197,9 @@ class RetrieveRequest(QueueRequest):
     query: str = Field(min_length=1, max_length=10_000)
     top_k: int = Field(default=5, ge=1, le=100)
     score_threshold: float | None = Field(default=None, ge=-1, le=1)
-    filters: dict[str, MetadataValue] = Field(default_factory=dict, max_length=16,
-                                              description="metadata equality filters, applied inside the store")
+    filters: dict[str, MetadataValue] = Field(
+        default_factory=dict, max_length=16, description="metadata equality filters, applied inside the store"
+    )
 
 
 class JobEvent(BaseModel):
@@ -204,8 +214,9 @@ class JobEvent(BaseModel):
     avatar_id: str
     status: JobStatus
     job_type: JobType = Field(
-        default="train", description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one, "
-        "'generate'/'index'/'retrieve' leave their answer in the job's `result`"
+        default="train",
+        description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one, "
+        "'generate'/'index'/'retrieve' leave their answer in the job's `result`",
     )
     adapter_version: int | None = Field(
         default=None, description="train: the version the job published; fuse: the version it merged"
@@ -233,7 +244,10 @@ TRAIN_QUEUE_MESSAGES: dict[str, type[QueueRequest]] = {
 }
 # The job type each request creates.
 REQUEST_JOB_TYPES: dict[type[QueueRequest], JobType] = {
-    TrainRequest: "train", FuseRequest: "fuse", GenerateRequest: "generate", IndexRequest: "index",
+    TrainRequest: "train",
+    FuseRequest: "fuse",
+    GenerateRequest: "generate",
+    IndexRequest: "index",
     RetrieveRequest: "retrieve",
 }
 

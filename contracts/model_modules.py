@@ -9,9 +9,18 @@ from __future__ import annotations
 
 # The linear projections of every Llama-family decoder layer (Llama 2/3, Mistral, Qwen2,
 # TinyLlama, the tests' tiny random Llama), plus the output head.
-LLAMA_LINEAR_MODULES = frozenset({
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-})
+LLAMA_LINEAR_MODULES = frozenset(
+    {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    }
+)
 
 # Hub id fragments (lower-case) of bases known to use the Llama module layout.
 _LLAMA_FAMILY_MARKERS = ("llama", "mistral", "qwen2", "qwen3", "tinyllama", "smollm")
@@ -45,11 +54,18 @@ def unknown_modules(target_modules: list[str], base_model: str | None) -> list[s
 # Decoder layer counts of common bases (lower-cased hub id, without an org for matching
 # either spelling), so the API can refuse `trainable_layers` past the last layer.
 _KNOWN_LAYER_COUNTS = {
-    "llama-3.2-1b": 16, "llama-3.2-1b-instruct": 16,
-    "llama-3.2-3b": 28, "llama-3.2-3b-instruct": 28,
-    "llama-3.1-8b": 32, "llama-3.1-8b-instruct": 32, "meta-llama-3.1-8b": 32, "meta-llama-3.1-8b-instruct": 32,
+    "llama-3.2-1b": 16,
+    "llama-3.2-1b-instruct": 16,
+    "llama-3.2-3b": 28,
+    "llama-3.2-3b-instruct": 28,
+    "llama-3.1-8b": 32,
+    "llama-3.1-8b-instruct": 32,
+    "meta-llama-3.1-8b": 32,
+    "meta-llama-3.1-8b-instruct": 32,
     "tinyllama-1.1b-chat-v1.0": 22,
-    "mistral-7b-v0.1": 32, "mistral-7b-instruct-v0.2": 32, "mistral-7b-instruct-v0.3": 32,
+    "mistral-7b-v0.1": 32,
+    "mistral-7b-instruct-v0.2": 32,
+    "mistral-7b-instruct-v0.3": 32,
 }
 
 

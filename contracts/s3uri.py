@@ -18,8 +18,8 @@ Keys are checked so that a URI cannot reach outside the prefix it seems to be in
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from contracts.ids import InvalidIdentifier, validate_id
 
@@ -41,7 +41,7 @@ class S3Uri:
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.key}"
 
-    def child(self, name: str) -> "S3Uri":
+    def child(self, name: str) -> S3Uri:
         """The key `name` below this (folder) URI."""
         base = self.key if not self.key or self.key.endswith("/") else self.key + "/"
         return S3Uri(self.bucket, base + name)
@@ -70,7 +70,7 @@ def parse_s3_uri(uri: str, *, prefix: bool = False) -> S3Uri:
     """Parse `s3://bucket/key`. With `prefix=True` the key names a folder and ends in `/`."""
     if not isinstance(uri, str) or not uri.startswith(SCHEME):
         raise InvalidS3Uri("must be an s3://bucket/key URI")
-    rest = uri[len(SCHEME):]
+    rest = uri[len(SCHEME) :]
     bucket, sep, key = rest.partition("/")
     if not _BUCKET_RE.match(bucket) or ".." in bucket:
         raise InvalidS3Uri(f"invalid bucket name in s3:// URI: {bucket[:64]!r}")

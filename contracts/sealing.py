@@ -58,8 +58,9 @@ class KmsSealer:
 
     name = "kms"
 
-    def __init__(self, key_id: str, client: Any = None, endpoint_url: str | None = None,
-                 region: str | None = None) -> None:
+    def __init__(
+        self, key_id: str, client: Any = None, endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
         if not key_id:
             raise SealError("CALLBACK_KMS_KEY_ID is not set")
         self.key_id = key_id
@@ -101,7 +102,9 @@ class LocalSealer:
         try:
             self._fernet = MultiFernet([Fernet(k.strip()) for k in keys.split(",") if k.strip()])
         except (ValueError, TypeError):
-            raise SealError("CALLBACK_SEAL_KEY must be Fernet keys (32 url-safe base64 bytes), comma-separated") from None
+            raise SealError(
+                "CALLBACK_SEAL_KEY must be Fernet keys (32 url-safe base64 bytes), comma-separated"
+            ) from None
 
     def seal(self, plaintext: str, context: Mapping[str, str]) -> str:
         body = json.dumps({"context": dict(context), "value": plaintext}, sort_keys=True).encode()
@@ -124,7 +127,7 @@ def _payload(sealed: str, prefix: str, name: str) -> str:
     if not sealed.startswith(prefix):
         kind = sealed.split(":", 1)[0] if ":" in sealed else "unknown"
         raise SealError(f"the value was sealed by {kind!r}, but this sealer is {name!r} (CALLBACK_SEALER)")
-    return sealed[len(prefix):]
+    return sealed[len(prefix) :]
 
 
 def sealer_from_settings(settings: Any) -> Sealer | None:
@@ -132,14 +135,18 @@ def sealer_from_settings(settings: Any) -> Sealer | None:
     callback_sealer, callback_kms_key_id, callback_seal_key (a SecretStr or None), dev_mode,
     aws_endpoint_url and region."""
     seal_key = settings.callback_seal_key
-    env = {"CALLBACK_SEALER": settings.callback_sealer or "", "CALLBACK_KMS_KEY_ID": settings.callback_kms_key_id or "",
-           "CALLBACK_SEAL_KEY": seal_key.get_secret_value() if seal_key else "",
-           "DEV_MODE": "true" if settings.dev_mode else ""}
+    env = {
+        "CALLBACK_SEALER": settings.callback_sealer or "",
+        "CALLBACK_KMS_KEY_ID": settings.callback_kms_key_id or "",
+        "CALLBACK_SEAL_KEY": seal_key.get_secret_value() if seal_key else "",
+        "DEV_MODE": "true" if settings.dev_mode else "",
+    }
     return sealer_from_env(env, endpoint_url=settings.aws_endpoint_url, region=settings.region)
 
 
-def sealer_from_env(environ: Mapping[str, str] | None = None, *, endpoint_url: str | None = None,
-                    region: str | None = None) -> Sealer | None:
+def sealer_from_env(
+    environ: Mapping[str, str] | None = None, *, endpoint_url: str | None = None, region: str | None = None
+) -> Sealer | None:
     """The sealer the environment configures (module docstring), or None when there is none.
     Raises SealError on a contradictory configuration."""
     env = os.environ if environ is None else environ
@@ -150,8 +157,11 @@ def sealer_from_env(environ: Mapping[str, str] | None = None, *, endpoint_url: s
     if not kind:
         kind = "kms" if key_id else "local" if local_key or dev else ""
     if kind == "kms":
-        return KmsSealer(key_id, endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
-                         region=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None)
+        return KmsSealer(
+            key_id,
+            endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
+            region=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None,
+        )
     if kind == "local":
         if not local_key and not dev:
             raise SealError("CALLBACK_SEALER=local needs CALLBACK_SEAL_KEY (or DEV_MODE=true for the dev key)")
@@ -178,7 +188,10 @@ def seal_callbacks(spec: JobSpec, sealer: Sealer | None, context: Mapping[str, s
         )
     sealed = sealer.seal(callbacks.auth_header.get_secret_value(), context)
     new_callbacks = Callbacks.model_validate(
-        {**{name: getattr(callbacks, name) for name in Callbacks.model_fields}, "auth_header": None,
-         "auth_header_sealed": sealed}
+        {
+            **{name: getattr(callbacks, name) for name in Callbacks.model_fields},
+            "auth_header": None,
+            "auth_header_sealed": sealed,
+        }
     )
     return spec.model_copy(update={"callbacks": new_callbacks})

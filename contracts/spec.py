@@ -31,12 +31,16 @@ class _Section(BaseModel):
 
 class BaseModelSpec(_Section):
     name: str | None = Field(
-        default=None, min_length=1, max_length=300,
+        default=None,
+        min_length=1,
+        max_length=300,
         description="a Hugging Face model id or an s3:// prefix holding a saved model; null = the trainer's BASE_MODEL",
     )
     revision: str | None = Field(default=None, min_length=1, max_length=200, description="branch, tag or commit")
     token_env: str | None = Field(
-        default=None, min_length=1, max_length=128,
+        default=None,
+        min_length=1,
+        max_length=128,
         description="the NAME of the trainer's environment variable (or mounted secret) holding the hub token; "
         "never the token itself",
     )
@@ -56,7 +60,9 @@ class QLoRAOptions(_Section):
 
 
 class DatasetSource(_Section):
-    uri: str = Field(min_length=6, max_length=1100, description="s3://bucket/key of a JSONL file inside the caller's prefix")
+    uri: str = Field(
+        min_length=6, max_length=1100, description="s3://bucket/key of a JSONL file inside the caller's prefix"
+    )
     format: DatasetFormat = "auto"
 
 
@@ -76,7 +82,9 @@ class Tuning(_Section):
 class Resources(_Section):
     gpus: int | None = Field(default=None, ge=1, le=64)
     max_duration_minutes: float | None = Field(
-        default=None, gt=0, le=7 * 24 * 60,
+        default=None,
+        gt=0,
+        le=7 * 24 * 60,
         description="a job past it stops, keeps its last checkpoint and ends failed with that reason",
     )
 
@@ -89,16 +97,20 @@ class Artifacts(_Section):
 class Callbacks(_Section):
     webhook_url: str | None = Field(default=None, max_length=2048)
     auth_header: SecretStr | None = Field(
-        default=None, max_length=8192,
+        default=None,
+        max_length=8192,
         description="sent verbatim as Authorization; accepted on input only: stored encrypted "
         "(`auth_header_sealed`), never logged or returned",
     )
     auth_header_sealed: str | None = Field(default=None, max_length=32768, description="the encrypted auth_header")
     signing_secret_ref: str | None = Field(
-        default=None, max_length=128,
+        default=None,
+        max_length=128,
         description="name of the events handler's environment variable holding the HMAC signing secret",
     )
-    allow_private: bool = Field(default=False, description="allow a webhook on a private/loopback address (development)")
+    allow_private: bool = Field(
+        default=False, description="allow a webhook on a private/loopback address (development)"
+    )
 
     @field_validator("auth_header")
     @classmethod
@@ -114,7 +126,7 @@ class Callbacks(_Section):
         return None if value is None else check_signing_secret_ref(value)
 
     @model_validator(mode="after")
-    def _webhook_target(self) -> "Callbacks":
+    def _webhook_target(self) -> Callbacks:
         if self.webhook_url is not None:
             try:
                 check_webhook_url(self.webhook_url, self.allow_private)
@@ -144,7 +156,9 @@ class JobSpec(_Section):
     callbacks: Callbacks | None = None
     integrations: Integrations | None = None
     warm_start: bool = False
-    promote: Promote = Field(default="always", description="if_better: keep the current adapter when eval loss got worse")
+    promote: Promote = Field(
+        default="always", description="if_better: keep the current adapter when eval loss got worse"
+    )
 
     def settings_overrides(self) -> AdapterSettings:
         """The hyper-parameters this spec sets, as `AdapterSettings` (unset fields None)."""

@@ -55,8 +55,13 @@ def is_public_address(ip: IPAddress) -> bool:
         if embedded is not None and not is_public_address(embedded):
             return False
     return not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-        or ip.is_unspecified or not ip.is_global
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
     )
 
 
@@ -141,8 +146,9 @@ def signature_header(secret: str, body: bytes, timestamp: int | None = None) -> 
     return f"t={t},v1={signature(secret, t, body)}"
 
 
-def verify_signature(secret: str, header: str, body: bytes, tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS,
-                     now: float | None = None) -> bool:
+def verify_signature(
+    secret: str, header: str, body: bytes, tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS, now: float | None = None
+) -> bool:
     """True when `header` (an `Avatune-Signature` value) signs `body` under `secret` and its
     timestamp is within `tolerance_seconds` of now (older ones are replays)."""
     fields: dict[str, list[str]] = {}

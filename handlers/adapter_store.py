@@ -21,8 +21,8 @@ from contracts.adapter import AdapterSettings
 from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
-    LOSS_CURVE_FILE,
     FULL_MODEL_MANIFEST_FILE,
+    LOSS_CURVE_FILE,
     MERGED_MANIFEST_FILE,
     METRICS_FILE,
     SAMPLES_FILE,
@@ -46,8 +46,11 @@ from handlers.job_store import MAX_WRITE_ATTEMPTS, S3Json, StoreBusy
 DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
 # The files kept beside a version's adapter that the API serves, and their content types
 # (fixed here, never taken from the stored object).
-VERSION_FILES: dict[str, str] = {METRICS_FILE: "application/json", SAMPLES_FILE: "application/json",
-                                 LOSS_CURVE_FILE: "image/png"}
+VERSION_FILES: dict[str, str] = {
+    METRICS_FILE: "application/json",
+    SAMPLES_FILE: "application/json",
+    LOSS_CURVE_FILE: "image/png",
+}
 
 
 WholeModelKind = Literal["merged", "full"]
@@ -183,12 +186,13 @@ class AdapterStore:
         then the manifest, last. Raises VersionNotFound unless the version is complete."""
         prefix = adapter_version_prefix(ref.user_id, ref.avatar_id, version)
         contents, _ = await self.objects.objects(prefix)
-        present = {obj["Key"][len(prefix):] for obj in contents}
+        present = {obj["Key"][len(prefix) :] for obj in contents}
         if not present >= {*ADAPTER_FILES, METRICS_FILE}:
             raise VersionNotFound(version)
         meta = await self._version_metrics(ref, version)
         if meta is None:
             raise VersionNotFound(version)
+
         # The trainer records each file's sha256 in metrics.json; hash any it did not.
         async def file_hash(name: str) -> str:
             return meta.files.get(name) or await self._sha256(prefix + name)
@@ -206,7 +210,9 @@ class AdapterStore:
         manifest = AdapterManifest(
             current_version=version, job_id=meta.job_id, base_model=meta.base_model, files=hashes, metrics=meta.metrics
         )
-        await self.objects.put(adapter_manifest_key(ref.user_id, ref.avatar_id), manifest.model_dump_json(by_alias=True).encode())
+        await self.objects.put(
+            adapter_manifest_key(ref.user_id, ref.avatar_id), manifest.model_dump_json(by_alias=True).encode()
+        )
         return manifest
 
     async def open_version_file(
@@ -232,16 +238,22 @@ class AdapterStore:
         wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}
         top, _ = await self.objects.objects(root, delimiter="/")
         versions, checkpoints, merged, full = await asyncio.gather(
-            self.objects.objects(adapter_versions_prefix(u, a)), self.objects.objects(checkpoints_prefix(u, a)),
-            self.objects.objects(merged_prefix(u, a)), self.objects.objects(full_model_prefix(u, a)),
+            self.objects.objects(adapter_versions_prefix(u, a)),
+            self.objects.objects(checkpoints_prefix(u, a)),
+            self.objects.objects(merged_prefix(u, a)),
+            self.objects.objects(full_model_prefix(u, a)),
         )
         keys = [o["Key"] for o in top if o["Key"] in wanted]
         keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0] + full[0]]
         # Manifests go first (the adapter's, then each merged or full model's): from then on no
         # reader takes the files that remain for a complete adapter or model.
         model_roots = (merged_prefix(u, a), full_model_prefix(u, a))
-        manifests = [k for k in keys if k == adapter_manifest_key(u, a)
-                     or (k.startswith(model_roots) and k.endswith(("/" + MERGED_MANIFEST_FILE, "/" + FULL_MODEL_MANIFEST_FILE)))]
+        manifests = [
+            k
+            for k in keys
+            if k == adapter_manifest_key(u, a)
+            or (k.startswith(model_roots) and k.endswith(("/" + MERGED_MANIFEST_FILE, "/" + FULL_MODEL_MANIFEST_FILE)))
+        ]
         await self._delete_keys(manifests)
         await self._delete_keys([k for k in keys if k not in set(manifests)])
         return len(keys)
@@ -261,4 +273,3 @@ async def adapter_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_cli
 
 
 AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]
-

@@ -61,9 +61,7 @@ def _claims_from_bearer(request: Request, secret: str) -> dict[str, Any]:
         raise _unauthorized("invalid token") from None
 
 
-def current_principal(
-    request: Request, settings: Annotated[Settings, Depends(get_settings)]
-) -> Principal:
+def current_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Principal:
     """The verified caller."""
     if settings.auth_mode == "apigateway":
         claims = _claims_from_apigateway(request)

@@ -8,8 +8,8 @@ the event loop that created them, hence the per-loop cache.
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 from handlers.settings import Settings, get_settings
@@ -83,8 +83,9 @@ NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 
-async def open_object(s3: Any, bucket: str, key: str,
-                      not_found: Callable[[], Exception]) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+async def open_object(
+    s3: Any, bucket: str, key: str, not_found: Callable[[], Exception]
+) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
     """An object's GetObject response and an iterator over its body chunks (64 KiB). Raises
     `not_found()` when the object does not exist."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends
@@ -69,8 +69,13 @@ class ContextStore:
         existed = await self._exists(key)
         content_type = context_content_type(name)
         resp = await self._s3.put_object(Bucket=self._bucket, Key=key, Body=data, ContentType=content_type)
-        doc = ContextDocument(name=name, size=len(data), etag=resp["ETag"].strip('"'),
-                              last_modified=datetime.now(timezone.utc), content_type=content_type)
+        doc = ContextDocument(
+            name=name,
+            size=len(data),
+            etag=resp["ETag"].strip('"'),
+            last_modified=datetime.now(UTC),
+            content_type=content_type,
+        )
         return doc, not existed
 
     async def open(self, ref: AvatarRef, name: str) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
@@ -85,15 +90,20 @@ class ContextStore:
             raise DocumentNotFound(name)
         await self._s3.delete_object(Bucket=self._bucket, Key=key)
 
-    async def list(self, ref: AvatarRef, limit: int, after: str | None = None) -> tuple[list[ContextDocument], str | None]:
+    async def list(
+        self, ref: AvatarRef, limit: int, after: str | None = None
+    ) -> tuple[list[ContextDocument], str | None]:
         """Up to `limit` documents after the name `after`, in name order, and the name to continue
         after (None on the last page). Nested keys under the prefix are not documents and skipped."""
         prefix = context_data_prefix(ref.user_id, ref.avatar_id)
         docs: list[ContextDocument] = []
         start_after = prefix + after if after else None
         while True:
-            args: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix,
-                                    "MaxKeys": min(LIST_PAGE_SIZE, limit + 1 - len(docs))}
+            args: dict[str, Any] = {
+                "Bucket": self._bucket,
+                "Prefix": prefix,
+                "MaxKeys": min(LIST_PAGE_SIZE, limit + 1 - len(docs)),
+            }
             if start_after:
                 args["StartAfter"] = start_after
             resp = await self._s3.list_objects_v2(**args)
@@ -102,9 +112,15 @@ class ContextStore:
                 name = document_name_from_key(obj["Key"], prefix)
                 if name is None:
                     continue
-                docs.append(ContextDocument(name=name, size=obj["Size"], etag=obj["ETag"].strip('"'),
-                                            last_modified=obj["LastModified"],
-                                            content_type=_content_type_or_default(name)))
+                docs.append(
+                    ContextDocument(
+                        name=name,
+                        size=obj["Size"],
+                        etag=obj["ETag"].strip('"'),
+                        last_modified=obj["LastModified"],
+                        content_type=_content_type_or_default(name),
+                    )
+                )
             if len(docs) > limit:
                 return docs[:limit], docs[limit - 1].name
             if not resp.get("IsTruncated") or not contents:
@@ -130,8 +146,11 @@ class ContextStore:
             ExpiresIn=expires_in,
             HttpMethod="PUT",
         )
-        return PresignedUpload(url=url, headers={"Content-Type": content_type},
-                               expires_at=datetime.now(timezone.utc) + timedelta(seconds=expires_in))
+        return PresignedUpload(
+            url=url,
+            headers={"Content-Type": content_type},
+            expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
+        )
 
 
 async def context_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> ContextStore:

@@ -13,9 +13,7 @@ from handlers.training_data_store import TrainingDataStore
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def training_data_store(
-    settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]
-) -> TrainingDataStore:
+async def training_data_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> TrainingDataStore:
     return TrainingDataStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
 
 

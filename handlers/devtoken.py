@@ -18,8 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     secret = get_settings().jwt_secret()
     if secret is None:
         # Without a secret in this shell, mint for a `make dev` server (DEV_MODE, public dev secret).
-        print("avatune: AUTH_JWT_SECRET is not set here: this token is signed with the public dev secret "
-              "and only works against a server in DEV_MODE", file=sys.stderr)
+        print(
+            "avatune: AUTH_JWT_SECRET is not set here: this token is signed with the public dev secret "
+            "and only works against a server in DEV_MODE",
+            file=sys.stderr,
+        )
         secret = DEV_JWT_SECRET
     print(issue_token(secret, args.user_id, role=SERVICE_ROLE if args.service else None, ttl_seconds=args.ttl))
 

@@ -81,9 +81,7 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, list[dict[s
                 raise MalformedEvent("record is not an object")
             process_record(record)
         except MalformedEvent as exc:
-            log.error(
-                json.dumps({"message": "malformed job event", "message_id": message_id, "reason": str(exc)})
-            )
+            log.error(json.dumps({"message": "malformed job event", "message_id": message_id, "reason": str(exc)}))
             failures.append({"itemIdentifier": str(message_id)})
         except Exception:  # delivery trouble: retry this record only
             log.exception(json.dumps({"message": "job event delivery failed", "message_id": message_id}))

@@ -56,8 +56,10 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
 
 async def idempotency(
     request: Request,
-    key: Annotated[str | None, Header(alias="Idempotency-Key",
-                                      description="retries with the same key and body answer the same job")] = None,
+    key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="retries with the same key and body answer the same job"),
+    ] = None,
 ) -> Idempotency | None:
     """The request's Idempotency (None without the header); 400 for a key of a bad length."""
     if key is None:
@@ -65,8 +67,9 @@ async def idempotency(
     if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
     body = await request.body()  # cached by Starlette: the route's body parsing reads the same bytes
-    return Idempotency(hashlib.sha256(key.encode()).hexdigest(),
-                       request_fingerprint(request.method, request.url.path, body))
+    return Idempotency(
+        hashlib.sha256(key.encode()).hexdigest(), request_fingerprint(request.method, request.url.path, body)
+    )
 
 
 IdempotencyDep = Annotated[Idempotency | None, Depends(idempotency)]

@@ -62,8 +62,9 @@ class TrainJobBody(JobSpec, AdapterSettings):
     model_config = ConfigDict(extra="forbid")
 
     training_data: list[InlineRecord] | None = Field(
-        default=None, max_length=MAX_INLINE_RECORDS,
-        description="inline records (a string is a text record; or a chat record {\"messages\": [...]}), "
+        default=None,
+        max_length=MAX_INLINE_RECORDS,
+        description='inline records (a string is a text record; or a chat record {"messages": [...]}), '
         "stored as the flagged document inline-{job_id}.jsonl before the job is queued",
     )
 
@@ -112,8 +113,11 @@ def _check_inline(records: list[InlineRecord] | None, max_bytes: int) -> bytes |
         raise _refuse("training_data", "must hold at least one record")
     data = inline_document(records)
     if len(data) > max_bytes:
-        raise _refuse("training_data", f"is {len(data)} bytes as JSONL, more than MAX_UPLOAD_BYTES ({max_bytes}); "
-                      "upload it as a document (POST .../training-data/uploads) instead")
+        raise _refuse(
+            "training_data",
+            f"is {len(data)} bytes as JSONL, more than MAX_UPLOAD_BYTES ({max_bytes}); "
+            "upload it as a document (POST .../training-data/uploads) instead",
+        )
     try:
         parse_document("inline.jsonl", data)  # the trainer's own parser: what passes here trains there
     except DocumentError as exc:
@@ -127,34 +131,53 @@ def _check_model(body: TrainJobBody, config: AdapterSettings) -> None:
     if config.target_modules:
         unknown = unknown_modules(config.target_modules, base)
         if unknown:
-            raise _refuse("target_modules", f"{', '.join(map(repr, unknown))} is not a module of "
-                          f"{base or 'the default base model'} (Llama family: q_proj, k_proj, v_proj, o_proj, "
-                          "gate_proj, up_proj, down_proj, lm_head)")
+            raise _refuse(
+                "target_modules",
+                f"{', '.join(map(repr, unknown))} is not a module of "
+                f"{base or 'the default base model'} (Llama family: q_proj, k_proj, v_proj, o_proj, "
+                "gate_proj, up_proj, down_proj, lm_head)",
+            )
     if config.method == "full":
         four_bit = [n for n in ("quant_type", "double_quant", "compute_dtype") if getattr(body, n) is not None]
         if body.qlora is not None or four_bit:
-            raise _refuse("qlora" if body.qlora is not None else four_bit[0],
-                          "method 'full' trains 16/32-bit weights; 4-bit (qlora) options do not apply")
+            raise _refuse(
+                "qlora" if body.qlora is not None else four_bit[0],
+                "method 'full' trains 16/32-bit weights; 4-bit (qlora) options do not apply",
+            )
     if body.warm_start and (config.method == "full" or (config.gpus or 1) > 1):
         raise _refuse("warm_start", "continues the current LoRA adapter on one GPU: not with method 'full' or gpus > 1")
     if body.promote == "if_better" and config.method == "full":
-        raise _refuse("promote", "method 'full' publishes a new full/{version}/ model and has no current one to "
-                                 "compare with: leave promote at 'always'")
+        raise _refuse(
+            "promote",
+            "method 'full' publishes a new full/{version}/ model and has no current one to "
+            "compare with: leave promote at 'always'",
+        )
     layers = known_layer_count(base)
     if config.trainable_layers and layers is not None and max(config.trainable_layers) >= layers:
-        raise _refuse("trainable_layers", f"layer {max(config.trainable_layers)} does not exist: "
-                      f"{base} has {layers} decoder layers (0 to {layers - 1})")
+        raise _refuse(
+            "trainable_layers",
+            f"layer {max(config.trainable_layers)} does not exist: "
+            f"{base} has {layers} decoder layers (0 to {layers - 1})",
+        )
 
 
-def check_job_body(body: TrainJobBody, *, user_id: str, bucket: str, max_gpus: int, max_inline_bytes: int,
-                   base_model_prefixes: list[str] | None = None) -> bytes | None:
+def check_job_body(
+    body: TrainJobBody,
+    *,
+    user_id: str,
+    bucket: str,
+    max_gpus: int,
+    max_inline_bytes: int,
+    base_model_prefixes: list[str] | None = None,
+) -> bytes | None:
     """Refuse an impossible job with a 422 naming the field; returns the inline document's
     bytes (None without `training_data`). An `s3://` base model may also lie under one of
     `base_model_prefixes` (BASE_MODEL_S3_ALLOWED_PREFIXES)."""
     config = body.config()
     if body.base_model and body.base_model.name and body.base_model.name.startswith("s3://"):
-        _check_uri("base_model.name", body.base_model.name, bucket, user_id, prefix=True,
-                   also=tuple(base_model_prefixes or ()))
+        _check_uri(
+            "base_model.name", body.base_model.name, bucket, user_id, prefix=True, also=tuple(base_model_prefixes or ())
+        )
     _check_model(body, config)
     if config.gpus is not None and config.gpus > max_gpus:
         field = "resources.gpus" if body.resources and body.resources.gpus is not None else "gpus"
@@ -162,8 +185,11 @@ def check_job_body(body: TrainJobBody, *, user_id: str, bucket: str, max_gpus: i
     for i, source in enumerate(body.datasets):
         _check_uri(f"datasets.{i}.uri", source.uri, bucket, user_id, prefix=False)
         if source.format == "auto" and not source.uri.lower().endswith(AUTO_DATASET_EXTENSIONS):
-            raise _refuse(f"datasets.{i}.format", "format 'auto' reads .jsonl, .json or .txt files; "
-                          "name the format (chat, prompt_completion, text) of a JSONL file with another name")
+            raise _refuse(
+                f"datasets.{i}.format",
+                "format 'auto' reads .jsonl, .json or .txt files; "
+                "name the format (chat, prompt_completion, text) of a JSONL file with another name",
+            )
     if body.artifacts:
         for name in ("output_uri", "log_uri"):
             uri = getattr(body.artifacts, name)

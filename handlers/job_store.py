@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends
@@ -116,7 +116,7 @@ class S3Json:
             async with self._limit:
                 resp = await self._s3.list_objects_v2(**kwargs)
             contents.extend(resp.get("Contents", []))
-            children.extend(p["Prefix"][len(prefix):].rstrip("/") for p in resp.get("CommonPrefixes", []))
+            children.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in resp.get("CommonPrefixes", []))
             if not resp.get("IsTruncated"):
                 return contents, children
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
@@ -201,7 +201,7 @@ class JobStore:
         contents, _ = await self.objects.objects(prefix)
         ids = []
         for obj in contents:
-            name = obj["Key"][len(prefix):]
+            name = obj["Key"][len(prefix) :]
             if "/" in name or not name.endswith(".json"):
                 continue
             job_id = name.removesuffix(".json")
@@ -270,7 +270,7 @@ class JobStore:
             record = await self.get(ref, pointer.job_id)
             if record is not None and record.is_active:
                 return ActiveJob(pointer.job_id, record)
-            created = pointer.created_at if pointer.created_at.tzinfo else pointer.created_at.replace(tzinfo=timezone.utc)
+            created = pointer.created_at if pointer.created_at.tzinfo else pointer.created_at.replace(tzinfo=UTC)
             if record is None and utcnow() - created < POINTER_GRACE:
                 return ActiveJob(pointer.job_id, None)
         await self.objects.delete_if(key, etag)
@@ -298,8 +298,9 @@ class JobStore:
     async def remember(self, ref: AvatarRef, key_hash: str, job_id: str, fingerprint: str) -> str | None:
         """Record that this key created `job_id`; the ETag, or None when the key is taken."""
         body = IdempotencyRecord(job_id=job_id, fingerprint=fingerprint).model_dump_json().encode()
-        return await self.objects.create(idempotency_key(ref.user_id, ref.avatar_id, key_hash), body,
-                                         tagging=IDEMPOTENCY_RECORD_TAG)
+        return await self.objects.create(
+            idempotency_key(ref.user_id, ref.avatar_id, key_hash), body, tagging=IDEMPOTENCY_RECORD_TAG
+        )
 
     async def forget(self, ref: AvatarRef, key_hash: str, etag: str) -> bool:
         return await self.objects.delete_if(idempotency_key(ref.user_id, ref.avatar_id, key_hash), etag)

@@ -74,8 +74,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(
-            exc.status, exc.detail, title=exc.title, instance=request.url.path,
-            headers=exc.headers, **exc.extensions,
+            exc.status,
+            exc.detail,
+            title=exc.title,
+            instance=request.url.path,
+            headers=exc.headers,
+            **exc.extensions,
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -35,7 +35,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -118,8 +118,15 @@ def decode_cursor(cursor: str) -> str:
 class TrainingDataStore:
     """Typed access to one bucket's training documents."""
 
-    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64, *, use_index: bool = True,
-                 index_min_objects: int = INDEX_MIN_OBJECTS) -> None:
+    def __init__(
+        self,
+        s3: Any,
+        bucket: str,
+        max_concurrency: int = 64,
+        *,
+        use_index: bool = True,
+        index_min_objects: int = INDEX_MIN_OBJECTS,
+    ) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._limit = asyncio.Semaphore(max_concurrency)
@@ -146,9 +153,7 @@ class TrainingDataStore:
             raise
         return flag_from_tagset(resp.get("TagSet", [])), _server_time(resp)
 
-    async def put(
-        self, ref: AvatarRef, name: str, data: bytes, flag: bool | None
-    ) -> tuple[TrainingDocument, bool]:
+    async def put(self, ref: AvatarRef, name: str, data: bytes, flag: bool | None) -> tuple[TrainingDocument, bool]:
         """Create or replace a document in one PutObject (content and tag land together);
         returns the document and whether it was created.
 
@@ -166,7 +171,7 @@ class TrainingDataStore:
             name=name,
             size=len(data),
             etag=resp["ETag"].strip('"'),
-            last_modified=datetime.now(timezone.utc),
+            last_modified=datetime.now(UTC),
             use_for_training=flag,
             content_type=content_type,
         )
@@ -230,13 +235,15 @@ class TrainingDataStore:
                 name=name,
                 size=head["ContentLength"],
                 etag=str(result.get("ETag", head["ETag"])).strip('"'),
-                last_modified=result.get("LastModified") or datetime.now(timezone.utc),
+                last_modified=result.get("LastModified") or datetime.now(UTC),
                 use_for_training=flag,
                 content_type=content_type_for(name),
             )
         raise RuntimeError(f"{name} kept changing while its flag was being set")
 
-    async def _set_flag_in_place(self, ref: AvatarRef, name: str, key: str, tagset: list[dict[str, str]]) -> TrainingDocument:
+    async def _set_flag_in_place(
+        self, ref: AvatarRef, name: str, key: str, tagset: list[dict[str, str]]
+    ) -> TrainingDocument:
         """Objects over CopyObject's 5 GiB limit: PutObjectTagging, then drop the avatar's flag
         index so that no listing trusts the old flag."""
         await self._s3.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tagset})
@@ -278,10 +285,7 @@ class TrainingDataStore:
 
     async def delete_where(self, ref: AvatarRef, flag: bool) -> int:
         """Delete every document whose flag equals `flag`; returns how many were deleted."""
-        keys = [
-            training_document_key(ref.user_id, ref.avatar_id, doc.name)
-            async for doc in self.iter_all(ref, flag)
-        ]
+        keys = [training_document_key(ref.user_id, ref.avatar_id, doc.name) async for doc in self.iter_all(ref, flag)]
         deleted = 0
         for i in range(0, len(keys), DELETE_BATCH_SIZE):
             batch = keys[i : i + DELETE_BATCH_SIZE]
@@ -366,21 +370,25 @@ class TrainingDataStore:
         for (name, obj, _), doc_flag in zip(named, flags):
             if doc_flag is None or (flag is not None and doc_flag != flag):
                 continue
-            docs.append(TrainingDocument(
-                name=name,
-                size=obj["Size"],
-                etag=_etag(obj["ETag"]),
-                last_modified=obj["LastModified"],
-                use_for_training=doc_flag,
-                content_type=_content_type_or_default(name),
-            ))
+            docs.append(
+                TrainingDocument(
+                    name=name,
+                    size=obj["Size"],
+                    etag=_etag(obj["ETag"]),
+                    last_modified=obj["LastModified"],
+                    use_for_training=doc_flag,
+                    content_type=_content_type_or_default(name),
+                )
+            )
         return docs
 
     async def _list_page(self, **kwargs: Any) -> dict[str, Any]:
         async with self._list_limit:
             return await self._s3.list_objects_v2(Bucket=self._bucket, **kwargs)
 
-    async def _pages(self, prefix: str, start_after: str | None) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+    async def _pages(
+        self, prefix: str, start_after: str | None
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
         """Listing pages one after another: (objects, the name they cover up to, None at the end)."""
         kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
         if start_after:
@@ -392,7 +400,7 @@ class TrainingDataStore:
                 if contents:
                     yield contents, None
                 return
-            yield contents, contents[-1]["Key"][len(prefix):]
+            yield contents, contents[-1]["Key"][len(prefix) :]
             kwargs.pop("StartAfter", None)
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
@@ -475,8 +483,11 @@ class TrainingDataStore:
                 condition = {"IfMatch": index.s3_etag} if index.s3_etag else {"IfNoneMatch": "*"}
                 try:
                     resp = await self._s3.put_object(
-                        Bucket=self._bucket, Key=key, Body=FlagIndex.encode(entries),
-                        ContentType="application/json", **condition,
+                        Bucket=self._bucket,
+                        Key=key,
+                        Body=FlagIndex.encode(entries),
+                        ContentType="application/json",
+                        **condition,
                     )
                 except Exception as exc:
                     if error_code(exc) not in PRECONDITION_CODES | NOT_FOUND_CODES or attempt:
@@ -506,7 +517,7 @@ class TrainingDataStore:
         return PresignedUpload(
             url=url,
             headers={"x-amz-tagging": tagging, "Content-Type": content_type},
-            expires_at=datetime.now(timezone.utc) + timedelta(seconds=expires_in),
+            expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
         )
 
 
@@ -569,7 +580,7 @@ class FlagIndex:
         return json.dumps(body, separators=(",", ":")).encode()
 
     @staticmethod
-    def decode(data: bytes, s3_etag: str) -> "FlagIndex":
+    def decode(data: bytes, s3_etag: str) -> FlagIndex:
         """An unreadable or foreign index counts as empty (and is replaced on the next write)."""
         try:
             body = json.loads(data)
@@ -690,11 +701,20 @@ def _copy_in_place_args(bucket: str, key: str, head: dict[str, Any], tagset: lis
         "TaggingDirective": "REPLACE",
         "Tagging": urlencode([(t["Key"], t["Value"]) for t in tagset]),
     }
-    for name in ("ContentType", "CacheControl", "ContentDisposition", "ContentLanguage", "Expires",
-                 "WebsiteRedirectLocation", "StorageClass"):
+    for name in (
+        "ContentType",
+        "CacheControl",
+        "ContentDisposition",
+        "ContentLanguage",
+        "Expires",
+        "WebsiteRedirectLocation",
+        "StorageClass",
+    ):
         if head.get(name):
             args[name] = head[name]
-    encoding = ",".join(e for e in (head.get("ContentEncoding") or "").split(",") if e.strip() and e.strip() != "aws-chunked")
+    encoding = ",".join(
+        e for e in (head.get("ContentEncoding") or "").split(",") if e.strip() and e.strip() != "aws-chunked"
+    )
     if encoding:
         args["ContentEncoding"] = encoding
     if head.get("ServerSideEncryption") == "aws:kms":

@@ -26,7 +26,9 @@ def checked_name(name: str, validate: Callable[[str], str]) -> str:
 
 def too_large(limit: int, uploads_path: str) -> Problem:
     """413 pointing at the presigned-upload route (`uploads_path`, e.g. `training-data/uploads`)."""
-    return Problem(413, f"document exceeds MAX_UPLOAD_BYTES ({limit} bytes); use POST .../{uploads_path} for large files")
+    return Problem(
+        413, f"document exceeds MAX_UPLOAD_BYTES ({limit} bytes); use POST .../{uploads_path} for large files"
+    )
 
 
 def refuse_declared_size(request: Request, limit: int, uploads_path: str, overhead: int = 0) -> None:

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from contracts.jobs import JobRecord
 from contracts.keys import job_key
 from contracts.messages import JobEvent
-from contracts.sealing import SealError, Sealer, job_context, sealer_from_env
+from contracts.sealing import Sealer, SealError, job_context, sealer_from_env
 from contracts.webhooks import (
     DEFAULT_SIGNING_SECRET_ENV,
     EVENT_ID_HEADER,
@@ -192,9 +192,15 @@ def post(target: Target, body: bytes, headers: Mapping[str, str], timeout: float
 class WebhookDeliverer:
     """Delivers job events to their jobs' webhooks (module docstring)."""
 
-    def __init__(self, settings: WebhookSettings, s3: Any = None, sealer: Sealer | None = None,
-                 resolver: Resolver = resolve, environ: Mapping[str, str] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        s3: Any = None,
+        sealer: Sealer | None = None,
+        resolver: Resolver = resolve,
+        environ: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.settings = settings
         self._s3 = s3
         self._sealer = sealer
@@ -245,14 +251,19 @@ class WebhookDeliverer:
 
         host = urlsplit(callbacks.webhook_url).hostname or ""
         try:
-            target = checked_target(callbacks.webhook_url, callbacks.allow_private and self.settings.allow_private,
-                                    self._resolver)
+            target = checked_target(
+                callbacks.webhook_url, callbacks.allow_private and self.settings.allow_private, self._resolver
+            )
         except WebhookRefused as exc:
             _log("webhook refused", event, level=logging.WARNING, host=host, reason=str(exc))
             return "refused"
         body = event.to_message_body().encode()
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   EVENT_ID_HEADER: event_id(event.job_id, event.event), EVENT_TYPE_HEADER: event.event}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            EVENT_ID_HEADER: event_id(event.job_id, event.event),
+            EVENT_TYPE_HEADER: event.event,
+        }
         if callbacks.auth_header_sealed:
             headers["Authorization"] = self._authorization(callbacks.auth_header_sealed, event)
         secret = self._signing_secret(callbacks.signing_secret_ref)
@@ -270,8 +281,9 @@ class WebhookDeliverer:
             raise WebhookConfigError(f"signing secret {ref} is not set on the events function")
         return value
 
-    def _post_with_retries(self, event: JobEvent, target: Target, body: bytes, headers: dict[str, str],
-                           secret: str | None) -> str:
+    def _post_with_retries(
+        self, event: JobEvent, target: Target, body: bytes, headers: dict[str, str], secret: str | None
+    ) -> str:
         attempts = self.settings.attempts
         last = ""
         for attempt in range(1, attempts + 1):
@@ -287,21 +299,35 @@ class WebhookDeliverer:
                     _log("webhook delivered", event, host=target.host, status=status, attempt=attempt)
                     return "delivered"
                 if status != 429 and status < 500:
-                    _log("webhook rejected by the receiver (not retried)", event, level=logging.WARNING,
-                         host=target.host, status=status, attempt=attempt)
+                    _log(
+                        "webhook rejected by the receiver (not retried)",
+                        event,
+                        level=logging.WARNING,
+                        host=target.host,
+                        status=status,
+                        attempt=attempt,
+                    )
                     return "rejected"
-            _log("webhook attempt failed", event, level=logging.WARNING, host=target.host, reason=last,
-                 attempt=attempt)
+            _log("webhook attempt failed", event, level=logging.WARNING, host=target.host, reason=last, attempt=attempt)
             if attempt < attempts:
                 self._sleep(self.settings.backoff_seconds * 2 ** (attempt - 1))
         raise DeliveryFailed(f"webhook to {target.host} failed after {attempts} attempts ({last})")
 
 
 def _log(message: str, event: JobEvent, level: int = logging.INFO, **fields: Any) -> None:
-    entry = {"message": message, "event": event.event, "job_id": event.job_id, "user_id": event.user_id,
-             "avatar_id": event.avatar_id, **fields}
-    log.log(level, json.dumps(entry, default=str),
-            extra={"job_id": event.job_id, "user_id": event.user_id, "avatar_id": event.avatar_id})
+    entry = {
+        "message": message,
+        "event": event.event,
+        "job_id": event.job_id,
+        "user_id": event.user_id,
+        "avatar_id": event.avatar_id,
+        **fields,
+    }
+    log.log(
+        level,
+        json.dumps(entry, default=str),
+        extra={"job_id": event.job_id, "user_id": event.user_id, "avatar_id": event.avatar_id},
+    )
 
 
 _deliverer: WebhookDeliverer | None = None

@@ -31,7 +31,7 @@ class StackNames:
         return self.events_queue + "-dlq"
 
     @classmethod
-    def from_env(cls) -> "StackNames":
+    def from_env(cls) -> StackNames:
         return cls(
             bucket=os.environ.get("S3_BUCKET", "avatune-dev"),
             train_queue=os.environ.get("TRAIN_QUEUE_NAME", "avatune-train.fifo"),

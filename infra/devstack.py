@@ -90,30 +90,48 @@ def main() -> None:
     try:
         if not env.get("AWS_ENDPOINT_URL"):
             env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{MOTO_PORT}"
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             _wait_for(env["AWS_ENDPOINT_URL"] + "/moto-api/", procs[-1])
             print(f"avatune: embedded S3+SQS (moto) on {env['AWS_ENDPOINT_URL']}")
         else:
             print(f"avatune: using the S3/SQS endpoint at {env['AWS_ENDPOINT_URL']}")
-        subprocess.run([sys.executable, "-m", "infra.bootstrap"], check=True, cwd=ROOT, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "infra.bootstrap"], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+        )
         _start_trainer(env, procs)
         _start_events_consumer(env, procs)
         port = env.get("PORT", "8000")
         print(
-            "\navatune: API on http://127.0.0.1:%s  (docs: /docs)\n"
+            f"\navatune: API on http://127.0.0.1:{port}  (docs: /docs)\n"
             "  get a dev token:  export TOKEN=$(.venv/bin/python -m handlers.devtoken alice)\n"
-            "  then:             curl -H \"Authorization: Bearer $TOKEN\" "
-            "http://127.0.0.1:%s/v1/users/alice/avatars/my-avatar/training-data\n" % (port, port),
+            '  then:             curl -H "Authorization: Bearer $TOKEN" '
+            f"http://127.0.0.1:{port}/v1/users/alice/avatars/my-avatar/training-data\n",
             flush=True,
         )
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", port,
-             "--reload", "--reload-dir", "handlers", "--reload-dir", "contracts"],
-            cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "handlers.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--reload",
+                "--reload-dir",
+                "handlers",
+                "--reload-dir",
+                "contracts",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         procs.append(api)
         api.wait()

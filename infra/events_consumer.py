@@ -33,17 +33,20 @@ WAIT_SECONDS = 5
 
 def lambda_records(messages: list[dict[str, Any]], queue_arn: str, region: str) -> list[dict[str, Any]]:
     """SQS messages in the shape Lambda's event source mapping gives the handler."""
-    return [{
-        "messageId": m["MessageId"],
-        "receiptHandle": m["ReceiptHandle"],
-        "body": m["Body"],
-        "attributes": m.get("Attributes", {}),
-        "messageAttributes": m.get("MessageAttributes", {}),
-        "md5OfBody": m.get("MD5OfBody", ""),
-        "eventSource": "aws:sqs",
-        "eventSourceARN": queue_arn,
-        "awsRegion": region,
-    } for m in messages]
+    return [
+        {
+            "messageId": m["MessageId"],
+            "receiptHandle": m["ReceiptHandle"],
+            "body": m["Body"],
+            "attributes": m.get("Attributes", {}),
+            "messageAttributes": m.get("MessageAttributes", {}),
+            "md5OfBody": m.get("MD5OfBody", ""),
+            "eventSource": "aws:sqs",
+            "eventSourceARN": queue_arn,
+            "awsRegion": region,
+        }
+        for m in messages
+    ]
 
 
 class EventsConsumer:
@@ -53,14 +56,19 @@ class EventsConsumer:
         self.sqs = sqs
         self.queue_url = queue_url
         self.region = region
-        self.queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self.queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         self.stopping = False
 
     def poll_once(self, wait_seconds: int = WAIT_SECONDS) -> tuple[int, int]:
         """Receive one batch, hand it to the handler, delete what succeeded: (handled, failed)."""
         messages = self.sqs.receive_message(
-            QueueUrl=self.queue_url, MaxNumberOfMessages=BATCH_SIZE, WaitTimeSeconds=wait_seconds,
-            AttributeNames=["All"], MessageAttributeNames=["All"],
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=BATCH_SIZE,
+            WaitTimeSeconds=wait_seconds,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
         ).get("Messages", [])
         if not messages:
             return 0, 0
@@ -70,8 +78,11 @@ class EventsConsumer:
         except Exception:  # the whole invocation failed: the mapping retries the whole batch
             log.exception("events handler raised; the batch will be redelivered")
             return len(records), len(records)
-        done = [{"Id": str(i), "ReceiptHandle": r["receiptHandle"]}
-                for i, r in enumerate(records) if r["messageId"] not in failed]
+        done = [
+            {"Id": str(i), "ReceiptHandle": r["receiptHandle"]}
+            for i, r in enumerate(records)
+            if r["messageId"] not in failed
+        ]
         if done:
             self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=done)
         return len(records), len(failed)

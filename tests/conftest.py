@@ -26,7 +26,8 @@ def moto_endpoint() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -63,7 +64,10 @@ def api_url(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,7 +131,10 @@ def keys_under(s3, prefix: str) -> list[str]:
 def chat_line(user: str, assistant: str) -> bytes:
     import json
 
-    return (json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n").encode()
+    return (
+        json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
+        + "\n"
+    ).encode()
 
 
 @pytest.fixture(scope="session")

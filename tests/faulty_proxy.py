@@ -28,7 +28,7 @@ class FaultyProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "FaultyProxy":
+    def start(self) -> FaultyProxy:
         self._thread.start()
         self._ready.wait(10)
         return self

@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 
 from infra.bootstrap import StackNames, bootstrap
-from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, stop, wait_http
+from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, wait_http
 
 WORKER_ENV = {
     "HEARTBEAT_SECONDS": "1",
@@ -33,10 +33,14 @@ WORKER_ENV = {
 
 def chat_document(n: int = 40, seed: str = "") -> bytes:
     lines = [
-        json.dumps({"messages": [
-            {"role": "user", "content": f"{seed}question {i}: how are you?"},
-            {"role": "assistant", "content": f"{seed}answer {i}: great, thanks for asking"},
-        ]})
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{seed}question {i}: how are you?"},
+                    {"role": "assistant", "content": f"{seed}answer {i}: great, thanks for asking"},
+                ]
+            }
+        )
         for i in range(n)
     ]
     return ("\n".join(lines) + "\n").encode()
@@ -63,7 +67,9 @@ class Pipeline:
     def start_worker(self, **extra: str) -> subprocess.Popen:
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")
         env = {**self.env, **WORKER_ENV, "WORKER_ID": f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}", **extra}
-        proc = subprocess.Popen([sys.executable, "-m", "trainer"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         self.workers.append(proc)
         return proc
 
@@ -107,8 +113,9 @@ class Pipeline:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.logs.glob("worker-*.log")))
 
 
-def wait_for_job(api: Api, job_id: str, until: set[str], timeout: float = 180, pipeline: Pipeline | None = None,
-                 condition=None) -> tuple[dict[str, Any], list[str]]:
+def wait_for_job(
+    api: Api, job_id: str, until: set[str], timeout: float = 180, pipeline: Pipeline | None = None, condition=None
+) -> tuple[dict[str, Any], list[str]]:
     """Poll the job until its status is in `until` (and `condition(job)` holds); returns it and
     the statuses seen on the way."""
     seen: list[str] = []
@@ -130,13 +137,21 @@ def start_pipeline(tmp: Path, model_dir: Path) -> Pipeline:
     suffix = uuid.uuid4().hex[:8]
     names = StackNames(bucket=TEST_BUCKET, train_queue=f"e2e-{suffix}.fifo", events_queue=f"e2e-{suffix}-events")
     urls = bootstrap(names)
-    env = dict(os.environ, TRAIN_QUEUE_NAME=names.train_queue, EVENTS_QUEUE_NAME=names.events_queue,
-               BASE_MODEL=str(model_dir), MAX_ACTIVE_JOBS_PER_USER="4")
+    env = dict(
+        os.environ,
+        TRAIN_QUEUE_NAME=names.train_queue,
+        EVENTS_QUEUE_NAME=names.events_queue,
+        BASE_MODEL=str(model_dir),
+        MAX_ACTIVE_JOBS_PER_USER="4",
+    )
     port = free_port()
     api_log = open(tmp / "api.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=api_log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=api_log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", proc)

@@ -49,8 +49,13 @@ def write_version(s3, api: Api, version: int, *, metrics: bool = True, hashes: b
     for name, data in files.items():
         s3.put_object(Bucket=TEST_BUCKET, Key=prefix + name, Body=data)
     if metrics:
-        meta = VersionMetrics(version=version, job_id=f"job-v{version}", base_model="tiny",
-                              metrics={"eval_loss": 1.0 / version}, files={n: sha(d) for n, d in files.items()} if hashes else {})
+        meta = VersionMetrics(
+            version=version,
+            job_id=f"job-v{version}",
+            base_model="tiny",
+            metrics={"eval_loss": 1.0 / version},
+            files={n: sha(d) for n, d in files.items()} if hashes else {},
+        )
         s3.put_object(Bucket=TEST_BUCKET, Key=prefix + METRICS_FILE, Body=meta.model_dump_json())
     return files
 
@@ -60,10 +65,18 @@ def make_current(s3, api: Api, version: int) -> dict[str, bytes]:
     files = file_bytes(version)
     for name, data in files.items():
         s3.put_object(Bucket=TEST_BUCKET, Key=adapter_prefix(api.user_id, api.avatar_id) + name, Body=data)
-    manifest = AdapterManifest(current_version=version, job_id=f"job-v{version}", base_model="tiny",
-                               files={n: sha(d) for n, d in files.items()}, metrics={"eval_loss": 1.0 / version})
-    s3.put_object(Bucket=TEST_BUCKET, Key=adapter_manifest_key(api.user_id, api.avatar_id),
-                  Body=manifest.model_dump_json(by_alias=True))
+    manifest = AdapterManifest(
+        current_version=version,
+        job_id=f"job-v{version}",
+        base_model="tiny",
+        files={n: sha(d) for n, d in files.items()},
+        metrics={"eval_loss": 1.0 / version},
+    )
+    s3.put_object(
+        Bucket=TEST_BUCKET,
+        Key=adapter_manifest_key(api.user_id, api.avatar_id),
+        Body=manifest.model_dump_json(by_alias=True),
+    )
     return files
 
 
@@ -78,7 +91,9 @@ def stored_manifest(s3, api: Api) -> AdapterManifest:
 
 
 def stored_config(s3, api: Api) -> dict:
-    return json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=adapter_config_key(api.user_id, api.avatar_id))["Body"].read())
+    return json.loads(
+        s3.get_object(Bucket=TEST_BUCKET, Key=adapter_config_key(api.user_id, api.avatar_id))["Body"].read()
+    )
 
 
 @pytest.fixture
@@ -107,11 +122,18 @@ def test_put_merges_over_stored_config_and_get_shows_defaults(api: Api, s3) -> N
     assert (body["current_version"], body["metrics"], body["updated_at"], body["files"]) == (None, {}, None, [])
     assert stored_config(s3, api) == {"r": 8}
 
-    r = api.put(f"{api.base}/adapter", json={"lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "method": "lora"})
+    r = api.put(
+        f"{api.base}/adapter", json={"lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "method": "lora"}
+    )
     assert r.status_code == 200, r.text
     expected = {**DEFAULTS, "r": 8, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "method": "lora"}
     assert r.json()["config"] == expected
-    assert stored_config(s3, api) == {"r": 8, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "method": "lora"}
+    assert stored_config(s3, api) == {
+        "r": 8,
+        "lora_alpha": 64,
+        "target_modules": ["q_proj", "v_proj"],
+        "method": "lora",
+    }
     assert api.get(f"{api.base}/adapter").json()["config"] == expected
     # An empty object changes nothing.
     assert api.put(f"{api.base}/adapter", json={}).json()["config"] == expected
@@ -122,10 +144,20 @@ def test_put_merges_over_stored_config_and_get_shows_defaults(api: Api, s3) -> N
     assert stored_config(s3, api) == {"lora_alpha": 32, "method": "lora"}
 
 
-@pytest.mark.parametrize("body", [
-    {"r": 0}, {"r": 257}, {"lora_dropout": 1}, {"unknown": 1}, {"target_modules": ["q/proj"]},
-    {"target_modules": []}, {"method": "sgd"}, {"learning_rate": "fast"},
-], ids=lambda b: json.dumps(b))
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"r": 0},
+        {"r": 257},
+        {"lora_dropout": 1},
+        {"unknown": 1},
+        {"target_modules": ["q/proj"]},
+        {"target_modules": []},
+        {"method": "sgd"},
+        {"learning_rate": "fast"},
+    ],
+    ids=lambda b: json.dumps(b),
+)
 def test_put_refuses_invalid_config(api: Api, s3, body: dict) -> None:
     r = api.put(f"{api.base}/adapter", json=body)
     assert r.status_code == 422, r.text
@@ -163,7 +195,9 @@ def test_versions_listing_skips_half_written_versions(api: Api, s3, two_versions
     assert r.status_code == 200
     items = r.json()["items"]
     assert [(v["version"], v["job_id"], v["metrics"]) for v in items] == [
-        (1, "job-v1", {"eval_loss": 1.0}), (2, "job-v2", {"eval_loss": 0.5})]
+        (1, "job-v1", {"eval_loss": 1.0}),
+        (2, "job-v2", {"eval_loss": 0.5}),
+    ]
     assert all(set(v) == {"version", "created_at", "job_id", "metrics"} for v in items)
 
 
@@ -232,7 +266,8 @@ def test_delete_removes_exactly_the_adapter(api: Api, s3, two_versions) -> None:
     assert r.status_code == 204, r.text
     data = training_data_prefix(u, a)
     assert sorted(keys_under(s3, user_prefix(u))) == sorted(
-        [data + "chat.jsonl", data + "unused.txt", job_key(u, a, "job-old"), idem, *reserved])
+        [data + "chat.jsonl", data + "unused.txt", job_key(u, a, "job-old"), idem, *reserved]
+    )
     assert api.get(f"{api.base}/adapter").status_code == 404
     assert api.get(f"{api.base}/adapter/versions").json() == {"items": []}
     assert api.delete(f"{api.base}/adapter").status_code == 404
@@ -264,8 +299,12 @@ def test_delete_is_refused_while_a_job_is_active(api: Api, s3, two_versions) -> 
 
 def test_user_adapters_lists_avatars_with_a_manifest(api_url: str, s3) -> None:
     user = "u-" + uuid.uuid4().hex[:12]
-    with Api(api_url, user, "b-avatar") as b, Api(api_url, user, "a-avatar") as a, \
-            Api(api_url, user, "c-config-only") as c, Api(api_url, user, "d-docs-only") as d:
+    with (
+        Api(api_url, user, "b-avatar") as b,
+        Api(api_url, user, "a-avatar") as a,
+        Api(api_url, user, "c-config-only") as c,
+        Api(api_url, user, "d-docs-only") as d,
+    ):
         make_current(s3, b, 3)
         make_current(s3, a, 1)
         c.put(f"{c.base}/adapter", json={"r": 4})

@@ -22,8 +22,15 @@ def test_publish_keeps_the_newest_versions_and_writes_the_manifest_last(s3, tmp_
     user, avatar = "art-" + uuid.uuid4().hex[:8], "a"
     store = ArtifactStore(s3, TEST_BUCKET)
     for n in range(1, 6):
-        version = store.publish(user, avatar, adapter_dir(tmp_path, n), job_id=f"job-{n}", base_model="tiny",
-                                metrics={"n": n}, keep_versions=2)
+        version = store.publish(
+            user,
+            avatar,
+            adapter_dir(tmp_path, n),
+            job_id=f"job-{n}",
+            base_model="tiny",
+            metrics={"n": n},
+            keep_versions=2,
+        )
         assert version == n
     assert store.versions(user, avatar) == [4, 5]
     current = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_prefix(user, avatar) + "adapter_model.safetensors")
@@ -45,7 +52,9 @@ def test_only_complete_checkpoints_are_resumed(s3, tmp_path) -> None:
     (ckpt / "trainer_state.json").write_text("{}")
     store.save_checkpoint(user, avatar, job, ckpt, 10)
     # A later upload that died before its marker (preempted mid-upload) is never resumed from.
-    s3.put_object(Bucket=TEST_BUCKET, Key=checkpoint_prefix(user, avatar, job) + "000000020/trainer_state.json", Body=b"{}")
+    s3.put_object(
+        Bucket=TEST_BUCKET, Key=checkpoint_prefix(user, avatar, job) + "000000020/trainer_state.json", Body=b"{}"
+    )
     assert store.latest_checkpoint(user, avatar, job) == 10
     restored = store.download_checkpoint(user, avatar, job, 10, tmp_path / "restored")
     assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 32

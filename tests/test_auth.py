@@ -89,5 +89,7 @@ def test_api_refuses_to_start_without_secret(moto_endpoint: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("AUTH_JWT_SECRET", "DEV_MODE")}
     proc = subprocess.run([sys.executable, "-c", "import handlers.app"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "AUTH_JWT_SECRET is not set" in proc.stderr
-    proc = subprocess.run([sys.executable, "-c", "import handlers.app"], env=dict(env, DEV_MODE="true"), capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import handlers.app"], env=dict(env, DEV_MODE="true"), capture_output=True
+    )
     assert proc.returncode == 0

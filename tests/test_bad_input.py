@@ -53,8 +53,21 @@ def test_replacing_with_bad_content_keeps_the_old_document(api: Api) -> None:
     assert api.get(api.docs).json()["items"][0]["use_for_training"] is False
 
 
-@pytest.mark.parametrize("name", ["doc.exe", "noext", "archive", "uploads", ".hidden.txt", "a..b.txt",
-                                  "sp ace.txt ", "x" * 250 + ".txt", "tab\t.txt", "back\\slash.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "doc.exe",
+        "noext",
+        "archive",
+        "uploads",
+        ".hidden.txt",
+        "a..b.txt",
+        "sp ace.txt ",
+        "x" * 250 + ".txt",
+        "tab\t.txt",
+        "back\\slash.txt",
+    ],
+)
 def test_bad_document_names(api: Api, s3, name: str) -> None:
     r = api.put(f"{api.docs}/{quote(name)}", content=b"text")
     assert r.status_code in (400, 404, 405, 422), (name, r.status_code)

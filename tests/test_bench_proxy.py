@@ -51,8 +51,12 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 def proxied() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.proxy", "--target", f"127.0.0.1:{server.server_port}",
-                             "--delay-ms", "20"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.proxy", "--target", f"127.0.0.1:{server.server_port}", "--delay-ms", "20"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("ready "), line

@@ -45,7 +45,7 @@ def test_packed_attention_equals_masked_sdpa_and_separate_passes(model_dir: Path
         masked = stock(input_ids=ids, position_ids=positions).logits
         ours = packed(input_ids=ids, position_ids=positions).logits
         starts = [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]]
-        separate = torch.cat([stock(input_ids=ids[:, s:s + n]).logits for s, n in zip(starts, lengths)], dim=1)
+        separate = torch.cat([stock(input_ids=ids[:, s : s + n]).logits for s, n in zip(starts, lengths)], dim=1)
     torch.testing.assert_close(ours, masked, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours, separate, rtol=1e-4, atol=1e-4)
 
@@ -70,9 +70,15 @@ def test_padded_batches_and_single_sequences_take_the_stock_path(model_dir: Path
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   stock(input_ids=ids, attention_mask=mask).logits[mask.bool()], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(packed(input_ids=ids[:1]).logits, stock(input_ids=ids[:1]).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            packed(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+            stock(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            packed(input_ids=ids[:1]).logits, stock(input_ids=ids[:1]).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_train_adapter_uses_packed_attention_and_restores_the_base(model_dir: Path, tmp_path: Path) -> None:
@@ -95,18 +101,35 @@ def test_train_adapter_uses_packed_attention_and_restores_the_base(model_dir: Pa
         return real(*args, **kwargs)
 
     class Quiet:
-        def stop_reason(self): return None
-        def report(self, progress): pass
-        def checkpoint_due(self, step): return False
-        def checkpoint_saved(self, local_dir, step): pass
+        def stop_reason(self):
+            return None
+
+        def report(self, progress):
+            pass
+
+        def checkpoint_due(self, step):
+            return False
+
+        def checkpoint_saved(self, local_dir, step):
+            pass
 
     from transformers import AttentionInterface
 
     AttentionInterface.register(training.PACKED_SDPA, spy)
     try:
         base = LoadedBase(str(model_dir), "lora", model, tokenizer, torch.device("cpu"))
-        cfg = AdapterSettings(method="lora", r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, num_epochs=1,
-                              batch_size=4, max_seq_length=128, warmup_ratio=0.0, seed=0)
+        cfg = AdapterSettings(
+            method="lora",
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            learning_rate=1e-3,
+            num_epochs=1,
+            batch_size=4,
+            max_seq_length=128,
+            warmup_ratio=0.0,
+            seed=0,
+        )
         outcome = training.train_adapter(base, cfg, examples[:8], examples[8:], tmp_path, Quiet())
     finally:
         AttentionInterface.register(training.PACKED_SDPA, real)

@@ -25,8 +25,15 @@ from tests.pipeline import Pipeline, chat_document
 runner = CliRunner()
 
 # Keep the caller's AVATUNE_* settings out of the tests, and make rich tables wide enough.
-BASE_ENV = {"COLUMNS": "200", "AVATUNE_API_URL": None, "AVATUNE_TOKEN": None, "AVATUNE_USER": None,
-            "AVATUNE_AVATAR": None, "AVATUNE_PRESIGN_OVER": None, "AVATUNE_DEBUG": None}
+BASE_ENV = {
+    "COLUMNS": "200",
+    "AVATUNE_API_URL": None,
+    "AVATUNE_TOKEN": None,
+    "AVATUNE_USER": None,
+    "AVATUNE_AVATAR": None,
+    "AVATUNE_PRESIGN_OVER": None,
+    "AVATUNE_DEBUG": None,
+}
 FAST = ["--epochs", "2", "--batch-size", "4", "--lr", "0.01", "--r", "4", "--interval", "0.2", "--timeout", "150"]
 
 
@@ -40,13 +47,21 @@ class Cli:
     def token(self) -> str:
         return token_for(self.user)
 
-    def __call__(self, *args: str, env: dict[str, str | None] | None = None, globals_: list[str] | None = None) -> Result:
-        head = globals_ if globals_ is not None else ["--api-url", self.api_url, "--token", self.token, "--avatar", self.avatar]
+    def __call__(
+        self, *args: str, env: dict[str, str | None] | None = None, globals_: list[str] | None = None
+    ) -> Result:
+        head = (
+            globals_
+            if globals_ is not None
+            else ["--api-url", self.api_url, "--token", self.token, "--avatar", self.avatar]
+        )
         return runner.invoke(app, [*head, *args], env={**BASE_ENV, **(env or {})})
 
 
 def ok(result: Result) -> Result:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    assert result.exit_code == 0, (
+        f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    )
     return result
 
 
@@ -171,8 +186,16 @@ def test_api_errors_print_the_detail_and_exit_1(cli: Cli, tmp_path: Path) -> Non
     failed(cli("docs", "rm", "missing.txt"), "error 404: no training document named 'missing.txt'")
     failed(cli("jobs", "show", "no-such-job"), "error 404")
     # Another user's data: 403 from the API.
-    failed(cli("--user", "someone-else", "docs", "list", globals_=["--api-url", cli.api_url, "--token", cli.token,
-                                                                  "--avatar", cli.avatar]), "error 403")
+    failed(
+        cli(
+            "--user",
+            "someone-else",
+            "docs",
+            "list",
+            globals_=["--api-url", cli.api_url, "--token", cli.token, "--avatar", cli.avatar],
+        ),
+        "error 403",
+    )
 
 
 def test_train_needs_a_flagged_document(cli: Cli) -> None:
@@ -182,10 +205,14 @@ def test_train_needs_a_flagged_document(cli: Cli) -> None:
 def test_missing_settings_are_reported(cli: Cli) -> None:
     failed(cli("docs", "list", globals_=["--api-url", cli.api_url]), "no token")
     failed(cli("docs", "list", globals_=["--api-url", cli.api_url, "--token", cli.token]), "needs an avatar")
-    failed(cli("docs", "list", globals_=["--api-url", cli.api_url, "--token", "not-a-jwt", "--avatar", "a"]),
-           "cannot read the user from the token")
-    failed(cli("docs", "list", globals_=["--api-url", "localhost:8000", "--token", cli.token, "--avatar", "a"]),
-           "--api-url must start with http://")
+    failed(
+        cli("docs", "list", globals_=["--api-url", cli.api_url, "--token", "not-a-jwt", "--avatar", "a"]),
+        "cannot read the user from the token",
+    )
+    failed(
+        cli("docs", "list", globals_=["--api-url", "localhost:8000", "--token", cli.token, "--avatar", "a"]),
+        "--api-url must start with http://",
+    )
     # Settings from the environment work the same as options.
     env = {"AVATUNE_API_URL": cli.api_url, "AVATUNE_TOKEN": cli.token, "AVATUNE_AVATAR": cli.avatar}
     assert "no documents" in ok(cli("docs", "list", env=env, globals_=[])).stdout
@@ -287,8 +314,14 @@ def test_token(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     # The minted token works, and names the user when --user is not given.
     user = "u-" + uuid.uuid4().hex[:10]
     minted = ok(runner.invoke(app, ["token", user], env=BASE_ENV)).stdout.strip()
-    assert "no documents" in ok(runner.invoke(
-        app, ["--api-url", pipeline.api_url, "--token", minted, "--avatar", "a1", "docs", "list"], env=BASE_ENV)).stdout
+    assert (
+        "no documents"
+        in ok(
+            runner.invoke(
+                app, ["--api-url", pipeline.api_url, "--token", minted, "--avatar", "a1", "docs", "list"], env=BASE_ENV
+            )
+        ).stdout
+    )
 
     # No secret in this shell: like handlers.devtoken, a token for a DEV_MODE server, with a warning.
     result = ok(runner.invoke(app, ["token", "alice"], env={**BASE_ENV, "AUTH_JWT_SECRET": None, "DEV_MODE": None}))
@@ -305,8 +338,11 @@ def test_follow_timeout_leaves_the_job_running_and_cancel(pipeline: Pipeline, wo
     doc = tmp_path / "chat.jsonl"
     doc.write_bytes(chat_document(2))
     ok(cli("docs", "upload", str(doc)))
-    result = failed(cli("train", "--follow", "--timeout", "0", "--epochs", "50", "--batch-size", "1"),
-                    "stopped following", "avatune jobs follow")
+    result = failed(
+        cli("train", "--follow", "--timeout", "0", "--epochs", "50", "--batch-size", "1"),
+        "stopped following",
+        "avatune jobs follow",
+    )
     job_id = re.search(r"job (\S+) queued", result.stdout).group(1)
     out = ok(cli("jobs", "cancel", job_id)).stdout
     assert f"job {job_id} cancelled" in out or "cancel requested" in out

@@ -631,10 +631,12 @@ def _assert_stack(endpoint: str) -> None:
     import boto3
 
     defaults = bootstrap_env_defaults()
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                      aws_access_key_id="test", aws_secret_access_key="test")
-    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1",
-                       aws_access_key_id="test", aws_secret_access_key="test")
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
+    sqs = boto3.client(
+        "sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
     assert defaults["S3_BUCKET"] in {b["Name"] for b in s3.list_buckets()["Buckets"]}
 
     def attrs(name: str) -> dict:

@@ -25,7 +25,7 @@ MAX = 4096  # MAX_UPLOAD_BYTES of this module's servers
 AUTO = "Avatune-Auto-Index"
 AUTO_JOB = "Avatune-Index-Job"
 
-TXT = "Lighthouses guide ships.\n\nThe keeper climbs 120 steps.\n".encode()
+TXT = b"Lighthouses guide ships.\n\nThe keeper climbs 120 steps.\n"
 MD = "# Recipes\n\n* bread: flour, water, salt — bake 40 min\n".encode()
 JSONL = (
     json.dumps({"text": "Paris is the capital of France.", "metadata": {"lang": "en", "year": 2024, "ok": True}})
@@ -38,16 +38,24 @@ JSONL = (
 # -- fixtures and helpers --------------------------------------------------------------------
 
 
-def _server(stack, tmp_path_factory: pytest.TempPathFactory, label: str, *, queue_exists: bool = True,
-            **env: str) -> tuple[object, Server]:
+def _server(
+    stack, tmp_path_factory: pytest.TempPathFactory, label: str, *, queue_exists: bool = True, **env: str
+) -> tuple[object, Server]:
     from infra.bootstrap import StackNames, bootstrap
 
     tag = uuid.uuid4().hex[:8]
-    names = StackNames(bucket=TEST_BUCKET, train_queue=f"avatune-ctx-{tag}.fifo", events_queue=f"avatune-ctx-{tag}-events")
+    names = StackNames(
+        bucket=TEST_BUCKET, train_queue=f"avatune-ctx-{tag}.fifo", events_queue=f"avatune-ctx-{tag}-events"
+    )
     queues = bootstrap(names)
     train_queue = names.train_queue if queue_exists else f"missing-{tag}.fifo"
-    proc, url = serve(tmp_path_factory.mktemp(label), TRAIN_QUEUE_NAME=train_queue,
-                      EVENTS_QUEUE_NAME=names.events_queue, MAX_UPLOAD_BYTES=str(MAX), **env)
+    proc, url = serve(
+        tmp_path_factory.mktemp(label),
+        TRAIN_QUEUE_NAME=train_queue,
+        EVENTS_QUEUE_NAME=names.events_queue,
+        MAX_UPLOAD_BYTES=str(MAX),
+        **env,
+    )
     return proc, Server(url, queues["train_queue_url"], queues["events_queue_url"])
 
 
@@ -104,7 +112,9 @@ def queued(sqs, server: Server) -> list:
 
 def fake_index(s3, api: Api) -> None:
     """Stand in for an index job's output: something under the user's vector index."""
-    s3.put_object(Bucket=TEST_BUCKET, Key=vectorstore_prefix(api.user_id) + "chunks.lance/_versions/1.manifest", Body=b"x")
+    s3.put_object(
+        Bucket=TEST_BUCKET, Key=vectorstore_prefix(api.user_id) + "chunks.lance/_versions/1.manifest", Body=b"x"
+    )
 
 
 # -- the parser (pure) -----------------------------------------------------------------------
@@ -116,7 +126,7 @@ def test_parser_records_offsets_and_metadata() -> None:
     first, second = parse_context_document("a.JSONL", JSONL)
     assert first.metadata == {"lang": "en", "year": 2024, "ok": True} and isinstance(first.metadata["ok"], bool)
     assert (second.line, second.index, second.metadata) == (3, 1, {"lang": "de", "score": 0.5})
-    assert JSONL.decode()[second.start_offset:].startswith('{"text": "Berlin')
+    assert JSONL.decode()[second.start_offset :].startswith('{"text": "Berlin')
     with pytest.raises(DocumentError) as bad:
         parse_context_document("a.jsonl", JSONL + b'{"text": "x", "metadata": {"a": null}}\n')
     assert bad.value.line == 4 and "metadata.a" in bad.value.message
@@ -148,7 +158,9 @@ def test_documents_round_trip_in_each_format(capi: Api, plain: Server, s3, sqs) 
     ]
     prefix = context_data_prefix(capi.user_id, capi.avatar_id)
     assert sorted(keys_under(s3, user_prefix(capi.user_id))) == [
-        prefix + "facts.jsonl", prefix + "notes.txt", prefix + "recipes.md"
+        prefix + "facts.jsonl",
+        prefix + "notes.txt",
+        prefix + "recipes.md",
     ]
     assert not s3.get_object_tagging(Bucket=TEST_BUCKET, Key=prefix + "notes.txt")["TagSet"]  # no use_for_training
 
@@ -219,9 +231,22 @@ def test_bad_content_keeps_the_old_document_and_oversize_is_refused(capi: Api, s
     ]
 
 
-@pytest.mark.parametrize("name", ["doc.exe", "dialog.json", "noext", ".hidden.md", "a..b.txt", "sp ace.md ",
-                                  "x" * 250 + ".txt", "tab\t.txt", "back\\slash.txt", "../escape.txt",
-                                  "..%2F..%2Fother%2Favatars%2Fa%2Fx.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "doc.exe",
+        "dialog.json",
+        "noext",
+        ".hidden.md",
+        "a..b.txt",
+        "sp ace.md ",
+        "x" * 250 + ".txt",
+        "tab\t.txt",
+        "back\\slash.txt",
+        "../escape.txt",
+        "..%2F..%2Fother%2Favatars%2Fa%2Fx.txt",
+    ],
+)
 def test_bad_names_are_refused_everywhere(capi: Api, s3, name: str) -> None:
     path = f"{ctx(capi)}/{quote(name, safe='%')}"
     r = capi.put(path, content=b"text")
@@ -238,10 +263,15 @@ def test_other_tenants_documents_are_out_of_reach(plain: Server, s3) -> None:
     with client(plain) as owner, client(plain) as intruder:
         assert put(owner, "private.txt", TXT).status_code == 201
         foreign = f"/v1/users/{owner.user_id}/avatars/{owner.avatar_id}/context"
-        for r in (intruder.get(foreign), intruder.get(f"{foreign}/private.txt"),
-                  intruder.put(f"{foreign}/evil.txt", content=b"x"), intruder.delete(f"{foreign}/private.txt"),
-                  intruder.post(f"{foreign}/uploads", json={"name": "evil.txt"}), intruder.post(f"{foreign}/index"),
-                  intruder.post(f"/v1/users/{owner.user_id}/avatars/{owner.avatar_id}/retrievals", json={"query": "q"})):
+        for r in (
+            intruder.get(foreign),
+            intruder.get(f"{foreign}/private.txt"),
+            intruder.put(f"{foreign}/evil.txt", content=b"x"),
+            intruder.delete(f"{foreign}/private.txt"),
+            intruder.post(f"{foreign}/uploads", json={"name": "evil.txt"}),
+            intruder.post(f"{foreign}/index"),
+            intruder.post(f"/v1/users/{owner.user_id}/avatars/{owner.avatar_id}/retrievals", json={"query": "q"}),
+        ):
             assert_problem(r, 403)
         assert keys_under(s3, user_prefix(owner.user_id)) == [
             context_data_prefix(owner.user_id, owner.avatar_id) + "private.txt"
@@ -274,8 +304,13 @@ def test_index_job_is_queued_with_its_parameters(capi: Api, plain: Server, s3, s
     assert queued(sqs, plain) == [] and keys_under(s3, user_prefix(capi.user_id)) == []
 
     assert put(capi, "facts.jsonl", JSONL).status_code == 201
-    for bad in ({"chunk_size": 10}, {"chunk_size": 100, "chunk_overlap": 100}, {"chunk_overlap": -1},
-                {"full": "yes"}, {"chunk_size": 256, "extra": 1}):
+    for bad in (
+        {"chunk_size": 10},
+        {"chunk_size": 100, "chunk_overlap": 100},
+        {"chunk_overlap": -1},
+        {"full": "yes"},
+        {"chunk_size": 256, "extra": 1},
+    ):
         assert_problem(capi.post(index, json=bad), 422)
     assert queued(sqs, plain) == []
 
@@ -291,10 +326,17 @@ def test_index_job_is_queued_with_its_parameters(capi: Api, plain: Server, s3, s
 
     (message,) = queued(sqs, plain)
     assert isinstance(message, IndexRequest)
-    assert (message.job_id, message.user_id, message.avatar_id, message.origin) == (job["id"], capi.user_id, capi.avatar_id, "api")
+    assert (message.job_id, message.user_id, message.avatar_id, message.origin) == (
+        job["id"],
+        capi.user_id,
+        capi.avatar_id,
+        "api",
+    )
     assert (message.chunk_size, message.chunk_overlap, message.full) == (256, 32, True)
 
-    again = capi.post(index, json={"full": True, "chunk_overlap": 32, "chunk_size": 256}, headers={"Idempotency-Key": "k1"})
+    again = capi.post(
+        index, json={"full": True, "chunk_overlap": 32, "chunk_size": 256}, headers={"Idempotency-Key": "k1"}
+    )
     assert again.status_code == 202 and again.json()["id"] == job["id"]  # same key and request: same job
     assert_problem(capi.post(index, json={"chunk_size": 256}, headers={"Idempotency-Key": "k1"}), 422, job["id"])
     assert_problem(capi.post(index), 409, job["id"])  # the avatar's slot is taken
@@ -320,20 +362,39 @@ def test_retrieval_is_queued_with_query_and_filters(capi: Api, plain: Server, s3
     url = f"{capi.base}/retrievals"
     assert_problem(capi.post(url, json={"query": "capital of France?"}), 409, "no vector index")
     fake_index(s3, capi)
-    for bad in ({}, {"query": ""}, {"query": "   "}, {"query": "q", "top_k": 0}, {"query": "q", "top_k": 101},
-                {"query": "q", "score_threshold": 2}, {"query": "q", "filters": {"bad-key": 1}},
-                {"query": "q", "filters": {"a": {"b": 1}}}, {"query": "q", "filters": {"a": None}},
-                {"query": "q", "filters": {f"k{i}": i for i in range(17)}}, {"query": "q", "k": 3},
-                {"query": "x" * 10_001}):
+    for bad in (
+        {},
+        {"query": ""},
+        {"query": "   "},
+        {"query": "q", "top_k": 0},
+        {"query": "q", "top_k": 101},
+        {"query": "q", "score_threshold": 2},
+        {"query": "q", "filters": {"bad-key": 1}},
+        {"query": "q", "filters": {"a": {"b": 1}}},
+        {"query": "q", "filters": {"a": None}},
+        {"query": "q", "filters": {f"k{i}": i for i in range(17)}},
+        {"query": "q", "k": 3},
+        {"query": "x" * 10_001},
+    ):
         assert_problem(capi.post(url, json=bad), 422)
     assert queued(sqs, plain) == []
 
-    r = capi.post(url, json={"query": "capital of France?", "score_threshold": 0.25,
-                             "filters": {"lang": "en", "year": 2024, "ok": True}})
+    r = capi.post(
+        url,
+        json={
+            "query": "capital of France?",
+            "score_threshold": 0.25,
+            "filters": {"lang": "en", "year": 2024, "ok": True},
+        },
+    )
     assert r.status_code == 202, r.text
     job = r.json()
-    expected = {"query": "capital of France?", "top_k": 5, "score_threshold": 0.25,
-                "filters": {"lang": "en", "year": 2024, "ok": True}}
+    expected = {
+        "query": "capital of France?",
+        "top_k": 5,
+        "score_threshold": 0.25,
+        "filters": {"lang": "en", "year": 2024, "ok": True},
+    }
     assert (job["type"], job["status"], job["request"]) == ("retrieve", "queued", expected)
     rec = record(s3, capi, job["id"])
     assert rec.type == "retrieve" and rec.request == expected

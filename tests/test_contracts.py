@@ -37,19 +37,40 @@ def test_document_name_from_key_ignores_nested_and_foreign_keys() -> None:
 
 
 def test_every_format_becomes_chat() -> None:
-    chat = parse_document("c.jsonl", b'{"messages":[{"role":"system","content":"s"},{"role":"user","content":"u"},'
-                                     b'{"role":"assistant","content":"a","weight":0},{"role":"assistant","content":"b"}]}\n')
+    chat = parse_document(
+        "c.jsonl",
+        b'{"messages":[{"role":"system","content":"s"},{"role":"user","content":"u"},'
+        b'{"role":"assistant","content":"a","weight":0},{"role":"assistant","content":"b"}]}\n',
+    )
     assert [m.role for m in chat[0].messages] == ["system", "user", "assistant", "assistant"]
     assert chat[0].messages[2].weight == 0
     pc = parse_document("p.jsonl", b'{"prompt":"q","completion":"r"}\n\n{"text":"t"}\n')
-    assert [[(m.role, m.content) for m in c.messages] for c in pc] == [[("user", "q"), ("assistant", "r")], [("assistant", "t")]]
-    txt = parse_document("t.txt", "one\n\ntwo\r\n\r\nthree".encode())
+    assert [[(m.role, m.content) for m in c.messages] for c in pc] == [
+        [("user", "q"), ("assistant", "r")],
+        [("assistant", "t")],
+    ]
+    txt = parse_document("t.txt", b"one\n\ntwo\r\n\r\nthree")
     assert [c.messages[0].content for c in txt] == ["one", "two", "three"]
-    dialog = parse_document("d.json", json.dumps({"speaker": "Ann", "dialog": [
-        {"speaker": "Ann", "content": "a1"}, {"speaker": "Bob", "content": "b1"}, {"speaker": "Cy", "content": "c1"},
-        {"speaker": "Ann", "content": "a2"}, {"speaker": "Ann", "content": "a3"}]}).encode())
+    dialog = parse_document(
+        "d.json",
+        json.dumps(
+            {
+                "speaker": "Ann",
+                "dialog": [
+                    {"speaker": "Ann", "content": "a1"},
+                    {"speaker": "Bob", "content": "b1"},
+                    {"speaker": "Cy", "content": "c1"},
+                    {"speaker": "Ann", "content": "a2"},
+                    {"speaker": "Ann", "content": "a3"},
+                ],
+            }
+        ).encode(),
+    )
     assert [(m.role, m.content) for m in dialog[0].messages] == [
-        ("assistant", "a1"), ("user", "b1\nc1"), ("assistant", "a2\na3")]
+        ("assistant", "a1"),
+        ("user", "b1\nc1"),
+        ("assistant", "a2\na3"),
+    ]
 
 
 def test_malformed_line_is_reported_by_number() -> None:
@@ -59,13 +80,15 @@ def test_malformed_line_is_reported_by_number() -> None:
 
 
 def test_train_request_contract() -> None:
-    req = TrainRequest.model_validate({"schema": "avatune.train-request/v1", "job_id": "j-1", "user_id": "u", "avatar_id": "a",
-                                       "config": {"r": 8}})
+    req = TrainRequest.model_validate(
+        {"schema": "avatune.train-request/v1", "job_id": "j-1", "user_id": "u", "avatar_id": "a", "config": {"r": 8}}
+    )
     assert req.message_group_id() == "u/a" and req.config.r == 8
     for bad in ({"schema": "avatune.train-request/v2"}, {"user_id": "../x"}, {"config": {"r": 0}}, {"extra": 1}):
         with pytest.raises(ValidationError):
-            TrainRequest.model_validate({"schema": "avatune.train-request/v1", "job_id": "j", "user_id": "u",
-                                         "avatar_id": "a", **bad})
+            TrainRequest.model_validate(
+                {"schema": "avatune.train-request/v1", "job_id": "j", "user_id": "u", "avatar_id": "a", **bad}
+            )
 
 
 @pytest.mark.parametrize("filename", sorted(PUBLIC_MODELS))

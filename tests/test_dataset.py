@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening
 
 from contracts.documents import ChatMessage, Conversation, parse_document
+from trainer import tiny_model
 from trainer.dataset import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -23,7 +24,6 @@ from trainer.dataset import (
     split_train_eval,
     tokenize_conversation,
 )
-from trainer import tiny_model
 from trainer.tiny_model import write_tiny_model
 
 EOT = "<|eot_id|>"
@@ -312,8 +312,10 @@ def test_a_long_conversation_is_cut_into_windows_that_train_every_turn(tokenizer
         assert window[0].role == "system" and window[1].role == "user"  # cut between exchanges
     # Each window is as long as it can be: the next exchange would not have fitted.
     for window, following in zip(windows, windows[1:]):
-        end = next((i for i in range(2, len(following)) if following[i].role == "user" and following[i - 1].role != "user"),
-                   len(following))
+        end = next(
+            (i for i in range(2, len(following)) if following[i].role == "user" and following[i - 1].role != "user"),
+            len(following),
+        )
         next_exchange = following[1:end]
         longer = tokenize_conversation(tokenizer, window + next_exchange, max_seq_length=100_000)
         assert longer is not None and len(longer) > max_seq_length
@@ -430,7 +432,9 @@ def _per_example_losses(model, examples: list[TokenizedExample], **forward_kwarg
         # pack_examples puts the longest first; line the solo runs up the same way.
         ordered = sorted(examples, key=len, reverse=True)
         solo = [
-            _mean_loss(model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0], torch.tensor(ex.labels))
+            _mean_loss(
+                model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0], torch.tensor(ex.labels)
+            )
             for ex in ordered
         ]
     return packed, solo

@@ -42,9 +42,9 @@ def test_dockerfile_is_hadolint_clean(hadolint_bin, dockerfile):
     proc = run(hadolint_bin, "--no-color", "--failure-threshold", "warning", "--format", "json", dockerfile)
     findings = json.loads(proc.stdout or "[]")
     serious = [f for f in findings if f["level"] in ("error", "warning")]
-    assert proc.returncode == 0 and not serious, "\n".join(
-        f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
-    ) or proc.stderr
+    assert proc.returncode == 0 and not serious, (
+        "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or proc.stderr
+    )
 
 
 def test_hadolint_actually_lints(hadolint_bin):
@@ -65,5 +65,5 @@ def test_ignored_rules_are_justified():
     lines = config.read_text().splitlines()
     for rule in ignored:
         at = next(i for i, line in enumerate(lines) if rule in line)
-        nearby = " ".join(lines[max(0, at - 3): at + 1])
+        nearby = " ".join(lines[max(0, at - 3) : at + 1])
         assert "#" in nearby, f"{rule} is ignored without a reason in .hadolint.yaml"

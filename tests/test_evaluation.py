@@ -83,7 +83,10 @@ def test_if_better_keeps_the_current_adapter_when_the_new_one_is_worse(pipeline:
     assert first["adapter_version"] == 1
     assert m1["promote"] == "always" and m1["promoted"] is True and "eval_loss_current" not in m1
     before = current_state(s3, api)
-    assert AdapterManifest.model_validate_json(before[adapter_manifest_key(api.user_id, api.avatar_id)]).current_version == 1
+    assert (
+        AdapterManifest.model_validate_json(before[adapter_manifest_key(api.user_id, api.avatar_id)]).current_version
+        == 1
+    )
 
     # Version 2 with a diverging learning rate and if_better: kept, not promoted.
     worse = train(pipeline, api, {**DIVERGING, "promote": "if_better"})
@@ -137,7 +140,11 @@ def test_if_better_on_an_avatar_without_an_adapter_compares_with_the_base(first_
     # Samples, loss curve and metrics, reached through the job's links.
     links = done["links"]
     base = f"{api.base}/adapter/versions/1/files/"
-    assert links == {"metrics": base + METRICS_FILE, "samples": base + SAMPLES_FILE, "loss_curve": base + LOSS_CURVE_FILE}
+    assert links == {
+        "metrics": base + METRICS_FILE,
+        "samples": base + SAMPLES_FILE,
+        "loss_curve": base + LOSS_CURVE_FILE,
+    }
 
     r = api.get(links["samples"])
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
@@ -183,7 +190,13 @@ def test_if_better_on_an_avatar_without_an_adapter_compares_with_the_base(first_
 def test_version_file_route_refuses_other_names_and_missing_versions(pipeline: Pipeline, first_if_better) -> None:
     api, done = first_if_better
     files = f"{api.base}/adapter/versions/{done['adapter_version']}/files"
-    for name in ("adapter_model.safetensors", "adapter_config.json", ".claim", "manifest.json", "..%2F..%2Fmanifest.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        ".claim",
+        "manifest.json",
+        "..%2F..%2Fmanifest.json",
+    ):
         r = api.get(f"{files}/{name}")
         assert r.status_code == 404, (name, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
@@ -239,21 +252,44 @@ def adapter_dir(tmp_path, n: int):
 def test_publish_without_promotion_and_a_promotion_finished_on_retry(s3, tmp_path) -> None:
     user, avatar = "ev-" + uuid.uuid4().hex[:8], "a"
     store = ArtifactStore(s3, TEST_BUCKET)
-    assert store.publish(user, avatar, adapter_dir(tmp_path, 1), job_id="job-1", base_model="tiny",
-                         metrics={"promoted": True}, keep_versions=5) == 1
+    assert (
+        store.publish(
+            user,
+            avatar,
+            adapter_dir(tmp_path, 1),
+            job_id="job-1",
+            base_model="tiny",
+            metrics={"promoted": True},
+            keep_versions=5,
+        )
+        == 1
+    )
     manifest_key = adapter_manifest_key(user, avatar)
     manifest_v1 = s3_bytes(s3, manifest_key)
 
     extra = {SAMPLES_FILE: tmp_path / "s.json", LOSS_CURVE_FILE: tmp_path / "l.png"}
     extra[SAMPLES_FILE].write_text("{}")
     extra[LOSS_CURVE_FILE].write_bytes(PNG_SIGNATURE)
-    assert store.publish(user, avatar, adapter_dir(tmp_path, 2), job_id="job-2", base_model="tiny",
-                         metrics={"promoted": False}, keep_versions=5, extra_files=extra, promote=False) == 2
+    assert (
+        store.publish(
+            user,
+            avatar,
+            adapter_dir(tmp_path, 2),
+            job_id="job-2",
+            base_model="tiny",
+            metrics={"promoted": False},
+            keep_versions=5,
+            extra_files=extra,
+            promote=False,
+        )
+        == 2
+    )
     assert s3_bytes(s3, manifest_key) == manifest_v1
     assert s3_bytes(s3, adapter_prefix(user, avatar) + "adapter_model.safetensors") == bytes([1]) * 64
     prefix = adapter_version_prefix(user, avatar, 2)
     assert sorted(keys_under(s3, prefix)) == sorted(
-        prefix + n for n in (".claim", METRICS_FILE, SAMPLES_FILE, LOSS_CURVE_FILE, *ADAPTER_FILES))
+        prefix + n for n in (".claim", METRICS_FILE, SAMPLES_FILE, LOSS_CURVE_FILE, *ADAPTER_FILES)
+    )
     assert s3.head_object(Bucket=TEST_BUCKET, Key=prefix + LOSS_CURVE_FILE)["ContentType"] == "image/png"
     # A retry of the job that was not promoted leaves it so.
     assert store.finish_promotion(user, avatar, 2).metrics == {"promoted": False}
@@ -271,8 +307,16 @@ def test_publish_without_promotion_and_a_promotion_finished_on_retry(s3, tmp_pat
     assert s3_bytes(s3, adapter_prefix(user, avatar) + "adapter_model.safetensors") == bytes([3]) * 64
     # Extra files may not stand in for the version's own.
     with pytest.raises(ValueError):
-        store.publish(user, avatar, adapter_dir(tmp_path, 4), job_id="job-4", base_model="tiny", metrics={},
-                      keep_versions=5, extra_files={METRICS_FILE: extra[SAMPLES_FILE]})
+        store.publish(
+            user,
+            avatar,
+            adapter_dir(tmp_path, 4),
+            job_id="job-4",
+            base_model="tiny",
+            metrics={},
+            keep_versions=5,
+            extra_files={METRICS_FILE: extra[SAMPLES_FILE]},
+        )
 
 
 def test_verdict_and_curve_rules() -> None:
@@ -283,8 +327,10 @@ def test_verdict_and_curve_rules() -> None:
     assert decide("if_better", None, 1.0, "x")[0] is True  # no held-out data: no evidence of worse
     assert decide("if_better", 2.0, None, "x")[0] is True
     assert eval_steps(100) == {17, 33, 50, 67, 83} and eval_steps(3) == {1, 2} and eval_steps(1) == set()
-    history = [{"loss": 3.0, "step": i} for i in range(1, 2001)] + [{"eval_loss": 2.5, "step": 0},
-                                                                   {"eval_loss": math.inf, "step": 1000}]
+    history = [{"loss": 3.0, "step": i} for i in range(1, 2001)] + [
+        {"eval_loss": 2.5, "step": 0},
+        {"eval_loss": math.inf, "step": 1000},
+    ]
     curve = loss_curve(history, 2000, 2.0)
     assert len(curve["train"]) == 500 and curve["train"][0][0] == 1 and curve["train"][-1][0] == 2000
     assert curve["eval"] == [[0, 2.5], [1000, None], [2000, 2.0]]

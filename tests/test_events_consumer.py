@@ -37,10 +37,13 @@ def events_queue(sqs) -> Iterator[tuple[str, str, str]]:
     name = f"avatune-test-events-{uuid.uuid4().hex[:8]}"
     dlq_url = sqs.create_queue(QueueName=name + "-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    url = sqs.create_queue(QueueName=name, Attributes={
-        "VisibilityTimeout": "1",
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
-    })["QueueUrl"]
+    url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "VisibilityTimeout": "1",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
+        },
+    )["QueueUrl"]
     yield name, url, dlq_url
     sqs.delete_queue(QueueUrl=url)
     sqs.delete_queue(QueueUrl=dlq_url)
@@ -49,7 +52,9 @@ def events_queue(sqs) -> Iterator[tuple[str, str, str]]:
 def listener(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "webhooks", "listen", "--port", str(port), *args],
-        cwd=ROOT, stdout=open(tmp_path / f"listen-{port}.out", "wb"), stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        stdout=open(tmp_path / f"listen-{port}.out", "wb"),
+        stderr=subprocess.STDOUT,
         env=dict(os.environ, COLUMNS="200"),
     )
     wait_http(f"http://127.0.0.1:{port}/", proc)
@@ -66,8 +71,14 @@ def finished_job(s3, webhook_url: str, auth_header: str) -> JobRecord:
 
 
 def event(record: JobRecord, name: str, status: str) -> str:
-    return JobEvent(event=name, job_id=record.id, user_id=record.user_id, avatar_id=record.avatar_id,
-                    status=status, adapter_version=3).to_message_body()
+    return JobEvent(
+        event=name,
+        job_id=record.id,
+        user_id=record.user_id,
+        avatar_id=record.avatar_id,
+        status=status,
+        adapter_version=3,
+    ).to_message_body()
 
 
 def wait_until(check, timeout: float = 60) -> None:
@@ -89,9 +100,18 @@ def test_consumer_delivers_final_events_and_dead_letters_poison(s3, sqs, events_
 
     log = tmp_path / "consumer.log"
     consumer = subprocess.Popen(
-        [sys.executable, "-m", "infra.events_consumer"], cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, EVENTS_QUEUE_NAME=name, DEV_MODE="true", WEBHOOK_SIGNING_SECRET=SECRET,
-                 WEBHOOK_ALLOW_PRIVATE="true", WEBHOOK_BACKOFF_SECONDS="0.01"),
+        [sys.executable, "-m", "infra.events_consumer"],
+        cwd=ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=dict(
+            os.environ,
+            EVENTS_QUEUE_NAME=name,
+            DEV_MODE="true",
+            WEBHOOK_SIGNING_SECRET=SECRET,
+            WEBHOOK_ALLOW_PRIVATE="true",
+            WEBHOOK_BACKOFF_SECONDS="0.01",
+        ),
     )
     try:
         assert listen.wait(60) == 0  # one delivery, its signature held
@@ -120,11 +140,15 @@ def test_listener_refuses_a_bad_signature(tmp_path: Path) -> None:
     listen = listener(tmp_path, port, "--secret", SECRET, "--count", "2")
     body = json.dumps({"event": "job.failed", "job_id": "job-1", "status": "failed", "error": "boom"}).encode()
     try:
-        good = httpx.post(f"http://127.0.0.1:{port}/hook", content=body,
-                          headers={"Avatune-Signature": signature_header(SECRET, body)})
+        good = httpx.post(
+            f"http://127.0.0.1:{port}/hook", content=body, headers={"Avatune-Signature": signature_header(SECRET, body)}
+        )
         forged = hmac.new(b"other", b"0." + body, hashlib.sha256).hexdigest()
-        bad = httpx.post(f"http://127.0.0.1:{port}/hook", content=body,
-                         headers={"Avatune-Signature": f"t={int(time.time())},v1={forged}"})
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/hook",
+            content=body,
+            headers={"Avatune-Signature": f"t={int(time.time())},v1={forged}"},
+        )
         assert (good.status_code, bad.status_code) == (200, 401)
         assert listen.wait(30) == 1  # exits non-zero: a delivery did not verify
     finally:

@@ -51,10 +51,15 @@ def sqs_event(*records: dict) -> dict:
 
 
 def job_event(event: str = "job.succeeded", **overrides) -> JobEvent:
-    status = {"job.started": "running", "job.succeeded": "succeeded", "job.failed": "failed",
-              "job.cancelled": "cancelled"}[event]
-    fields = dict(event=event, job_id="job-018f2a3b4c5d-0a1b2c3d", user_id="alice", avatar_id="my-avatar",
-                  status=status)
+    status = {
+        "job.started": "running",
+        "job.succeeded": "succeeded",
+        "job.failed": "failed",
+        "job.cancelled": "cancelled",
+    }[event]
+    fields = dict(
+        event=event, job_id="job-018f2a3b4c5d-0a1b2c3d", user_id="alice", avatar_id="my-avatar", status=status
+    )
     fields.update(overrides)
     return JobEvent(**fields)
 
@@ -74,14 +79,35 @@ def logged_events(caplog) -> list[dict]:
 MALFORMED_BODIES = {
     "not-json": "{not json",
     "json-array": json.dumps([1, 2]),
-    "no-schema": json.dumps({"event": "job.started", "job_id": "j", "user_id": "u", "avatar_id": "a", "status": "running"}),
-    "foreign-schema": json.dumps({"schema": "avatune.train-request/v1", "job_id": "j", "user_id": "u", "avatar_id": "a"}),
-    "missing-job-id": json.dumps({"schema": JOB_EVENT_SCHEMA, "event": "job.started", "user_id": "u",
-                                  "avatar_id": "a", "status": "running"}),
-    "unknown-event": json.dumps({"schema": JOB_EVENT_SCHEMA, "event": "job.exploded", "job_id": "j", "user_id": "u",
-                                 "avatar_id": "a", "status": "failed"}),
-    "bad-status": json.dumps({"schema": JOB_EVENT_SCHEMA, "event": "job.started", "job_id": "j", "user_id": "u",
-                              "avatar_id": "a", "status": "sleeping"}),
+    "no-schema": json.dumps(
+        {"event": "job.started", "job_id": "j", "user_id": "u", "avatar_id": "a", "status": "running"}
+    ),
+    "foreign-schema": json.dumps(
+        {"schema": "avatune.train-request/v1", "job_id": "j", "user_id": "u", "avatar_id": "a"}
+    ),
+    "missing-job-id": json.dumps(
+        {"schema": JOB_EVENT_SCHEMA, "event": "job.started", "user_id": "u", "avatar_id": "a", "status": "running"}
+    ),
+    "unknown-event": json.dumps(
+        {
+            "schema": JOB_EVENT_SCHEMA,
+            "event": "job.exploded",
+            "job_id": "j",
+            "user_id": "u",
+            "avatar_id": "a",
+            "status": "failed",
+        }
+    ),
+    "bad-status": json.dumps(
+        {
+            "schema": JOB_EVENT_SCHEMA,
+            "event": "job.started",
+            "job_id": "j",
+            "user_id": "u",
+            "avatar_id": "a",
+            "status": "sleeping",
+        }
+    ),
     "empty": "",
 }
 
@@ -90,7 +116,9 @@ def test_mixed_batch_fails_only_the_malformed_records(caplog):
     caplog.set_level(logging.INFO, logger="avatune.events")
     good = [
         sqs_record(job_event("job.started").to_message_body(), "good-1"),
-        sqs_record(job_event("job.succeeded", adapter_version=3, metrics={"eval_loss": 1.2}).to_message_body(), "good-2"),
+        sqs_record(
+            job_event("job.succeeded", adapter_version=3, metrics={"eval_loss": 1.2}).to_message_body(), "good-2"
+        ),
         sqs_record(job_event("job.failed", error="out of memory").to_message_body(), "good-3"),
         sqs_record(job_event("job.cancelled", avatar_id="other").to_message_body(), "good-4"),
     ]
@@ -103,7 +131,9 @@ def test_mixed_batch_fails_only_the_malformed_records(caplog):
     assert response == {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in bad]}
     delivered = logged_events(caplog)
     assert [(e["event"], e["avatar_id"]) for e in delivered] == [
-        ("job.started", "my-avatar"), ("job.succeeded", "my-avatar"), ("job.failed", "my-avatar"),
+        ("job.started", "my-avatar"),
+        ("job.succeeded", "my-avatar"),
+        ("job.failed", "my-avatar"),
         ("job.cancelled", "other"),
     ]
     assert delivered[1]["adapter_version"] == 3 and delivered[2]["error"] == "out of memory"
@@ -186,8 +216,9 @@ def test_events_published_by_the_trainer_are_accepted(caplog):
     caplog.set_level(logging.INFO, logger="avatune.events")
     sqs = CapturingSQS()
     publisher = EventPublisher(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/avatune-events")
-    job = JobRecord(id="job-018f2a3b4c5d-0a1b2c3d", user_id="alice", avatar_id="my-avatar", status="succeeded",
-                    adapter_version=2)
+    job = JobRecord(
+        id="job-018f2a3b4c5d-0a1b2c3d", user_id="alice", avatar_id="my-avatar", status="succeeded", adapter_version=2
+    )
     publisher.publish("job.started", job.model_copy(update={"status": "running"}))
     publisher.publish("job.succeeded", job)
     response = handler(sqs_event(*(sqs_record(b) for b in sqs.bodies)), None)
@@ -240,13 +271,27 @@ def test_the_events_bundle_runs_on_its_own(tmp_path):
     artifacts = tmp_path / "EventsFunction"
     artifacts.mkdir()
     proc = subprocess.run(
-        [make, "-s", "-f", "infra/aws/Makefile", "build-EventsFunction", f"ARTIFACTS_DIR={artifacts}",
-         f"PYTHON={sys.executable}", "PIP_INSTALL=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            make,
+            "-s",
+            "-f",
+            "infra/aws/Makefile",
+            "build-EventsFunction",
+            f"ARTIFACTS_DIR={artifacts}",
+            f"PYTHON={sys.executable}",
+            "PIP_INSTALL=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (artifacts / "handlers").iterdir()) == ["__init__.py", "events_handler.py",
-                                                                         "webhooks.py"]
+    assert sorted(p.name for p in (artifacts / "handlers").iterdir()) == [
+        "__init__.py",
+        "events_handler.py",
+        "webhooks.py",
+    ]
     assert (artifacts / "contracts" / "messages.py").is_file()
     assert not (artifacts / "trainer").exists()
 
@@ -270,7 +315,8 @@ def test_the_events_bundle_runs_on_its_own(tmp_path):
     # No S3_BUCKET: webhook delivery is off, so a final event needs no boto3 (tests/test_webhooks.py
     # delivers them).
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "S3_BUCKET")}
-    run = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env=env)
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"batchItemFailures": [{"itemIdentifier": "m2"}]}

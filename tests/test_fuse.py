@@ -52,7 +52,7 @@ def fuse(api: Api, body: dict | None = None, **kwargs):
 def download(s3, prefix: str, dest: Path) -> list[str]:
     names = []
     for key in keys_under(s3, prefix):
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(TEST_BUCKET, key, str(dest / name))
         names.append(name)
@@ -116,8 +116,12 @@ def test_fuse_merges_the_adapter_into_the_base(pipeline: Pipeline, trained: Api,
     download(s3, adapter_version_prefix(api.user_id, api.avatar_id, 1), adapter_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "question 3: how are you?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "question 3: how are you?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # nothing but transformers
         assert merged.dtype == torch.bfloat16
@@ -127,7 +131,9 @@ def test_fuse_merges_the_adapter_into_the_base(pipeline: Pipeline, trained: Api,
         tuned_logits = PeftModel.from_pretrained(base, adapter_dir)(ids).logits
     tolerance = BF16_RELATIVE_TOLERANCE * tuned_logits.abs().max().item()
     assert torch.allclose(merged_logits, tuned_logits, rtol=0, atol=tolerance), (
-        (merged_logits - tuned_logits).abs().max().item(), tolerance)
+        (merged_logits - tuned_logits).abs().max().item(),
+        tolerance,
+    )
     # ... and the comparison can fail: the adapter moved the logits well beyond that tolerance.
     assert (tuned_logits - base_logits).abs().max().item() > 5 * tolerance
     assert (merged_logits - base_logits).abs().max().item() > 5 * tolerance
@@ -168,13 +174,21 @@ def test_fuse_request_from_another_service(pipeline: Pipeline, trained: Api, s3)
     api = trained
 
     def send(request: FuseRequest) -> None:
-        pipeline.sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-                                  MessageGroupId=request.message_group_id(), MessageDeduplicationId=request.job_id)
+        pipeline.sqs.send_message(
+            QueueUrl=pipeline.train_queue_url,
+            MessageBody=request.to_message_body(),
+            MessageGroupId=request.message_group_id(),
+            MessageDeduplicationId=request.job_id,
+        )
 
     # No API call first, no version: the trainer creates the record and merges the current version.
     current = api.get(f"{api.base}/adapter").json()["current_version"]
-    request = FuseRequest(schema="avatune.fuse-request/v1", job_id="ext-fuse-" + uuid.uuid4().hex[:8],
-                          user_id=api.user_id, avatar_id=api.avatar_id)
+    request = FuseRequest(
+        schema="avatune.fuse-request/v1",
+        job_id="ext-fuse-" + uuid.uuid4().hex[:8],
+        user_id=api.user_id,
+        avatar_id=api.avatar_id,
+    )
     assert json.loads(request.to_message_body())["schema"] == "avatune.fuse-request/v1"
     send(request)
     done, _ = wait_for_job(api, request.job_id, {"succeeded", "failed"}, pipeline=pipeline)
@@ -185,8 +199,13 @@ def test_fuse_request_from_another_service(pipeline: Pipeline, trained: Api, s3)
     assert merged_version_prefix(api.user_id, api.avatar_id, current) + MERGED_MANIFEST_FILE in keys
 
     # A version that does not exist: the job fails with the reason, and the avatar is free again.
-    missing = FuseRequest(schema="avatune.fuse-request/v1", job_id="ext-fuse-" + uuid.uuid4().hex[:8],
-                          user_id=api.user_id, avatar_id=api.avatar_id, adapter_version=42)
+    missing = FuseRequest(
+        schema="avatune.fuse-request/v1",
+        job_id="ext-fuse-" + uuid.uuid4().hex[:8],
+        user_id=api.user_id,
+        avatar_id=api.avatar_id,
+        adapter_version=42,
+    )
     send(missing)
     failed, _ = wait_for_job(api, missing.job_id, {"succeeded", "failed"}, pipeline=pipeline)
     assert failed["status"] == "failed" and "adapter version 42 does not exist" in failed["error"]

@@ -21,8 +21,16 @@ from trainer.generate import build_rag_messages, fit_rag_messages
 FAST = {"num_epochs": 2, "batch_size": 4, "learning_rate": 0.01, "r": 4}
 MAX_GENERATION_TOKENS = 6  # the worker's cap, below what a request may ask for
 QUESTION = "question 3: how are you?"
-RESULT_FIELDS = {"completion", "adapter_version", "prompt_tokens", "completion_tokens", "seconds",
-                 "finish_reason", "prompt", "max_new_tokens"}
+RESULT_FIELDS = {
+    "completion",
+    "adapter_version",
+    "prompt_tokens",
+    "completion_tokens",
+    "seconds",
+    "finish_reason",
+    "prompt",
+    "max_new_tokens",
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +86,9 @@ def local_completion(model_dir: Path, adapter_dir: Path | None, messages: list[d
         torch.set_num_threads(threads)
 
 
-def test_generation_with_the_base_and_with_an_adapter(pipeline: Pipeline, trained: Api, s3, tiny_model_dir,
-                                                      tmp_path) -> None:
+def test_generation_with_the_base_and_with_an_adapter(
+    pipeline: Pipeline, trained: Api, s3, tiny_model_dir, tmp_path
+) -> None:
     api = trained
     chat = [{"role": "user", "content": QUESTION}]
 
@@ -93,9 +102,14 @@ def test_generation_with_the_base_and_with_an_adapter(pipeline: Pipeline, traine
     assert result["finish_reason"] in ("stop", "length") and result["prompt_tokens"] > 0
     # The prompt went through the base's chat template, ending with the assistant's header.
     assert result["prompt"].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
-    assert QUESTION in result["prompt"] and result["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert QUESTION in result["prompt"] and result["prompt"].endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert "passages" not in result
-    assert base_job["request"]["prompt"] == QUESTION and base_job["progress"]["step"] == base_job["progress"]["total_steps"]
+    assert (
+        base_job["request"]["prompt"] == QUESTION
+        and base_job["progress"]["step"] == base_job["progress"]["total_steps"]
+    )
 
     # The current adapter (no adapter_version: version 1), from messages, with fewer tokens than the cap.
     key = "gen-" + uuid.uuid4().hex
@@ -103,7 +117,9 @@ def test_generation_with_the_base_and_with_an_adapter(pipeline: Pipeline, traine
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert r.json()["request"]["adapter_version"] == 1  # resolved when queued
-    assert generate(api, {"messages": chat, "max_new_tokens": 4}, headers={"Idempotency-Key": key}).json()["id"] == job_id
+    assert (
+        generate(api, {"messages": chat, "max_new_tokens": 4}, headers={"Idempotency-Key": key}).json()["id"] == job_id
+    )
     tuned_job, _ = wait_for_job(api, job_id, {"succeeded", "failed"}, pipeline=pipeline)
     assert tuned_job["status"] == "succeeded", tuned_job
     tuned = tuned_job["result"]
@@ -117,7 +133,7 @@ def test_generation_with_the_base_and_with_an_adapter(pipeline: Pipeline, traine
     prefix = adapter_version_prefix(api.user_id, api.avatar_id, 1)
     for key_ in keys_under(s3, prefix):
         adapter_dir.mkdir(exist_ok=True)
-        s3.download_file(TEST_BUCKET, key_, str(adapter_dir / key_[len(prefix):]))
+        s3.download_file(TEST_BUCKET, key_, str(adapter_dir / key_[len(prefix) :]))
     assert result["completion"] == local_completion(tiny_model_dir, None, chat, MAX_GENERATION_TOKENS)
     assert tuned["completion"] == local_completion(tiny_model_dir, adapter_dir, chat, 4)
     assert tuned["completion"] != local_completion(tiny_model_dir, None, chat, 4)
@@ -180,11 +196,20 @@ def test_bad_generation_requests_are_refused_and_queue_nothing(pipeline: Pipelin
 def test_a_generation_sent_straight_to_the_queue_uses_the_current_adapter(pipeline: Pipeline, trained: Api) -> None:
     api = trained
     job_id = "ext-" + uuid.uuid4().hex[:12]
-    request = GenerateRequest(schema_=GENERATE_REQUEST_SCHEMA, job_id=job_id, user_id=api.user_id,
-                              avatar_id=api.avatar_id, messages=[{"role": "user", "content": QUESTION}],
-                              max_new_tokens=3)
-    pipeline.sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-                              MessageGroupId=request.message_group_id(), MessageDeduplicationId=job_id)
+    request = GenerateRequest(
+        schema_=GENERATE_REQUEST_SCHEMA,
+        job_id=job_id,
+        user_id=api.user_id,
+        avatar_id=api.avatar_id,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_new_tokens=3,
+    )
+    pipeline.sqs.send_message(
+        QueueUrl=pipeline.train_queue_url,
+        MessageBody=request.to_message_body(),
+        MessageGroupId=request.message_group_id(),
+        MessageDeduplicationId=job_id,
+    )
     done, _ = wait_for_job(api, job_id, {"succeeded", "failed"}, pipeline=pipeline)
     assert done["status"] == "succeeded", done
     assert done["type"] == "generate" and done["adapter_version"] == 1 and done["result"]["adapter_version"] == 1
@@ -193,10 +218,20 @@ def test_a_generation_sent_straight_to_the_queue_uses_the_current_adapter(pipeli
 
 
 PASSAGES = [
-    {"text": "The lighthouse keeper's cat is named Biscuit.", "score": 0.91, "source": "cats.md", "chunk_id": "c1",
-     "metadata": {}},
-    {"text": "Biscuit sleeps on the warm lamp room floor.", "score": 0.72, "source": "cats.md", "chunk_id": "c2",
-     "metadata": {}},
+    {
+        "text": "The lighthouse keeper's cat is named Biscuit.",
+        "score": 0.91,
+        "source": "cats.md",
+        "chunk_id": "c1",
+        "metadata": {},
+    },
+    {
+        "text": "Biscuit sleeps on the warm lamp room floor.",
+        "score": 0.72,
+        "source": "cats.md",
+        "chunk_id": "c2",
+        "metadata": {},
+    },
 ]
 
 
@@ -258,8 +293,9 @@ def test_rag_generation_puts_the_retrieved_passage_into_the_prompt(pipeline: Pip
         assert indexed["status"] == "succeeded", indexed
 
         question = "What is the name of the lighthouse keeper's cat?"
-        done = run_generation(pipeline, api, {"prompt": question, "max_new_tokens": 3, "adapter_version": 0,
-                                              "rag": {"top_k": 1}})
+        done = run_generation(
+            pipeline, api, {"prompt": question, "max_new_tokens": 3, "adapter_version": 0, "rag": {"top_k": 1}}
+        )
         result = done["result"]
         assert done["request"]["rag"] == {"top_k": 1, "score_threshold": None}
         [passage] = result["passages"]
@@ -272,8 +308,16 @@ def test_rag_generation_puts_the_retrieved_passage_into_the_prompt(pipeline: Pip
         assert result["prompt_tokens"] > 40 and result["completion_tokens"] <= 3
 
         # A threshold nothing reaches: no passages, and the prompt is the plain question.
-        done = run_generation(pipeline, api, {"prompt": question, "max_new_tokens": 2, "adapter_version": 0,
-                                              "rag": {"top_k": 3, "score_threshold": 0.999}})
+        done = run_generation(
+            pipeline,
+            api,
+            {
+                "prompt": question,
+                "max_new_tokens": 2,
+                "adapter_version": 0,
+                "rag": {"top_k": 3, "score_threshold": 0.999},
+            },
+        )
         assert done["result"]["passages"] == []
         assert "system" not in done["result"]["prompt"] and question in done["result"]["prompt"]
 
@@ -288,8 +332,9 @@ def test_cli_generate_prints_the_completion(pipeline: Pipeline, trained: Api) ->
     from tests.test_cli import Cli, failed, ok
 
     cli = Cli(pipeline.api_url, trained.user_id, trained.avatar_id)
-    result = ok(cli("generate", QUESTION, "--version", "0", "--max-new-tokens", "4", "--interval", "0.1",
-                    "--timeout", "120"))
+    result = ok(
+        cli("generate", QUESTION, "--version", "0", "--max-new-tokens", "4", "--interval", "0.1", "--timeout", "120")
+    )
     jobs = trained.get(f"{trained.base}/training-jobs").json()["items"]
     newest = jobs[0]
     assert newest["type"] == "generate" and newest["request"]["max_new_tokens"] == 4

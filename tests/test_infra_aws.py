@@ -20,8 +20,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def render(expr: Any) -> str:
     if isinstance(expr, str):
         return expr
     if isinstance(expr, dict) and len(expr) == 1:
-        (key, value), = expr.items()
+        ((key, value),) = expr.items()
         if key == "Ref":
             return "${" + value + "}"
         if key == "Fn::GetAtt":
@@ -318,8 +319,14 @@ def grants(role: dict) -> dict[tuple[str, str], Any]:
 
 def check_no_side_doors(t: dict) -> None:
     """Roles get permissions only from their inline policies, and functions only from their Role."""
-    for kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::RolePolicy", "AWS::IAM::User",
-                 "AWS::IAM::Group", "AWS::IAM::AccessKey"):
+    for kind in (
+        "AWS::IAM::Policy",
+        "AWS::IAM::ManagedPolicy",
+        "AWS::IAM::RolePolicy",
+        "AWS::IAM::User",
+        "AWS::IAM::Group",
+        "AWS::IAM::AccessKey",
+    ):
         assert not of_type(t, kind), f"{kind} resources are not expected"
     for name, role in of_type(t, "AWS::IAM::Role").items():
         p = role["Properties"]
@@ -382,8 +389,10 @@ def check_events_role(t: dict) -> None:
     role = resources(t)[_role_function(t, "EventsFunction")]
     expected = _expect(
         (LOG_ACTIONS, "${EventsLogGroup.Arn}"),
-        (("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"),
-         "${EventsQueue.Arn}"),
+        (
+            ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"),
+            "${EventsQueue.Arn}",
+        ),
         # webhooks: the job record (read only, job records only) and the sealed auth_header (decrypt only)
         (("s3:GetObject",), "${Bucket.Arn}/users/*/avatars/*/adapters/jobs/*"),
         (("s3:ListBucket",), "${Bucket.Arn}"),
@@ -437,8 +446,16 @@ def check_trainer_role(t: dict) -> None:
         (("s3:DeleteObject",), "${Bucket.Arn}/users/*/vectorstore/*"),
         (("s3:GetObjectTagging",), "${Bucket.Arn}/" + ADAPTERS),
         (("s3:ListBucket",), "${Bucket.Arn}"),
-        (("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl",
-          "sqs:GetQueueAttributes"), "${TrainQueue.Arn}"),
+        (
+            (
+                "sqs:ReceiveMessage",
+                "sqs:DeleteMessage",
+                "sqs:ChangeMessageVisibility",
+                "sqs:GetQueueUrl",
+                "sqs:GetQueueAttributes",
+            ),
+            "${TrainQueue.Arn}",
+        ),
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${TrainDeadLetterQueue.Arn}"),
         (("sqs:SendMessage", "sqs:GetQueueUrl"), "${EventsQueue.Arn}"),
         (("kms:Encrypt",), "${CallbackKey.Arn}"),
@@ -463,14 +480,31 @@ def check_keda_role(t: dict) -> None:
 
 
 def check_roles_are_known(t: dict) -> None:
-    assert set(of_type(t, "AWS::IAM::Role")) == {"ApiFunctionRole", "EventsFunctionRole", "TrainerRole", "KedaOperatorRole"}
+    assert set(of_type(t, "AWS::IAM::Role")) == {
+        "ApiFunctionRole",
+        "EventsFunctionRole",
+        "TrainerRole",
+        "KedaOperatorRole",
+    }
 
 
 def check_outputs(t: dict) -> None:
     outputs = t["Outputs"]
-    for name in ("ApiUrl", "TrainQueueUrl", "EventsQueueUrl", "TrainQueueName", "EventsQueueName", "BucketName",
-                 "Region", "ApiFunctionRoleArn", "EventsFunctionRoleArn", "TrainerRoleArn", "KedaOperatorRoleArn",
-                 "TrainerImage", "TrainerRepositoryUri"):
+    for name in (
+        "ApiUrl",
+        "TrainQueueUrl",
+        "EventsQueueUrl",
+        "TrainQueueName",
+        "EventsQueueName",
+        "BucketName",
+        "Region",
+        "ApiFunctionRoleArn",
+        "EventsFunctionRoleArn",
+        "TrainerRoleArn",
+        "KedaOperatorRoleArn",
+        "TrainerImage",
+        "TrainerRepositoryUri",
+    ):
         assert name in outputs, f"output {name} missing"
     assert render(outputs["TrainQueueUrl"]["Value"]) == "${TrainQueue}"
     assert render(outputs["EventsQueueUrl"]["Value"]) == "${EventsQueue}"
@@ -480,8 +514,14 @@ def check_outputs(t: dict) -> None:
     image = render(outputs["TrainerImage"]["Value"])
     assert image == "${TrainerRepository.RepositoryUri}:${TrainerImageTag}", image
     params = t["Parameters"]
-    for name in ("BucketName", "JwtIssuer", "JwtAudience", "TrainerImageTag", "EksOidcProviderArn",
-                 "NoncurrentVersionExpirationDays"):
+    for name in (
+        "BucketName",
+        "JwtIssuer",
+        "JwtAudience",
+        "TrainerImageTag",
+        "EksOidcProviderArn",
+        "NoncurrentVersionExpirationDays",
+    ):
         assert name in params, f"parameter {name} missing"
 
 
@@ -525,57 +565,82 @@ def _mutate_trust(t: dict, role: str, old: str, new: str) -> None:
 
 MUTATIONS: dict[str, Callable[[dict], None]] = {
     "api s3 on the whole bucket": lambda t: _role_statement(t, "ApiFunctionRole", "UserObjects").update(
-        Resource={"Fn::Sub": "${Bucket.Arn}/*"}),
+        Resource={"Fn::Sub": "${Bucket.Arn}/*"}
+    ),
     "api s3 wildcard action": lambda t: _role_statement(t, "ApiFunctionRole", "UserObjects")["Action"].append("s3:*"),
     "api list without prefix condition": lambda t: _role_statement(t, "ApiFunctionRole", "ListUsers").pop("Condition"),
     "api list prefix widened": lambda t: _role_statement(t, "ApiFunctionRole", "ListUsers").update(
-        Condition={"StringLike": {"s3:prefix": ["*"]}}),
+        Condition={"StringLike": {"s3:prefix": ["*"]}}
+    ),
     "api may receive from train queue": lambda t: _role_statement(t, "ApiFunctionRole", "SendTrainRequests")[
-        "Action"].append("sqs:ReceiveMessage"),
+        "Action"
+    ].append("sqs:ReceiveMessage"),
     "api may delete the version history": lambda t: _role_statement(t, "ApiFunctionRole", "UserObjects")[
-        "Action"].append("s3:DeleteObjectVersion"),
+        "Action"
+    ].append("s3:DeleteObjectVersion"),
     "api sends to every queue": lambda t: _role_statement(t, "ApiFunctionRole", "SendTrainRequests").update(
-        Resource="*"),
+        Resource="*"
+    ),
     "api managed policy": lambda t: props(t, "ApiFunctionRole").update(
-        ManagedPolicyArns=["arn:aws:iam::aws:policy/AmazonS3FullAccess"]),
+        ManagedPolicyArns=["arn:aws:iam::aws:policy/AmazonS3FullAccess"]
+    ),
     "function gets sam policies": lambda t: props(t, "ApiFunction").update(Policies=["AmazonSQSFullAccess"]),
     "trainer deletes training data": lambda t: _role_statement(t, "TrainerRole", "UserObjects")["Action"].append(
-        "s3:DeleteObject"),
+        "s3:DeleteObject"
+    ),
     "trainer tags documents": lambda t: _role_statement(t, "TrainerRole", "TrainingDataTags").update(
-        Action=["s3:GetObjectTagging", "s3:PutObjectTagging"]),
+        Action=["s3:GetObjectTagging", "s3:PutObjectTagging"]
+    ),
     "trainer lists the bucket": lambda t: _role_statement(t, "TrainerRole", "ListUsers").pop("Condition"),
     "events lists the bucket": lambda t: _role_statement(t, "EventsFunctionRole", "ListJobRecords").pop("Condition"),
     "trainer purges queue": lambda t: _role_statement(t, "TrainerRole", "ConsumeTrainQueue")["Action"].append(
-        "sqs:PurgeQueue"),
+        "sqs:PurgeQueue"
+    ),
     "trainer any service account": lambda t: _mutate_trust(
-        t, "TrainerRole", '"${OidcIssuer}:sub": "system:serviceaccount:${TrainerNamespace}:${TrainerServiceAccountName}",',
-        ""),
+        t,
+        "TrainerRole",
+        '"${OidcIssuer}:sub": "system:serviceaccount:${TrainerNamespace}:${TrainerServiceAccountName}",',
+        "",
+    ),
     "keda may receive": lambda t: _role_statement(t, "KedaOperatorRole", "TrainQueueDepth").update(
-        Action=["sqs:GetQueueAttributes", "sqs:ReceiveMessage"]),
-    "extra policy resource": lambda t: resources(t).update(Extra={
-        "Type": "AWS::IAM::Policy", "Properties": {"PolicyName": "x", "Roles": [{"Ref": "ApiFunctionRole"}],
-                                                  "PolicyDocument": {"Statement": []}}}),
+        Action=["sqs:GetQueueAttributes", "sqs:ReceiveMessage"]
+    ),
+    "extra policy resource": lambda t: resources(t).update(
+        Extra={
+            "Type": "AWS::IAM::Policy",
+            "Properties": {
+                "PolicyName": "x",
+                "Roles": [{"Ref": "ApiFunctionRole"}],
+                "PolicyDocument": {"Statement": []},
+            },
+        }
+    ),
     "bucket unencrypted": lambda t: props(t, "Bucket").pop("BucketEncryption"),
     "bucket public": lambda t: props(t, "Bucket")["PublicAccessBlockConfiguration"].update(BlockPublicPolicy=False),
     "bucket unversioned": lambda t: props(t, "Bucket")["VersioningConfiguration"].update(Status="Suspended"),
     "no noncurrent expiry": lambda t: props(t, "Bucket")["LifecycleConfiguration"]["Rules"].pop(0),
     "idempotency records kept": lambda t: props(t, "Bucket")["LifecycleConfiguration"]["Rules"].pop(1),
     "bucket policy allows": lambda t: props(t, "BucketPolicy")["PolicyDocument"]["Statement"].append(
-        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "*"}),
+        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "*"}
+    ),
     "train queue not fifo": lambda t: props(t, "TrainQueue").pop("FifoQueue"),
     "train queue without dlq": lambda t: props(t, "TrainQueue").pop("RedrivePolicy"),
     "events queue maxReceiveCount": lambda t: props(t, "EventsQueue")["RedrivePolicy"].update(maxReceiveCount=50),
     "no default authorizer": lambda t: props(t, "HttpApi")["Auth"].pop("DefaultAuthorizer"),
     "another open route": lambda t: props(t, "ApiFunction")["Events"]["Api"]["Properties"].update(
-        Auth={"Authorizer": "NONE"}),
+        Auth={"Authorizer": "NONE"}
+    ),
     "healthz behind auth": lambda t: props(t, "ApiFunction")["Events"]["Health"]["Properties"].pop("Auth"),
     "no partial batch responses": lambda t: props(t, "EventsFunction")["Events"]["EventsQueue"]["Properties"].pop(
-        "FunctionResponseTypes"),
+        "FunctionResponseTypes"
+    ),
     "events trigger removed": lambda t: props(t, "EventsFunction").pop("Events"),
     "events reads all of users/": lambda t: _role_statement(t, "EventsFunctionRole", "ReadJobRecords").update(
-        Resource={"Fn::Sub": "${Bucket.Arn}/users/*"}),
+        Resource={"Fn::Sub": "${Bucket.Arn}/users/*"}
+    ),
     "api may decrypt webhook headers": lambda t: _role_statement(t, "ApiFunctionRole", "SealCallbackHeaders").update(
-        Action=["kms:Encrypt", "kms:Decrypt"]),
+        Action=["kms:Encrypt", "kms:Decrypt"]
+    ),
     "api jwt mode": lambda t: props(t, "ApiFunction")["Environment"]["Variables"].update(AUTH_MODE="jwt"),
 }
 
@@ -646,22 +711,47 @@ def test_api_bundle_serves_without_server_or_training_packages(tmp_path):
     artifacts = tmp_path / "ApiFunction"
     artifacts.mkdir()
     proc = subprocess.run(
-        [make, "-s", "-f", "infra/aws/Makefile", "build-ApiFunction", f"ARTIFACTS_DIR={artifacts}",
-         f"PYTHON={sys.executable}", "PIP_INSTALL=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            make,
+            "-s",
+            "-f",
+            "infra/aws/Makefile",
+            "build-ApiFunction",
+            f"ARTIFACTS_DIR={artifacts}",
+            f"PYTHON={sys.executable}",
+            "PIP_INSTALL=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in artifacts.iterdir()} == {"contracts", "handlers"}
 
     event = {
-        "version": "2.0", "routeKey": "GET /healthz", "rawPath": "/healthz", "rawQueryString": "",
+        "version": "2.0",
+        "routeKey": "GET /healthz",
+        "rawPath": "/healthz",
+        "rawQueryString": "",
         "headers": {"host": "abc123.execute-api.us-east-1.amazonaws.com"},
         "requestContext": {
-            "accountId": "123456789012", "apiId": "abc123", "domainName": "abc123.execute-api.us-east-1.amazonaws.com",
-            "domainPrefix": "abc123", "requestId": "r-1", "routeKey": "GET /healthz", "stage": "$default",
-            "time": "25/Nov/2026:17:00:00 +0000", "timeEpoch": 1795626000000,
-            "http": {"method": "GET", "path": "/healthz", "protocol": "HTTP/1.1", "sourceIp": "192.0.2.1",
-                     "userAgent": "curl"},
+            "accountId": "123456789012",
+            "apiId": "abc123",
+            "domainName": "abc123.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "abc123",
+            "requestId": "r-1",
+            "routeKey": "GET /healthz",
+            "stage": "$default",
+            "time": "25/Nov/2026:17:00:00 +0000",
+            "timeEpoch": 1795626000000,
+            "http": {
+                "method": "GET",
+                "path": "/healthz",
+                "protocol": "HTTP/1.1",
+                "sourceIp": "192.0.2.1",
+                "userAgent": "curl",
+            },
         },
         "isBase64Encoded": False,
     }
@@ -681,10 +771,10 @@ response = lh.handler(json.loads({json.dumps(event)!r}), Context())
 print(json.dumps(response))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AWS_ENDPOINT_URL")}
-    env.update(AUTH_MODE="apigateway", S3_BUCKET="avatune-test", AWS_REGION="us-east-1",
-               AWS_DEFAULT_REGION="us-east-1")
-    run = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env=env)
+    env.update(AUTH_MODE="apigateway", S3_BUCKET="avatune-test", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
     assert run.returncode == 0, run.stderr
     response = json.loads(run.stdout.strip().splitlines()[-1])
     assert response["statusCode"] == 200 and json.loads(response["body"]) == {"status": "ok"}

@@ -19,8 +19,9 @@ import copy
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -76,8 +77,10 @@ def set_path(doc: dict, path: str, value: Any) -> None:
 
 def _select(docs: list[dict], selector: dict) -> list[dict]:
     return [
-        d for d in docs
-        if d["kind"] == selector.get("kind", d["kind"]) and d["metadata"]["name"] == selector.get("name", d["metadata"]["name"])
+        d
+        for d in docs
+        if d["kind"] == selector.get("kind", d["kind"])
+        and d["metadata"]["name"] == selector.get("name", d["metadata"]["name"])
     ]
 
 
@@ -160,7 +163,7 @@ def config_data(docs: list[dict]) -> dict[str, str]:
 
 
 def _k8s_versions() -> list[str]:
-    kv = pytest.importorskip("kubernetes_validate")
+    pytest.importorskip("kubernetes_validate")
     from kubernetes_validate import utils
 
     shipped = utils.all_versions()
@@ -306,7 +309,10 @@ TRIGGER_AUTHENTICATION_SCHEMA = {
 
 
 def test_keda_resources_are_structurally_valid(docs):
-    for kind, schema in (("ScaledObject", SCALED_OBJECT_SCHEMA), ("TriggerAuthentication", TRIGGER_AUTHENTICATION_SCHEMA)):
+    for kind, schema in (
+        ("ScaledObject", SCALED_OBJECT_SCHEMA),
+        ("TriggerAuthentication", TRIGGER_AUTHENTICATION_SCHEMA),
+    ):
         found = [d for d in docs if d["kind"] == kind]
         assert found, f"no {kind}"
         for doc in found:
@@ -402,9 +408,19 @@ def check_env_wiring(docs: list[dict]) -> None:
 
     container = trainer_container(docs)
     config = config_data(docs)
-    required = {"S3_BUCKET", "TRAIN_QUEUE_NAME", "EVENTS_QUEUE_NAME", "BASE_MODEL", "MODEL_CACHE_DIR",
-                "HEARTBEAT_SECONDS", "VISIBILITY_TIMEOUT_SECONDS", "LEASE_SECONDS", "CHECKPOINT_INTERVAL_SECONDS",
-                "METRICS_PORT", "AWS_REGION"}
+    required = {
+        "S3_BUCKET",
+        "TRAIN_QUEUE_NAME",
+        "EVENTS_QUEUE_NAME",
+        "BASE_MODEL",
+        "MODEL_CACHE_DIR",
+        "HEARTBEAT_SECONDS",
+        "VISIBILITY_TIMEOUT_SECONDS",
+        "LEASE_SECONDS",
+        "CHECKPOINT_INTERVAL_SECONDS",
+        "METRICS_PORT",
+        "AWS_REGION",
+    }
     assert required <= set(config), f"ConfigMap misses {sorted(required - set(config))}"
     assert PLACEHOLDER not in str(docs), "a placeholder was not replaced from values.yaml"
 
@@ -438,7 +454,11 @@ def _mounts(docs: list[dict]) -> dict[str, dict]:
 
 def check_model_cache(docs: list[dict]) -> None:
     cache_dir = config_data(docs)["MODEL_CACHE_DIR"]
-    holding = [(path, v) for path, v in _mounts(docs).items() if cache_dir == path or cache_dir.startswith(path.rstrip("/") + "/")]
+    holding = [
+        (path, v)
+        for path, v in _mounts(docs).items()
+        if cache_dir == path or cache_dir.startswith(path.rstrip("/") + "/")
+    ]
     assert holding, f"MODEL_CACHE_DIR {cache_dir} is on no volume"
     volume = holding[0][1]
     assert "emptyDir" in volume or "persistentVolumeClaim" in volume or "ephemeral" in volume, volume
@@ -506,11 +526,16 @@ def test_values_file_is_the_only_thing_to_fill(manifests):
     kustomization, raw = manifests
     vals = one(raw, "ConfigMap", "avatune-deploy-values")
     assert vals["metadata"]["annotations"][LOCAL_CONFIG] == "true"
-    replaced = {(r["source"]["fieldPath"], t["select"]["kind"], p)
-                for r in kustomization["replacements"] for t in r["targets"] for p in t["fieldPaths"]}
+    replaced = {
+        (r["source"]["fieldPath"], t["select"]["kind"], p)
+        for r in kustomization["replacements"]
+        for t in r["targets"]
+        for p in t["fieldPaths"]
+    }
     placeholders = []
     for doc in raw:
-        def walk(node: Any, path: str) -> None:
+
+        def walk(node: Any, path: str, doc: dict[str, Any] = doc) -> None:
             if isinstance(node, dict):
                 for k, v in node.items():
                     walk(v, f"{path}.{k}")
@@ -519,12 +544,21 @@ def test_values_file_is_the_only_thing_to_fill(manifests):
                     walk(v, f"{path}[{i}]")
             elif node == PLACEHOLDER:
                 placeholders.append((doc["kind"], path))
+
         walk(doc, "")
     assert placeholders, "placeholders mark what values.yaml fills in"
     assert len(placeholders) <= len(replaced)
     data = vals["data"]
-    assert set(data) == {"trainerImage", "trainerRoleArn", "region", "bucket", "trainQueueName", "trainQueueUrl",
-                         "eventsQueueName", "callbackKeyArn"}
+    assert set(data) == {
+        "trainerImage",
+        "trainerRoleArn",
+        "region",
+        "bucket",
+        "trainQueueName",
+        "trainQueueUrl",
+        "eventsQueueName",
+        "callbackKeyArn",
+    }
     assert data["callbackKeyArn"].startswith("arn:aws:kms:")
     assert data["trainQueueUrl"].endswith("/" + data["trainQueueName"])
     assert f"sqs.{data['region']}." in data["trainQueueUrl"]
@@ -547,7 +581,10 @@ def test_matches_the_sam_template(docs, template):
     assert "CallbackKeyArn" in template["Outputs"] and config["CALLBACK_SEALER"] == "kms"
     image = trainer_container(docs)["image"]
     assert image.endswith(f"/{stack_name}-trainer:" + params["TrainerImageTag"]["Default"]), image
-    assert render(template["Resources"]["TrainerRepository"]["Properties"]["RepositoryName"]) == "${AWS::StackName}-trainer"
+    assert (
+        render(template["Resources"]["TrainerRepository"]["Properties"]["RepositoryName"])
+        == "${AWS::StackName}-trainer"
+    )
 
 
 def test_matches_the_trainer_image():
@@ -592,22 +629,26 @@ def _container(docs: list[dict]) -> dict:
 MUTATIONS: dict[str, Callable[[list[dict]], None]] = {
     "trigger removed": lambda d: one(d, "ScaledObject")["spec"].update(triggers=[]),
     "cpu trigger instead": lambda d: one(d, "ScaledObject")["spec"].update(
-        triggers=[{"type": "cpu", "metadata": {"value": "50"}}]),
+        triggers=[{"type": "cpu", "metadata": {"value": "50"}}]
+    ),
     "queueLength 5": lambda d: _trigger(d)["metadata"].update(queueLength="5"),
     "in-flight not counted": lambda d: _trigger(d)["metadata"].update(scaleOnInFlight="false"),
     "never scales to zero": lambda d: one(d, "ScaledObject")["spec"].update(minReplicaCount=1),
     "watches another queue": lambda d: _trigger(d)["metadata"].update(
-        queueURL="https://sqs.us-east-1.amazonaws.com/123456789012/avatune-events"),
+        queueURL="https://sqs.us-east-1.amazonaws.com/123456789012/avatune-events"
+    ),
     "region mismatch": lambda d: _trigger(d)["metadata"].update(awsRegion="eu-west-1"),
     "static keys": lambda d: one(d, "TriggerAuthentication").update(
-        spec={"secretTargetRef": [{"parameter": "awsAccessKeyID", "name": "aws", "key": "id"}]}),
+        spec={"secretTargetRef": [{"parameter": "awsAccessKeyID", "name": "aws", "key": "id"}]}
+    ),
     "no gpu": lambda d: _container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
     "two gpus": lambda d: _container(d)["resources"]["limits"].update({"nvidia.com/gpu": 2}),
     "short grace": lambda d: one(d, "Deployment")["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30),
     "grace under heartbeat": lambda d: config_data(d).update(HEARTBEAT_SECONDS="150"),
     "config not from configmap": lambda d: _container(d).pop("envFrom"),
     "token from a literal": lambda d: next(e for e in _container(d)["env"] if e["name"] == "HF_TOKEN").update(
-        value="hf_x", valueFrom=None),
+        value="hf_x", valueFrom=None
+    ),
     "token in configmap": lambda d: config_data(d).update(HF_TOKEN="hf_x"),
     "unknown setting": lambda d: config_data(d).update(HEARTBEAT_SECS="20"),
     "cache not on a volume": lambda d: config_data(d).update(MODEL_CACHE_DIR="/models"),

@@ -26,7 +26,7 @@ FAST = {"num_epochs": 2, "batch_size": 4, "learning_rate": 0.01, "r": 4}
 CHAT = chat_line("How was the trip?", "Long, but the food was great.")
 
 
-def post(api: Api, body) -> "object":
+def post(api: Api, body) -> object:
     return api.post(f"{api.base}/training-jobs", json=body)
 
 
@@ -50,19 +50,32 @@ def test_impossible_specs_are_422_naming_the_field(api: Api, s3) -> None:
     me = f"s3://{TEST_BUCKET}/users/{api.user_id}"
     cases = [
         ({"target_modules": ["q_proj", "wq"]}, "target_modules", "'wq'"),
-        ({"base_model": {"name": "meta-llama/Llama-3.2-1B-Instruct"}, "target_modules": ["c_attn"]},
-         "target_modules", "'c_attn'"),
+        (
+            {"base_model": {"name": "meta-llama/Llama-3.2-1B-Instruct"}, "target_modules": ["c_attn"]},
+            "target_modules",
+            "'c_attn'",
+        ),
         ({"method": "full", "qlora": {"quant_type": "nf4"}}, "qlora", "4-bit"),
         ({"method": "full", "double_quant": True}, "double_quant", "4-bit"),
-        ({"base_model": {"name": "meta-llama/Llama-3.2-1B-Instruct"}, "trainable_layers": [0, 16]},
-         "trainable_layers", "16 decoder layers"),
+        (
+            {"base_model": {"name": "meta-llama/Llama-3.2-1B-Instruct"}, "trainable_layers": [0, 16]},
+            "trainable_layers",
+            "16 decoder layers",
+        ),
         ({"gpus": 9}, "gpus", "MAX_GPUS_PER_JOB"),
         ({"resources": {"gpus": 16}}, "resources.gpus", "at most 8"),
         ({"tuning": {"batch_size": 0}}, "tuning.batch_size", "greater than or equal to 1"),
         ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
-        ({"datasets": [{"uri": f"s3://{TEST_BUCKET}/users/someone-else/x.jsonl"}]}, "datasets.0.uri", "caller's prefix"),
-        ({"datasets": [{"uri": f"{me}/ok.jsonl"}, {"uri": f"s3://other-bucket/users/{api.user_id}/x.jsonl"}]},
-         "datasets.1.uri", "caller's prefix"),
+        (
+            {"datasets": [{"uri": f"s3://{TEST_BUCKET}/users/someone-else/x.jsonl"}]},
+            "datasets.0.uri",
+            "caller's prefix",
+        ),
+        (
+            {"datasets": [{"uri": f"{me}/ok.jsonl"}, {"uri": f"s3://other-bucket/users/{api.user_id}/x.jsonl"}]},
+            "datasets.1.uri",
+            "caller's prefix",
+        ),
         ({"datasets": [{"uri": f"{me}/../someone-else/x.jsonl"}]}, "datasets.0.uri", "'..'"),
         ({"datasets": [{"uri": f"{me}//x.jsonl"}]}, "datasets.0.uri", "empty path segments"),
         ({"datasets": [{"uri": f"{me}/folder/"}]}, "datasets.0.uri", "name a key"),
@@ -70,13 +83,19 @@ def test_impossible_specs_are_422_naming_the_field(api: Api, s3) -> None:
         ({"datasets": [{"uri": f"{me}/data.csv"}]}, "datasets.0.format", "format 'auto'"),
         ({"datasets": [{"uri": f"{me}/x.jsonl", "format": "xml"}]}, "datasets.0.format", "Input should be"),
         ({"artifacts": {"output_uri": f"s3://{TEST_BUCKET}/users/"}}, "artifacts.output_uri", "caller's prefix"),
-        ({"base_model": {"name": f"s3://{TEST_BUCKET}/users/someone-else/models/base/"}}, "base_model.name",
-         "caller's prefix"),
+        (
+            {"base_model": {"name": f"s3://{TEST_BUCKET}/users/someone-else/models/base/"}},
+            "base_model.name",
+            "caller's prefix",
+        ),
         ({"artifacts": {"log_uri": f"{me}/logs/../../x/"}}, "artifacts.log_uri", "'..'"),
         ({"integrations": {"report_to": ["comet"]}}, "integrations.report_to.0", "Input should be"),
         ({"training_data": []}, "training_data", "at least one record"),
-        ({"training_data": ["fine", {"messages": [{"role": "user", "content": "no answer"}]}]},
-         "training_data.1", "assistant"),
+        (
+            {"training_data": ["fine", {"messages": [{"role": "user", "content": "no answer"}]}]},
+            "training_data.1",
+            "assistant",
+        ),
         ({"training_data": ["x" * 1000] * 300}, "training_data", "MAX_UPLOAD_BYTES"),  # 256 KiB in tests
         ({"warm_start": True, "method": "full"}, "warm_start", "LoRA"),
         ({"promote": "if_better", "method": "full"}, "promote", "no current one"),
@@ -94,21 +113,34 @@ def test_flat_and_spec_fields_make_the_jobs_config_and_spec(api: Api, s3) -> Non
     me = f"s3://{TEST_BUCKET}/users/{api.user_id}"
     # No flagged document: datasets are data enough (no 409).
     body = {
-        "r": 8, "learning_rate": 0.001, "target_modules": ["q_proj", "v_proj"],
-        "tuning": {"learning_rate": 0.002, "max_steps": 7}, "resources": {"gpus": 1, "max_duration_minutes": 5},
+        "r": 8,
+        "learning_rate": 0.001,
+        "target_modules": ["q_proj", "v_proj"],
+        "tuning": {"learning_rate": 0.002, "max_steps": 7},
+        "resources": {"gpus": 1, "max_duration_minutes": 5},
         "base_model": {"name": "meta-llama/Llama-3.2-1B-Instruct", "token_env": "HF_TOKEN"},
-        "trainable_layers": [15], "datasets": [{"uri": f"{me}/sets/a.jsonl", "format": "chat"}],
-        "artifacts": {"output_uri": f"{me}/exports/run"}, "promote": "if_better",
+        "trainable_layers": [15],
+        "datasets": [{"uri": f"{me}/sets/a.jsonl", "format": "chat"}],
+        "artifacts": {"output_uri": f"{me}/exports/run"},
+        "promote": "if_better",
     }
     r = post(api, body)
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["config"] == {"r": 8, "learning_rate": 0.002, "max_steps": 7, "gpus": 1,
-                             "target_modules": ["q_proj", "v_proj"], "trainable_layers": [15]}
+    assert job["config"] == {
+        "r": 8,
+        "learning_rate": 0.002,
+        "max_steps": 7,
+        "gpus": 1,
+        "target_modules": ["q_proj", "v_proj"],
+        "trainable_layers": [15],
+    }
     assert job["spec"]["datasets"] == [{"uri": f"{me}/sets/a.jsonl", "format": "chat"}]
     assert job["spec"]["base_model"]["token_env"] == "HF_TOKEN" and job["spec"]["promote"] == "if_better"
     assert job["spec"]["resources"] == {"gpus": 1, "max_duration_minutes": 5}
-    stored = json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, job["id"]))["Body"].read())
+    stored = json.loads(
+        s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, job["id"]))["Body"].read()
+    )
     assert stored["spec"]["artifacts"]["output_uri"] == f"{me}/exports/run"
     assert stored["config"]["learning_rate"] == 0.002
 
@@ -175,15 +207,29 @@ def test_queue_request_with_foreign_dataset_or_output_fails_the_job(pipeline: Pi
         assert api.put_doc("chat.jsonl", chat_document()).status_code == 201
         requests = {
             "outside the caller's prefix": TrainRequest(
-                schema="avatune.train-request/v1", job_id=new_job_id(), user_id=api.user_id, avatar_id=api.avatar_id,
-                config=FAST, datasets=[DatasetSource(uri=f"s3://{TEST_BUCKET}/{secret_key}")]),
+                schema="avatune.train-request/v1",
+                job_id=new_job_id(),
+                user_id=api.user_id,
+                avatar_id=api.avatar_id,
+                config=FAST,
+                datasets=[DatasetSource(uri=f"s3://{TEST_BUCKET}/{secret_key}")],
+            ),
             "artifacts.output_uri": TrainRequest(
-                schema="avatune.train-request/v1", job_id=new_job_id(), user_id=api.user_id, avatar_id=api.avatar_id,
-                config=FAST, artifacts=Artifacts(output_uri=f"s3://{TEST_BUCKET}/users/{victim.user_id}/out/")),
+                schema="avatune.train-request/v1",
+                job_id=new_job_id(),
+                user_id=api.user_id,
+                avatar_id=api.avatar_id,
+                config=FAST,
+                artifacts=Artifacts(output_uri=f"s3://{TEST_BUCKET}/users/{victim.user_id}/out/"),
+            ),
         }
         for words, request in requests.items():
-            pipeline.sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-                                      MessageGroupId=request.message_group_id(), MessageDeduplicationId=request.job_id)
+            pipeline.sqs.send_message(
+                QueueUrl=pipeline.train_queue_url,
+                MessageBody=request.to_message_body(),
+                MessageGroupId=request.message_group_id(),
+                MessageDeduplicationId=request.job_id,
+            )
             done, _ = wait_for_job(api, request.job_id, {"succeeded", "failed"}, pipeline=pipeline)
             assert done["status"] == "failed" and words in done["error"], done
             assert done["data"] == [] and done["adapter_version"] is None
@@ -202,7 +248,10 @@ def no_queue_api(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     with open(tmp_path_factory.mktemp("no-queue") / "api.log", "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:

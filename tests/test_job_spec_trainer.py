@@ -49,16 +49,26 @@ HUB_TOKEN = "hf_secret_" + uuid.uuid4().hex
 
 def test_s3_uris_and_the_tenant_rule() -> None:
     uri = parse_s3_uri("s3://avatune-test/users/u1/data/a.jsonl")
-    assert uri == S3Uri("avatune-test", "users/u1/data/a.jsonl") and str(uri) == "s3://avatune-test/users/u1/data/a.jsonl"
+    assert (
+        uri == S3Uri("avatune-test", "users/u1/data/a.jsonl") and str(uri) == "s3://avatune-test/users/u1/data/a.jsonl"
+    )
     assert parse_s3_uri("s3://avatune-test/users/u1/models/tiny", prefix=True).key == "users/u1/models/tiny/"
     assert within_user_prefix("s3://avatune-test/users/u1/data/a.jsonl", "avatune-test", "u1")
     assert not within_user_prefix("s3://avatune-test/users/u10/a.jsonl", "avatune-test", "u1")
     assert not within_user_prefix("s3://other-bucket/users/u1/a.jsonl", "avatune-test", "u1")
     assert not within_user_prefix("s3://avatune-test/users/u1/", "avatune-test", "u1")  # the prefix itself
     assert not within_user_prefix("s3://avatune-test/users/u1/a", "avatune-test", "../u1")
-    for bad in ("s3://avatune-test/users/u1/../u2/a.jsonl", "s3://avatune-test/users/u1//a", "http://x/y",
-                "s3://Bad_Bucket/a", "s3://avatune-test//users/u1/a", "s3://avatune-test/users/u1/./a",
-                "s3://avatune-test/users/u1/a\\b", "s3://avatune-test/a\nb", "s3://avatune-test/folder/"):
+    for bad in (
+        "s3://avatune-test/users/u1/../u2/a.jsonl",
+        "s3://avatune-test/users/u1//a",
+        "http://x/y",
+        "s3://Bad_Bucket/a",
+        "s3://avatune-test//users/u1/a",
+        "s3://avatune-test/users/u1/./a",
+        "s3://avatune-test/users/u1/a\\b",
+        "s3://avatune-test/a\nb",
+        "s3://avatune-test/folder/",
+    ):
         with pytest.raises(InvalidS3Uri):
             parse_s3_uri(bad)
         assert not within_user_prefix(bad, "avatune-test", "u1")
@@ -120,7 +130,10 @@ def test_qlora_options_key_the_cached_base(tiny_model_dir: Path) -> None:
     assert cache.loads == 2  # another quantisation: reloaded
     config = fp4.model.config.quantization_config
     assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant, config.bnb_4bit_compute_dtype) == (
-        "fp4", False, torch.float32)
+        "fp4",
+        False,
+        torch.float32,
+    )
     q_proj = fp4.model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.quant_state.quant_type == "fp4" and q_proj.compute_dtype == torch.float32
     assert fp4.quant_metrics() == {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float32"}
@@ -134,9 +147,19 @@ def test_lora_target_modules_and_trainable_layers(tiny_model_dir: Path, tmp_path
     from trainer.training import train_adapter
 
     base = BaseModelCache().get(str(tiny_model_dir), "lora")
-    cfg = AdapterSettings(r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, num_epochs=1, batch_size=4,
-                          warmup_ratio=0.0, seed=1, max_steps=1, target_modules=["q_proj", "v_proj"],
-                          trainable_layers=[1])
+    cfg = AdapterSettings(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        learning_rate=1e-3,
+        num_epochs=1,
+        batch_size=4,
+        warmup_ratio=0.0,
+        seed=1,
+        max_steps=1,
+        target_modules=["q_proj", "v_proj"],
+        trainable_layers=[1],
+    )
     outcome = train_adapter(base, cfg, _examples(), [], tmp_path / "w", _Control())
     assert outcome.completed
     with safe_open(str(outcome.adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
@@ -146,11 +169,18 @@ def test_lora_target_modules_and_trainable_layers(tiny_model_dir: Path, tmp_path
     assert outcome.metrics["trainable_layers"] == [1] and outcome.metrics["target_modules"] == ["q_proj", "v_proj"]
 
     with pytest.raises(JobFailure, match=r"\['qkv_proj', 'dense'\].*q_proj"):
-        train_adapter(base, cfg.model_copy(update={"target_modules": ["q_proj", "qkv_proj", "dense"]}),
-                      _examples(), [], tmp_path / "x", _Control())
+        train_adapter(
+            base,
+            cfg.model_copy(update={"target_modules": ["q_proj", "qkv_proj", "dense"]}),
+            _examples(),
+            [],
+            tmp_path / "x",
+            _Control(),
+        )
     with pytest.raises(JobFailure, match=r"trainable_layers \[5\].*2 decoder layers"):
-        train_adapter(base, cfg.model_copy(update={"trainable_layers": [0, 5]}), _examples(), [], tmp_path / "y",
-                      _Control())
+        train_adapter(
+            base, cfg.model_copy(update={"trainable_layers": [0, 5]}), _examples(), [], tmp_path / "y", _Control()
+        )
     assert not hasattr(base.model, "peft_config")  # the cached base came back clean
 
 
@@ -162,13 +192,28 @@ def test_precision_reaches_the_trainer() -> None:
     assert resolve_precision("bf16", cpu) == ("bf16", None)
     precision, note = resolve_precision("fp16", cpu)
     assert precision == "fp32" and "fp16 needs a GPU" in note
-    cfg = AdapterSettings(batch_size=1, num_epochs=1, learning_rate=1e-3, seed=0, precision="bf16",
-                          gradient_accumulation_steps=3, max_steps=7, gradient_checkpointing=True)
+    cfg = AdapterSettings(
+        batch_size=1,
+        num_epochs=1,
+        learning_rate=1e-3,
+        seed=0,
+        precision="bf16",
+        gradient_accumulation_steps=3,
+        max_steps=7,
+        gradient_checkpointing=True,
+    )
     args = _training_arguments(cfg, Path("/tmp/unused"), cpu)
     checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
     assert (args.bf16, args.fp16, args.gradient_accumulation_steps, args.max_steps, checkpointing) == (
-        True, False, 3, 7, True)
-    args = _training_arguments(cfg.model_copy(update={"precision": "fp32", "max_steps": None}), Path("/tmp/unused"), cpu)
+        True,
+        False,
+        3,
+        7,
+        True,
+    )
+    args = _training_arguments(
+        cfg.model_copy(update={"precision": "fp32", "max_steps": None}), Path("/tmp/unused"), cpu
+    )
     assert (args.bf16, args.fp16, args.max_steps) == (False, False, -1)
 
 
@@ -181,10 +226,20 @@ def test_full_finetune_trains_only_its_layers_and_never_the_cached_base(tiny_mod
     cache = BaseModelCache()
     cached = cache.get(str(tiny_model_dir), "lora")
     before = {k: v.clone() for k, v in cached.model.state_dict().items()}
-    cfg = AdapterSettings(learning_rate=5e-3, num_epochs=1, batch_size=4, warmup_ratio=0.0, seed=1, max_steps=2,
-                          trainable_layers=[0], precision="fp32", method="full")
-    outcome = train_full(cache, BaseRef(path=str(tiny_model_dir)), cfg, _examples(), _examples(2), tmp_path / "w",
-                         _Control())
+    cfg = AdapterSettings(
+        learning_rate=5e-3,
+        num_epochs=1,
+        batch_size=4,
+        warmup_ratio=0.0,
+        seed=1,
+        max_steps=2,
+        trainable_layers=[0],
+        precision="fp32",
+        method="full",
+    )
+    outcome = train_full(
+        cache, BaseRef(path=str(tiny_model_dir)), cfg, _examples(), _examples(2), tmp_path / "w", _Control()
+    )
     assert outcome.completed and outcome.metrics["method"] == "full" and outcome.metrics["steps"] == 2
     saved = load_file(str(outcome.adapter_dir / "model.safetensors"))
     changed = {k for k, v in saved.items() if k in before and not torch.equal(v, before[k])}
@@ -216,18 +271,35 @@ def _fake_hub_cache(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def worker(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory):
     cache = _fake_hub_cache(tmp_path_factory.mktemp("hub-cache"))
-    proc = pipeline.start_worker(**{HUB_TOKEN_ENV: HUB_TOKEN, "CHECKPOINT_EVERY_STEPS": "0",
-                                    "MODEL_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"})
+    proc = pipeline.start_worker(
+        **{
+            HUB_TOKEN_ENV: HUB_TOKEN,
+            "CHECKPOINT_EVERY_STEPS": "0",
+            "MODEL_CACHE_DIR": str(cache),
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     yield proc
     assert proc.poll() is None, "the worker died:\n" + pipeline.worker_log()
 
 
 def _send(pipeline: Pipeline, api, **spec) -> str:
     """A train request straight on the queue (the spec as another service would send it)."""
-    request = TrainRequest.model_validate({"schema": "avatune.train-request/v1", "job_id": "spec-" + uuid.uuid4().hex[:10],
-                                           "user_id": api.user_id, "avatar_id": api.avatar_id, **spec})
-    pipeline.sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-                              MessageGroupId=request.message_group_id(), MessageDeduplicationId=request.job_id)
+    request = TrainRequest.model_validate(
+        {
+            "schema": "avatune.train-request/v1",
+            "job_id": "spec-" + uuid.uuid4().hex[:10],
+            "user_id": api.user_id,
+            "avatar_id": api.avatar_id,
+            **spec,
+        }
+    )
+    pipeline.sqs.send_message(
+        QueueUrl=pipeline.train_queue_url,
+        MessageBody=request.to_message_body(),
+        MessageGroupId=request.message_group_id(),
+        MessageDeduplicationId=request.job_id,
+    )
     return request.job_id
 
 
@@ -246,8 +318,9 @@ def _event_files(s3, prefix: str) -> list[str]:
     return [k for k in keys_under(s3, prefix) if "events.out.tfevents" in k]
 
 
-def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, worker, s3, tiny_model_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_full_finetune_from_an_s3_base_with_tensorboard(
+    pipeline: Pipeline, worker, s3, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -257,10 +330,20 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         _upload_dir(s3, tiny_model_dir, base_prefix)
         base_uri = f"s3://{TEST_BUCKET}/{base_prefix}"
         done = _run(
-            pipeline, api, method="full", precision="bf16", trainable_layers=[1],
+            pipeline,
+            api,
+            method="full",
+            precision="bf16",
+            trainable_layers=[1],
             base_model={"name": base_uri, "token_env": HUB_TOKEN_ENV},
-            tuning={"max_steps": 2, "gradient_accumulation_steps": 2, "batch_size": 2, "learning_rate": 0.01,
-                    "eval_fraction": 0.5, "warmup_ratio": 0.0},
+            tuning={
+                "max_steps": 2,
+                "gradient_accumulation_steps": 2,
+                "batch_size": 2,
+                "learning_rate": 0.01,
+                "eval_fraction": 0.5,
+                "warmup_ratio": 0.0,
+            },
             integrations={"report_to": ["tensorboard"]},
         )
         assert done["status"] == "succeeded", done
@@ -277,11 +360,13 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         # No adapter was published: a full job saves a whole model under full/{version}/.
         assert not keys_under(s3, adapter_version_prefix(api.user_id, api.avatar_id, 1))
 
-        names = {k[len(prefix):] for k in keys_under(s3, prefix)}
+        names = {k[len(prefix) :] for k in keys_under(s3, prefix)}
         assert {FULL_MODEL_MANIFEST_FILE, "config.json", "model.safetensors", "tokenizer.json"} <= names
         # Like an adapter version: samples (base vs trained, from the same copy) and the loss curve.
         assert {SAMPLES_FILE, LOSS_CURVE_FILE} <= names
-        samples = VersionSamples.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=prefix + SAMPLES_FILE)["Body"].read())
+        samples = VersionSamples.model_validate_json(
+            s3.get_object(Bucket=TEST_BUCKET, Key=prefix + SAMPLES_FILE)["Body"].read()
+        )
         assert samples.job_id == done["id"] and len(samples.samples) == m["samples"] > 0
         assert all(x.prompt and x.reference and x.prompt_tokens > 0 for x in samples.samples)
         png = s3.get_object(Bucket=TEST_BUCKET, Key=prefix + LOSS_CURVE_FILE)["Body"].read()
@@ -291,7 +376,9 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         assert manifest["job_id"] == done["id"] and manifest["base_model"] == base_uri and manifest["version"] == 1
         assert set(manifest["files"]) == names - {FULL_MODEL_MANIFEST_FILE, ".claim"}
         view = api.get(done["links"]["model"]).json()  # the files, through the API
-        assert {f["name"]: f["sha256"] for f in view["files"]} == manifest["files"] and view["metrics"]["method"] == "full"
+        assert {f["name"]: f["sha256"] for f in view["files"]} == manifest["files"] and view["metrics"][
+            "method"
+        ] == "full"
         url = next(f["url"] for f in view["files"] if f["name"] == "model.safetensors")
         (tmp_path / "model.safetensors").write_bytes(httpx.get(url).content)
         with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
@@ -304,7 +391,14 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(pipeline: Pipeline, work
         # report_to tensorboard: event files under the default log prefix.
         assert _event_files(s3, training_logs_prefix(api.user_id, api.avatar_id, done["id"]))
         # The hub token was read from the named variable and never written anywhere.
-        record = s3.get_object(Bucket=TEST_BUCKET, Key=f"{user_prefix(api.user_id)}avatars/{api.avatar_id}/adapters/jobs/{done['id']}.json")["Body"].read().decode()
+        record = (
+            s3.get_object(
+                Bucket=TEST_BUCKET,
+                Key=f"{user_prefix(api.user_id)}avatars/{api.avatar_id}/adapters/jobs/{done['id']}.json",
+            )["Body"]
+            .read()
+            .decode()
+        )
         assert HUB_TOKEN not in record and HUB_TOKEN_ENV in record
         assert HUB_TOKEN not in pipeline.worker_log()
 
@@ -316,16 +410,32 @@ def test_qlora_job_honours_its_knobs(pipeline: Pipeline, worker, s3) -> None:
         assert api.put_doc("chat.jsonl", chat_document(12)).status_code == 201
         log_prefix = f"{user_prefix(api.user_id)}tb/run-1/"
         done = _run(
-            pipeline, api, method="qlora", qlora={"quant_type": "fp4", "double_quant": False, "compute_dtype": "float32"},
-            target_modules=["q_proj", "v_proj"], trainable_layers=[0], precision="fp32",
+            pipeline,
+            api,
+            method="qlora",
+            qlora={"quant_type": "fp4", "double_quant": False, "compute_dtype": "float32"},
+            target_modules=["q_proj", "v_proj"],
+            trainable_layers=[0],
+            precision="fp32",
             config={"r": 4, "lora_alpha": 8},
-            tuning={"max_steps": 3, "num_epochs": 50, "batch_size": 4, "gradient_checkpointing": True,
-                    "learning_rate": 0.01},
-            integrations={"report_to": ["tensorboard"]}, artifacts={"log_uri": f"s3://{TEST_BUCKET}/{log_prefix}"},
+            tuning={
+                "max_steps": 3,
+                "num_epochs": 50,
+                "batch_size": 4,
+                "gradient_checkpointing": True,
+                "learning_rate": 0.01,
+            },
+            integrations={"report_to": ["tensorboard"]},
+            artifacts={"log_uri": f"s3://{TEST_BUCKET}/{log_prefix}"},
         )
         assert done["status"] == "succeeded", done
         m = done["metrics"]
-        assert (m["quant_type"], m["double_quant"], m["compute_dtype"], m["method"]) == ("fp4", False, "float32", "qlora")
+        assert (m["quant_type"], m["double_quant"], m["compute_dtype"], m["method"]) == (
+            "fp4",
+            False,
+            "float32",
+            "qlora",
+        )
         assert m["steps"] == 3 and m["epochs"] < 50  # max_steps overrides num_epochs
         assert m["gradient_checkpointing"] is True and m["precision"] == "fp32"
         assert m["log_uri"] == f"s3://{TEST_BUCKET}/{log_prefix}" and _event_files(s3, log_prefix)
@@ -343,23 +453,45 @@ def test_hub_base_revision_is_loaded(pipeline: Pipeline, worker, s3) -> None:
     with pipeline.client() as api:
         assert api.put_doc("chat.jsonl", chat_document(8)).status_code == 201
         # Layer 2 exists only in revision v2 of the repo (main has layers 0 and 1).
-        done = _run(pipeline, api, base_model={"name": HUB_REPO, "revision": "v2"}, method="lora",
-                    trainable_layers=[2], config={"r": 4}, tuning={"max_steps": 1})
+        done = _run(
+            pipeline,
+            api,
+            base_model={"name": HUB_REPO, "revision": "v2"},
+            method="lora",
+            trainable_layers=[2],
+            config={"r": 4},
+            tuning={"max_steps": 1},
+        )
         assert done["status"] == "succeeded", done["error"]
         assert done["metrics"]["base_model"] == HUB_REPO and done["metrics"]["base_model_revision"] == "v2"
-        version = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_version_prefix(api.user_id, api.avatar_id, done["adapter_version"])
-                                + METRICS_FILE)["Body"].read()
+        version = s3.get_object(
+            Bucket=TEST_BUCKET,
+            Key=adapter_version_prefix(api.user_id, api.avatar_id, done["adapter_version"]) + METRICS_FILE,
+        )["Body"].read()
         assert json.loads(version)["base_model"] == HUB_REPO  # the adapter records the base it was trained on
-        done = _run(pipeline, api, base_model={"name": HUB_REPO}, method="lora", trainable_layers=[2],
-                    config={"r": 4}, tuning={"max_steps": 1})
+        done = _run(
+            pipeline,
+            api,
+            base_model={"name": HUB_REPO},
+            method="lora",
+            trainable_layers=[2],
+            config={"r": 4},
+            tuning={"max_steps": 1},
+        )
         assert done["status"] == "failed" and "trainable_layers [2] do not exist" in done["error"], done
 
 
 def test_max_duration_stops_keeps_the_checkpoint_and_fails(pipeline: Pipeline, worker, s3) -> None:
     with pipeline.client() as api:
         assert api.put_doc("chat.jsonl", chat_document(8)).status_code == 201
-        done = _run(pipeline, api, method="lora", config={"r": 4},
-                    tuning={"max_steps": 100000, "batch_size": 2}, resources={"max_duration_minutes": 0.005})
+        done = _run(
+            pipeline,
+            api,
+            method="lora",
+            config={"r": 4},
+            tuning={"max_steps": 100000, "batch_size": 2},
+            resources={"max_duration_minutes": 0.005},
+        )
         assert done["status"] == "failed", done
         assert "exceeded max_duration_minutes=0.005" in done["error"]
         keys = keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, done["id"]))
@@ -377,13 +509,23 @@ def test_impossible_specs_fail_clearly(pipeline: Pipeline, worker, s3, tiny_mode
             (dict(target_modules=["q_proj", "wqkv"]), "['wqkv']"),
             (dict(method="full", qlora={"quant_type": "nf4"}), "qlora options (quant_type)"),
             (dict(method="full", promote="if_better"), "promote if_better needs a LoRA method"),
-            (dict(base_model={"name": str(tiny_model_dir), "token_env": "AVATUNE_NO_SUCH_TOKEN"}),
-             "'AVATUNE_NO_SUCH_TOKEN', which is not set"),
+            (
+                dict(base_model={"name": str(tiny_model_dir), "token_env": "AVATUNE_NO_SUCH_TOKEN"}),
+                "'AVATUNE_NO_SUCH_TOKEN', which is not set",
+            ),
             (dict(base_model={"name": f"s3://{TEST_BUCKET}/{foreign}"}), "outside your prefix"),
-            *([(dict(integrations={"report_to": ["wandb"]}), "report_to wandb needs the wandb package on the worker")]
-              if importlib.util.find_spec("wandb") is None else []),
-            (dict(artifacts={"log_uri": f"s3://{TEST_BUCKET}/{foreign}logs/"}, integrations={"report_to": ["tensorboard"]}),
-             "log_uri must lie inside"),
+            *(
+                [(dict(integrations={"report_to": ["wandb"]}), "report_to wandb needs the wandb package on the worker")]
+                if importlib.util.find_spec("wandb") is None
+                else []
+            ),
+            (
+                dict(
+                    artifacts={"log_uri": f"s3://{TEST_BUCKET}/{foreign}logs/"},
+                    integrations={"report_to": ["tensorboard"]},
+                ),
+                "log_uri must lie inside",
+            ),
         ]
         for spec, reason in cases:
             done = _run(pipeline, api, config={"r": 4}, tuning={"max_steps": 1}, **spec)

@@ -36,9 +36,26 @@ from tests.conftest import ROOT, TEST_BUCKET, Api, chat_line, free_port, keys_un
 
 CHAT = chat_line("How was the trip?", "Long, but the food was great.")
 VIEW_FIELDS = {
-    "id", "type", "status", "created_at", "updated_at", "started_at", "finished_at", "avatar_id", "config",
-    "progress", "metrics", "error", "adapter_version", "data", "cancel_requested", "attempts",
-    "spec", "request", "result", "links",
+    "id",
+    "type",
+    "status",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "avatar_id",
+    "config",
+    "progress",
+    "metrics",
+    "error",
+    "adapter_version",
+    "data",
+    "cancel_requested",
+    "attempts",
+    "spec",
+    "request",
+    "result",
+    "links",
 }
 
 
@@ -57,7 +74,10 @@ def serve(tmp: Path, **env: str) -> tuple[subprocess.Popen, str]:
     with open(tmp / f"api-{port}.log", "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=dict(os.environ, **env), stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=dict(os.environ, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", proc)
@@ -70,10 +90,13 @@ def private(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     from infra.bootstrap import StackNames, bootstrap
 
     tag = uuid.uuid4().hex[:8]
-    names = StackNames(bucket=TEST_BUCKET, train_queue=f"avatune-test-{tag}.fifo", events_queue=f"avatune-test-{tag}-events")
+    names = StackNames(
+        bucket=TEST_BUCKET, train_queue=f"avatune-test-{tag}.fifo", events_queue=f"avatune-test-{tag}-events"
+    )
     queues = bootstrap(names)
-    proc, url = serve(tmp_path_factory.mktemp("private-api"), TRAIN_QUEUE_NAME=names.train_queue,
-                      EVENTS_QUEUE_NAME=names.events_queue)
+    proc, url = serve(
+        tmp_path_factory.mktemp("private-api"), TRAIN_QUEUE_NAME=names.train_queue, EVENTS_QUEUE_NAME=names.events_queue
+    )
     try:
         yield Server(url, queues["train_queue_url"], queues["events_queue_url"])
     finally:
@@ -102,8 +125,13 @@ def drain(sqs, queue_url: str, rounds: int = 2) -> list[dict]:
     messages: list[dict] = []
     empty = 0
     while empty < rounds:
-        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
-                                   AttributeNames=["All"], MessageSystemAttributeNames=["All"])
+        resp = sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            AttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+        )
         batch = resp.get("Messages", [])
         empty = 0 if batch else empty + 1
         for m in batch:
@@ -191,8 +219,9 @@ def test_create_without_or_with_empty_body(api: Api, api_url: str) -> None:
         assert start(third, json={})["config"] == {}
 
 
-@pytest.mark.parametrize("body", [{"r": 0}, {"lora_dropout": 1}, {"unknown": 1}, {"method": "sgd"}, [1]],
-                         ids=lambda b: json.dumps(b))
+@pytest.mark.parametrize(
+    "body", [{"r": 0}, {"lora_dropout": 1}, {"unknown": 1}, {"method": "sgd"}, [1]], ids=lambda b: json.dumps(b)
+)
 def test_create_refuses_invalid_overrides(api: Api, s3, body) -> None:
     ready(api)
     r = api.post(f"{api.base}/training-jobs", json=body)
@@ -230,8 +259,7 @@ def test_idempotency_key_answers_the_same_job_and_sends_once(papi: Api, private:
     again = start(papi, headers=key, json={"r": 4})
     assert again["id"] == first["id"]
     # The same body with its keys reordered and spaced differently is the same request.
-    assert start(papi, headers={**key, "content-type": "application/json"},
-                 content=b'{ "r" : 4 }')["id"] == first["id"]
+    assert start(papi, headers={**key, "content-type": "application/json"}, content=b'{ "r" : 4 }')["id"] == first["id"]
     # Still the same job once it has ended.
     set_status(s3, papi, first["id"], "succeeded")
     assert start(papi, headers=key, json={"r": 4})["id"] == first["id"]
@@ -257,7 +285,9 @@ def test_idempotency_key_reused_for_another_request_is_422(papi: Api, private: S
     r = papi.post(f"{papi.base}/fuse-jobs", headers=key, json={"adapter_version": 1})
     assert r.status_code == 422 and "different request" in r.json()["detail"], r.text
     assert state_keys(s3, papi) == before
-    assert [TrainRequest.model_validate_json(m["Body"]).job_id for m in drain(sqs, private.train_queue_url)] == [first["id"]]
+    assert [TrainRequest.model_validate_json(m["Body"]).job_id for m in drain(sqs, private.train_queue_url)] == [
+        first["id"]
+    ]
 
 
 def test_request_fingerprint_is_canonical_and_leaves_the_auth_header_out() -> None:
@@ -265,10 +295,17 @@ def test_request_fingerprint_is_canonical_and_leaves_the_auth_header_out() -> No
 
     path = "/v1/users/u/avatars/a/training-jobs"
     base = request_fingerprint("POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}')
-    assert base == request_fingerprint("POST", path, b'{"callbacks":{"auth_header":"B","webhook_url":"https://x"},"r":4}')
-    assert base != request_fingerprint("POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://y", "auth_header": "A"}}')
-    assert base != request_fingerprint("POST", path.replace("training-jobs", "fuse-jobs"),
-                                       b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}')
+    assert base == request_fingerprint(
+        "POST", path, b'{"callbacks":{"auth_header":"B","webhook_url":"https://x"},"r":4}'
+    )
+    assert base != request_fingerprint(
+        "POST", path, b'{"r": 4, "callbacks": {"webhook_url": "https://y", "auth_header": "A"}}'
+    )
+    assert base != request_fingerprint(
+        "POST",
+        path.replace("training-jobs", "fuse-jobs"),
+        b'{"r": 4, "callbacks": {"webhook_url": "https://x", "auth_header": "A"}}',
+    )
     # No body, null and {} are all "no body" to the routes.
     empty = request_fingerprint("POST", path, b"")
     assert empty == request_fingerprint("POST", path, b"  ") == request_fingerprint("POST", path, b"{ }")
@@ -337,7 +374,9 @@ def test_concurrent_creates_on_one_avatar_make_one_job(api: Api, s3) -> None:
         answers = list(pool.map(lambda _: api.post(f"{api.base}/training-jobs"), range(8)))
     accepted = [r.json()["id"] for r in answers if r.status_code == 202]
     assert len(accepted) == 1, [r.text for r in answers]
-    assert all(r.status_code == 409 and r.json()["active_job_id"] == accepted[0] for r in answers if r.status_code != 202)
+    assert all(
+        r.status_code == 409 and r.json()["active_job_id"] == accepted[0] for r in answers if r.status_code != 202
+    )
     assert [j["id"] for j in api.get(f"{api.base}/training-jobs").json()["items"]] == accepted
     assert pointer(s3, api) == accepted[0]
 
@@ -408,7 +447,9 @@ def test_failure_to_queue_rolls_everything_back(no_queue: str, api_url: str, s3)
         # Nothing was left holding the avatar or the key.
         job = start(working, headers={"Idempotency-Key": "same"})
         assert job["status"] == "queued" and pointer(s3, working) == job["id"]
-        assert s3.head_object(Bucket=TEST_BUCKET, Key=idempotency_key(user, "avatar-1", hashlib.sha256(b"same").hexdigest()))
+        assert s3.head_object(
+            Bucket=TEST_BUCKET, Key=idempotency_key(user, "avatar-1", hashlib.sha256(b"same").hexdigest())
+        )
 
 
 # -- reading jobs ----------------------------------------------------------------------------
@@ -459,7 +500,10 @@ def test_user_jobs_across_avatars(api: Api, api_url: str) -> None:
         url = f"/v1/users/{api.user_id}/training-jobs"
         body = api.get(url).json()
         assert [(j["id"], j["avatar_id"]) for j in body["items"]] == [
-            (a2["id"], "avatar-1"), (b1["id"], "avatar-2"), (a1["id"], "avatar-1")]
+            (a2["id"], "avatar-1"),
+            (b1["id"], "avatar-2"),
+            (a1["id"], "avatar-1"),
+        ]
         page1 = api.get(url, params={"limit": 2}).json()
         assert [j["id"] for j in page1["items"]] == [a2["id"], b1["id"]] and page1["next_cursor"]
         page2 = api.get(url, params={"limit": 2, "cursor": page1["next_cursor"]}).json()
@@ -482,7 +526,8 @@ def test_cancel_queued_job(papi: Api, private: Server, s3, sqs) -> None:
     assert pointer(s3, papi) is None
     events = [JobEvent.model_validate_json(m["Body"]) for m in drain(sqs, private.events_queue_url)]
     assert [(e.event, e.job_id, e.user_id, e.avatar_id, e.status) for e in events] == [
-        ("job.cancelled", job["id"], papi.user_id, papi.avatar_id, "cancelled")]
+        ("job.cancelled", job["id"], papi.user_id, papi.avatar_id, "cancelled")
+    ]
     # The avatar is free again.
     assert start(papi)["id"] != job["id"]
     # Cancelling it again: it has ended.

@@ -12,18 +12,34 @@ import uuid
 from tests.conftest import ROOT, chat_line, token_for
 
 
-def apigw_v2_event(method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes = b"",
-                   query: str = "", claims: dict | None = None) -> dict:
+def apigw_v2_event(
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    query: str = "",
+    claims: dict | None = None,
+) -> dict:
     context = {
-        "accountId": "123456789012", "apiId": "api", "domainName": "x.execute-api.us-east-1.amazonaws.com",
-        "domainPrefix": "x", "requestId": uuid.uuid4().hex, "routeKey": "$default", "stage": "$default",
-        "time": "25/Nov/2026:12:00:00 +0000", "timeEpoch": 1795000000000,
+        "accountId": "123456789012",
+        "apiId": "api",
+        "domainName": "x.execute-api.us-east-1.amazonaws.com",
+        "domainPrefix": "x",
+        "requestId": uuid.uuid4().hex,
+        "routeKey": "$default",
+        "stage": "$default",
+        "time": "25/Nov/2026:12:00:00 +0000",
+        "timeEpoch": 1795000000000,
         "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.1", "userAgent": "t"},
     }
     if claims is not None:
         context["authorizer"] = {"jwt": {"claims": claims, "scopes": None}}
     return {
-        "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": query,
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
         "headers": {"host": "x.execute-api.us-east-1.amazonaws.com", **(headers or {})},
         "requestContext": context,
         "body": base64.b64encode(body).decode() if body else None,
@@ -40,8 +56,16 @@ def test_mangum_handler_serves_api_gateway_v2_events(moto_endpoint: str, stack) 
     assert health["statusCode"] == 200 and json.loads(health["body"]) == {"status": "ok"}
 
     path = f"/v1/users/{user}/avatars/a/training-data"
-    put = handler(apigw_v2_event("PUT", path + "/c.jsonl", headers={**auth, "content-type": "application/jsonl"},
-                                 body=chat_line("hi", "yo"), query="use_for_training=false"), None)
+    put = handler(
+        apigw_v2_event(
+            "PUT",
+            path + "/c.jsonl",
+            headers={**auth, "content-type": "application/jsonl"},
+            body=chat_line("hi", "yo"),
+            query="use_for_training=false",
+        ),
+        None,
+    )
     assert put["statusCode"] == 201, put
     # A second invocation reuses the process's clients (no lifespan under Mangum).
     listed = handler(apigw_v2_event("GET", path, headers=auth, query="use_for_training=false"), None)
@@ -66,8 +90,14 @@ print(json.dumps([ok["statusCode"], other["statusCode"], none["statusCode"]]))
 def test_apigateway_auth_mode_uses_authorizer_claims(moto_endpoint: str, stack) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AUTH_JWT_SECRET"}
     env["AUTH_MODE"] = "apigateway"
-    proc = subprocess.run([sys.executable, "-c", APIGW_SCRIPT, token_for("carol")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", APIGW_SCRIPT, token_for("carol")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [200, 403, 401]
 

@@ -53,7 +53,9 @@ def run(body: Callable[[CountingS3, Callable[..., tds.TrainingDataStore]], Await
 
     async def main() -> Any:
         async with get_session().create_client(
-            "s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1",
+            "s3",
+            endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
             config=AioConfig(signature_version="s3v4"),
         ) as raw:
             s3 = CountingS3(raw)
@@ -91,7 +93,7 @@ def truth(s3, ref: AvatarRef) -> dict[str, bool]:
     """Every document's flag, read straight from S3."""
     out = {}
     for key in keys_under(s3, prefix(ref)):
-        out[key[len(prefix(ref)):]] = flag_from_tagset(s3.get_object_tagging(Bucket=TEST_BUCKET, Key=key)["TagSet"])
+        out[key[len(prefix(ref)) :]] = flag_from_tagset(s3.get_object_tagging(Bucket=TEST_BUCKET, Key=key)["TagSet"])
     return out
 
 
@@ -103,7 +105,9 @@ def settle() -> None:
     time.sleep(tds.INDEX_SETTLE_SECONDS + 0.2)
 
 
-async def listed(store: tds.TrainingDataStore, ref: AvatarRef, flag: bool | None, limit: int = 1000) -> list[tuple[str, bool]]:
+async def listed(
+    store: tds.TrainingDataStore, ref: AvatarRef, flag: bool | None, limit: int = 1000
+) -> list[tuple[str, bool]]:
     """Every matching document, following cursors."""
     out, after = [], None
     while True:
@@ -154,9 +158,14 @@ def test_writers_behind_the_api_are_seen(s3, ref: AvatarRef) -> None:
         put(s3, ref, "doc-0001.txt", b"text 1", None)
         # Another writer's CopyObject onto itself with a new tag set.
         key = prefix(ref) + "doc-0003.txt"
-        s3.copy_object(Bucket=TEST_BUCKET, Key=key, CopySource={"Bucket": TEST_BUCKET, "Key": key},
-                       MetadataDirective="REPLACE", TaggingDirective="REPLACE",
-                       Tagging=f"use_for_training={str(not before['doc-0003.txt']).lower()}")
+        s3.copy_object(
+            Bucket=TEST_BUCKET,
+            Key=key,
+            CopySource={"Bucket": TEST_BUCKET, "Key": key},
+            MetadataDirective="REPLACE",
+            TaggingDirective="REPLACE",
+            Tagging=f"use_for_training={str(not before['doc-0003.txt']).lower()}",
+        )
         # A delete, a new untagged and a new unused document.
         s3.delete_object(Bucket=TEST_BUCKET, Key=prefix(ref) + "doc-0005.txt")
         put(s3, ref, "doc-0005a.txt", b"new", None)
@@ -210,7 +219,10 @@ def test_ranges_and_cursors_cover_objects_added_and_removed(s3, ref: AvatarRef, 
         now = truth(s3, ref)
         for flag in (None, True, False):
             for limit in (2, 11, 1000):
-                assert await listed(store(index_min_objects=4), ref, flag, limit) == expected(s3, ref, flag, now), (flag, limit)
+                assert await listed(store(index_min_objects=4), ref, flag, limit) == expected(s3, ref, flag, now), (
+                    flag,
+                    limit,
+                )
         names = [d.name async for d in store(index_min_objects=4).iter_all(ref, None)]
         assert names == sorted(now)
 
@@ -259,8 +271,11 @@ def test_entries_expire_so_a_bare_tag_change_is_seen_eventually(s3, ref: AvatarR
 
     async def body(counting: CountingS3, store) -> None:
         await listed(store(), ref, None)
-        s3.put_object_tagging(Bucket=TEST_BUCKET, Key=prefix(ref) + "doc-0000.txt",
-                              Tagging={"TagSet": [{"Key": "use_for_training", "Value": "false"}]})
+        s3.put_object_tagging(
+            Bucket=TEST_BUCKET,
+            Key=prefix(ref) + "doc-0000.txt",
+            Tagging={"TagSet": [{"Key": "use_for_training", "Value": "false"}]},
+        )
         monkeypatch.setattr(tds, "INDEX_MAX_AGE_SECONDS", 0)
         assert await listed(store(), ref, False) == expected(s3, ref, False)
 
@@ -297,8 +312,11 @@ def test_api_listing_follows_presigned_uploads_patches_and_deletes(api: Api, s3)
 def test_patch_rewrites_the_object_keeping_content_metadata_and_tags(api: Api, s3) -> None:
     assert api.put_doc("p.jsonl", b'{"text": "hello"}\n').status_code == 201
     key = prefix(AvatarRef(api.user_id, api.avatar_id)) + "p.jsonl"
-    s3.put_object_tagging(Bucket=TEST_BUCKET, Key=key, Tagging={"TagSet": [
-        {"Key": "use_for_training", "Value": "true"}, {"Key": "owner", "Value": "bob"}]})
+    s3.put_object_tagging(
+        Bucket=TEST_BUCKET,
+        Key=key,
+        Tagging={"TagSet": [{"Key": "use_for_training", "Value": "true"}, {"Key": "owner", "Value": "bob"}]},
+    )
     before = s3.head_object(Bucket=TEST_BUCKET, Key=key)
     r = api.patch(f"{api.docs}/p.jsonl", json={"use_for_training": False})
     assert r.status_code == 200, r.text

@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from contracts.adapters import FullModelManifest, MergedManifest
-from contracts.keys import FULL_MODEL_MANIFEST_FILE, MERGED_MANIFEST_FILE, full_model_version_prefix, merged_version_prefix
+from contracts.keys import (
+    FULL_MODEL_MANIFEST_FILE,
+    MERGED_MANIFEST_FILE,
+    full_model_version_prefix,
+    merged_version_prefix,
+)
 from tests.conftest import TEST_BUCKET, Api
 
 
@@ -26,8 +31,13 @@ def files_of(n: int) -> dict[str, bytes]:
 
 
 def merged(s3, api: Api, version: int, files: dict[str, bytes]) -> MergedManifest:
-    manifest = MergedManifest(adapter_version=version, job_id=f"job-fuse-{version}", base_model="tiny", dtype="bfloat16",
-                              files={n: hashlib.sha256(d).hexdigest() for n, d in files.items()})
+    manifest = MergedManifest(
+        adapter_version=version,
+        job_id=f"job-fuse-{version}",
+        base_model="tiny",
+        dtype="bfloat16",
+        files={n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
+    )
     write_model(s3, merged_version_prefix(api.user_id, api.avatar_id, version), MERGED_MANIFEST_FILE, manifest, files)
     return manifest
 
@@ -38,11 +48,15 @@ def test_merged_models_are_listed_and_handed_out_by_presigned_url(api: Api, s3) 
     merged(s3, api, 3, third)
     merged(s3, api, 1, first)
     # A model still uploading (files, no manifest yet) is not there.
-    s3.put_object(Bucket=TEST_BUCKET, Key=merged_version_prefix(api.user_id, api.avatar_id, 2) + "config.json", Body=b"{}")
+    s3.put_object(
+        Bucket=TEST_BUCKET, Key=merged_version_prefix(api.user_id, api.avatar_id, 2) + "config.json", Body=b"{}"
+    )
 
     items = api.get(f"{api.base}/merged-models").json()["items"]
     assert [(i["version"], i["job_id"], i["dtype"], i["base_model"]) for i in items] == [
-        (1, "job-fuse-1", "bfloat16", "tiny"), (3, "job-fuse-3", "bfloat16", "tiny")]
+        (1, "job-fuse-1", "bfloat16", "tiny"),
+        (3, "job-fuse-3", "bfloat16", "tiny"),
+    ]
 
     r = api.get(f"{api.base}/merged-models/3")
     assert r.status_code == 200, r.text
@@ -66,9 +80,16 @@ def test_merged_models_are_listed_and_handed_out_by_presigned_url(api: Api, s3) 
 
 def test_full_models_carry_their_metrics(api: Api, s3) -> None:
     files = files_of(1)
-    manifest = FullModelManifest(version=1, job_id="job-full", base_model="tiny", precision="bf16", dtype="bfloat16",
-                                 trainable_layers=[1], metrics={"eval_loss_after": 1.5},
-                                 files={n: hashlib.sha256(d).hexdigest() for n, d in files.items()})
+    manifest = FullModelManifest(
+        version=1,
+        job_id="job-full",
+        base_model="tiny",
+        precision="bf16",
+        dtype="bfloat16",
+        trainable_layers=[1],
+        metrics={"eval_loss_after": 1.5},
+        files={n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
+    )
     write_model(s3, full_model_version_prefix(api.user_id, api.avatar_id, 1), FULL_MODEL_MANIFEST_FILE, manifest, files)
     (item,) = api.get(f"{api.base}/full-models").json()["items"]
     assert (item["version"], item["job_id"], item["metrics"]) == (1, "job-full", {"eval_loss_after": 1.5})

@@ -35,8 +35,11 @@ def test_full_run_logs_json_with_ids_and_no_secrets(observed, s3) -> None:
         # A presigned URL's signature must not end up in a log either.
         api.post(f"{api.docs}/uploads", json={"name": "x.jsonl"})
 
-        worker_lines = [json.loads(line) for line in (pipeline.logs / "worker-1.log").read_text().splitlines()
-                        if line.startswith("{")]
+        worker_lines = [
+            json.loads(line)
+            for line in (pipeline.logs / "worker-1.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
         job_lines = [line for line in worker_lines if line.get("job_id") == job["id"]]
         assert job_lines, "no log line names the job"
         assert all(line["user_id"] == api.user_id and line["avatar_id"] == api.avatar_id for line in job_lines)

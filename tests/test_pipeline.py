@@ -65,8 +65,12 @@ def test_train_end_to_end(pipeline: Pipeline, worker, tiny_model_dir, tmp_path) 
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "question 3: how are you?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "question 3: how are you?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         base_logits = base(ids).logits
         tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
@@ -78,7 +82,9 @@ def test_versions_and_promote(pipeline: Pipeline, worker, s3) -> None:
     with pipeline.client() as api:
         api.put_doc("chat.jsonl", chat_document())
         first = wait_for_job(api, start_job(api)["id"], {"succeeded", "failed"}, pipeline=pipeline)[0]
-        v1 = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_prefix(api.user_id, api.avatar_id) + "adapter_model.safetensors")["Body"].read()
+        v1 = s3.get_object(
+            Bucket=TEST_BUCKET, Key=adapter_prefix(api.user_id, api.avatar_id) + "adapter_model.safetensors"
+        )["Body"].read()
         api.put_doc("more.jsonl", chat_document(30, seed="more "))
         second = wait_for_job(api, start_job(api)["id"], {"succeeded", "failed"}, pipeline=pipeline)[0]
         assert (first["adapter_version"], second["adapter_version"]) == (1, 2)
@@ -89,7 +95,9 @@ def test_versions_and_promote(pipeline: Pipeline, worker, s3) -> None:
 
         r = api.post(f"{api.base}/adapter/versions/1/promote")
         assert r.status_code == 200 and r.json()["current_version"] == 1
-        current = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_prefix(api.user_id, api.avatar_id) + "adapter_model.safetensors")["Body"].read()
+        current = s3.get_object(
+            Bucket=TEST_BUCKET, Key=adapter_prefix(api.user_id, api.avatar_id) + "adapter_model.safetensors"
+        )["Body"].read()
         assert current == v1
         # A third job after a rollback still gets a new number.
         third = wait_for_job(api, start_job(api)["id"], {"succeeded", "failed"}, pipeline=pipeline)[0]
@@ -109,21 +117,32 @@ def test_cancel_running_job_keeps_current_adapter(pipeline: Pipeline, worker, s3
         keys = keys_under(s3, adapter_prefix(api.user_id, api.avatar_id))
         assert not [k for k in keys if "/versions/" in k or k.endswith(".safetensors") or "/checkpoints/" in k]
         # The avatar is free again.
-        assert wait_for_job(api, start_job(api)["id"], {"succeeded", "failed"}, pipeline=pipeline)[0]["status"] == "succeeded"
+        assert (
+            wait_for_job(api, start_job(api)["id"], {"succeeded", "failed"}, pipeline=pipeline)[0]["status"]
+            == "succeeded"
+        )
 
 
 def test_malformed_message_goes_to_dlq_and_worker_survives(pipeline: Pipeline, worker) -> None:
     sqs = pipeline.sqs
-    bodies = ["{not json", json.dumps({"schema": "avatune.train-request/v9", "job_id": "x"}),
-              json.dumps({"schema": "avatune.train-request/v1", "job_id": "../../etc", "user_id": "u", "avatar_id": "a"})]
+    bodies = [
+        "{not json",
+        json.dumps({"schema": "avatune.train-request/v9", "job_id": "x"}),
+        json.dumps({"schema": "avatune.train-request/v1", "job_id": "../../etc", "user_id": "u", "avatar_id": "a"}),
+    ]
     for body in bodies:
-        sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=body, MessageGroupId="poison-test",
-                         MessageDeduplicationId=uuid.uuid4().hex)
+        sqs.send_message(
+            QueueUrl=pipeline.train_queue_url,
+            MessageBody=body,
+            MessageGroupId="poison-test",
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
     received: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while len(received) < len(bodies) and time.monotonic() < deadline:
-        resp = sqs.receive_message(QueueUrl=pipeline.train_dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
-                                   MessageAttributeNames=["All"])
+        resp = sqs.receive_message(
+            QueueUrl=pipeline.train_dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+        )
         for m in resp.get("Messages", []):
             received[m["Body"]] = m["MessageAttributes"]["avatune-reason"]["StringValue"]
             sqs.delete_message(QueueUrl=pipeline.train_dlq_url, ReceiptHandle=m["ReceiptHandle"])
@@ -136,28 +155,41 @@ def test_malformed_message_goes_to_dlq_and_worker_survives(pipeline: Pipeline, w
 def _queue_drained(pipeline: Pipeline) -> bool:
     attrs = pipeline.sqs.get_queue_attributes(
         QueueUrl=pipeline.train_queue_url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
     return attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
 
 
 def test_request_from_another_service_and_duplicate_delivery(pipeline: Pipeline, worker, s3) -> None:
     with pipeline.client() as api:
         api.put_doc("chat.jsonl", chat_document())
-        request = TrainRequest(schema="avatune.train-request/v1", job_id="ext-" + uuid.uuid4().hex[:8],
-                               user_id=api.user_id, avatar_id=api.avatar_id, config=FAST)
+        request = TrainRequest(
+            schema="avatune.train-request/v1",
+            job_id="ext-" + uuid.uuid4().hex[:8],
+            user_id=api.user_id,
+            avatar_id=api.avatar_id,
+            config=FAST,
+        )
         send = lambda: pipeline.sqs.send_message(  # noqa: E731
-            QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-            MessageGroupId=request.message_group_id(), MessageDeduplicationId=uuid.uuid4().hex)
+            QueueUrl=pipeline.train_queue_url,
+            MessageBody=request.to_message_body(),
+            MessageGroupId=request.message_group_id(),
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
         send()  # no API call first
         done, _ = wait_for_job(api, request.job_id, {"succeeded", "failed"}, pipeline=pipeline)
         assert done["status"] == "succeeded"
-        before = s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, request.job_id))["Body"].read()
+        before = s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, request.job_id))[
+            "Body"
+        ].read()
         send()  # delivered again: nothing happens
         deadline = time.monotonic() + 30
         while not _queue_drained(pipeline) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _queue_drained(pipeline)
-        after = s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, request.job_id))["Body"].read()
+        after = s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, request.job_id))[
+            "Body"
+        ].read()
         assert after == before
         assert [v["version"] for v in api.get(f"{api.base}/adapter/versions").json()["items"]] == [1]
 
@@ -186,15 +218,27 @@ def test_second_job_reuses_the_loaded_base_model(pipeline: Pipeline, worker) -> 
 def test_rolled_back_api_job_is_dropped_and_queue_job_without_data_fails(pipeline: Pipeline, worker) -> None:
     with pipeline.client() as api:
         send = lambda req: pipeline.sqs.send_message(  # noqa: E731
-            QueueUrl=pipeline.train_queue_url, MessageBody=req.to_message_body(),
-            MessageGroupId=req.message_group_id(), MessageDeduplicationId=req.job_id)
+            QueueUrl=pipeline.train_queue_url,
+            MessageBody=req.to_message_body(),
+            MessageGroupId=req.message_group_id(),
+            MessageDeduplicationId=req.job_id,
+        )
         # The API wrote no record (it rolled back) but its message went out: nothing must run.
-        ghost = TrainRequest(schema="avatune.train-request/v1", job_id="ghost-" + uuid.uuid4().hex[:8],
-                             user_id=api.user_id, avatar_id=api.avatar_id, origin="api")
+        ghost = TrainRequest(
+            schema="avatune.train-request/v1",
+            job_id="ghost-" + uuid.uuid4().hex[:8],
+            user_id=api.user_id,
+            avatar_id=api.avatar_id,
+            origin="api",
+        )
         send(ghost)
         # Another service's request for an avatar with no flagged document: failed, with the reason.
-        empty = TrainRequest(schema="avatune.train-request/v1", job_id="empty-" + uuid.uuid4().hex[:8],
-                             user_id=api.user_id, avatar_id=api.avatar_id)
+        empty = TrainRequest(
+            schema="avatune.train-request/v1",
+            job_id="empty-" + uuid.uuid4().hex[:8],
+            user_id=api.user_id,
+            avatar_id=api.avatar_id,
+        )
         send(empty)
         done, _ = wait_for_job(api, empty.job_id, {"succeeded", "failed"}, pipeline=pipeline)
         assert done["status"] == "failed" and "use_for_training=true" in done["error"]

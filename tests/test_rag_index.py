@@ -29,82 +29,162 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # -- the labelled set: distinct made-up facts and a paraphrased question about each ------------
 
 TARGETS: list[tuple[str, str]] = [
-    ("Quorvath is a cold-water fish found only in the lakes of the Ezmer plateau; it changes colour from silver "
-     "to deep red during the spawning season.", "Which fish turns red when it breeds?"),
-    ("The Tellunar clock tower in Brask was finished in 1742 and its bells were cast from melted-down cannons.",
-     "What metal source were the bells of the Brask clock tower made from?"),
-    ("Mirelle Avondi invented the folding paper lantern that is carried at the Hallow Night festival of Pemberly.",
-     "Who came up with the paper lanterns used at Pemberly's festival?"),
-    ("Zintari bread is baked with crushed juniper seeds and buried in hot sand for six hours.",
-     "How do people cook Zintari loaves?"),
-    ("The Oskel Mountains receive almost no rain, because the Varn ridge blocks the winds from the western sea.",
-     "Why is the Oskel range so dry?"),
-    ("Professor Dagny Holm showed that the glass frogs of Urumba can survive being frozen solid for three weeks.",
-     "Which amphibian survives weeks of being frozen?"),
-    ("Flinders ball is a team sport played on ice with curved wooden paddles and a ball made of cork.",
-     "What gear do Flinders ball players use?"),
-    ("The Peshtavi language has no words for left or right; its speakers describe every position by the compass.",
-     "How do Peshtavi speakers say where things are?"),
-    ("The Rambeth satellite measured the saltiness of the oceans from orbit until it lost power in 2031.",
-     "What did the Rambeth spacecraft observe?"),
-    ("Glimmerwort is a moss that glows faintly blue in caves and was once used by miners as a natural lamp.",
-     "Which plant gave miners light underground?"),
-    ("The Castellan Treaty of 1610 ended the long salt war between the city states of Norrow and Ivel.",
-     "Which agreement brought the salt war to an end?"),
-    ("The orchestra of Kettleby performs only once a year, on the night of the first snowfall.",
-     "When does Kettleby's orchestra give its concert?"),
-    ("Brassfeather owls nest in abandoned chimneys and feed mainly on moths.",
-     "What do Brassfeather owls eat?"),
-    ("The Hollin tunnel under the Strait of Veyra is 38 kilometres long and took eleven years to dig.",
-     "How many years did building the Veyra strait tunnel take?"),
-    ("Amberleaf tea is brewed from the dried bark of the sorrel pine and tastes slightly of smoke.",
-     "What is Amberleaf tea made from?"),
-    ("The painter Osric Vale used only three colours in his entire career: ochre, black and sea green.",
-     "Which artist limited himself to three colours?"),
-    ("Duneskip racing uses sails mounted on sleds that glide across the salt flats of Harrow.",
-     "Which sport uses wind-powered sleds on salt flats?"),
-    ("The city of Lorwick banned cars from its old town in 1998 and replaced them with electric trams.",
-     "When were cars banned from Lorwick's historic centre?"),
-    ("Thornback beetles roll balls of clay to build towers up to a metre tall.",
-     "Which insect builds clay towers?"),
-    ("The Vesper Codex is a medieval manuscript describing how to predict storms from the flight of swallows.",
-     "Which old book explains forecasting the weather from birds?"),
-    ("Marrowfield cheese is aged in salt caves for two years and rubbed with ash every month.",
-     "How is Marrowfield cheese matured?"),
-    ("The inventor Tobiah Crane built a calculating machine powered by a water wheel in 1821.",
-     "Who built a water-driven calculator?"),
-    ("The sirenhorn is a brass instrument with seven bells, played at weddings in the Isles of Carrow.",
-     "What instrument is played at Carrow weddings?"),
-    ("The Pellan glacier retreats about forty metres each summer, exposing ancient pine trunks.",
-     "What is revealed as the Pellan glacier melts back?"),
-    ("Nightjar fever is a rare illness caught from the bite of sand flies; its first sign is a purple rash.",
-     "What is the first symptom of nightjar fever?"),
-    ("Harbourmaster Elin Roke ruled that ships in Fenmouth must fly a green flag when carrying grain.",
-     "What flag do grain ships at Fenmouth have to show?"),
-    ("Quillon Stadium has a retractable roof made of woven bamboo panels.",
-     "What material is the Quillon Stadium roof made of?"),
-    ("Cobalt finches migrate 6,000 kilometres from the tundra of Vask to the islands of Mere every autumn.",
-     "How far do cobalt finches travel on migration?"),
-    ("The Aldermoor school teaches children to navigate by the stars before they learn to read maps.",
-     "Which school teaches star navigation before map reading?"),
-    ("The Redwater springs in Calloway are warm all year, and their iron stains the rocks a rusty orange.",
-     "Why are the rocks orange around the Calloway springs?"),
-    ("Hexmarch is a chess variant played on a board of hexagons with two kings per player.",
-     "Which chess game uses a hexagonal board?"),
-    ("The Sunvale vineyards cover their grapes with silk nets to keep parrots away.",
-     "How do Sunvale vineyards protect the grapes from birds?"),
-    ("The poet Ysolde Marr wrote her entire epic in the margins of old tax records.",
-     "Where did Ysolde Marr write her long poem?"),
-    ("The Grelling bridge can be raised by a single person turning a crank, thanks to counterweights of river stone.",
-     "How can one person lift the Grelling bridge?"),
-    ("Frostcap mushrooms grow only on birch trees after the first frost and are poisonous when eaten raw.",
-     "Which mushroom is toxic unless cooked?"),
-    ("The merchant guild of Tarsis kept its accounts on knotted cords instead of paper.",
-     "How did the Tarsis merchants record their accounts?"),
+    (
+        "Quorvath is a cold-water fish found only in the lakes of the Ezmer plateau; it changes colour from silver "
+        "to deep red during the spawning season.",
+        "Which fish turns red when it breeds?",
+    ),
+    (
+        "The Tellunar clock tower in Brask was finished in 1742 and its bells were cast from melted-down cannons.",
+        "What metal source were the bells of the Brask clock tower made from?",
+    ),
+    (
+        "Mirelle Avondi invented the folding paper lantern that is carried at the Hallow Night festival of Pemberly.",
+        "Who came up with the paper lanterns used at Pemberly's festival?",
+    ),
+    (
+        "Zintari bread is baked with crushed juniper seeds and buried in hot sand for six hours.",
+        "How do people cook Zintari loaves?",
+    ),
+    (
+        "The Oskel Mountains receive almost no rain, because the Varn ridge blocks the winds from the western sea.",
+        "Why is the Oskel range so dry?",
+    ),
+    (
+        "Professor Dagny Holm showed that the glass frogs of Urumba can survive being frozen solid for three weeks.",
+        "Which amphibian survives weeks of being frozen?",
+    ),
+    (
+        "Flinders ball is a team sport played on ice with curved wooden paddles and a ball made of cork.",
+        "What gear do Flinders ball players use?",
+    ),
+    (
+        "The Peshtavi language has no words for left or right; its speakers describe every position by the compass.",
+        "How do Peshtavi speakers say where things are?",
+    ),
+    (
+        "The Rambeth satellite measured the saltiness of the oceans from orbit until it lost power in 2031.",
+        "What did the Rambeth spacecraft observe?",
+    ),
+    (
+        "Glimmerwort is a moss that glows faintly blue in caves and was once used by miners as a natural lamp.",
+        "Which plant gave miners light underground?",
+    ),
+    (
+        "The Castellan Treaty of 1610 ended the long salt war between the city states of Norrow and Ivel.",
+        "Which agreement brought the salt war to an end?",
+    ),
+    (
+        "The orchestra of Kettleby performs only once a year, on the night of the first snowfall.",
+        "When does Kettleby's orchestra give its concert?",
+    ),
+    ("Brassfeather owls nest in abandoned chimneys and feed mainly on moths.", "What do Brassfeather owls eat?"),
+    (
+        "The Hollin tunnel under the Strait of Veyra is 38 kilometres long and took eleven years to dig.",
+        "How many years did building the Veyra strait tunnel take?",
+    ),
+    (
+        "Amberleaf tea is brewed from the dried bark of the sorrel pine and tastes slightly of smoke.",
+        "What is Amberleaf tea made from?",
+    ),
+    (
+        "The painter Osric Vale used only three colours in his entire career: ochre, black and sea green.",
+        "Which artist limited himself to three colours?",
+    ),
+    (
+        "Duneskip racing uses sails mounted on sleds that glide across the salt flats of Harrow.",
+        "Which sport uses wind-powered sleds on salt flats?",
+    ),
+    (
+        "The city of Lorwick banned cars from its old town in 1998 and replaced them with electric trams.",
+        "When were cars banned from Lorwick's historic centre?",
+    ),
+    ("Thornback beetles roll balls of clay to build towers up to a metre tall.", "Which insect builds clay towers?"),
+    (
+        "The Vesper Codex is a medieval manuscript describing how to predict storms from the flight of swallows.",
+        "Which old book explains forecasting the weather from birds?",
+    ),
+    (
+        "Marrowfield cheese is aged in salt caves for two years and rubbed with ash every month.",
+        "How is Marrowfield cheese matured?",
+    ),
+    (
+        "The inventor Tobiah Crane built a calculating machine powered by a water wheel in 1821.",
+        "Who built a water-driven calculator?",
+    ),
+    (
+        "The sirenhorn is a brass instrument with seven bells, played at weddings in the Isles of Carrow.",
+        "What instrument is played at Carrow weddings?",
+    ),
+    (
+        "The Pellan glacier retreats about forty metres each summer, exposing ancient pine trunks.",
+        "What is revealed as the Pellan glacier melts back?",
+    ),
+    (
+        "Nightjar fever is a rare illness caught from the bite of sand flies; its first sign is a purple rash.",
+        "What is the first symptom of nightjar fever?",
+    ),
+    (
+        "Harbourmaster Elin Roke ruled that ships in Fenmouth must fly a green flag when carrying grain.",
+        "What flag do grain ships at Fenmouth have to show?",
+    ),
+    (
+        "Quillon Stadium has a retractable roof made of woven bamboo panels.",
+        "What material is the Quillon Stadium roof made of?",
+    ),
+    (
+        "Cobalt finches migrate 6,000 kilometres from the tundra of Vask to the islands of Mere every autumn.",
+        "How far do cobalt finches travel on migration?",
+    ),
+    (
+        "The Aldermoor school teaches children to navigate by the stars before they learn to read maps.",
+        "Which school teaches star navigation before map reading?",
+    ),
+    (
+        "The Redwater springs in Calloway are warm all year, and their iron stains the rocks a rusty orange.",
+        "Why are the rocks orange around the Calloway springs?",
+    ),
+    (
+        "Hexmarch is a chess variant played on a board of hexagons with two kings per player.",
+        "Which chess game uses a hexagonal board?",
+    ),
+    (
+        "The Sunvale vineyards cover their grapes with silk nets to keep parrots away.",
+        "How do Sunvale vineyards protect the grapes from birds?",
+    ),
+    (
+        "The poet Ysolde Marr wrote her entire epic in the margins of old tax records.",
+        "Where did Ysolde Marr write her long poem?",
+    ),
+    (
+        "The Grelling bridge can be raised by a single person turning a crank, thanks to counterweights of "
+        "river stone.",
+        "How can one person lift the Grelling bridge?",
+    ),
+    (
+        "Frostcap mushrooms grow only on birch trees after the first frost and are poisonous when eaten raw.",
+        "Which mushroom is toxic unless cooked?",
+    ),
+    (
+        "The merchant guild of Tarsis kept its accounts on knotted cords instead of paper.",
+        "How did the Tarsis merchants record their accounts?",
+    ),
 ]
 
-_FILLER_NAMES = ["Abrel", "Bocca", "Cendra", "Dovrin", "Elsk", "Farrow", "Gintor", "Hesket", "Ilvar", "Jossa",
-                 "Kemble", "Lunde"]
+_FILLER_NAMES = [
+    "Abrel",
+    "Bocca",
+    "Cendra",
+    "Dovrin",
+    "Elsk",
+    "Farrow",
+    "Gintor",
+    "Hesket",
+    "Ilvar",
+    "Jossa",
+    "Kemble",
+    "Lunde",
+]
 _FILLER_TEMPLATES = [
     "The village of {n} holds a market every {d} where farmers sell potatoes and wool.",
     "{n} is a small island with a lighthouse and a population of about {k} hundred people.",
@@ -118,13 +198,19 @@ _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
 def labelled_records() -> list[dict[str, Any]]:
     """108 passages: the 36 targets and 72 fillers; metadata `pid` identifies each."""
-    records = [{"text": text, "metadata": {"pid": i, "kind": "target", "even": i % 2 == 0}}
-               for i, (text, _) in enumerate(TARGETS)]
+    records = [
+        {"text": text, "metadata": {"pid": i, "kind": "target", "even": i % 2 == 0}}
+        for i, (text, _) in enumerate(TARGETS)
+    ]
     for t, template in enumerate(_FILLER_TEMPLATES):
         for j, name in enumerate(_FILLER_NAMES):
             pid = len(records)
-            records.append({"text": template.format(n=name, d=_DAYS[(t + j) % 6], k=j + 2),
-                            "metadata": {"pid": pid, "kind": "filler", "even": pid % 2 == 0}})
+            records.append(
+                {
+                    "text": template.format(n=name, d=_DAYS[(t + j) % 6], k=j + 2),
+                    "metadata": {"pid": pid, "kind": "filler", "even": pid % 2 == 0},
+                }
+            )
     return records
 
 
@@ -132,10 +218,14 @@ def jsonl(records: list[dict[str, Any]]) -> bytes:
     return ("\n".join(json.dumps(r) for r in records) + "\n").encode()
 
 
-NOTES_V1 = ("Avatune notes. The zebra crossing on Mallory Street was painted purple in 2020. "
-            "The town council meets on the second Tuesday of every month.\n")
-NOTES_V2 = ("Avatune notes, revised. The zebra crossing on Mallory Street was repainted white in 2024. "
-            "The council now meets every Friday morning in the library.\n")
+NOTES_V1 = (
+    "Avatune notes. The zebra crossing on Mallory Street was painted purple in 2020. "
+    "The town council meets on the second Tuesday of every month.\n"
+)
+NOTES_V2 = (
+    "Avatune notes, revised. The zebra crossing on Mallory Street was repainted white in 2024. "
+    "The council now meets every Friday morning in the library.\n"
+)
 GUIDE = "# Guide\n\nThe ferry to Osprey Point leaves at dawn. Tickets are sold at the harbour kiosk.\n"
 EXTRA = "# Extra\n\nThe old mill on Fen Lane grinds barley for the brewery.\n"
 
@@ -151,19 +241,34 @@ def delete_context(s3, user_id: str, avatar_id: str, name: str) -> None:
 
 
 def send(pipeline: Pipeline, request: QueueRequest) -> str:
-    pipeline.sqs.send_message(QueueUrl=pipeline.train_queue_url, MessageBody=request.to_message_body(),
-                              MessageGroupId=request.message_group_id(), MessageDeduplicationId=request.job_id)
+    pipeline.sqs.send_message(
+        QueueUrl=pipeline.train_queue_url,
+        MessageBody=request.to_message_body(),
+        MessageGroupId=request.message_group_id(),
+        MessageDeduplicationId=request.job_id,
+    )
     return request.job_id
 
 
 def index_request(api: Api, **fields: Any) -> IndexRequest:
-    return IndexRequest(schema="avatune.index-request/v1", job_id="idx-" + uuid.uuid4().hex[:12],
-                        user_id=api.user_id, avatar_id=api.avatar_id, **fields)
+    return IndexRequest(
+        schema="avatune.index-request/v1",
+        job_id="idx-" + uuid.uuid4().hex[:12],
+        user_id=api.user_id,
+        avatar_id=api.avatar_id,
+        **fields,
+    )
 
 
 def retrieve_request(api: Api, query: str, **fields: Any) -> RetrieveRequest:
-    return RetrieveRequest(schema="avatune.retrieve-request/v1", job_id="ret-" + uuid.uuid4().hex[:12],
-                           user_id=api.user_id, avatar_id=api.avatar_id, query=query, **fields)
+    return RetrieveRequest(
+        schema="avatune.retrieve-request/v1",
+        job_id="ret-" + uuid.uuid4().hex[:12],
+        user_id=api.user_id,
+        avatar_id=api.avatar_id,
+        query=query,
+        **fields,
+    )
 
 
 def run(pipeline: Pipeline, api: Api, request: QueueRequest) -> dict[str, Any]:
@@ -222,7 +327,7 @@ def test_chunks_are_exact_sentence_aligned_slices_with_overlap() -> None:
     sentences = [f"Sentence number {i} talks about topic {i * 7 % 13}." for i in range(40)]
     text = "Intro line without a stop\n\n" + " ".join(sentences) + " " + "x" * 250 + " tail words here"
     chunks = chunk_text(text, 120, 50)
-    assert all(text[c.start:c.end] == c.text and 0 < len(c.text) <= 120 for c in chunks)
+    assert all(text[c.start : c.end] == c.text and 0 < len(c.text) <= 120 for c in chunks)
     # A blank line ends a sentence (here the next one would not fit beside it).
     assert chunk_text(text, 60, 0)[0].text == "Intro line without a stop"
     body = [c for c in chunks if c.text.startswith("Sentence")]
@@ -265,7 +370,7 @@ def test_index_then_incremental_reindex(pipeline: Pipeline, indexed: Api, s3) ->
     # The edit is what retrieval sees now; the deleted document is gone.
     top = retrieve(pipeline, api, "What colour is the zebra crossing on Mallory Street?", top_k=1)[0]
     assert top["source"] == "notes.txt" and "white" in top["text"]
-    assert NOTES_V2[top["start"]:top["end"]] == top["text"]  # offsets locate the passage in its document
+    assert NOTES_V2[top["start"] : top["end"]] == top["text"]  # offsets locate the passage in its document
     head = s3.head_object(Bucket=TEST_BUCKET, Key=context_document_key(api.user_id, api.avatar_id, "notes.txt"))
     assert top["etag"] == head["ETag"].strip('"')
     ferry = retrieve(pipeline, api, "When does the ferry to Osprey Point leave?", top_k=5)
@@ -303,7 +408,10 @@ def test_retrieval_recall_at_5_on_the_labelled_set(pipeline: Pipeline, indexed: 
         assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
         hits += any(p["metadata"].get("pid") == pid for p in passages)
     recall = hits / len(TARGETS)
-    print(f"\nrecall@5 = {recall:.3f} ({hits}/{len(TARGETS)} queries, {len(labelled_records())} passages, {DEFAULT_MODEL})")
+    print(
+        f"\nrecall@5 = {recall:.3f} ({hits}/{len(TARGETS)} queries, {len(labelled_records())} passages, "
+        f"{DEFAULT_MODEL})"
+    )
     assert len(TARGETS) >= 30 and len(labelled_records()) >= 100
     assert recall >= 0.9
 
@@ -375,7 +483,8 @@ def test_tenant_isolation(pipeline: Pipeline, indexed: Api, s3) -> None:
 
 
 def test_embedding_model_mismatch_is_refused_and_a_new_model_reindexes(
-        pipeline: Pipeline, worker, s3, tiny_model_dir: Path, tmp_path_factory) -> None:
+    pipeline: Pipeline, worker, s3, tiny_model_dir: Path, tmp_path_factory
+) -> None:
     """A worker with another EMBEDDING_MODEL (the same weights under another name: a local
     path) refuses to query an index built with the default model, and its index job embeds
     everything again with its own model."""
@@ -401,8 +510,12 @@ def test_embedding_model_mismatch_is_refused_and_a_new_model_reindexes(
         rebuilt = done["result"]
         assert rebuilt["embedding_model"] == other_model and rebuilt["full"] is True
         assert "embedding model changed" in rebuilt["full_reason"]
-        assert counts(rebuilt) == {"documents_added": 0, "documents_changed": 2, "documents_removed": 0,
-                                   "documents_kept": 0}
+        assert counts(rebuilt) == {
+            "documents_added": 0,
+            "documents_changed": 2,
+            "documents_removed": 0,
+            "documents_kept": 0,
+        }
         assert rebuilt["chunks_added"] == rebuilt["chunks_removed"] == built["chunks"]
         found = run(other, api, retrieve_request(api, "When does the ferry leave?", top_k=1))
         assert found["status"] == "succeeded" and found["result"]["passages"][0]["source"] == "two.md"
@@ -431,4 +544,4 @@ def test_through_the_api_routes(pipeline: Pipeline, worker) -> None:
         assert done["status"] == "succeeded" and done["type"] == "retrieve", done
         [passage] = done["result"]["passages"]
         assert passage["source"] == "notes.txt" and "library" in passage["text"]
-        assert NOTES_V2[passage["start"]:passage["end"]] == passage["text"]
+        assert NOTES_V2[passage["start"] : passage["end"]] == passage["text"]

@@ -58,13 +58,17 @@ def test_warm_start_trains_only_on_new_documents(pipeline: Pipeline, worker, s3)
         v1_config = json.loads(version_file(s3, api, 1, "adapter_config.json"))
         v2_config = json.loads(version_file(s3, api, 2, "adapter_config.json"))
         assert v1_config["r"] == v2_config["r"] == 4  # a fresh adapter would have r 8
-        assert version_file(s3, api, 1, "adapter_model.safetensors") != version_file(s3, api, 2, "adapter_model.safetensors")
+        assert version_file(s3, api, 1, "adapter_model.safetensors") != version_file(
+            s3, api, 2, "adapter_model.safetensors"
+        )
 
         # Nothing added or changed since version 2: nothing to train on.
         idle = train(api, pipeline, {**FAST, "warm_start": True})
         assert idle["status"] == "failed" and "nothing new to train on" in idle["error"], idle
         assert idle["adapter_version"] is None
-        manifest = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_manifest_key(api.user_id, api.avatar_id))["Body"].read()
+        manifest = s3.get_object(Bucket=TEST_BUCKET, Key=adapter_manifest_key(api.user_id, api.avatar_id))[
+            "Body"
+        ].read()
         assert json.loads(manifest)["current_version"] == 2
 
         # A changed document (new ETag) is new again; what versions 1 and 2 saw is still skipped.

@@ -133,9 +133,16 @@ def events_env(monkeypatch, kms_key: str) -> None:
 
 
 def sqs_record(body: str, message_id: str | None = None) -> dict:
-    return {"messageId": message_id or str(uuid.uuid4()), "receiptHandle": "rh-" + uuid.uuid4().hex, "body": body,
-            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {}, "eventSource": "aws:sqs",
-            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:avatune-events", "awsRegion": "us-east-1"}
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": "rh-" + uuid.uuid4().hex,
+        "body": body,
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:avatune-events",
+        "awsRegion": "us-east-1",
+    }
 
 
 def secret_header() -> str:
@@ -154,8 +161,14 @@ def finished_job(s3, callbacks: dict[str, Any], sealer=None, status: str = "succ
 
 def final_event(record: JobRecord, event: str = "job.succeeded") -> JobEvent:
     status = event.removeprefix("job.")
-    return JobEvent(event=event, job_id=record.id, user_id=record.user_id, avatar_id=record.avatar_id,
-                    status=status, adapter_version=record.adapter_version)
+    return JobEvent(
+        event=event,
+        job_id=record.id,
+        user_id=record.user_id,
+        avatar_id=record.avatar_id,
+        status=status,
+        adapter_version=record.adapter_version,
+    )
 
 
 def all_logs(caplog, pipeline: Pipeline) -> str:
@@ -164,8 +177,9 @@ def all_logs(caplog, pipeline: Pipeline) -> str:
 
 
 def objects_text(s3, prefix: str) -> str:
-    return "\n".join(s3.get_object(Bucket=TEST_BUCKET, Key=k)["Body"].read().decode("latin-1")
-                     for k in keys_under(s3, prefix))
+    return "\n".join(
+        s3.get_object(Bucket=TEST_BUCKET, Key=k)["Body"].read().decode("latin-1") for k in keys_under(s3, prefix)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,26 +196,40 @@ def test_final_event_reaches_the_webhook_signed_with_the_jobs_header(
     api = pipeline.client()
     assert api.put_doc("chat.jsonl", chat_document()).status_code == 201
     hook = f"/hook/{uuid.uuid4().hex}"
-    body = {**FAST, "callbacks": {"webhook_url": receiver.url(hook), "auth_header": header, "allow_private": True,
-                                  "signing_secret_ref": SIGNING_ENV}}
+    body = {
+        **FAST,
+        "callbacks": {
+            "webhook_url": receiver.url(hook),
+            "auth_header": header,
+            "allow_private": True,
+            "signing_secret_ref": SIGNING_ENV,
+        },
+    }
     r = api.post(f"{api.base}/training-jobs", json=body)
     assert r.status_code == 202, r.text
     assert header not in r.text and "auth_header" not in r.text
     job_id = r.json()["id"]
-    assert r.json()["spec"]["callbacks"] == {"webhook_url": receiver.url(hook), "allow_private": True,
-                                             "signing_secret_ref": SIGNING_ENV}
+    assert r.json()["spec"]["callbacks"] == {
+        "webhook_url": receiver.url(hook),
+        "allow_private": True,
+        "signing_secret_ref": SIGNING_ENV,
+    }
 
     # The train request on the queue carries the sealed header only (peeked before any worker runs).
     sqs = pipeline.sqs
-    messages = sqs.receive_message(QueueUrl=pipeline.train_queue_url, MaxNumberOfMessages=1,
-                                   WaitTimeSeconds=5).get("Messages", [])
+    messages = sqs.receive_message(QueueUrl=pipeline.train_queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=5).get(
+        "Messages", []
+    )
     assert messages, "the train request was not queued"
-    sqs.change_message_visibility(QueueUrl=pipeline.train_queue_url, ReceiptHandle=messages[0]["ReceiptHandle"],
-                                  VisibilityTimeout=0)
+    sqs.change_message_visibility(
+        QueueUrl=pipeline.train_queue_url, ReceiptHandle=messages[0]["ReceiptHandle"], VisibilityTimeout=0
+    )
     queued = json.loads(messages[0]["Body"])
     assert queued["job_id"] == job_id
     assert header not in messages[0]["Body"] and MASKED_SECRET not in messages[0]["Body"]
-    assert queued["callbacks"]["auth_header"] is None and queued["callbacks"]["auth_header_sealed"].startswith("kms:v1:")
+    assert queued["callbacks"]["auth_header"] is None and queued["callbacks"]["auth_header_sealed"].startswith(
+        "kms:v1:"
+    )
 
     pipeline.start_worker()
     done, _ = wait_for_job(api, job_id, {"succeeded", "failed"}, pipeline=pipeline)
@@ -229,7 +257,8 @@ def test_final_event_reaches_the_webhook_signed_with_the_jobs_header(
 
     # The record holds the KMS-sealed value; nothing shows the header in plain text.
     record = JobRecord.model_validate_json(
-        s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, job_id))["Body"].read())
+        s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, job_id))["Body"].read()
+    )
     assert record.spec.callbacks is not None and record.spec.callbacks.auth_header is None
     assert record.spec.callbacks.auth_header_sealed.startswith("kms:v1:")
     shown = api.get(f"{api.base}/training-jobs/{job_id}")
@@ -245,18 +274,29 @@ def test_final_event_reaches_the_webhook_signed_with_the_jobs_header(
 def test_api_refuses_bad_webhook_targets(sealing_pipeline: Pipeline, s3) -> None:
     api = sealing_pipeline.client()
     assert api.put_doc("chat.jsonl", chat_document(8)).status_code == 201
-    for url, why in [("ftp://hooks.example.com/x", "http"), ("http://10.1.2.3/hook", "non-public"),
-                     ("http://[::ffff:127.0.0.1]:8080/", "non-public"), ("http://169.254.169.254/latest", "non-public"),
-                     ("https://user:pw@hooks.example.com/", "credentials")]:
+    for url, why in [
+        ("ftp://hooks.example.com/x", "http"),
+        ("http://10.1.2.3/hook", "non-public"),
+        ("http://[::ffff:127.0.0.1]:8080/", "non-public"),
+        ("http://169.254.169.254/latest", "non-public"),
+        ("https://user:pw@hooks.example.com/", "credentials"),
+    ]:
         r = api.post(f"{api.base}/training-jobs", json={**FAST, "callbacks": {"webhook_url": url}})
         assert r.status_code == 422, (url, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
         assert why in r.json()["detail"], r.json()
-    r = api.post(f"{api.base}/training-jobs", json={**FAST, "callbacks": {
-        "webhook_url": "https://hooks.example.com/x", "auth_header": MASKED_SECRET}})
+    r = api.post(
+        f"{api.base}/training-jobs",
+        json={**FAST, "callbacks": {"webhook_url": "https://hooks.example.com/x", "auth_header": MASKED_SECRET}},
+    )
     assert r.status_code == 422 and "masked" in r.json()["detail"], r.text
-    r = api.post(f"{api.base}/training-jobs", json={**FAST, "callbacks": {
-        "webhook_url": "https://hooks.example.com/x", "signing_secret_ref": "AWS_SECRET_ACCESS_KEY"}})
+    r = api.post(
+        f"{api.base}/training-jobs",
+        json={
+            **FAST,
+            "callbacks": {"webhook_url": "https://hooks.example.com/x", "signing_secret_ref": "AWS_SECRET_ACCESS_KEY"},
+        },
+    )
     assert r.status_code == 422, r.text
     assert api.get(f"{api.base}/training-jobs").json()["items"] == []
     assert keys_under(s3, f"users/{api.user_id}/avatars/{api.avatar_id}/adapters/jobs/") == []
@@ -266,8 +306,10 @@ def test_api_without_a_sealer_refuses_an_auth_header(api) -> None:
     """The session's API has no CALLBACK_SEALER: a header it cannot encrypt is not stored."""
     assert api.put_doc("chat.jsonl", chat_document(8)).status_code == 201
     header = secret_header()
-    r = api.post(f"{api.base}/training-jobs", json={**FAST, "callbacks": {
-        "webhook_url": "https://hooks.example.com/x", "auth_header": header}})
+    r = api.post(
+        f"{api.base}/training-jobs",
+        json={**FAST, "callbacks": {"webhook_url": "https://hooks.example.com/x", "auth_header": header}},
+    )
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "callbacks.auth_header" and header not in r.text
     assert api.get(f"{api.base}/training-jobs").json()["items"] == []
@@ -282,8 +324,9 @@ def test_a_500_is_retried_and_then_delivered(receiver: Receiver, events_env, kms
     hook = f"/flaky/{uuid.uuid4().hex}"
     receiver.script[hook] = [500, 429]
     header = secret_header()
-    record = finished_job(s3, {"webhook_url": receiver.url(hook), "auth_header": header, "allow_private": True},
-                          KmsSealer(kms_key))
+    record = finished_job(
+        s3, {"webhook_url": receiver.url(hook), "auth_header": header, "allow_private": True}, KmsSealer(kms_key)
+    )
     event = final_event(record, "job.failed")
     response = handler({"Records": [sqs_record(event.to_message_body(), "m1")]}, None)
     assert response == {"batchItemFailures": []}
@@ -301,8 +344,9 @@ def test_a_receiver_still_failing_fails_only_its_record(receiver: Receiver, even
     receiver.script[down_hook] = [503] * 10
     receiver.script[refusing_hook] = [404]
     sealer = KmsSealer(kms_key)
-    ok = finished_job(s3, {"webhook_url": receiver.url(ok_hook), "allow_private": True,
-                           "signing_secret_ref": SIGNING_ENV}, sealer)
+    ok = finished_job(
+        s3, {"webhook_url": receiver.url(ok_hook), "allow_private": True, "signing_secret_ref": SIGNING_ENV}, sealer
+    )
     down = finished_job(s3, {"webhook_url": receiver.url(down_hook), "allow_private": True}, sealer)
     refusing = finished_job(s3, {"webhook_url": receiver.url(refusing_hook), "allow_private": True}, sealer)
     no_hook = finished_job(s3, {}, sealer)
@@ -316,15 +360,17 @@ def test_a_receiver_still_failing_fails_only_its_record(receiver: Receiver, even
     response = handler({"Records": records}, None)
     assert response == {"batchItemFailures": [{"itemIdentifier": "down"}, {"itemIdentifier": "malformed"}]}
     assert len(receiver.to(ok_hook)) == 1
-    assert verify_signature(SIGNING_SECRET, receiver.to(ok_hook)[0]["headers"]["Avatune-Signature"],
-                            receiver.to(ok_hook)[0]["body"])
+    assert verify_signature(
+        SIGNING_SECRET, receiver.to(ok_hook)[0]["headers"]["Avatune-Signature"], receiver.to(ok_hook)[0]["body"]
+    )
     assert len(receiver.to(down_hook)) == 3  # WEBHOOK_ATTEMPTS (default 3), then SQS redelivers
     assert len(receiver.to(refusing_hook)) == 1  # a 4xx is the receiver's answer: not retried
     assert "webhook rejected by the receiver" in caplog.text
 
 
-def test_private_addresses_are_refused_unless_both_sides_allow(receiver: Receiver, events_env, monkeypatch, s3,
-                                                               caplog) -> None:
+def test_private_addresses_are_refused_unless_both_sides_allow(
+    receiver: Receiver, events_env, monkeypatch, s3, caplog
+) -> None:
     caplog.set_level(logging.INFO)
     hook = f"/private/{uuid.uuid4().hex}"
     # a name that resolves to loopback, the job not allowing private targets
@@ -363,24 +409,54 @@ def test_the_connection_is_pinned_to_the_checked_address(receiver: Receiver) -> 
     assert status == 200 and asked == ["hooks.example.test"]
     assert receiver.to("/pinned")[-1]["headers"]["Host"] == f"hooks.example.test:{receiver.port}"
 
-    for addresses in (["93.184.216.34", "10.0.0.1"], ["::ffff:127.0.0.1"], ["fe80::1"], ["0.0.0.0"], ["224.0.0.1"],
-                      ["100.64.0.1"], ["2002:7f00:1::1"], ["64:ff9b::a00:1"]):
+    for addresses in (
+        ["93.184.216.34", "10.0.0.1"],
+        ["::ffff:127.0.0.1"],
+        ["fe80::1"],
+        ["0.0.0.0"],
+        ["224.0.0.1"],
+        ["100.64.0.1"],
+        ["2002:7f00:1::1"],
+        ["64:ff9b::a00:1"],
+    ):
         with pytest.raises(webhooks.WebhookRefused):
             webhooks.checked_target("https://hooks.example.test/x", False, lambda h, p, a=addresses: a)
-    assert webhooks.checked_target("https://hooks.example.test/x?a=1", False,
-                                   lambda h, p: ["93.184.216.34"]).path == "/x?a=1"
+    assert (
+        webhooks.checked_target("https://hooks.example.test/x?a=1", False, lambda h, p: ["93.184.216.34"]).path
+        == "/x?a=1"
+    )
 
 
 def test_url_and_address_checks() -> None:
-    for ip in ("127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "::1", "::",
-               "fc00::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1", "240.0.0.1", "100.64.0.1"):
+    for ip in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "::1",
+        "::",
+        "fc00::1",
+        "fe80::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "240.0.0.1",
+        "100.64.0.1",
+    ):
         assert not is_public_address(literal_ip(ip)), ip
     for ip in ("93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"):
         assert is_public_address(literal_ip(ip)), ip
     assert check_webhook_url("https://hooks.example.com/a?b=c") == "https://hooks.example.com/a?b=c"
     assert check_webhook_url("http://127.0.0.1:9000/", allow_private=True)
-    for bad in ("file:///etc/passwd", "gopher://x", "http:///nohost", "http://[::1]/", "http://a b.com/",
-                "https://x.com:99999/"):
+    for bad in (
+        "file:///etc/passwd",
+        "gopher://x",
+        "http:///nohost",
+        "http://[::1]/",
+        "http://a b.com/",
+        "https://x.com:99999/",
+    ):
         with pytest.raises(ValueError):
             check_webhook_url(bad)
 
@@ -425,10 +501,13 @@ def test_sealer_from_env() -> None:
     assert sealer_from_env({}) is None
     assert isinstance(sealer_from_env({"DEV_MODE": "true"}), LocalSealer)
     assert isinstance(sealer_from_env({"CALLBACK_SEAL_KEY": DEV_SEAL_KEY}), LocalSealer)
-    assert isinstance(sealer_from_env({"CALLBACK_KMS_KEY_ID": "alias/x", "AWS_DEFAULT_REGION": "us-east-1"}),
-                      KmsSealer)
-    for env in ({"CALLBACK_SEALER": "kms"}, {"CALLBACK_SEALER": "local"}, {"CALLBACK_SEALER": "rot13"},
-                {"CALLBACK_SEALER": "local", "CALLBACK_SEAL_KEY": "not-a-key"}):
+    assert isinstance(sealer_from_env({"CALLBACK_KMS_KEY_ID": "alias/x", "AWS_DEFAULT_REGION": "us-east-1"}), KmsSealer)
+    for env in (
+        {"CALLBACK_SEALER": "kms"},
+        {"CALLBACK_SEALER": "local"},
+        {"CALLBACK_SEALER": "rot13"},
+        {"CALLBACK_SEALER": "local", "CALLBACK_SEAL_KEY": "not-a-key"},
+    ):
         with pytest.raises(SealError):
             sealer_from_env(env)
 
@@ -436,8 +515,13 @@ def test_sealer_from_env() -> None:
 def test_a_masked_dump_is_never_taken_for_a_header() -> None:
     """pydantic dumps a SecretStr as '**********': such a dump cannot pass for a header."""
     header = secret_header()
-    request = TrainRequest(schema_=TRAIN_REQUEST_SCHEMA, job_id="job-1", user_id="alice", avatar_id="a1",
-                           callbacks=Callbacks(webhook_url="https://hooks.example.com/x", auth_header=header))
+    request = TrainRequest(
+        schema_=TRAIN_REQUEST_SCHEMA,
+        job_id="job-1",
+        user_id="alice",
+        avatar_id="a1",
+        callbacks=Callbacks(webhook_url="https://hooks.example.com/x", auth_header=header),
+    )
     body = request.to_message_body()
     assert header not in body and MASKED_SECRET in body
     with pytest.raises(InvalidMessage, match="masked"):
@@ -454,8 +538,15 @@ def test_trainer_seals_a_queued_requests_header() -> None:
     from trainer.job_runner import _queue_record
 
     header = secret_header()
-    body = json.dumps({"schema": TRAIN_REQUEST_SCHEMA, "job_id": "job-1", "user_id": "alice", "avatar_id": "a1",
-                       "callbacks": {"webhook_url": "https://hooks.example.com/x", "auth_header": header}})
+    body = json.dumps(
+        {
+            "schema": TRAIN_REQUEST_SCHEMA,
+            "job_id": "job-1",
+            "user_id": "alice",
+            "avatar_id": "a1",
+            "callbacks": {"webhook_url": "https://hooks.example.com/x", "auth_header": header},
+        }
+    )
     request = parse_train_queue_message(body)
     sealer = LocalSealer(DEV_SEAL_KEY)
     record = _queue_record(request, sealer)

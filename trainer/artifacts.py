@@ -71,9 +71,11 @@ class ArtifactStore:
 
     def _child_numbers(self, prefix: str) -> list[int]:
         numbers = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix, Delimiter="/"):
+        for page in self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=prefix, Delimiter="/"
+        ):
             for p in page.get("CommonPrefixes", []):
-                part = p["Prefix"][len(prefix):].rstrip("/")
+                part = p["Prefix"][len(prefix) :].rstrip("/")
                 if part.isdigit():
                     numbers.append(int(part))
         return sorted(numbers)
@@ -146,8 +148,16 @@ class ArtifactStore:
         return manifest
 
     def publish(
-        self, user_id: str, avatar_id: str, adapter_dir: Path, *, job_id: str, base_model: str,
-        metrics: dict[str, Any], keep_versions: int, extra_files: dict[str, Path] | None = None,
+        self,
+        user_id: str,
+        avatar_id: str,
+        adapter_dir: Path,
+        *,
+        job_id: str,
+        base_model: str,
+        metrics: dict[str, Any],
+        keep_versions: int,
+        extra_files: dict[str, Path] | None = None,
         promote: bool = True,
     ) -> int:
         """Store the adapter in `adapter_dir` as the next version, with `extra_files` (samples.json,
@@ -172,13 +182,20 @@ class ArtifactStore:
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
         for name, path in extra.items():  # before metrics.json, which marks the version complete
-            self._s3.upload_file(str(path), self._bucket, prefix + name,
-                                 ExtraArgs={"ContentType": _content_type(name)})
+            self._s3.upload_file(str(path), self._bucket, prefix + name, ExtraArgs={"ContentType": _content_type(name)})
         meta = VersionMetrics(version=version, job_id=job_id, base_model=base_model, metrics=metrics)
         self._put_json(prefix + METRICS_FILE, _with_files(meta, hashes))
         if promote:
-            self.make_current(user_id, avatar_id, version, job_id=job_id, base_model=base_model, metrics=metrics,
-                              hashes=hashes, source_dir=adapter_dir)
+            self.make_current(
+                user_id,
+                avatar_id,
+                version,
+                job_id=job_id,
+                base_model=base_model,
+                metrics=metrics,
+                hashes=hashes,
+                source_dir=adapter_dir,
+            )
         self.prune(user_id, avatar_id, keep_versions, protect=version)
         return version
 
@@ -194,17 +211,31 @@ class ArtifactStore:
             return meta  # promoted already, or a newer version is current by now
         prefix, current = adapter_version_prefix(user_id, avatar_id, version), adapter_prefix(user_id, avatar_id)
         for name in ADAPTER_FILES:
-            self._s3.copy_object(Bucket=self._bucket, Key=current + name,
-                                 CopySource={"Bucket": self._bucket, "Key": prefix + name})
-        promoted = AdapterManifest(current_version=version, job_id=meta.job_id, base_model=meta.base_model,
-                                   files=meta.files, metrics=meta.metrics)
+            self._s3.copy_object(
+                Bucket=self._bucket, Key=current + name, CopySource={"Bucket": self._bucket, "Key": prefix + name}
+            )
+        promoted = AdapterManifest(
+            current_version=version,
+            job_id=meta.job_id,
+            base_model=meta.base_model,
+            files=meta.files,
+            metrics=meta.metrics,
+        )
         self._put_json(adapter_manifest_key(user_id, avatar_id), promoted.model_dump_json(by_alias=True))
         log.info("version %d of job %s promoted on retry", version, meta.job_id)
         return meta
 
     def make_current(
-        self, user_id: str, avatar_id: str, version: int, *, job_id: str | None, base_model: str | None,
-        metrics: dict[str, Any], hashes: dict[str, str], source_dir: Path,
+        self,
+        user_id: str,
+        avatar_id: str,
+        version: int,
+        *,
+        job_id: str | None,
+        base_model: str | None,
+        metrics: dict[str, Any],
+        hashes: dict[str, str],
+        source_dir: Path,
     ) -> None:
         current = adapter_prefix(user_id, avatar_id)
         for name in ADAPTER_FILES:
@@ -227,7 +258,9 @@ class ArtifactStore:
 
     def merged_manifest(self, user_id: str, avatar_id: str, version: int) -> MergedManifest | None:
         """The manifest of version `version` merged, or None while there is no complete one."""
-        return self._get_model(merged_version_prefix(user_id, avatar_id, version) + MERGED_MANIFEST_FILE, MergedManifest)
+        return self._get_model(
+            merged_version_prefix(user_id, avatar_id, version) + MERGED_MANIFEST_FILE, MergedManifest
+        )
 
     def publish_merged(self, user_id: str, avatar_id: str, model_dir: Path, manifest: MergedManifest) -> MergedManifest:
         """Upload the merged model in `model_dir` to `merged/{version}/`, `manifest.json` last.
@@ -243,15 +276,16 @@ class ArtifactStore:
         self._s3.delete_object(Bucket=self._bucket, Key=prefix + MERGED_MANIFEST_FILE)
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
-        self._delete_keys([k for k in self._keys(prefix) if k[len(prefix):] not in files])
+        self._delete_keys([k for k in self._keys(prefix) if k[len(prefix) :] not in files])
         self._put_json(prefix + MERGED_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
         return manifest
 
     # -- full fine-tunes (method full) -----------------------------------------------------
 
     def full_manifest(self, user_id: str, avatar_id: str, version: int) -> FullModelManifest | None:
-        return self._get_model(full_model_version_prefix(user_id, avatar_id, version) + FULL_MODEL_MANIFEST_FILE,
-                               FullModelManifest)
+        return self._get_model(
+            full_model_version_prefix(user_id, avatar_id, version) + FULL_MODEL_MANIFEST_FILE, FullModelManifest
+        )
 
     def full_version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
         """The full-model version a job already published (a retried job must not publish twice)."""
@@ -261,7 +295,9 @@ class ArtifactStore:
                 return version
         return None
 
-    def publish_full(self, user_id: str, avatar_id: str, model_dir: Path, manifest: FullModelManifest) -> FullModelManifest:
+    def publish_full(
+        self, user_id: str, avatar_id: str, model_dir: Path, manifest: FullModelManifest
+    ) -> FullModelManifest:
         """Upload a whole model to the next `full/{version}/` (claimed like adapter versions), its
         `manifest.json` last; returns the manifest written (version and files' sha256 filled in)."""
         files = {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
@@ -277,8 +313,9 @@ class ArtifactStore:
                     continue
                 raise
             break
-        manifest = manifest.model_copy(update={
-            "version": version, "files": {name: sha256_file(path) for name, path in files.items()}})
+        manifest = manifest.model_copy(
+            update={"version": version, "files": {name: sha256_file(path) for name, path in files.items()}}
+        )
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
         self._put_json(prefix + FULL_MODEL_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
@@ -302,15 +339,16 @@ class ArtifactStore:
         base = checkpoint_prefix(user_id, avatar_id, job_id)
         keys = set(self._keys(base))
         complete = [
-            int(k[len(base):].split("/")[0]) for k in keys
-            if k.endswith("/" + CHECKPOINT_COMPLETE_MARKER) and k[len(base):].split("/")[0].isdigit()
+            int(k[len(base) :].split("/")[0])
+            for k in keys
+            if k.endswith("/" + CHECKPOINT_COMPLETE_MARKER) and k[len(base) :].split("/")[0].isdigit()
         ]
         return max(complete, default=None)
 
     def download_checkpoint(self, user_id: str, avatar_id: str, job_id: str, step: int, dest: Path) -> Path:
         prefix = f"{checkpoint_prefix(user_id, avatar_id, job_id)}{step:09d}/"
         for key in self._keys(prefix):
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
             if rel == CHECKPOINT_COMPLETE_MARKER:
                 continue
             target = dest / rel

@@ -45,7 +45,7 @@ class QuantOptions:
     double_quant: bool = True
     compute_dtype: str | None = None  # None: bfloat16 on CPU or a bf16-capable GPU, else float16
 
-    def resolved(self, device: torch.device) -> "QuantOptions":
+    def resolved(self, device: torch.device) -> QuantOptions:
         if self.compute_dtype is not None:
             return self
         bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -97,7 +97,9 @@ def _load_4bit(name: str, common: dict[str, Any], device: torch.device, quant: Q
         bnb_4bit_compute_dtype=_DTYPES[quant.compute_dtype or "bfloat16"],
     )
     return AutoModelForCausalLM.from_pretrained(
-        name, quantization_config=config, device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
+        name,
+        quantization_config=config,
+        device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
         **common,
     )
 
@@ -119,8 +121,15 @@ class BaseModelCache:
             common["revision"] = revision
         return common
 
-    def get(self, name: str, method: str, quant: QuantOptions | None = None, *, revision: str | None = None,
-            token: str | None = None) -> LoadedBase:
+    def get(
+        self,
+        name: str,
+        method: str,
+        quant: QuantOptions | None = None,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+    ) -> LoadedBase:
         quant = (quant or QuantOptions()).resolved(_device()) if method == "qlora" else None
         key = (name, revision, method, quant)
         if self._loaded is not None and self._key == key:
@@ -139,8 +148,9 @@ class BaseModelCache:
             return self._loaded.tokenizer
         return self._load_tokenizer(name, revision, token)
 
-    def load_private(self, name: str, dtype: torch.dtype, *, revision: str | None = None,
-                     token: str | None = None) -> Any:
+    def load_private(
+        self, name: str, dtype: torch.dtype, *, revision: str | None = None, token: str | None = None
+    ) -> Any:
         """A fresh, uncached copy of the base in `dtype` (never quantised) on this worker's
         device, for rewriting its weights (merging, full fine-tuning); the caller owns it and
         frees it. The cached base is left alone."""
@@ -150,14 +160,17 @@ class BaseModelCache:
         log.info("loaded %s (%s, uncached) on %s", name, dtype, device)
         return model
 
-    def load_16bit(self, name: str, dtype: torch.dtype = torch.bfloat16, *, revision: str | None = None,
-                   token: str | None = None) -> Any:
+    def load_16bit(
+        self, name: str, dtype: torch.dtype = torch.bfloat16, *, revision: str | None = None, token: str | None = None
+    ) -> Any:
         """`load_private` in 16-bit: what fuse jobs merge an adapter into."""
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"load_16bit takes a 16-bit dtype, not {dtype}")
         return self.load_private(name, dtype, revision=revision, token=token)
 
-    def stock_tokenizer(self, name: str, *, revision: str | None = None, token: str | None = None) -> PreTrainedTokenizerBase:
+    def stock_tokenizer(
+        self, name: str, *, revision: str | None = None, token: str | None = None
+    ) -> PreTrainedTokenizerBase:
         """The base's tokenizer exactly as published (no pad token added): what ships with a saved model."""
         return AutoTokenizer.from_pretrained(name, **self._common(revision, token))
 
@@ -167,8 +180,9 @@ class BaseModelCache:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def _load(self, name: str, method: str, quant: QuantOptions | None, revision: str | None,
-              token: str | None) -> LoadedBase:
+    def _load(
+        self, name: str, method: str, quant: QuantOptions | None, revision: str | None, token: str | None
+    ) -> LoadedBase:
         device = _device()
         common = self._common(revision, token)
         tokenizer = self._load_tokenizer(name, revision, token)
@@ -190,8 +204,16 @@ class BaseModelCache:
 # -- where a job's base comes from ---------------------------------------------------------
 
 
-def resolve_base(spec_base: Any, *, default: str, user_id: str, bucket: str, allowed_prefixes: list[str],
-                 s3: Any, cache_dir: str | None) -> BaseRef:
+def resolve_base(
+    spec_base: Any,
+    *,
+    default: str,
+    user_id: str,
+    bucket: str,
+    allowed_prefixes: list[str],
+    s3: Any,
+    cache_dir: str | None,
+) -> BaseRef:
     """The base a job asked for (`JobSpec.base_model`, or None) as a loadable `BaseRef`.
 
     - `token_env` names an environment variable of this worker holding the hub token; a missing
@@ -213,8 +235,10 @@ def resolve_base(spec_base: Any, *, default: str, user_id: str, bucket: str, all
     except InvalidS3Uri as exc:
         raise JobFailure(f"base_model.name: {exc}") from None
     if not (within_user_prefix(uri, bucket, user_id) or within_prefixes(uri, allowed_prefixes)):
-        raise JobFailure(f"base_model.name {name!r} is outside your prefix s3://{bucket}/users/{user_id}/ "
-                         "and the prefixes this trainer allows (BASE_MODEL_S3_ALLOWED_PREFIXES)")
+        raise JobFailure(
+            f"base_model.name {name!r} is outside your prefix s3://{bucket}/users/{user_id}/ "
+            "and the prefixes this trainer allows (BASE_MODEL_S3_ALLOWED_PREFIXES)"
+        )
     if revision:
         raise JobFailure("base_model.revision applies to hub models, not to an s3:// base")
     local = fetch_s3_model(s3, uri, Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "avatune-models")
@@ -227,7 +251,7 @@ def fetch_s3_model(s3: Any, uri: S3Uri, cache_root: Path) -> Path:
     objects: list[tuple[str, str]] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.key):
         for obj in page.get("Contents", []):
-            rel = obj["Key"][len(uri.key):]
+            rel = obj["Key"][len(uri.key) :]
             if rel and not rel.endswith("/"):
                 objects.append((rel, obj["ETag"]))
     if not any(rel == "config.json" for rel, _ in objects):

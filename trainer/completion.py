@@ -73,21 +73,28 @@ def greedy_new_token_ids(model: Any, tokenizer: Any, prompt_ids: list[int], max_
     try:
         with torch.inference_mode():
             output = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
                 # Unset sampling knobs a checkpoint's generation config may carry: greedy ignores them anyway.
-                temperature=None, top_p=None, top_k=None,
-                eos_token_id=end_ids or None, pad_token_id=pad_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=end_ids or None,
+                pad_token_id=pad_id,
                 use_cache=True,  # training may have switched the config's cache off
             )
     finally:
         if was_training:
             model.train()
-    return output[0, len(prompt_ids):].tolist()
+    return output[0, len(prompt_ids) :].tolist()
 
 
-def generate_completion(model: Any, tokenizer: Any, messages: Sequence[Message],
-                        max_new_tokens: int) -> tuple[str, CompletionFacts]:
+def generate_completion(
+    model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int
+) -> tuple[str, CompletionFacts]:
     """Greedy-decode at most `max_new_tokens` after `messages` (chat template applied, with
     the generation prompt) and return (completion text, facts). Only the new tokens are
     decoded, without special tokens. `model` may be a plain model or a PeftModel; it is put
@@ -103,8 +110,10 @@ def generate_completion(model: Any, tokenizer: Any, messages: Sequence[Message],
     prompt_tokens = int(encoded["input_ids"].shape[1])
     window = _context_window(model)
     if window is not None and prompt_tokens + max_new_tokens > window:
-        raise PromptTooLong(f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
-                            f"exceeds the model's context window of {window} tokens")
+        raise PromptTooLong(
+            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
+            f"exceeds the model's context window of {window} tokens"
+        )
     started = time.monotonic()
     new_ids = greedy_new_token_ids(model, tokenizer, encoded["input_ids"][0].tolist(), max_new_tokens)
     seconds = time.monotonic() - started
@@ -114,6 +123,9 @@ def generate_completion(model: Any, tokenizer: Any, messages: Sequence[Message],
         finish_reason = "stop"
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return text, CompletionFacts(
-        prompt=prompt, prompt_tokens=prompt_tokens, completion_tokens=len(new_ids),
-        finish_reason=finish_reason, seconds=round(seconds, 3),
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(new_ids),
+        finish_reason=finish_reason,
+        seconds=round(seconds, 3),
     )

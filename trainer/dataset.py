@@ -118,8 +118,9 @@ def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def _render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
-                         full: str | None = None) -> _Rendered:
+def _render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], full: str | None = None
+) -> _Rendered:
     """Render `messages` with the chat template (`full`: already rendered) and locate the
     trainable assistant spans."""
     dicts = _dicts(messages)
@@ -165,9 +166,7 @@ def _tokenize_rendered(
     `enc`: the text's `_encode`, when the caller has it already."""
     enc = enc if enc is not None else _encode(tokenizer, rendered.text)
     input_ids: list[int] = enc["input_ids"]
-    labels = _labels_from_spans(
-        input_ids, enc["offset_mapping"], rendered.trainable_spans, len(rendered.text)
-    )
+    labels = _labels_from_spans(input_ids, enc["offset_mapping"], rendered.trainable_spans, len(rendered.text))
     truncated = len(input_ids) > max_seq_length
     example = TokenizedExample(input_ids=input_ids[:max_seq_length], labels=labels[:max_seq_length])
     return (example if example.num_trainable_tokens > 0 else None), truncated
@@ -214,7 +213,9 @@ def _exchanges(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list
 
 
 def conversation_windows(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], max_seq_length: int,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[ChatMessage],
+    max_seq_length: int,
     length: int | None = None,
 ) -> list[list[ChatMessage]]:
     """`messages` as one window, or, when they render to more than `max_seq_length` tokens,
@@ -286,9 +287,7 @@ def build_examples(
     return examples, stats
 
 
-def split_train_eval(
-    examples: Sequence[T], eval_fraction: float = 0.1, seed: int = 0
-) -> tuple[list[T], list[T]]:
+def split_train_eval(examples: Sequence[T], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:
     """Deterministically split off `max(1, round(n * eval_fraction))` eval examples.
 
     With fewer than two examples (or `eval_fraction == 0`) everything is training data.

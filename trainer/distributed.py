@@ -63,10 +63,20 @@ def available_devices() -> int:
 
 
 def run_data_parallel(
-    *, processes: int, base_model: str, method: str, cfg: AdapterSettings,
-    train_examples: list[TokenizedExample], eval_examples: list[TokenizedExample],
-    work_dir: Path, control: TrainingControl, resume_from: Path | None, env: dict[str, str] | None = None,
-    revision: str | None = None, token_env: str | None = None, report_to: list[str] | None = None,
+    *,
+    processes: int,
+    base_model: str,
+    method: str,
+    cfg: AdapterSettings,
+    train_examples: list[TokenizedExample],
+    eval_examples: list[TokenizedExample],
+    work_dir: Path,
+    control: TrainingControl,
+    resume_from: Path | None,
+    env: dict[str, str] | None = None,
+    revision: str | None = None,
+    token_env: str | None = None,
+    report_to: list[str] | None = None,
     log_dir: Path | None = None,
 ) -> TrainOutcome:
     """Train on `processes` ranks; returns when they have finished or stopped."""
@@ -87,9 +97,20 @@ def run_data_parallel(
     }
     _write_json(work_dir / "spec.json", spec)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "trainer.distributed", str(work_dir / "spec.json"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "trainer.distributed",
+        str(work_dir / "spec.json"),
     ]
     proc = subprocess.Popen(command, env=dict(os.environ, **(env or {})))
     reported_checkpoint: int | None = None
@@ -114,7 +135,8 @@ def run_data_parallel(
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"data-parallel training exited with {proc.returncode}")
     return TrainOutcome(
-        completed=result["completed"], stop_reason=result.get("stop_reason"),
+        completed=result["completed"],
+        stop_reason=result.get("stop_reason"),
         adapter_dir=Path(result["adapter_dir"]) if result.get("adapter_dir") else None,
         metrics=result.get("metrics", {}),
     )
@@ -164,16 +186,21 @@ def _rank_main(spec_path: str) -> None:
     if spec.get("token_env"):
         token = os.environ.get(spec["token_env"]) or token
     cfg = AdapterSettings.model_validate(spec["config"])
-    quant = QuantOptions(cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant,
-                         cfg.compute_dtype)
-    base = BaseModelCache(settings.model_cache_dir, token).get(spec["base_model"], spec["method"], quant,
-                                                               revision=spec.get("revision"))
+    quant = QuantOptions(
+        cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant, cfg.compute_dtype
+    )
+    base = BaseModelCache(settings.model_cache_dir, token).get(
+        spec["base_model"], spec["method"], quant, revision=spec.get("revision")
+    )
     schedule = CheckpointSchedule(settings.checkpoint_every_steps, settings.checkpoint_interval_seconds)
     control = _FileControl(work_dir, rank, schedule)
     outcome = train_adapter(
-        base, cfg,
-        [TokenizedExample(**e) for e in spec["train"]], [TokenizedExample(**e) for e in spec["eval"]],
-        work_dir / f"rank-{rank}" if rank else work_dir, control,
+        base,
+        cfg,
+        [TokenizedExample(**e) for e in spec["train"]],
+        [TokenizedExample(**e) for e in spec["eval"]],
+        work_dir / f"rank-{rank}" if rank else work_dir,
+        control,
         Path(spec["resume_from"]) if spec["resume_from"] else None,
         # Only rank 0 logs: the other ranks would write duplicate event files.
         report_to=spec.get("report_to") if rank == 0 else None,
@@ -181,10 +208,15 @@ def _rank_main(spec_path: str) -> None:
     )
     if rank == 0:
         metrics = dict(outcome.metrics, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        _write_json(work_dir / "result.json", {
-            "completed": outcome.completed, "stop_reason": outcome.stop_reason,
-            "adapter_dir": str(outcome.adapter_dir) if outcome.adapter_dir else None, "metrics": metrics,
-        })
+        _write_json(
+            work_dir / "result.json",
+            {
+                "completed": outcome.completed,
+                "stop_reason": outcome.stop_reason,
+                "adapter_dir": str(outcome.adapter_dir) if outcome.adapter_dir else None,
+                "metrics": metrics,
+            },
+        )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -74,8 +74,10 @@ def dataset_location(source: DatasetSource, bucket: str, user_id: str) -> S3Uri:
     except InvalidS3Uri as exc:
         raise JobFailure(f"dataset {source.uri[:200]!r} is invalid: {exc}") from None
     if not within_user_prefix(uri, bucket, user_id):
-        raise JobFailure(f"dataset {source.uri!r} is outside the caller's prefix s3://{bucket}/users/{user_id}/: "
-                         "a job reads only its own user's data")
+        raise JobFailure(
+            f"dataset {source.uri!r} is outside the caller's prefix s3://{bucket}/users/{user_id}/: "
+            "a job reads only its own user's data"
+        )
     return uri
 
 
@@ -119,8 +121,15 @@ class DocumentSource:
             if is_not_found(exc):
                 raise JobFailure(f"dataset {source.uri!r} does not exist") from None
             raise
-        return _Source(uri.bucket, uri.key, str(uri), head["ETag"].strip('"'), head.get("ContentLength"),
-                       source.format, f"dataset-{index}")
+        return _Source(
+            uri.bucket,
+            uri.key,
+            str(uri),
+            head["ETag"].strip('"'),
+            head.get("ContentLength"),
+            source.format,
+            f"dataset-{index}",
+        )
 
     def _flagged(self, user_id: str, avatar_id: str) -> list[_Source]:
         prefix = training_data_prefix(user_id, avatar_id)
@@ -128,13 +137,26 @@ class DocumentSource:
         with ThreadPoolExecutor(self._concurrency) as pool:
             flags = list(pool.map(lambda o: self._flag(o["Key"]), objects))
         return [
-            _Source(self._bucket, o["Key"], o["Key"][len(prefix):], o["ETag"].strip('"'), o["Size"],
-                    local="doc-" + o["Key"][len(prefix):])
-            for o, flag in zip(objects, flags) if flag
+            _Source(
+                self._bucket,
+                o["Key"],
+                o["Key"][len(prefix) :],
+                o["ETag"].strip('"'),
+                o["Size"],
+                local="doc-" + o["Key"][len(prefix) :],
+            )
+            for o, flag in zip(objects, flags)
+            if flag
         ]
 
-    def fetch(self, user_id: str, avatar_id: str, scratch: Path, datasets: Iterable[DatasetSource] = (),
-              skip: set[tuple[str, str]] | None = None) -> TrainingData:
+    def fetch(
+        self,
+        user_id: str,
+        avatar_id: str,
+        scratch: Path,
+        datasets: Iterable[DatasetSource] = (),
+        skip: set[tuple[str, str]] | None = None,
+    ) -> TrainingData:
         """Every document tagged `use_for_training=true` and every dataset, downloaded
         concurrently into `scratch` and parsed; a file whose (name, etag) is in `skip` is left
         out (counted in `skipped`). Raises JobFailure when there is nothing to train on or a
@@ -161,8 +183,10 @@ class DocumentSource:
             refs.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
         skipped = len(sources) - len(chosen)
         if not refs and skipped:
-            raise JobFailure(f"nothing new to train on: all {skipped} documents are unchanged since the current "
-                             "adapter version (warm_start trains only on documents added or changed since)")
+            raise JobFailure(
+                f"nothing new to train on: all {skipped} documents are unchanged since the current "
+                "adapter version (warm_start trains only on documents added or changed since)"
+            )
         if not refs:
             raise JobFailure("no document is flagged use_for_training=true and the job names no datasets")
         return TrainingData(conversations=conversations, documents=refs, skipped=skipped)

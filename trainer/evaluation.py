@@ -66,8 +66,9 @@ class LossCurveCallback(TrainerCallback):
     """Evaluates the held-out split at a few steps and records the points in
     `state.log_history` as {"eval_loss", "step"} (saved in every checkpoint with the state)."""
 
-    def __init__(self, evaluate: Callable[[], float | None], start_loss: float | None,
-                 points: int = CURVE_EVAL_POINTS) -> None:
+    def __init__(
+        self, evaluate: Callable[[], float | None], start_loss: float | None, points: int = CURVE_EVAL_POINTS
+    ) -> None:
         self._evaluate = evaluate
         self._start_loss = start_loss
         self._points = points
@@ -158,8 +159,9 @@ class HeldOutPrompt:
     reference_ids: list[int]  # that answer
 
 
-def held_out_prompts(examples: list[TokenizedExample], count: int,
-                     max_prompt_tokens: int | None) -> list[HeldOutPrompt]:
+def held_out_prompts(
+    examples: list[TokenizedExample], count: int, max_prompt_tokens: int | None
+) -> list[HeldOutPrompt]:
     """The first `count` held-out examples that have a prompt (and fit `max_prompt_tokens`)."""
     prompts: list[HeldOutPrompt] = []
     for ex in examples:
@@ -175,8 +177,9 @@ def held_out_prompts(examples: list[TokenizedExample], count: int,
 
 def greedy_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
     """Greedy-decode at most `max_new_tokens` after `prompt_ids`; only the new text."""
-    return tokenizer.decode(greedy_new_token_ids(model, tokenizer, prompt_ids, max_new_tokens),
-                            skip_special_tokens=True)
+    return tokenizer.decode(
+        greedy_new_token_ids(model, tokenizer, prompt_ids, max_new_tokens), skip_special_tokens=True
+    )
 
 
 @contextmanager
@@ -239,9 +242,17 @@ def decide(policy: str, eval_after: float | None, reference: float | None, again
 
 
 def evaluate_version(
-    base: Any, adapter_dir: Path, eval_examples: list[TokenizedExample], out_dir: Path, *,
-    job_id: str, policy: str, current: CurrentAdapter | None, metrics: dict[str, Any],
-    sample_prompts: int, max_new_tokens: int,
+    base: Any,
+    adapter_dir: Path,
+    eval_examples: list[TokenizedExample],
+    out_dir: Path,
+    *,
+    job_id: str,
+    policy: str,
+    current: CurrentAdapter | None,
+    metrics: dict[str, Any],
+    sample_prompts: int,
+    max_new_tokens: int,
 ) -> Evaluation:
     """Samples, loss plot and the promotion verdict for the version trained into `adapter_dir`.
 
@@ -262,8 +273,10 @@ def evaluate_version(
                 against = f"the current version {current.version}"
             except Exception as exc:  # e.g. an adapter of other shapes: the base is the fallback yardstick
                 log.exception("job %s: evaluating the current version %d failed", job_id, current.version)
-                against = f"the base model (the current version {current.version} could not be evaluated: " \
-                          f"{type(exc).__name__})"
+                against = (
+                    f"the base model (the current version {current.version} could not be evaluated: "
+                    f"{type(exc).__name__})"
+                )
         found["eval_loss_current"] = _finite(reference)
         found["compared_with"] = against
     eval_after = metrics.get("eval_loss_after")
@@ -275,12 +288,16 @@ def evaluate_version(
     found["samples"] = len(samples.samples)
     curve = metrics.get("loss_curve") or {"train": [], "eval": []}
     plot_loss_curve(curve, out_dir / LOSS_CURVE_FILE, title=f"job {job_id}")
-    return Evaluation(promote=promote, metrics=found,
-                      files={SAMPLES_FILE: out_dir / SAMPLES_FILE, LOSS_CURVE_FILE: out_dir / LOSS_CURVE_FILE})
+    return Evaluation(
+        promote=promote,
+        metrics=found,
+        files={SAMPLES_FILE: out_dir / SAMPLES_FILE, LOSS_CURVE_FILE: out_dir / LOSS_CURVE_FILE},
+    )
 
 
-def sample_prompts(model: Any, examples: list[TokenizedExample], count: int,
-                   max_new_tokens: int) -> tuple[list[HeldOutPrompt], str | None]:
+def sample_prompts(
+    model: Any, examples: list[TokenizedExample], count: int, max_new_tokens: int
+) -> tuple[list[HeldOutPrompt], str | None]:
     """The held-out prompts to sample (those that leave room for `max_new_tokens` in the
     model's window) and the note to record when there are fewer than `count`."""
     window = getattr(model.config, "max_position_embeddings", None)
@@ -291,16 +308,28 @@ def sample_prompts(model: Any, examples: list[TokenizedExample], count: int,
     return prompts, note
 
 
-def build_samples(tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str], tuned_texts: list[str], *,
-                  job_id: str | None, max_new_tokens: int, note: str | None) -> VersionSamples:
+def build_samples(
+    tokenizer: Any,
+    prompts: list[HeldOutPrompt],
+    base_texts: list[str],
+    tuned_texts: list[str],
+    *,
+    job_id: str | None,
+    max_new_tokens: int,
+    note: str | None,
+) -> VersionSamples:
     """samples.json's content: each prompt with the base's and the trained model's completions."""
     return VersionSamples(
-        job_id=job_id, max_new_tokens=max_new_tokens, note=note,
+        job_id=job_id,
+        max_new_tokens=max_new_tokens,
+        note=note,
         samples=[
             SampleCompletion(
                 prompt=tokenizer.decode(p.prompt_ids, skip_special_tokens=False),
                 reference=tokenizer.decode(p.reference_ids, skip_special_tokens=True),
-                base=b, adapter=a, prompt_tokens=len(p.prompt_ids),
+                base=b,
+                adapter=a,
+                prompt_tokens=len(p.prompt_ids),
             )
             for p, b, a in zip(prompts, base_texts, tuned_texts, strict=True)
         ],
@@ -312,12 +341,14 @@ def samples_failed(job_id: str | None, max_new_tokens: int, exc: BaseException) 
     if type(exc).__name__ == "OutOfMemoryError":
         torch.cuda.empty_cache()
     log.error("job %s: generating samples failed", job_id, exc_info=exc)
-    return VersionSamples(job_id=job_id, max_new_tokens=max_new_tokens,
-                          note=f"generating samples failed: {type(exc).__name__}")
+    return VersionSamples(
+        job_id=job_id, max_new_tokens=max_new_tokens, note=f"generating samples failed: {type(exc).__name__}"
+    )
 
 
-def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExample], job_id: str,
-             count: int, max_new_tokens: int) -> VersionSamples:
+def _samples(
+    base: Any, adapter_dir: Path | None, examples: list[TokenizedExample], job_id: str, count: int, max_new_tokens: int
+) -> VersionSamples:
     tokenizer = base.tokenizer
     prompts, note = sample_prompts(base.model, examples, count, max_new_tokens)
     if adapter_dir is None:
@@ -331,5 +362,6 @@ def _samples(base: Any, adapter_dir: Path | None, examples: list[TokenizedExampl
                 adapter_texts = [greedy_completion(model, tokenizer, p.prompt_ids, max_new_tokens) for p in prompts]
     except Exception as exc:
         return samples_failed(job_id, max_new_tokens, exc)
-    return build_samples(tokenizer, prompts, base_texts, adapter_texts, job_id=job_id,
-                         max_new_tokens=max_new_tokens, note=note)
+    return build_samples(
+        tokenizer, prompts, base_texts, adapter_texts, job_id=job_id, max_new_tokens=max_new_tokens, note=note
+    )

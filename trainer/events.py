@@ -18,8 +18,15 @@ class EventPublisher:
 
     def publish(self, event_type: EventType, job: JobRecord) -> None:
         event = JobEvent(
-            event=event_type, job_id=job.id, user_id=job.user_id, avatar_id=job.avatar_id,
-            status=job.status, job_type=job.type, adapter_version=job.adapter_version, metrics=job.metrics, error=job.error,
+            event=event_type,
+            job_id=job.id,
+            user_id=job.user_id,
+            avatar_id=job.avatar_id,
+            status=job.status,
+            job_type=job.type,
+            adapter_version=job.adapter_version,
+            metrics=job.metrics,
+            error=job.error,
         )
         self._sqs.send_message(QueueUrl=self._queue_url, MessageBody=event.to_message_body())
         log.info("event %s job=%s", event_type, job.id)

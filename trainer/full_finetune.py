@@ -54,8 +54,9 @@ from trainer.training import (
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _completions(model: Any, tokenizer: Any, prompts: list[HeldOutPrompt],
-                 samples: SampleOptions) -> list[str] | VersionSamples:
+def _completions(
+    model: Any, tokenizer: Any, prompts: list[HeldOutPrompt], samples: SampleOptions
+) -> list[str] | VersionSamples:
     """Greedy completions of `prompts`, or (generating failed) the samples.json saying so."""
     try:
         return [greedy_completion(model, tokenizer, p.prompt_ids, samples.max_new_tokens) for p in prompts]
@@ -63,15 +64,29 @@ def _completions(model: Any, tokenizer: Any, prompts: list[HeldOutPrompt],
         return samples_failed(samples.job_id, samples.max_new_tokens, exc)
 
 
-def _write_samples(out_dir: Path, tokenizer: Any, prompts: list[HeldOutPrompt], base_texts: list[str] | VersionSamples,
-                   tuned_texts: list[str] | VersionSamples, samples: SampleOptions, note: str | None) -> VersionSamples:
+def _write_samples(
+    out_dir: Path,
+    tokenizer: Any,
+    prompts: list[HeldOutPrompt],
+    base_texts: list[str] | VersionSamples,
+    tuned_texts: list[str] | VersionSamples,
+    samples: SampleOptions,
+    note: str | None,
+) -> VersionSamples:
     if isinstance(base_texts, VersionSamples):
         written = base_texts
     elif isinstance(tuned_texts, VersionSamples):
         written = tuned_texts
     else:
-        written = build_samples(tokenizer, prompts, base_texts, tuned_texts, job_id=samples.job_id,
-                                max_new_tokens=samples.max_new_tokens, note=note)
+        written = build_samples(
+            tokenizer,
+            prompts,
+            base_texts,
+            tuned_texts,
+            job_id=samples.job_id,
+            max_new_tokens=samples.max_new_tokens,
+            note=note,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SAMPLES_FILE).write_text(written.model_dump_json(by_alias=True, indent=2))
     return written
@@ -107,9 +122,16 @@ class SampleOptions:
 
 
 def train_full(
-    models: BaseModelCache, ref: BaseRef, cfg: AdapterSettings, train_examples: list[TokenizedExample],
-    eval_examples: list[TokenizedExample], work_dir: Path, control: TrainingControl,
-    resume_from: Path | None = None, report_to: list[str] | None = None, log_dir: Path | None = None,
+    models: BaseModelCache,
+    ref: BaseRef,
+    cfg: AdapterSettings,
+    train_examples: list[TokenizedExample],
+    eval_examples: list[TokenizedExample],
+    work_dir: Path,
+    control: TrainingControl,
+    resume_from: Path | None = None,
+    report_to: list[str] | None = None,
+    log_dir: Path | None = None,
     samples: SampleOptions | None = None,
 ) -> TrainOutcome:
     """Fully fine-tune a private copy of the base; the model is saved under `work_dir/model`
@@ -140,8 +162,9 @@ def train_full(
         eval_before = evaluate_loss(model, eval_examples, device)
         callback = _JobCallback(control, started)
         curve = LossCurveCallback(lambda: evaluate_loss(model, eval_examples, device), eval_before)
-        held["trainer"] = trainer = make_trainer(model, cfg, train_examples, work_dir, device, precision,
-                                                 [callback, curve, *extra])
+        held["trainer"] = trainer = make_trainer(
+            model, cfg, train_examples, work_dir, device, precision, [callback, curve, *extra]
+        )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if callback.stop_reason:
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
@@ -158,14 +181,20 @@ def train_full(
             model.config.use_cache = True
             if hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation("sdpa")  # our packed kernel is not registered where it is loaded
-            tuned_texts = base_texts if isinstance(base_texts, VersionSamples) else \
-                _completions(model, tokenizer, prompts, samples)
+            tuned_texts = (
+                base_texts
+                if isinstance(base_texts, VersionSamples)
+                else _completions(model, tokenizer, prompts, samples)
+            )
             written = _write_samples(out_dir, tokenizer, prompts, base_texts, tuned_texts, samples, note)
             metrics["samples"] = len(written.samples)
             model.to(SAVE_DTYPES[precision]).save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-            plot_loss_curve(metrics["loss_curve"], out_dir / LOSS_CURVE_FILE,
-                            title=f"job {samples.job_id}" if samples.job_id else "full fine-tune")
+            plot_loss_curve(
+                metrics["loss_curve"],
+                out_dir / LOSS_CURVE_FILE,
+                title=f"job {samples.job_id}" if samples.job_id else "full fine-tune",
+            )
         metrics["dtype"] = str(SAVE_DTYPES[precision]).removeprefix("torch.")
         return TrainOutcome(completed=True, adapter_dir=out_dir, metrics=metrics)
     finally:

@@ -35,8 +35,9 @@ FUSE_DTYPE = torch.bfloat16  # merged in 16-bit: merging into 4-bit weights woul
 FUSE_STEPS = 3
 
 
-def merge_adapter(models: BaseModelCache, base_model: str, adapter_dir: Path, out_dir: Path,
-                  dtype: torch.dtype = FUSE_DTYPE) -> dict[str, Any]:
+def merge_adapter(
+    models: BaseModelCache, base_model: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype = FUSE_DTYPE
+) -> dict[str, Any]:
     """Merge the PEFT adapter in `adapter_dir` into a fresh 16-bit copy of `base_model` and save
     the result (safetensors weights, config, generation config, tokenizer) to `out_dir`.
 
@@ -62,7 +63,9 @@ def merge_adapter(models: BaseModelCache, base_model: str, adapter_dir: Path, ou
     weights = sorted(p.name for p in out_dir.iterdir() if p.suffix == ".safetensors")
     pickled = sorted(p.name for p in out_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if not weights or pickled:
-        raise RuntimeError(f"the merged model was not saved as safetensors only: {sorted(p.name for p in out_dir.iterdir())}")
+        raise RuntimeError(
+            f"the merged model was not saved as safetensors only: {sorted(p.name for p in out_dir.iterdir())}"
+        )
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
@@ -95,23 +98,32 @@ class FuseWork:
         done = runner.artifacts.merged_manifest(user_id, avatar_id, version)
         if done is not None and done.job_id == job.id:  # a retry of a job that already uploaded
             log.info("fuse job %s: merged/%d/ already written by this job", job.id, version)
-            runner.finish(job, "succeeded", adapter_version=version, progress=progress(FUSE_STEPS),
-                          metrics=_metrics(user_id, avatar_id, done, {}))
+            runner.finish(
+                job,
+                "succeeded",
+                adapter_version=version,
+                progress=progress(FUSE_STEPS),
+                metrics=_metrics(user_id, avatar_id, done, {}),
+            )
             return Outcome.DONE
 
         adapter_dir = scratch / "adapter"
         meta = runner.artifacts.download_version(user_id, avatar_id, version, adapter_dir)
         if meta is None:
             kept = runner.artifacts.versions(user_id, avatar_id)
-            raise JobFailure(f"adapter version {version} does not exist for avatar {avatar_id!r} "
-                             f"(kept versions: {', '.join(map(str, kept)) or 'none'})")
+            raise JobFailure(
+                f"adapter version {version} does not exist for avatar {avatar_id!r} "
+                f"(kept versions: {', '.join(map(str, kept)) or 'none'})"
+            )
         adapter_hashes = {name: sha256_file(adapter_dir / name) for name in ADAPTER_FILES}
         for name, expected in meta.files.items():
             if name in adapter_hashes and adapter_hashes[name] != expected:
                 raise RuntimeError(f"adapter version {version}: {name} does not match its sha256 (retrying)")
         if meta.base_model and meta.base_model != settings.base_model:
-            raise JobFailure(f"adapter version {version} was trained on {meta.base_model!r}, but this trainer's "
-                             f"BASE_MODEL is {settings.base_model!r}: an adapter merges only into its own base")
+            raise JobFailure(
+                f"adapter version {version} was trained on {meta.base_model!r}, but this trainer's "
+                f"BASE_MODEL is {settings.base_model!r}: an adapter merges only into its own base"
+            )
         progress(1)
         if reason := control.stop_reason():
             return runner.stopped(job, reason, delivery)
@@ -121,21 +133,36 @@ class FuseWork:
             facts = merge_adapter(runner.models, settings.base_model, adapter_dir, out_dir)
         except Exception as exc:
             if is_cuda_oom(exc):
-                raise JobFailure("out of GPU memory while merging: the 16-bit base model does not fit beside "
-                                 "the worker's cached training base") from None
+                raise JobFailure(
+                    "out of GPU memory while merging: the 16-bit base model does not fit beside "
+                    "the worker's cached training base"
+                ) from None
             raise
         progress(2)
         if reason := control.stop_reason():
             return runner.stopped(job, reason, delivery)
 
         started = time.monotonic()
-        manifest = runner.artifacts.publish_merged(user_id, avatar_id, out_dir, MergedManifest(
-            adapter_version=version, job_id=job.id, base_model=settings.base_model, dtype=facts["dtype"],
-            adapter_files=adapter_hashes,
-        ))
+        manifest = runner.artifacts.publish_merged(
+            user_id,
+            avatar_id,
+            out_dir,
+            MergedManifest(
+                adapter_version=version,
+                job_id=job.id,
+                base_model=settings.base_model,
+                dtype=facts["dtype"],
+                adapter_files=adapter_hashes,
+            ),
+        )
         facts["upload_seconds"] = round(time.monotonic() - started, 3)
-        runner.finish(job, "succeeded", adapter_version=version, progress=progress(FUSE_STEPS),
-                      metrics=_metrics(user_id, avatar_id, manifest, facts))
+        runner.finish(
+            job,
+            "succeeded",
+            adapter_version=version,
+            progress=progress(FUSE_STEPS),
+            metrics=_metrics(user_id, avatar_id, manifest, facts),
+        )
         log.info("fuse job %s: adapter version %d merged into %s", job.id, version, settings.base_model)
         return Outcome.DONE
 

@@ -79,8 +79,9 @@ def build_rag_messages(messages: Sequence[Message], passages: Sequence[dict[str,
     return [{"role": "system", "content": context}, *chat]
 
 
-def fit_rag_messages(tokenizer: Any, messages: Sequence[Message], passages: Sequence[dict[str, Any]],
-                     max_prompt_tokens: int | None) -> tuple[list[Message], list[dict[str, Any]]]:
+def fit_rag_messages(
+    tokenizer: Any, messages: Sequence[Message], passages: Sequence[dict[str, Any]], max_prompt_tokens: int | None
+) -> tuple[list[Message], list[dict[str, Any]]]:
     """`build_rag_messages` with as many of the (best-first) passages as fit `max_prompt_tokens`
     once rendered; the messages and the passages used. None: no limit."""
     used = list(passages)
@@ -122,22 +123,30 @@ class GenerateWork:
         progress(0)
         if job.result is not None:  # a retry of a job that already wrote its answer
             log.info("generate job %s: result already written", job.id)
-            runner.finish(job, "succeeded", adapter_version=job.adapter_version, progress=progress(GENERATE_STEPS),
-                          metrics=job.metrics)
+            runner.finish(
+                job,
+                "succeeded",
+                adapter_version=job.adapter_version,
+                progress=progress(GENERATE_STEPS),
+                metrics=job.metrics,
+            )
             return Outcome.DONE
         try:
             params = GenerateParams.model_validate(job.request)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise JobFailure(f"invalid generation request: {'.'.join(map(str, first['loc'])) or '<root>'}: "
-                             f"{first['msg']}") from None
+            raise JobFailure(
+                f"invalid generation request: {'.'.join(map(str, first['loc'])) or '<root>'}: {first['msg']}"
+            ) from None
 
         version = params.adapter_version
         if version is None:  # "the current version", resolved now and recorded
             manifest = runner.artifacts.current_manifest(user_id, avatar_id)
             if manifest is None:
-                raise JobFailure(f"avatar {avatar_id!r} has no trained adapter; train one first, or ask for "
-                                 "adapter_version 0 to try the base model alone")
+                raise JobFailure(
+                    f"avatar {avatar_id!r} has no trained adapter; train one first, or ask for "
+                    "adapter_version 0 to try the base model alone"
+                )
             version = manifest.current_version
         if job.adapter_version != version:
             job = runner.jobs.update(user_id, avatar_id, job.id, lambda r: _with_version(r, version))
@@ -166,8 +175,9 @@ class GenerateWork:
         base = self._cached_base(ref, meta)
         if passages is not None:
             window = getattr(base.model.config, "max_position_embeddings", None)
-            messages, passages = fit_rag_messages(base.tokenizer, messages, passages,
-                                                  None if window is None else window - max_new_tokens)
+            messages, passages = fit_rag_messages(
+                base.tokenizer, messages, passages, None if window is None else window - max_new_tokens
+            )
         try:
             text, facts = self._generate(base, adapter_dir, messages, max_new_tokens)
         except PromptTooLong as exc:
@@ -190,8 +200,12 @@ class GenerateWork:
         }
         if passages is not None:
             result["passages"] = passages
-        metrics = {"prompt_tokens": facts["prompt_tokens"], "completion_tokens": facts["completion_tokens"],
-                   "generate_seconds": facts["seconds"], "base_model_reused": runner.models.loads == loads_before}
+        metrics = {
+            "prompt_tokens": facts["prompt_tokens"],
+            "completion_tokens": facts["completion_tokens"],
+            "generate_seconds": facts["seconds"],
+            "base_model_reused": runner.models.loads == loads_before,
+        }
         runner.jobs.update(user_id, avatar_id, job.id, lambda r: _with_result(r, result))
         runner.finish(job, "succeeded", adapter_version=version, progress=progress(GENERATE_STEPS), metrics=metrics)
         log.info("generate job %s: %d tokens with adapter version %d", job.id, facts["completion_tokens"], version)
@@ -203,8 +217,10 @@ class GenerateWork:
         meta = runner.artifacts.download_version(user_id, avatar_id, version, dest)
         if meta is None:
             kept = runner.artifacts.versions(user_id, avatar_id)
-            raise JobFailure(f"adapter version {version} does not exist for avatar {avatar_id!r} "
-                             f"(kept versions: {', '.join(map(str, kept)) or 'none'})")
+            raise JobFailure(
+                f"adapter version {version} does not exist for avatar {avatar_id!r} "
+                f"(kept versions: {', '.join(map(str, kept)) or 'none'})"
+            )
         for name in ADAPTER_FILES:
             expected = meta.files.get(name)
             if expected is not None and sha256_file(dest / name) != expected:
@@ -220,11 +236,18 @@ class GenerateWork:
         settings, runner = self.runner.settings, self.runner
         asked = None
         if meta is not None and meta.base_model:
-            asked = SimpleNamespace(name=meta.base_model, revision=meta.metrics.get("base_model_revision"),
-                                    token_env=None)
-        return resolve_base(asked, default=settings.base_model, user_id=job.user_id, bucket=settings.s3_bucket,
-                            allowed_prefixes=settings.allowed_base_prefixes(), s3=runner.s3,
-                            cache_dir=settings.model_cache_dir)
+            asked = SimpleNamespace(
+                name=meta.base_model, revision=meta.metrics.get("base_model_revision"), token_env=None
+            )
+        return resolve_base(
+            asked,
+            default=settings.base_model,
+            user_id=job.user_id,
+            bucket=settings.s3_bucket,
+            allowed_prefixes=settings.allowed_base_prefixes(),
+            s3=runner.s3,
+            cache_dir=settings.model_cache_dir,
+        )
 
     def _cached_base(self, ref: BaseRef, meta: VersionMetrics | None) -> LoadedBase:
         """The worker's cached base, asked for as training asks for it (same method and 4-bit
@@ -235,13 +258,16 @@ class GenerateWork:
             method = settings.default_method if settings.default_method in ("lora", "qlora") else "lora"
         else:  # a qlora job that fell back to lora (no bitsandbytes) still asked for qlora
             method = "qlora" if metrics.get("method") == "qlora" or metrics.get("fallback") else "lora"
-        quant = QuantOptions(metrics.get("quant_type") or "nf4",
-                             True if metrics.get("double_quant") is None else bool(metrics["double_quant"]),
-                             metrics.get("compute_dtype"))
+        quant = QuantOptions(
+            metrics.get("quant_type") or "nf4",
+            True if metrics.get("double_quant") is None else bool(metrics["double_quant"]),
+            metrics.get("compute_dtype"),
+        )
         return self.runner.models.get(ref.path, method, quant, revision=ref.revision, token=ref.token)
 
-    def _retrieve(self, job: JobRecord, messages: list[Message], top_k: int,
-                  score_threshold: float | None) -> list[dict[str, Any]]:
+    def _retrieve(
+        self, job: JobRecord, messages: list[Message], top_k: int, score_threshold: float | None
+    ) -> list[dict[str, Any]]:
         """The passages for the conversation's last user message, best first."""
         try:
             query = query_of(messages)
@@ -252,8 +278,9 @@ class GenerateWork:
         found = search(self.runner, job.user_id, job.avatar_id, query, top_k, score_threshold, {})
         return [_passage(p) for p in found]
 
-    def _generate(self, base: Any, adapter_dir: Path | None, messages: list[Message],
-                  max_new_tokens: int) -> tuple[str, Any]:
+    def _generate(
+        self, base: Any, adapter_dir: Path | None, messages: list[Message], max_new_tokens: int
+    ) -> tuple[str, Any]:
         if adapter_dir is None:
             return generate_completion(base.model, base.tokenizer, messages, max_new_tokens)
         from peft import PeftModel

@@ -26,11 +26,11 @@ from typing import Any
 
 from contracts import logs
 from contracts.adapter import AdapterSettings
-from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
 from contracts.adapters import FullModelManifest
+from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
 from contracts.keys import adapter_config_key, adapter_version_prefix, full_model_version_prefix, training_logs_prefix
-from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.messages import REQUEST_JOB_TYPES, FuseRequest, QueueRequest, TrainRequest
+from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.sealing import Sealer, SealingUnavailable, job_context, seal_callbacks
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
@@ -43,12 +43,12 @@ from trainer.documents import DocumentSource
 from trainer.errors import JobFailure
 from trainer.evaluation import CurrentAdapter, evaluate_version
 from trainer.events import EventPublisher
-from trainer.job_store import JobStore
-from trainer.outputs import copy_prefix, output_target
-from trainer.settings import TrainerSettings
 from trainer.full_finetune import SampleOptions, train_full
 from trainer.integrations import check_available as check_integrations
 from trainer.integrations import upload_logs
+from trainer.job_store import JobStore
+from trainer.outputs import copy_prefix, output_target
+from trainer.settings import TrainerSettings
 from trainer.training import DURATION_EXCEEDED, train_adapter
 from trainer.warm_start import WarmStart, plan_warm_start
 
@@ -78,7 +78,7 @@ JobWork = Callable[[JobRecord, "_Heartbeat", Path, Delivery], str]
 class _Heartbeat(threading.Thread):
     """Keeps the message invisible and the lease fresh; persists progress; notices cancels."""
 
-    def __init__(self, runner: "JobRunner", job: JobRecord, delivery: Delivery) -> None:
+    def __init__(self, runner: JobRunner, job: JobRecord, delivery: Delivery) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job.id}")
         self._runner = runner
         self._job = job
@@ -101,7 +101,8 @@ class _Heartbeat(threading.Thread):
                 if since_visibility >= settings.heartbeat_seconds:
                     since_visibility = 0.0
                     self._runner.sqs.change_message_visibility(
-                        QueueUrl=self._delivery.queue_url, ReceiptHandle=self._delivery.receipt_handle,
+                        QueueUrl=self._delivery.queue_url,
+                        ReceiptHandle=self._delivery.receipt_handle,
                         VisibilityTimeout=settings.visibility_timeout_seconds,
                     )
                 self.beat()
@@ -134,7 +135,7 @@ class _Heartbeat(threading.Thread):
 class _Control:
     """The TrainingControl a job hands to the training loop."""
 
-    def __init__(self, runner: "JobRunner", job: JobRecord, heartbeat: _Heartbeat, shutdown: threading.Event) -> None:
+    def __init__(self, runner: JobRunner, job: JobRecord, heartbeat: _Heartbeat, shutdown: threading.Event) -> None:
         self._runner = runner
         self._job = job
         self._heartbeat = heartbeat
@@ -169,8 +170,15 @@ class _Control:
 
 
 class JobRunner:
-    def __init__(self, settings: TrainerSettings, s3: Any, sqs: Any, events: EventPublisher,
-                 models: BaseModelCache, shutdown: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        s3: Any,
+        sqs: Any,
+        events: EventPublisher,
+        models: BaseModelCache,
+        shutdown: threading.Event,
+    ) -> None:
         self.settings = settings
         self.s3 = s3
         self.sqs = sqs
@@ -184,7 +192,9 @@ class JobRunner:
         self._current_base: BaseRef | None = None  # the running train job's base (one job at a time)
 
     def new_lease(self) -> JobLease:
-        return JobLease(owner=self.settings.worker_id, expires_at=utcnow() + timedelta(seconds=self.settings.lease_seconds))
+        return JobLease(
+            owner=self.settings.worker_id, expires_at=utcnow() + timedelta(seconds=self.settings.lease_seconds)
+        )
 
     # -- claiming ---------------------------------------------------------------------------
 
@@ -246,8 +256,9 @@ class JobRunner:
                 log.warning("job %s has no record (rolled back by the API): message dropped", req.job_id)
                 return Outcome.DONE
             if why == "mismatch":
-                log.error("job %s is not a %s job: message (schema %s) dropped", req.job_id, _request_type(req),
-                          req.schema_)
+                log.error(
+                    "job %s is not a %s job: message (schema %s) dropped", req.job_id, _request_type(req), req.schema_
+                )
                 return Outcome.DONE
             log.info("job %s is owned by a live worker: leaving the message", req.job_id)
             return Outcome.RETRY
@@ -290,7 +301,9 @@ class JobRunner:
         """Worker defaults <- the avatar's stored config <- the job's overrides."""
         stored = AdapterSettings()
         try:
-            body = self.s3.get_object(Bucket=self.settings.s3_bucket, Key=adapter_config_key(job.user_id, job.avatar_id))["Body"].read()
+            body = self.s3.get_object(
+                Bucket=self.settings.s3_bucket, Key=adapter_config_key(job.user_id, job.avatar_id)
+            )["Body"].read()
             stored = AdapterSettings.model_validate_json(body)
         except Exception as exc:
             if not is_not_found(exc):
@@ -306,8 +319,9 @@ class JobRunner:
         cfg = self._resolved_config(job)
         ref, log_dest = self._spec_setup(job, cfg)  # base model, method vs qlora, report_to, log_uri
         warm, output = self._warm_start(job, cfg, ref.name, scratch), output_target(job, self.settings.s3_bucket)
-        data = self.documents.fetch(job.user_id, job.avatar_id, scratch / "data", job.spec.datasets,
-                                    skip=warm.skip if warm else None)
+        data = self.documents.fetch(
+            job.user_id, job.avatar_id, scratch / "data", job.spec.datasets, skip=warm.skip if warm else None
+        )
         resume_from = self._checkpoint_to_resume(job, data.documents, scratch)
         if not resume_from:
             self.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_data(r, data.documents))
@@ -329,20 +343,47 @@ class JobRunner:
         try:
             if processes > 1:  # the ranks load the base themselves
                 outcome = run_data_parallel(
-                    processes=processes, base_model=ref.path, method=cfg.method or "qlora", cfg=cfg,
-                    train_examples=train_set, eval_examples=eval_set, work_dir=scratch / "work", control=control,
-                    resume_from=resume_from, revision=ref.revision, token_env=_token_env(job),
-                    report_to=report_to, log_dir=log_dir,
+                    processes=processes,
+                    base_model=ref.path,
+                    method=cfg.method or "qlora",
+                    cfg=cfg,
+                    train_examples=train_set,
+                    eval_examples=eval_set,
+                    work_dir=scratch / "work",
+                    control=control,
+                    resume_from=resume_from,
+                    revision=ref.revision,
+                    token_env=_token_env(job),
+                    report_to=report_to,
+                    log_dir=log_dir,
                 )
             elif cfg.method == "full":
-                outcome = train_full(self.models, ref, cfg, train_set, eval_set, scratch / "work", control,
-                                     resume_from, report_to, log_dir,
-                                     SampleOptions(job.id, self.settings.sample_prompts,
-                                                   self.settings.sample_max_new_tokens))
+                outcome = train_full(
+                    self.models,
+                    ref,
+                    cfg,
+                    train_set,
+                    eval_set,
+                    scratch / "work",
+                    control,
+                    resume_from,
+                    report_to,
+                    log_dir,
+                    SampleOptions(job.id, self.settings.sample_prompts, self.settings.sample_max_new_tokens),
+                )
             else:
-                outcome = train_adapter(self._base(cfg), cfg, train_set, eval_set, scratch / "work", control,
-                                        resume_from, report_to, log_dir,
-                                        init_adapter_dir=warm.adapter_dir if warm else None)
+                outcome = train_adapter(
+                    self._base(cfg),
+                    cfg,
+                    train_set,
+                    eval_set,
+                    scratch / "work",
+                    control,
+                    resume_from,
+                    report_to,
+                    log_dir,
+                    init_adapter_dir=warm.adapter_dir if warm else None,
+                )
         finally:
             if report_to:  # the logs of a stopped or failed run are worth having too
                 upload_logs(self.s3, log_dir, log_dest)
@@ -350,10 +391,17 @@ class JobRunner:
         base_model_reused = processes == 1 and self.models.loads == loads_before and cfg.method != "full"
         if not outcome.completed:
             return self.stopped(job, outcome.stop_reason, delivery)
-        metrics = dict(outcome.metrics, assistant_tokens=stats.assistant_tokens, trainable_tokens=stats.trainable_tokens,
-                       dropped_examples=stats.dropped, split_conversations=stats.split,
-                       truncated_examples=stats.truncated, documents=len(data.documents),
-                       resumed_from_step=_checkpoint_step(resume_from), base_model_reused=base_model_reused)
+        metrics = dict(
+            outcome.metrics,
+            assistant_tokens=stats.assistant_tokens,
+            trainable_tokens=stats.trainable_tokens,
+            dropped_examples=stats.dropped,
+            split_conversations=stats.split,
+            truncated_examples=stats.truncated,
+            documents=len(data.documents),
+            resumed_from_step=_checkpoint_step(resume_from),
+            base_model_reused=base_model_reused,
+        )
         if warm is not None:
             metrics.update(warm.metrics, documents_skipped=data.skipped)
         assert outcome.adapter_dir is not None
@@ -363,16 +411,23 @@ class JobRunner:
         if cfg.method == "full":
             version, metrics = self._publish_full(job, ref, cfg, outcome.adapter_dir, metrics)
         else:
-            version, metrics = self._publish_trained(job, cfg, ref.name, outcome.adapter_dir, eval_set,
-                                                     metrics, scratch)
+            version, metrics = self._publish_trained(
+                job, cfg, ref.name, outcome.adapter_dir, eval_set, metrics, scratch
+            )
         if output is not None:  # artifacts.output_uri: a copy of the published version's files
             source = (full_model_version_prefix if cfg.method == "full" else adapter_version_prefix)(
-                job.user_id, job.avatar_id, version)
-            metrics = dict(metrics, output_uri=str(output),
-                           output_files=copy_prefix(self.s3, self.settings.s3_bucket, source, output))
+                job.user_id, job.avatar_id, version
+            )
+            metrics = dict(
+                metrics,
+                output_uri=str(output),
+                output_files=copy_prefix(self.s3, self.settings.s3_bucket, source, output),
+            )
         final_progress = heartbeat.progress
         if final_progress is not None:
-            final_progress = final_progress.model_copy(update={"step": final_progress.total_steps or final_progress.step, "eta_seconds": 0})
+            final_progress = final_progress.model_copy(
+                update={"step": final_progress.total_steps or final_progress.step, "eta_seconds": 0}
+            )
         self.finish(job, "succeeded", metrics=metrics, adapter_version=version, progress=final_progress)
         return Outcome.DONE
 
@@ -382,21 +437,33 @@ class JobRunner:
         """Check what the spec asks for before any work, and resolve the job's base model and
         log destination (the base's download from s3:// happens here, once per content)."""
         if cfg.method == "full":
-            asked = [name for name in ("quant_type", "double_quant", "compute_dtype")
-                     if getattr(job.config, name) is not None]
+            asked = [
+                name
+                for name in ("quant_type", "double_quant", "compute_dtype")
+                if getattr(job.config, name) is not None
+            ]
             if asked:
-                raise JobFailure(f"method full trains unquantised weights: qlora options ({', '.join(asked)}) "
-                                 "need method qlora")
+                raise JobFailure(
+                    f"method full trains unquantised weights: qlora options ({', '.join(asked)}) need method qlora"
+                )
             if job.spec.promote == "if_better":
-                raise JobFailure("method full publishes a new full/{version}/ model and has no current one to "
-                                 "compare with: promote if_better needs a LoRA method")
+                raise JobFailure(
+                    "method full publishes a new full/{version}/ model and has no current one to "
+                    "compare with: promote if_better needs a LoRA method"
+                )
         report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
         check_integrations(report_to)
         log_dest = self._log_destination(job)
         settings = self.settings
-        ref = resolve_base(job.spec.base_model, default=settings.base_model, user_id=job.user_id,
-                           bucket=settings.s3_bucket, allowed_prefixes=settings.allowed_base_prefixes(),
-                           s3=self.s3, cache_dir=settings.model_cache_dir)
+        ref = resolve_base(
+            job.spec.base_model,
+            default=settings.base_model,
+            user_id=job.user_id,
+            bucket=settings.s3_bucket,
+            allowed_prefixes=settings.allowed_base_prefixes(),
+            s3=self.s3,
+            cache_dir=settings.model_cache_dir,
+        )
         self._current_base = ref
         return ref, log_dest
 
@@ -415,25 +482,45 @@ class JobRunner:
     def _base(self, cfg: AdapterSettings) -> LoadedBase:
         """The worker's cached base for this job (its base model, revision, method, 4-bit config)."""
         ref = self._current_base or BaseRef(path=self.settings.base_model, label=self.settings.base_model)
-        quant = QuantOptions(cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant,
-                             cfg.compute_dtype)
+        quant = QuantOptions(
+            cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant, cfg.compute_dtype
+        )
         return self.models.get(ref.path, cfg.method or "qlora", quant, revision=ref.revision, token=ref.token)
 
-    def _publish_full(self, job: JobRecord, ref: BaseRef, cfg: AdapterSettings, model_dir: Path,
-                      metrics: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _publish_full(
+        self, job: JobRecord, ref: BaseRef, cfg: AdapterSettings, model_dir: Path, metrics: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         """A full fine-tune's whole model to `full/{version}/` (a retried job's upload stands)."""
         user_id, avatar_id = job.user_id, job.avatar_id
         version = self.artifacts.full_version_of_job(user_id, avatar_id, job.id)
         if version is None:
-            manifest = self.artifacts.publish_full(user_id, avatar_id, model_dir, FullModelManifest(
-                version=1, job_id=job.id, base_model=ref.name, precision=metrics["precision"], dtype=metrics["dtype"],
-                trainable_layers=cfg.trainable_layers, metrics=metrics,
-            ))
+            manifest = self.artifacts.publish_full(
+                user_id,
+                avatar_id,
+                model_dir,
+                FullModelManifest(
+                    version=1,
+                    job_id=job.id,
+                    base_model=ref.name,
+                    precision=metrics["precision"],
+                    dtype=metrics["dtype"],
+                    trainable_layers=cfg.trainable_layers,
+                    metrics=metrics,
+                ),
+            )
             version = manifest.version
         return version, {**metrics, "full_model_prefix": full_model_version_prefix(user_id, avatar_id, version)}
 
-    def _publish_trained(self, job: JobRecord, cfg: AdapterSettings, base_model: str, adapter_dir: Path,
-                         eval_set: list, metrics: dict[str, Any], scratch: Path) -> tuple[int, dict[str, Any]]:
+    def _publish_trained(
+        self,
+        job: JobRecord,
+        cfg: AdapterSettings,
+        base_model: str,
+        adapter_dir: Path,
+        eval_set: list,
+        metrics: dict[str, Any],
+        scratch: Path,
+    ) -> tuple[int, dict[str, Any]]:
         """Publish a trained adapter as the next version, samples.json and loss.png beside it, and
         make it current unless the job's `promote: if_better` finds it worse than the current
         adapter on this job's held-out split. A retried job's earlier version (and verdict) stands.
@@ -450,16 +537,29 @@ class JobRunner:
             if manifest is not None and manifest.base_model in (None, base_model):
                 current = CurrentAdapter(manifest.current_version, scratch / "current")
         evaluation = evaluate_version(
-            self._base(cfg), adapter_dir, eval_set, scratch / "evaluation",
-            job_id=job.id, policy=job.spec.promote, current=current, metrics=metrics,
-            sample_prompts=self.settings.sample_prompts, max_new_tokens=self.settings.sample_max_new_tokens,
+            self._base(cfg),
+            adapter_dir,
+            eval_set,
+            scratch / "evaluation",
+            job_id=job.id,
+            policy=job.spec.promote,
+            current=current,
+            metrics=metrics,
+            sample_prompts=self.settings.sample_prompts,
+            max_new_tokens=self.settings.sample_max_new_tokens,
         )
         metrics = {**metrics, **evaluation.metrics}
         if not evaluation.promote:
             log.info("job %s: %s", job.id, evaluation.metrics["promote_reason"])
         version = self.artifacts.publish(
-            user_id, avatar_id, adapter_dir, job_id=job.id, base_model=base_model, metrics=metrics,
-            keep_versions=self.settings.adapter_keep_versions, extra_files=evaluation.files,
+            user_id,
+            avatar_id,
+            adapter_dir,
+            job_id=job.id,
+            base_model=base_model,
+            metrics=metrics,
+            keep_versions=self.settings.adapter_keep_versions,
+            extra_files=evaluation.files,
             promote=evaluation.promote,
         )
         return version, metrics
@@ -469,8 +569,9 @@ class JobRunner:
         if not job.spec.warm_start:
             return None
         if (cfg.gpus or 1) > 1 or cfg.method == "full":
-            raise JobFailure("warm_start continues a LoRA adapter on one GPU: it cannot be combined with "
-                             "method 'full' or gpus > 1")
+            raise JobFailure(
+                "warm_start continues a LoRA adapter on one GPU: it cannot be combined with method 'full' or gpus > 1"
+            )
         return plan_warm_start(self.artifacts, self.jobs, job, base_model, scratch / "warm-start")
 
     def _checkpoint_to_resume(self, job: JobRecord, documents: list, scratch: Path) -> Path | None:
@@ -493,13 +594,18 @@ class JobRunner:
             return Outcome.DONE
         if reason and reason.startswith(DURATION_EXCEEDED):
             # The checkpoint written at the stop stays in S3 (a new job may pick the work up).
-            self.finish(job, "failed", error=f"{reason}: stopped at its limit; its last checkpoint is kept",
-                        keep_checkpoints=True)
+            self.finish(
+                job,
+                "failed",
+                error=f"{reason}: stopped at its limit; its last checkpoint is kept",
+                keep_checkpoints=True,
+            )
             return Outcome.DONE
         if reason == "preempted":
             self._release(job)
-            self.sqs.change_message_visibility(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle,
-                                               VisibilityTimeout=0)
+            self.sqs.change_message_visibility(
+                QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle, VisibilityTimeout=0
+            )
             return Outcome.RELEASED
         log.warning("job %s: lease lost to another worker; stopping without writing", job.id)
         return Outcome.RETRY
@@ -517,9 +623,17 @@ class JobRunner:
 
         self.jobs.update(job.user_id, job.avatar_id, job.id, release)
 
-    def finish(self, job: JobRecord, status: str, *, error: str | None = None,
-               metrics: dict[str, Any] | None = None, adapter_version: int | None = None,
-               progress: JobProgress | None = None, keep_checkpoints: bool = False) -> None:
+    def finish(
+        self,
+        job: JobRecord,
+        status: str,
+        *,
+        error: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        adapter_version: int | None = None,
+        progress: JobProgress | None = None,
+        keep_checkpoints: bool = False,
+    ) -> None:
         def finish(record: JobRecord) -> JobRecord:
             record.status = status  # type: ignore[assignment]
             record.finished_at = utcnow()
@@ -570,8 +684,9 @@ def _queue_record(req: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
     """The record of a job another service sent straight to the queue. A plaintext
     callbacks.auth_header is sealed (only `auth_header_sealed` is stored); with no sealer the
     job is refused at once (failed, the header dropped) rather than stored in the clear."""
-    common: dict[str, Any] = dict(id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, source="queue",
-                                  created_at=req.requested_at)
+    common: dict[str, Any] = dict(
+        id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, source="queue", created_at=req.requested_at
+    )
     if isinstance(req, FuseRequest):
         return JobRecord(type="fuse", adapter_version=req.adapter_version, **common)
     if isinstance(req, TrainRequest):
@@ -582,8 +697,15 @@ def _queue_record(req: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
             log.error("job %s refused: %s", req.job_id, exc)
             assert spec.callbacks is not None
             spec = spec.model_copy(update={"callbacks": spec.callbacks.model_copy(update={"auth_header": None})})
-            return JobRecord(type="train", config=req.effective_config(), spec=spec, status="failed",
-                             error=str(exc), finished_at=utcnow(), **common)
+            return JobRecord(
+                type="train",
+                config=req.effective_config(),
+                spec=spec,
+                status="failed",
+                error=str(exc),
+                finished_at=utcnow(),
+                **common,
+            )
         return JobRecord(type="train", config=req.effective_config(), spec=spec, **common)
     # generate / index / retrieve: the request's own fields are the job's parameters
     params = req.model_dump(mode="json", exclude=set(QueueRequest.model_fields) | {"schema_"})

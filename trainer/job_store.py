@@ -33,8 +33,11 @@ class JobStore:
         """Write a new record; False when one exists already."""
         try:
             self._s3.put_object(
-                Bucket=self._bucket, Key=job_key(record.user_id, record.avatar_id, record.id),
-                Body=record.to_json(), ContentType="application/json", IfNoneMatch="*",
+                Bucket=self._bucket,
+                Key=job_key(record.user_id, record.avatar_id, record.id),
+                Body=record.to_json(),
+                ContentType="application/json",
+                IfNoneMatch="*",
             )
         except Exception as exc:
             if is_precondition_failed(exc):
@@ -57,8 +60,11 @@ class JobStore:
             updated.updated_at = utcnow()
             try:
                 self._s3.put_object(
-                    Bucket=self._bucket, Key=job_key(user_id, avatar_id, job_id),
-                    Body=updated.to_json(), ContentType="application/json", IfMatch=etag,
+                    Bucket=self._bucket,
+                    Key=job_key(user_id, avatar_id, job_id),
+                    Body=updated.to_json(),
+                    ContentType="application/json",
+                    IfMatch=etag,
                 )
             except Exception as exc:
                 if is_precondition_failed(exc):
@@ -71,9 +77,11 @@ class JobStore:
         (jobs sent straight to the queue by other services have none yet)."""
         try:
             self._s3.put_object(
-                Bucket=self._bucket, Key=active_job_key(user_id, avatar_id),
+                Bucket=self._bucket,
+                Key=active_job_key(user_id, avatar_id),
                 Body=ActiveJobPointer(job_id=job_id).model_dump_json().encode(),
-                ContentType="application/json", IfNoneMatch="*",
+                ContentType="application/json",
+                IfNoneMatch="*",
             )
         except Exception as exc:
             if not is_precondition_failed(exc):

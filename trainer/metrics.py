@@ -8,11 +8,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 JOBS = Counter("avatune_jobs_total", "Jobs a worker ended, by outcome", ["outcome"])
 JOB_DURATION = Histogram(
-    "avatune_job_duration_seconds", "Wall time from claim to the end of a job", ["outcome"],
+    "avatune_job_duration_seconds",
+    "Wall time from claim to the end of a job",
+    ["outcome"],
     buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200),
 )
 QUEUE_WAIT = Histogram(
-    "avatune_queue_wait_seconds", "Time from a job's creation to a worker claiming it",
+    "avatune_queue_wait_seconds",
+    "Time from a job's creation to a worker claiming it",
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
 TOKENS_PER_SECOND = Gauge("avatune_train_tokens_per_second", "Trained (assistant) tokens per second of the last job")

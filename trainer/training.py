@@ -36,8 +36,8 @@ from contracts.jobs import JobProgress
 from trainer import integrations
 from trainer.base_model import LoadedBase
 from trainer.dataset import IGNORE_INDEX, TokenizedExample, collate_padding_free
-from trainer.evaluation import LossCurveCallback
 from trainer.errors import JobFailure
+from trainer.evaluation import LossCurveCallback
 
 log = logging.getLogger("avatune.trainer")
 
@@ -69,23 +69,44 @@ def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return segments
 
 
-def _packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _packed_sdpa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
     packed = (
-        attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1
-        and key.shape[2] == query.shape[2] and position_ids.shape[-1] == query.shape[2]
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] > 1
+        and key.shape[2] == query.shape[2]
+        and position_ids.shape[-1] == query.shape[2]
     )
     segments = _segments(position_ids) if packed else []
     if len(segments) < 2:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     outputs = [
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
-                               scaling=scaling, is_causal=True)[0]
+        sdpa_attention_forward(
+            module,
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            None,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=True,
+        )[0]
         for a, b in segments
     ]
     return torch.cat(outputs, dim=1), None
@@ -156,8 +177,13 @@ def keeps_checkpoint(reason: str) -> bool:
 
 def _decoder_linear_modules(model: Any) -> list[str]:
     """Names of the linear modules inside the decoder layers (what "all-linear" means there)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if ".layers." in name and isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if ".layers." in name and isinstance(module, torch.nn.Linear)
+        }
+    )
 
 
 def lora_config(cfg: AdapterSettings, model: Any = None) -> LoraConfig:
@@ -184,19 +210,24 @@ def check_modules(model: Any, cfg: AdapterSettings) -> None:
     if cfg.target_modules:
         names = {name for name, _ in model.named_modules() if name}
         suffixes = {name.rsplit(".", 1)[-1] for name in names}
-        unknown = [m for m in cfg.target_modules
-                   if m not in suffixes and not any(n == m or n.endswith("." + m) for n in names)]
+        unknown = [
+            m for m in cfg.target_modules if m not in suffixes and not any(n == m or n.endswith("." + m) for n in names)
+        ]
         if unknown:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                             if isinstance(mod, torch.nn.Linear)})
-            raise JobFailure(f"target_modules {unknown} are not modules of this base model "
-                             f"(its linear modules: {', '.join(linear)})")
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+            )
+            raise JobFailure(
+                f"target_modules {unknown} are not modules of this base model (its linear modules: {', '.join(linear)})"
+            )
     if cfg.trainable_layers:
         layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
         outside = [i for i in cfg.trainable_layers if i >= layers]
         if outside:
-            raise JobFailure(f"trainable_layers {outside} do not exist: this base model has {layers} decoder "
-                             f"layers (0..{layers - 1})")
+            raise JobFailure(
+                f"trainable_layers {outside} do not exist: this base model has {layers} decoder "
+                f"layers (0..{layers - 1})"
+            )
 
 
 def resolve_precision(requested: str | None, device: torch.device) -> tuple[str, str | None]:
@@ -218,7 +249,9 @@ def resolve_precision(requested: str | None, device: torch.device) -> tuple[str,
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[TokenizedExample], device: torch.device, batch_tokens: int = 4096) -> float | None:
+def evaluate_loss(
+    model: Any, examples: list[TokenizedExample], device: torch.device, batch_tokens: int = 4096
+) -> float | None:
     """Token-weighted mean loss on assistant tokens (None without eval data)."""
     if not examples:
         return None
@@ -267,13 +300,15 @@ class _JobCallback(TrainerCallback):
         done = state.global_step - self._start_step
         elapsed = time.monotonic() - self._started
         remaining = max(0, state.max_steps - state.global_step)
-        self._control.report(JobProgress(
-            step=state.global_step,
-            total_steps=state.max_steps,
-            epoch=round(float(state.epoch or 0), 4),
-            train_loss=self.last_loss,
-            eta_seconds=round(elapsed / done * remaining, 1) if done > 0 else None,
-        ))
+        self._control.report(
+            JobProgress(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=round(float(state.epoch or 0), 4),
+                train_loss=self.last_loss,
+                eta_seconds=round(elapsed / done * remaining, 1) if done > 0 else None,
+            )
+        )
         stop = _agree(self._control.stop_reason() is not None)
         checkpoint = _agree(self._control.checkpoint_due(state.global_step))
         if stop:
@@ -323,8 +358,9 @@ def _checkpointing_on(model: Any) -> bool:
     return False
 
 
-def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.device,
-                        precision: str | None = None) -> TrainingArguments:
+def _training_arguments(
+    cfg: AdapterSettings, out_dir: Path, device: torch.device, precision: str | None = None
+) -> TrainingArguments:
     precision = precision or resolve_precision(cfg.precision, device)[0]
     return TrainingArguments(
         output_dir=str(out_dir),
@@ -353,8 +389,15 @@ def _training_arguments(cfg: AdapterSettings, out_dir: Path, device: torch.devic
     )
 
 
-def make_trainer(model: Any, cfg: AdapterSettings, train_examples: list[TokenizedExample], work_dir: Path,
-                 device: torch.device, precision: str, callbacks: list[TrainerCallback]) -> Trainer:
+def make_trainer(
+    model: Any,
+    cfg: AdapterSettings,
+    train_examples: list[TokenizedExample],
+    work_dir: Path,
+    device: torch.device,
+    precision: str,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
     """transformers' Trainer on padding-free batches, as every job type trains (LoRA and full)."""
     dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in train_examples]
     trainer = Trainer(
@@ -372,8 +415,9 @@ def make_trainer(model: Any, cfg: AdapterSettings, train_examples: list[Tokenize
     return trainer
 
 
-def spec_metrics(cfg: AdapterSettings, trainer: Trainer, precision: str, precision_note: str | None,
-                 report_to: list[str]) -> dict[str, Any]:
+def spec_metrics(
+    cfg: AdapterSettings, trainer: Trainer, precision: str, precision_note: str | None, report_to: list[str]
+) -> dict[str, Any]:
     """What the job spec's knobs did in this run (read back from the run itself where possible)."""
     args = trainer.args
     used = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -431,8 +475,9 @@ def train_adapter(
         callback = _JobCallback(control, started)
         # Eval loss at a few steps during training, for the loss curve (loss.png, metrics.loss_curve).
         curve = LossCurveCallback(lambda: evaluate_loss(peft_model, eval_examples, base.device), eval_before)
-        trainer = make_trainer(peft_model, cfg, train_examples, work_dir, base.device, precision,
-                               [callback, curve, *extra])
+        trainer = make_trainer(
+            peft_model, cfg, train_examples, work_dir, base.device, precision, [callback, curve, *extra]
+        )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if callback.stop_reason:
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
@@ -470,9 +515,15 @@ def _remove_lora(peft_model: PeftModel) -> Any:
     return model
 
 
-def run_metrics(cfg: AdapterSettings, trainer: Trainer, result: Any, train_examples: list[TokenizedExample],
-                eval_examples: list[TokenizedExample], eval_before: float | None,
-                eval_after: float | None) -> dict[str, Any]:
+def run_metrics(
+    cfg: AdapterSettings,
+    trainer: Trainer,
+    result: Any,
+    train_examples: list[TokenizedExample],
+    eval_examples: list[TokenizedExample],
+    eval_before: float | None,
+    eval_after: float | None,
+) -> dict[str, Any]:
     """The metrics every training method reports first: losses, perplexities, data sizes, steps, epochs."""
     return {
         "train_loss": round(float(result.training_loss), 6),

@@ -64,10 +64,13 @@ def plan_warm_start(artifacts: ArtifactStore, jobs: JobStore, job: JobRecord, ba
     if meta is None:
         return _cold(f"adapter version {version} is no longer complete: trained a new one on every document")
     if meta.base_model not in (None, base_model):
-        return _cold(f"adapter version {version} belongs to base {meta.base_model}: trained a new one on every document")
+        return _cold(
+            f"adapter version {version} belongs to base {meta.base_model}: trained a new one on every document"
+        )
     skip = _trained_documents(jobs, job, meta.job_id)
-    return WarmStart(dest, skip, {"warm_start": True, "warm_start_from_version": version,
-                                  "warm_start_from_job": meta.job_id})
+    return WarmStart(
+        dest, skip, {"warm_start": True, "warm_start_from_version": version, "warm_start_from_job": meta.job_id}
+    )
 
 
 def _trained_documents(jobs: JobStore, job: JobRecord, job_id: str | None) -> set[tuple[str, str]]:

@@ -99,7 +99,12 @@ class Worker:
         signal.signal(signal.SIGINT, on_signal)
 
     def run_forever(self) -> None:
-        log.info("worker %s polling %s (base model %s)", self.settings.worker_id, self.train_queue_url, self.settings.base_model)
+        log.info(
+            "worker %s polling %s (base model %s)",
+            self.settings.worker_id,
+            self.train_queue_url,
+            self.settings.base_model,
+        )
         while not self.shutdown.is_set():
             try:
                 self.poll_once()
@@ -116,7 +121,9 @@ class Worker:
             if self.shutdown.is_set():
                 return
             resp = self.sqs.receive_message(
-                QueueUrl=self.train_queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=LONG_POLL_SECONDS,
+                QueueUrl=self.train_queue_url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=LONG_POLL_SECONDS,
                 VisibilityTimeout=self.settings.visibility_timeout_seconds,
                 MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,11 +16,15 @@ app = typer.Typer(help="The avatar's adapter: configuration, files, versions.", 
 
 
 def _print_adapter(st: State, adapter: dict[str, Any], *, files: bool = True) -> None:
-    st.out.print(kv_table({
-        "avatar": st.avatar,
-        "current version": adapter.get("current_version"),
-        "updated": human_time(adapter.get("updated_at")),
-    }))
+    st.out.print(
+        kv_table(
+            {
+                "avatar": st.avatar,
+                "current version": adapter.get("current_version"),
+                "updated": human_time(adapter.get("updated_at")),
+            }
+        )
+    )
     st.out.print(kv_table(adapter.get("config") or {}, title="config"))
     if adapter.get("metrics"):
         st.out.print(kv_table(adapter["metrics"], title="metrics"))
@@ -60,8 +64,12 @@ def list_adapters(ctx: typer.Context) -> None:
 @app.command("download")
 def download(
     ctx: typer.Context,
-    output: Annotated[Optional[Path], typer.Option(  # noqa: UP007
-        "-o", "--output", file_okay=False, help="directory to write the files to; default: AVATAR-adapter")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(  # noqa: UP007
+            "-o", "--output", file_okay=False, help="directory to write the files to; default: AVATAR-adapter"
+        ),
+    ] = None,
 ) -> None:
     """Download the current adapter's files (checked against their sha256)."""
     st = state(ctx)
@@ -96,8 +104,11 @@ def versions(ctx: typer.Context) -> None:
         current = client.get_adapter().get("current_version")
     except ApiError:
         current = None
-    metric_cols = [m for m in ("train_loss", "eval_loss_before", "eval_loss_after")
-                   if any(m in (v.get("metrics") or {}) for v in items)]
+    metric_cols = [
+        m
+        for m in ("train_loss", "eval_loss_before", "eval_loss_after")
+        if any(m in (v.get("metrics") or {}) for v in items)
+    ]
     table = Table(title=f"adapter versions of {st.avatar}", title_justify="left")
     table.add_column("", width=1)
     table.add_column("version", justify="right")
@@ -107,8 +118,13 @@ def versions(ctx: typer.Context) -> None:
         table.add_column(m, justify="right")
     for v in items:
         metrics = v.get("metrics") or {}
-        table.add_row("*" if v["version"] == current else "", str(v["version"]), human_time(v.get("created_at")),
-                      Text(v.get("job_id") or "-"), *(fmt_value(metrics.get(m)) for m in metric_cols))
+        table.add_row(
+            "*" if v["version"] == current else "",
+            str(v["version"]),
+            human_time(v.get("created_at")),
+            Text(v.get("job_id") or "-"),
+            *(fmt_value(metrics.get(m)) for m in metric_cols),
+        )
     st.out.print(table)
 
 
@@ -123,28 +139,43 @@ def promote(ctx: typer.Context, version: Annotated[int, typer.Argument(metavar="
 @app.command("config")
 def config(
     ctx: typer.Context,
-    method: Annotated[Optional[str], typer.Option("--method", help="qlora or lora")] = None,  # noqa: UP007
-    r: Annotated[Optional[int], typer.Option("--r", help="LoRA rank")] = None,  # noqa: UP007
-    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha")] = None,  # noqa: UP007
-    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout")] = None,  # noqa: UP007
-    target_modules: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--target-modules", help="comma-separated module names, e.g. q_proj,v_proj")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="learning_rate")] = None,  # noqa: UP007
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="num_epochs")] = None,  # noqa: UP007
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,  # noqa: UP007
-    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length")] = None,  # noqa: UP007
-    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio")] = None,  # noqa: UP007
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,  # noqa: UP007
-    set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
-        "--set", metavar="KEY=VALUE", help="any other field (VALUE as JSON, else a string); repeatable")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="qlora or lora")] = None,  # noqa: UP007
+    r: Annotated[int | None, typer.Option("--r", help="LoRA rank")] = None,  # noqa: UP007
+    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha")] = None,  # noqa: UP007
+    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout")] = None,  # noqa: UP007
+    target_modules: Annotated[
+        str | None,
+        typer.Option(  # noqa: UP007
+            "--target-modules", help="comma-separated module names, e.g. q_proj,v_proj"
+        ),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="learning_rate")] = None,  # noqa: UP007
+    epochs: Annotated[float | None, typer.Option("--epochs", help="num_epochs")] = None,  # noqa: UP007
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,  # noqa: UP007
+    max_seq_length: Annotated[int | None, typer.Option("--max-seq-length")] = None,  # noqa: UP007
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed")] = None,  # noqa: UP007
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(  # noqa: UP007
+            "--set", metavar="KEY=VALUE", help="any other field (VALUE as JSON, else a string); repeatable"
+        ),
+    ] = None,
 ) -> None:
     """Set adapter configuration fields (others keep their value); without options, show it."""
     st = state(ctx)
     fields: dict[str, Any] = {
-        "method": method, "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+        "method": method,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
         "target_modules": [m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None,
-        "learning_rate": lr, "num_epochs": epochs, "batch_size": batch_size, "max_seq_length": max_seq_length,
-        "warmup_ratio": warmup_ratio, "seed": seed,
+        "learning_rate": lr,
+        "num_epochs": epochs,
+        "batch_size": batch_size,
+        "max_seq_length": max_seq_length,
+        "warmup_ratio": warmup_ratio,
+        "seed": seed,
     }
     fields = {**parse_settings(set_), **{k: v for k, v in fields.items() if v is not None}}
     client = st.client()
@@ -156,7 +187,9 @@ def config(
 
 def fuse(
     ctx: typer.Context,
-    version: Annotated[Optional[int], typer.Option("--version", min=1, help="the adapter version; default: current")] = None,  # noqa: UP007
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="the adapter version; default: current")
+    ] = None,  # noqa: UP007
 ) -> None:
     """Merge an adapter version into the base model (POST {base}/fuse-jobs)."""
     st = state(ctx)
@@ -165,8 +198,10 @@ def fuse(
         job = client.create_fuse_job(version)
     except ApiError as exc:
         if exc.is_missing_route:
-            raise CliError(f"fuse is not supported by this server ({client.api_url} has no "
-                           f"POST .../fuse-jobs route; answered {exc.status})") from None
+            raise CliError(
+                f"fuse is not supported by this server ({client.api_url} has no "
+                f"POST .../fuse-jobs route; answered {exc.status})"
+            ) from None
         raise
     job_id = job.get("id") or job.get("job_id") or "?"
     st.out.print(Text(f"fuse job {job_id}: {job.get('status', 'accepted')}"))

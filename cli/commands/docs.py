@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -21,7 +21,7 @@ app = typer.Typer(help="Training documents of the avatar.", no_args_is_help=True
 PRESIGN_THRESHOLD = 5 * 1024 * 1024
 
 
-class Which(str, Enum):
+class Which(StrEnum):
     used = "used"
     unused = "unused"
     all = "all"
@@ -33,11 +33,21 @@ ARCHIVE_FLAG = {Which.used: "true", Which.unused: "false", Which.all: "all"}
 @app.command("upload")
 def upload(
     ctx: typer.Context,
-    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, readable=True, help="documents (.jsonl, .json dialog, .txt)")],
+    files: Annotated[
+        list[Path],
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="documents (.jsonl, .json dialog, .txt)"),
+    ],
     train: Annotated[bool, typer.Option("--train/--no-train", help="flag the documents use_for_training")] = True,
-    presign_over: Annotated[int, typer.Option(
-        "--presign-over", metavar="BYTES", envvar="AVATUNE_PRESIGN_OVER", hidden=True,
-        help="upload files larger than this through a presigned URL")] = PRESIGN_THRESHOLD,
+    presign_over: Annotated[
+        int,
+        typer.Option(
+            "--presign-over",
+            metavar="BYTES",
+            envvar="AVATUNE_PRESIGN_OVER",
+            hidden=True,
+            help="upload files larger than this through a presigned URL",
+        ),
+    ] = PRESIGN_THRESHOLD,
 ) -> None:
     """Upload documents (multipart; files over 5 MB through a presigned S3 URL)."""
     st = state(ctx)
@@ -49,8 +59,12 @@ def upload(
         try:
             if size > presign_over:
                 client.upload_large(path, use_for_training=train)
-                st.out.print(Text(f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL; "
-                                  "the trainer validates it before training"))
+                st.out.print(
+                    Text(
+                        f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL; "
+                        "the trainer validates it before training"
+                    )
+                )
                 continue
             try:
                 doc = client.upload_document(path, use_for_training=train)
@@ -59,8 +73,12 @@ def upload(
                     raise
                 # The server's MAX_UPLOAD_BYTES is below our threshold: go around it.
                 client.upload_large(path, use_for_training=train)
-                st.out.print(Text(f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL "
-                                  "(too large for the API); the trainer validates it before training"))
+                st.out.print(
+                    Text(
+                        f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL "
+                        "(too large for the API); the trainer validates it before training"
+                    )
+                )
                 continue
             st.out.print(Text(f"uploaded {doc['name']} ({human_size(doc.get('size'))}, {usage})"))
         except ApiError as exc:
@@ -74,10 +92,15 @@ def upload(
 @app.command("list")
 def list_documents(
     ctx: typer.Context,
-    used: Annotated[Optional[bool], typer.Option(  # noqa: UP007 (typer needs Optional here)
-        "--used/--unused", help="only the documents used (or not used) for training; default: all",
-        show_default=False)] = None,
-    page_size: Annotated[Optional[int], typer.Option("--page-size", min=1, max=1000, help="documents per request")] = None,  # noqa: UP007
+    used: Annotated[
+        bool | None,
+        typer.Option(  # noqa: UP007 (typer needs Optional here)
+            "--used/--unused",
+            help="only the documents used (or not used) for training; default: all",
+            show_default=False,
+        ),
+    ] = None,
+    page_size: Annotated[int | None, typer.Option("--page-size", min=1, max=1000, help="documents per request")] = None,  # noqa: UP007
 ) -> None:
     """List documents (all pages)."""
     st = state(ctx)
@@ -92,9 +115,13 @@ def list_documents(
     table.add_column("modified")
     table.add_column("type")
     for d in docs:
-        table.add_row(Text(d["name"]), human_size(d.get("size")),
-                      Text("yes", style="green") if d.get("use_for_training") else Text("no", style="dim"),
-                      human_time(d.get("last_modified")), Text(d.get("content_type") or "-"))
+        table.add_row(
+            Text(d["name"]),
+            human_size(d.get("size")),
+            Text("yes", style="green") if d.get("use_for_training") else Text("no", style="dim"),
+            human_time(d.get("last_modified")),
+            Text(d.get("content_type") or "-"),
+        )
     st.out.print(table)
     flagged = sum(1 for d in docs if d.get("use_for_training"))
     st.out.print(f"{len(docs)} document{'s' if len(docs) != 1 else ''}, {flagged} used for training")
@@ -138,12 +165,18 @@ def clean(ctx: typer.Context) -> None:
 @app.command("download")
 def download(
     ctx: typer.Context,
-    name: Annotated[Optional[str], typer.Argument(help="the document; omit with --archive")] = None,  # noqa: UP007
+    name: Annotated[str | None, typer.Argument(help="the document; omit with --archive")] = None,  # noqa: UP007
     archive: Annotated[bool, typer.Option("--archive", help="download a zip of the documents instead")] = False,
     which: Annotated[Which, typer.Option("--which", help="with --archive: which documents")] = Which.used,
-    output: Annotated[Optional[Path], typer.Option(  # noqa: UP007
-        "-o", "--output", help="where to write ('-' = stdout); default: NAME, or AVATAR-training-data.zip",
-        dir_okay=True)] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(  # noqa: UP007
+            "-o",
+            "--output",
+            help="where to write ('-' = stdout); default: NAME, or AVATAR-training-data.zip",
+            dir_okay=True,
+        ),
+    ] = None,
 ) -> None:
     """Download one document, or every document used for training as a zip (--archive)."""
     st = state(ctx)

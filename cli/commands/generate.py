@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -18,8 +18,9 @@ from cli.commands.jobs import POLL_SECONDS, follow_job
 from cli.context import CliError, state
 
 
-def _body(prompt: str, version: int | None, max_new_tokens: int | None, top_k: int | None,
-          score_threshold: float | None) -> dict[str, Any]:
+def _body(
+    prompt: str, version: int | None, max_new_tokens: int | None, top_k: int | None, score_threshold: float | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt}
     if version is not None:
         body["adapter_version"] = version
@@ -36,18 +37,40 @@ def _body(prompt: str, version: int | None, max_new_tokens: int | None, top_k: i
 def generate(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the user message; '-' reads it from stdin")],
-    version: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--version", min=0, help="the adapter version; 0: the base model alone; default: current")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--max-new-tokens", min=1, help="at most this many new tokens (server default 128)")] = None,
-    top_k: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--rag-top-k", min=1, help="retrieve this many passages from the avatar's index into the prompt")] = None,
-    score_threshold: Annotated[Optional[float], typer.Option(  # noqa: UP007
-        "--rag-score-threshold", help="with RAG: only passages at least this similar")] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(  # noqa: UP007
+            "--version", min=0, help="the adapter version; 0: the base model alone; default: current"
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(  # noqa: UP007
+            "--max-new-tokens", min=1, help="at most this many new tokens (server default 128)"
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(  # noqa: UP007
+            "--rag-top-k", min=1, help="retrieve this many passages from the avatar's index into the prompt"
+        ),
+    ] = None,
+    score_threshold: Annotated[
+        float | None,
+        typer.Option(  # noqa: UP007
+            "--rag-score-threshold", help="with RAG: only passages at least this similar"
+        ),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="queue the job and print its id only")] = False,
-    timeout: Annotated[Optional[float], typer.Option(  # noqa: UP007
-        "--timeout", min=0, metavar="SECONDS", help="stop waiting after this long (exit 1; the job goes on)")] = None,
-    interval: Annotated[float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")] = POLL_SECONDS,
+    timeout: Annotated[
+        float | None,
+        typer.Option(  # noqa: UP007
+            "--timeout", min=0, metavar="SECONDS", help="stop waiting after this long (exit 1; the job goes on)"
+        ),
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")
+    ] = POLL_SECONDS,
 ) -> None:
     """Try an adapter on a prompt (POST {base}/generations): prints the completion."""
     st = state(ctx)
@@ -57,12 +80,15 @@ def generate(
     if not prompt.strip():
         raise CliError("the prompt is empty")
     try:
-        job = client._json("POST", f"{client.base}/generations",
-                           json=_body(prompt, version, max_new_tokens, top_k, score_threshold))
+        job = client._json(
+            "POST", f"{client.base}/generations", json=_body(prompt, version, max_new_tokens, top_k, score_threshold)
+        )
     except ApiError as exc:
         if exc.is_missing_route:
-            raise CliError(f"generations are not supported by this server ({client.api_url} has no "
-                           f"POST .../generations route; answered {exc.status})") from None
+            raise CliError(
+                f"generations are not supported by this server ({client.api_url} has no "
+                f"POST .../generations route; answered {exc.status})"
+            ) from None
         raise
     if no_wait:
         typer.echo(job["id"])
@@ -71,10 +97,16 @@ def generate(
     # The progress display goes to stderr with the rest; stdout carries the completion only.
     done = follow_job(replace(st, out=st.err), client, job, interval, timeout)
     if done["status"] != "succeeded":
-        raise CliError(f"generation job {done['id']} {done['status']}" + (f": {done['error']}" if done.get("error") else ""))
+        raise CliError(
+            f"generation job {done['id']} {done['status']}" + (f": {done['error']}" if done.get("error") else "")
+        )
     result = done.get("result") or {}
     for number, passage in enumerate(result.get("passages") or [], start=1):
         st.err.print(Text(f"[{number}] {passage.get('source')} (score {passage.get('score')})"))
-    st.err.print(Text(f"adapter version {result.get('adapter_version')}, {result.get('prompt_tokens')} prompt + "
-                      f"{result.get('completion_tokens')} completion tokens ({result.get('finish_reason')})"))
+    st.err.print(
+        Text(
+            f"adapter version {result.get('adapter_version')}, {result.get('prompt_tokens')} prompt + "
+            f"{result.get('completion_tokens')} completion tokens ({result.get('finish_reason')})"
+        )
+    )
     typer.echo(result.get("completion", ""))

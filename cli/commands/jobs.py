@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
@@ -27,8 +27,12 @@ app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 POLL_SECONDS = 1.0
-TIMEOUT = typer.Option("--timeout", min=0, metavar="SECONDS",
-                       help="with --follow: stop following after this long (exit 1; the job goes on)")
+TIMEOUT = typer.Option(
+    "--timeout",
+    min=0,
+    metavar="SECONDS",
+    help="with --follow: stop following after this long (exit 1; the job goes on)",
+)
 # Consecutive failed polls (API unreachable or 5xx) tolerated while following a job.
 MAX_POLL_FAILURES = 10
 
@@ -48,8 +52,9 @@ def _describe(job: dict[str, Any]) -> str:
     return status
 
 
-def follow_job(st: State, client: AvatuneClient, job: dict[str, Any], interval: float = POLL_SECONDS,
-               timeout: float | None = None) -> dict[str, Any]:
+def follow_job(
+    st: State, client: AvatuneClient, job: dict[str, Any], interval: float = POLL_SECONDS, timeout: float | None = None
+) -> dict[str, Any]:
     """Poll the job until it ends, with a live progress bar; the final job. After `timeout`
     seconds: CliError (the job goes on)."""
     job_id = job["id"]
@@ -67,12 +72,19 @@ def follow_job(st: State, client: AvatuneClient, job: dict[str, Any], interval: 
     try:
         with Progress(*columns, console=st.out) as bar:
             progress = job.get("progress") or {}
-            task = bar.add_task(_describe(job), total=progress.get("total_steps"), completed=progress.get("step", 0),
-                                loss=_loss(progress), eta=human_duration(progress.get("eta_seconds")))
+            task = bar.add_task(
+                _describe(job),
+                total=progress.get("total_steps"),
+                completed=progress.get("step", 0),
+                loss=_loss(progress),
+                eta=human_duration(progress.get("eta_seconds")),
+            )
             while job["status"] not in FINAL:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise CliError(f"job {job_id} is still {job['status']} after {timeout:g} s; stopped following "
-                                   f"(it goes on: `avatune jobs follow {job_id}`)")
+                    raise CliError(
+                        f"job {job_id} is still {job['status']} after {timeout:g} s; stopped following "
+                        f"(it goes on: `avatune jobs follow {job_id}`)"
+                    )
                 time.sleep(interval)
                 try:
                     job = client.get_job(job_id)
@@ -92,12 +104,20 @@ def follow_job(st: State, client: AvatuneClient, job: dict[str, Any], interval: 
                 step = progress.get("step", 0)
                 if job["status"] == "succeeded" and total:
                     step = total
-                bar.update(task, description=_describe(job), total=total, completed=step,
-                           loss=_loss(progress),
-                           eta=human_duration(0 if job["status"] in FINAL else progress.get("eta_seconds")))
+                bar.update(
+                    task,
+                    description=_describe(job),
+                    total=total,
+                    completed=step,
+                    loss=_loss(progress),
+                    eta=human_duration(0 if job["status"] in FINAL else progress.get("eta_seconds")),
+                )
     except KeyboardInterrupt:
-        st.err.print(Text(f"stopped following job {job_id}; it goes on (`avatune jobs cancel {job_id}` stops it)",
-                          style="yellow"))
+        st.err.print(
+            Text(
+                f"stopped following job {job_id}; it goes on (`avatune jobs cancel {job_id}` stops it)", style="yellow"
+            )
+        )
         raise typer.Exit(130) from None
     return job
 
@@ -106,8 +126,9 @@ def print_outcome(st: State, job: dict[str, Any]) -> int:
     """The end of a followed job; the exit code (0 only when it succeeded)."""
     status = job["status"]
     if status == "succeeded":
-        st.out.print(Text.assemble(f"job {job['id']} ", styled_status(status),
-                                   f": adapter version {job.get('adapter_version')}"))
+        st.out.print(
+            Text.assemble(f"job {job['id']} ", styled_status(status), f": adapter version {job.get('adapter_version')}")
+        )
         if job.get("metrics"):
             st.out.print(kv_table(job["metrics"], title="metrics"))
         return 0
@@ -129,8 +150,8 @@ def job_rows(job: dict[str, Any]) -> dict[str, Any]:
         "started": human_time(job.get("started_at")),
         "finished": human_time(job.get("finished_at")),
         "progress": f"{progress.get('step', 0)}/{total if total is not None else '?'}"
-                    f" (epoch {fmt_value(progress.get('epoch'))}, loss {_loss(progress)},"
-                    f" eta {human_duration(progress.get('eta_seconds'))})",
+        f" (epoch {fmt_value(progress.get('epoch'))}, loss {_loss(progress)},"
+        f" eta {human_duration(progress.get('eta_seconds'))})",
         "overrides": ", ".join(f"{k}={fmt_value(v)}" for k, v in (job.get("config") or {}).items()) or "-",
         "adapter version": job.get("adapter_version"),
         "documents": ", ".join(d["name"] for d in job.get("data") or []) or "-",
@@ -157,7 +178,9 @@ def list_jobs(
     if not jobs:
         st.out.print("no jobs")
         return
-    table = Table(title="jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"), title_justify="left")
+    table = Table(
+        title="jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"), title_justify="left"
+    )
     table.add_column("id", overflow="fold")
     if all_avatars:
         table.add_column("avatar")
@@ -169,9 +192,13 @@ def list_jobs(
         cells: list[Any] = [Text(job["id"])]
         if all_avatars:
             cells.append(Text(job.get("avatar_id") or "-"))
-        cells += [styled_status(job["status"]), human_time(job.get("created_at")),
-                  f"{progress.get('step', 0)}/{total if total is not None else '?'}", _loss(progress),
-                  fmt_value(job.get("adapter_version"))]
+        cells += [
+            styled_status(job["status"]),
+            human_time(job.get("created_at")),
+            f"{progress.get('step', 0)}/{total if total is not None else '?'}",
+            _loss(progress),
+            fmt_value(job.get("adapter_version")),
+        ]
         table.add_row(*cells)
     st.out.print(table)
 
@@ -190,7 +217,7 @@ def show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")
 def follow(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(metavar="ID")],
-    timeout: Annotated[Optional[float], TIMEOUT] = None,  # noqa: UP007
+    timeout: Annotated[float | None, TIMEOUT] = None,  # noqa: UP007
     interval: Annotated[float, typer.Option("--interval", min=0.05, hidden=True)] = POLL_SECONDS,
 ) -> None:
     """Follow a job until it ends (exit code 0 only when it succeeded)."""
@@ -214,26 +241,46 @@ def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID
 def train(
     ctx: typer.Context,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="show live progress until the job ends")] = False,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="num_epochs for this job")] = None,  # noqa: UP007
-    lr: Annotated[Optional[float], typer.Option("--lr", help="learning_rate for this job")] = None,  # noqa: UP007
-    r: Annotated[Optional[int], typer.Option("--r", help="LoRA rank for this job")] = None,  # noqa: UP007
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="batch_size for this job")] = None,  # noqa: UP007
-    set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
-        "--set", metavar="KEY=VALUE", help="any other adapter setting for this job (VALUE as JSON); repeatable")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--idempotency-key", help="a retry with the same key answers the same job")] = None,
-    timeout: Annotated[Optional[float], TIMEOUT] = None,  # noqa: UP007
-    interval: Annotated[float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")] = POLL_SECONDS,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="num_epochs for this job")] = None,  # noqa: UP007
+    lr: Annotated[float | None, typer.Option("--lr", help="learning_rate for this job")] = None,  # noqa: UP007
+    r: Annotated[int | None, typer.Option("--r", help="LoRA rank for this job")] = None,  # noqa: UP007
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch_size for this job")] = None,  # noqa: UP007
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(  # noqa: UP007
+            "--set", metavar="KEY=VALUE", help="any other adapter setting for this job (VALUE as JSON); repeatable"
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(  # noqa: UP007
+            "--idempotency-key", help="a retry with the same key answers the same job"
+        ),
+    ] = None,
+    timeout: Annotated[float | None, TIMEOUT] = None,  # noqa: UP007
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")
+    ] = POLL_SECONDS,
 ) -> None:
     """Queue a training job on the documents flagged for training."""
     st = state(ctx)
     client = st.client()
-    overrides = {**parse_settings(set_), **{
-        k: v for k, v in {"num_epochs": epochs, "learning_rate": lr, "r": r, "batch_size": batch_size}.items()
-        if v is not None}}
+    overrides = {
+        **parse_settings(set_),
+        **{
+            k: v
+            for k, v in {"num_epochs": epochs, "learning_rate": lr, "r": r, "batch_size": batch_size}.items()
+            if v is not None
+        },
+    }
     job = client.create_job(overrides, idempotency_key=idempotency_key)
-    st.out.print(Text.assemble(f"job {job['id']} ", styled_status(job["status"]),
-                               f" on {len(job.get('data') or [])} document(s)" if job.get("data") else ""))
+    st.out.print(
+        Text.assemble(
+            f"job {job['id']} ",
+            styled_status(job["status"]),
+            f" on {len(job.get('data') or [])} document(s)" if job.get("data") else "",
+        )
+    )
     if not follow:
         return
     raise typer.Exit(print_outcome(st, follow_job(st, client, job, interval, timeout)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -55,12 +55,21 @@ def describe(headers: Any, body: bytes, secret: str) -> tuple[bool, Text]:
 def listen(
     host: Annotated[str, typer.Option("--host", help="the address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="the port (0: any free one)")] = 9000,
-    secret: Annotated[str, typer.Option(
-        "--secret", envvar="AVATUNE_WEBHOOK_SECRET", show_default=False,
-        help="the signing secret to check Avatune-Signature with (default: make dev's); '' expects unsigned")
+    secret: Annotated[
+        str,
+        typer.Option(
+            "--secret",
+            envvar="AVATUNE_WEBHOOK_SECRET",
+            show_default=False,
+            help="the signing secret to check Avatune-Signature with (default: make dev's); '' expects unsigned",
+        ),
     ] = DEV_SIGNING_SECRET,
-    count: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--count", min=1, help="exit after this many deliveries")] = None,
+    count: Annotated[
+        int | None,
+        typer.Option(  # noqa: UP007
+            "--count", min=1, help="exit after this many deliveries"
+        ),
+    ] = None,
     show_body: Annotated[bool, typer.Option("--body", help="also print each delivery's JSON body")] = False,
 ) -> None:
     """Receive webhook deliveries and print them (point a job's callbacks.webhook_url here)."""
@@ -99,7 +108,10 @@ def listen(
     Console(stderr=True, soft_wrap=True).print(
         f"listening on http://{host}:{bound}/ (a job's callbacks: "
         f'{{"webhook_url": "http://{shown}:{bound}/hook", "allow_private": true}}; from docker compose: '
-        f"http://host.docker.internal:{bound}/hook with --host 0.0.0.0); Ctrl-C stops", markup=False, highlight=False)
+        f"http://host.docker.internal:{bound}/hook with --host 0.0.0.0); Ctrl-C stops",
+        markup=False,
+        highlight=False,
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         done.wait()

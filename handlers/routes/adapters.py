@@ -88,8 +88,11 @@ async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings
     return await _view(store, avatar, settings.presign_expires_seconds, config, manifest)
 
 
-@router.put(BASE, response_model=AdapterView,
-            summary="Set configuration fields (omitted fields keep their value, null resets one to its default)")
+@router.put(
+    BASE,
+    response_model=AdapterView,
+    summary="Set configuration fields (omitted fields keep their value, null resets one to its default)",
+)
 async def put_adapter(
     avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, body: AdapterSettings
 ) -> AdapterView:
@@ -100,13 +103,17 @@ async def put_adapter(
     return await _view(store, avatar, settings.presign_expires_seconds, config, await store.manifest(avatar))
 
 
-@router.delete(BASE, status_code=status.HTTP_204_NO_CONTENT,
-               summary="Delete the adapter, its versions, checkpoints and merged models")
+@router.delete(
+    BASE,
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete the adapter, its versions, checkpoints and merged models",
+)
 async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs: JobStoreDep) -> Response:
     active = await jobs.active_job(avatar)
     if active is not None:
         raise Problem(
-            409, f"avatar {avatar.avatar_id!r} has an active job {active.job_id}; cancel it or wait for it to end",
+            409,
+            f"avatar {avatar.avatar_id!r} has an active job {active.job_id}; cancel it or wait for it to end",
             active_job_id=active.job_id,
         )
     if await store.delete(avatar) == 0:
@@ -117,8 +124,10 @@ async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs:
 @router.get(f"{BASE}/versions", response_model=VersionList, summary="Kept adapter versions")
 async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> VersionList:
     return VersionList(
-        items=[VersionView(version=v.version, created_at=v.created_at, job_id=v.job_id, metrics=v.metrics)
-               for v in await store.versions(avatar)]
+        items=[
+            VersionView(version=v.version, created_at=v.created_at, job_id=v.job_id, metrics=v.metrics)
+            for v in await store.versions(avatar)
+        ]
     )
 
 
@@ -127,10 +136,15 @@ def version_file_path(user_id: str, avatar_id: str, version: int, name: str) -> 
     return f"/v1/users/{user_id}/avatars/{avatar_id}/adapter/versions/{version}/files/{name}"
 
 
-@router.get(f"{BASE}/versions/{{version}}/files/{{name}}", response_class=StreamingResponse,
-            summary="A version's metrics.json, samples.json or loss.png",
-            responses={200: {"content": {t: {} for t in sorted(set(VERSION_FILES.values()))}},
-                       404: {"description": "no such version, or no such file of it"}})
+@router.get(
+    f"{BASE}/versions/{{version}}/files/{{name}}",
+    response_class=StreamingResponse,
+    summary="A version's metrics.json, samples.json or loss.png",
+    responses={
+        200: {"content": {t: {} for t in sorted(set(VERSION_FILES.values()))}},
+        404: {"description": "no such version, or no such file of it"},
+    },
+)
 async def get_version_file(
     avatar: AuthorizedAvatar,
     store: AdapterStoreDep,
@@ -142,8 +156,9 @@ async def get_version_file(
     try:
         resp, chunks = await store.open_version_file(avatar, version, name)
     except VersionFileNotFound:
-        raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter version {version} with a {name}",
-                      version=version) from None
+        raise Problem(
+            404, f"avatar {avatar.avatar_id!r} has no adapter version {version} with a {name}", version=version
+        ) from None
     headers = {"ETag": resp["ETag"], "Content-Length": str(resp["ContentLength"]), "X-Content-Type-Options": "nosniff"}
     return StreamingResponse(chunks, media_type=VERSION_FILES[name], headers=headers)
 
@@ -162,9 +177,13 @@ async def promote_version(
     return await _view(store, avatar, settings.presign_expires_seconds, await store.config(avatar), manifest)
 
 
-@router.get("/v1/users/{user_id}/adapters", response_model=AdapterList, summary="The user's avatars that have an adapter")
+@router.get(
+    "/v1/users/{user_id}/adapters", response_model=AdapterList, summary="The user's avatars that have an adapter"
+)
 async def list_user_adapters(user_id: AuthorizedUser, store: AdapterStoreDep) -> AdapterList:
     return AdapterList(
-        items=[AvatarAdapter(avatar_id=a, current_version=m.current_version, updated_at=m.updated_at)
-               for a, m in await store.adapters_of(user_id)]
+        items=[
+            AvatarAdapter(avatar_id=a, current_version=m.current_version, updated_at=m.updated_at)
+            for a, m in await store.adapters_of(user_id)
+        ]
     )

@@ -35,13 +35,19 @@ from contracts.context_documents import (
     validate_metadata_key,
 )
 from contracts.jobs import JobRecord, JobType
-from contracts.messages import INDEX_REQUEST_SCHEMA, RETRIEVE_REQUEST_SCHEMA, IndexRequest, QueueRequest, RetrieveRequest
+from contracts.messages import (
+    INDEX_REQUEST_SCHEMA,
+    RETRIEVE_REQUEST_SCHEMA,
+    IndexRequest,
+    QueueRequest,
+    RetrieveRequest,
+)
 from handlers.auth import AuthorizedAvatar, AvatarRef
 from handlers.context_store import ContextDocument, ContextStoreDep, DocumentNotFound, PresignedUpload
 from handlers.dependencies import SettingsDep
+from handlers.idempotency import IdempotencyDep
 from handlers.job_store import JobStore, JobStoreDep
 from handlers.problems import Problem
-from handlers.idempotency import IdempotencyDep
 from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
@@ -94,11 +100,13 @@ class RetrievalBody(BaseModel):
 
     query: str = Field(min_length=1, max_length=10_000)
     top_k: int = Field(default=5, ge=1, le=100)
-    score_threshold: float | None = Field(default=None, ge=-1, le=1,
-                                          description="drop chunks scoring below this (cosine similarity)")
+    score_threshold: float | None = Field(
+        default=None, ge=-1, le=1, description="drop chunks scoring below this (cosine similarity)"
+    )
     # Strict scalars: a filter `true` must not match the string "true", nor `1` the string "1".
-    filters: dict[str, MetadataValue] = Field(default_factory=dict, max_length=16,
-                                            description="metadata equality filters, all must match")
+    filters: dict[str, MetadataValue] = Field(
+        default_factory=dict, max_length=16, description="metadata equality filters, all must match"
+    )
 
     @field_validator("query")
     @classmethod
@@ -141,20 +149,33 @@ def _params(request: QueueRequest) -> dict[str, object]:
     return request.model_dump(mode="json", exclude=set(QueueRequest.model_fields))
 
 
-def _plan_for(avatar: AvatarRef, job_type: JobType, build: type[IndexRequest] | type[RetrieveRequest],
-              schema: str, **fields: object) -> JobPlan:
+def _plan_for(
+    avatar: AvatarRef,
+    job_type: JobType,
+    build: type[IndexRequest] | type[RetrieveRequest],
+    schema: str,
+    **fields: object,
+) -> JobPlan:
     def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
         record = JobRecord(id=job_id, type=job_type, user_id=avatar.user_id, avatar_id=avatar.avatar_id, source="api")
-        request = build(schema_=schema, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                        requested_at=record.created_at, origin="api", **fields)
+        request = build(
+            schema_=schema,
+            job_id=job_id,
+            user_id=avatar.user_id,
+            avatar_id=avatar.avatar_id,
+            requested_at=record.created_at,
+            origin="api",
+            **fields,
+        )
         record.request = _params(request)
         return record, request
 
     return plan
 
 
-async def _auto_index(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings,
-                      response: Response) -> None:
+async def _auto_index(
+    avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings, response: Response
+) -> None:
     """With AUTO_INDEX on, queue an index job after a document change; never raises (the change
     is already stored). Outcome in the response headers (module doc)."""
     if not settings.auto_index:
@@ -170,7 +191,9 @@ async def _auto_index(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, sett
         outcome, job_id = "queued", view.id
     except Problem as problem:
         active = problem.extensions.get("active_job_id") if problem.status == 409 else None
-        outcome, job_id = ("skipped", str(active) if active else None) if problem.status in (409, 429) else ("failed", None)
+        outcome, job_id = (
+            ("skipped", str(active) if active else None) if problem.status in (409, 429) else ("failed", None)
+        )
         if active:
             try:
                 record = await jobs.get(avatar, str(active))
@@ -201,7 +224,9 @@ async def list_context_documents(
     return ContextDocumentList(items=items, next_cursor=encode_cursor(last) if last else None)
 
 
-@router.post(CONTEXT + "/uploads", response_model=PresignedUpload, summary="Presigned PUT URL for a large context document")
+@router.post(
+    CONTEXT + "/uploads", response_model=PresignedUpload, summary="Presigned PUT URL for a large context document"
+)
 async def presign_context_upload(
     avatar: AuthorizedAvatar, store: ContextStoreDep, settings: SettingsDep, body: ContextUploadRequest
 ) -> PresignedUpload:
@@ -209,10 +234,16 @@ async def presign_context_upload(
     return await store.presign_upload(avatar, name, settings.presign_expires_seconds)
 
 
-@router.post(CONTEXT + "/index", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
-             summary="Queue an index job: chunk and embed the avatar's context documents",
-             responses={409: {"description": "nothing to index, or a job of the avatar is already active"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+@router.post(
+    CONTEXT + "/index",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Queue an index job: chunk and embed the avatar's context documents",
+    responses={
+        409: {"description": "nothing to index, or a job of the avatar is already active"},
+        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
+    },
+)
 async def create_index_job(
     avatar: AuthorizedAvatar,
     store: ContextStoreDep,
@@ -228,15 +259,21 @@ async def create_index_job(
         # With no documents an index job can still matter: it drops the chunks of deleted ones.
         # Only when there are neither documents nor any index of the user is there nothing to do.
         if not await store.has_documents(avatar) and not await store.has_vector_index(avatar.user_id):
-            raise Problem(409, f"avatar {avatar.avatar_id!r} has no context documents to index; "
-                               f"PUT one to .../context/{{name}} first")
+            raise Problem(
+                409,
+                f"avatar {avatar.avatar_id!r} has no context documents to index; PUT one to .../context/{{name}} first",
+            )
         return _plan_for(avatar, "index", IndexRequest, INDEX_REQUEST_SCHEMA, **params.model_dump())
 
     return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
 
 
-@router.put(CONTEXT + "/{name}", response_model=ContextDocument, summary="Create or replace a context document from the raw body",
-            responses={201: {"model": ContextDocument}})
+@router.put(
+    CONTEXT + "/{name}",
+    response_model=ContextDocument,
+    summary="Create or replace a context document from the raw body",
+    responses={201: {"model": ContextDocument}},
+)
 async def put_context_document(
     avatar: AuthorizedAvatar,
     store: ContextStoreDep,
@@ -289,10 +326,16 @@ async def delete_context_document(
 # -- retrieval -------------------------------------------------------------------------------
 
 
-@router.post(BASE + "/retrievals", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
-             summary="Queue a retrieval: the best chunks of the avatar's index for a query (in the job's result)",
-             responses={409: {"description": "the user has no vector index yet, or a job of the avatar is already active"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+@router.post(
+    BASE + "/retrievals",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Queue a retrieval: the best chunks of the avatar's index for a query (in the job's result)",
+    responses={
+        409: {"description": "the user has no vector index yet, or a job of the avatar is already active"},
+        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
+    },
+)
 async def create_retrieval(
     avatar: AuthorizedAvatar,
     store: ContextStoreDep,
@@ -304,8 +347,11 @@ async def create_retrieval(
 ) -> JobView:
     async def prepare() -> JobPlan:
         if not await store.has_vector_index(avatar.user_id):
-            raise Problem(409, f"no vector index for avatar {avatar.avatar_id!r} yet; "
-                               "POST .../context/index and wait for the job to succeed first")
+            raise Problem(
+                409,
+                f"no vector index for avatar {avatar.avatar_id!r} yet; "
+                "POST .../context/index and wait for the job to succeed first",
+            )
         return _plan_for(avatar, "retrieve", RetrieveRequest, RETRIEVE_REQUEST_SCHEMA, **body.model_dump())
 
     return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)

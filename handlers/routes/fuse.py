@@ -18,9 +18,9 @@ from contracts.messages import FUSE_REQUEST_SCHEMA, FuseRequest, QueueRequest
 from handlers.adapter_store import AdapterStoreDep
 from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep
+from handlers.idempotency import IdempotencyDep
 from handlers.job_store import JobStoreDep
 from handlers.problems import Problem
-from handlers.idempotency import IdempotencyDep
 from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.train_queue import TrainQueueDep
 
@@ -35,18 +35,25 @@ class FuseJobBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter_version: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         # `version` is what `avatune fuse --version N` sends.
         validation_alias=AliasChoices("adapter_version", "version"),
         description="the adapter version to merge (one of GET {base}/adapter/versions); omitted: the current version",
     )
 
 
-@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
-             summary="Queue a fuse job: merge an adapter version into the base model",
-             responses={404: {"description": "the avatar has no trained adapter, or no such adapter version"},
-                        409: {"description": "a job of the avatar is already active"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+@router.post(
+    BASE,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Queue a fuse job: merge an adapter version into the base model",
+    responses={
+        404: {"description": "the avatar has no trained adapter, or no such adapter version"},
+        409: {"description": "a job of the avatar is already active"},
+        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
+    },
+)
 async def create_fuse_job(
     avatar: AuthorizedAvatar,
     jobs: JobStoreDep,
@@ -65,15 +72,30 @@ async def create_fuse_job(
         version = requested or manifest.current_version
         kept = [v.version for v in await adapters.versions(avatar)]
         if version not in kept:
-            raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter version {version} "
-                               f"(kept versions: {', '.join(map(str, kept)) or 'none'})", adapter_version=version)
+            raise Problem(
+                404,
+                f"avatar {avatar.avatar_id!r} has no adapter version {version} "
+                f"(kept versions: {', '.join(map(str, kept)) or 'none'})",
+                adapter_version=version,
+            )
 
         def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
-            record = JobRecord(id=job_id, type="fuse", user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                               adapter_version=version, source="api")
+            record = JobRecord(
+                id=job_id,
+                type="fuse",
+                user_id=avatar.user_id,
+                avatar_id=avatar.avatar_id,
+                adapter_version=version,
+                source="api",
+            )
             return record, FuseRequest(
-                schema_=FUSE_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                adapter_version=version, requested_at=record.created_at, origin="api",
+                schema_=FUSE_REQUEST_SCHEMA,
+                job_id=job_id,
+                user_id=avatar.user_id,
+                avatar_id=avatar.avatar_id,
+                adapter_version=version,
+                requested_at=record.created_at,
+                origin="api",
             )
 
         return plan

@@ -22,9 +22,9 @@ from contracts.messages import GENERATE_REQUEST_SCHEMA, GenerateParams, Generate
 from handlers.adapter_store import AdapterStoreDep
 from handlers.auth import AuthorizedAvatar
 from handlers.dependencies import SettingsDep
+from handlers.idempotency import IdempotencyDep
 from handlers.job_store import JobStoreDep
 from handlers.problems import Problem
-from handlers.idempotency import IdempotencyDep
 from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.train_queue import TrainQueueDep
 
@@ -33,12 +33,18 @@ router = APIRouter(tags=["generations"])
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/generations"
 
 
-@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
-             summary="Queue a generation job: try an adapter version (or the base alone) on a prompt",
-             responses={404: {"description": "the avatar has no trained adapter, or no such adapter version"},
-                        409: {"description": "a job of the avatar is already active"},
-                        422: {"description": "invalid body (both or neither of prompt/messages, max_new_tokens out of range, ...)"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+@router.post(
+    BASE,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Queue a generation job: try an adapter version (or the base alone) on a prompt",
+    responses={
+        404: {"description": "the avatar has no trained adapter, or no such adapter version"},
+        409: {"description": "a job of the avatar is already active"},
+        422: {"description": "invalid body (both or neither of prompt/messages, max_new_tokens out of range, ...)"},
+        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
+    },
+)
 async def create_generation(
     avatar: AuthorizedAvatar,
     body: GenerateParams,
@@ -53,21 +59,40 @@ async def create_generation(
         if version != 0:
             manifest = await adapters.manifest(avatar)
             if manifest is None:
-                raise Problem(404, f"avatar {avatar.avatar_id!r} has no trained adapter; train one first, or pass "
-                                   "adapter_version 0 to try the base model alone")
+                raise Problem(
+                    404,
+                    f"avatar {avatar.avatar_id!r} has no trained adapter; train one first, or pass "
+                    "adapter_version 0 to try the base model alone",
+                )
             version = version or manifest.current_version
             kept = [v.version for v in await adapters.versions(avatar)]
             if version not in kept:
-                raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter version {version} "
-                                   f"(kept versions: {', '.join(map(str, kept)) or 'none'})", adapter_version=version)
+                raise Problem(
+                    404,
+                    f"avatar {avatar.avatar_id!r} has no adapter version {version} "
+                    f"(kept versions: {', '.join(map(str, kept)) or 'none'})",
+                    adapter_version=version,
+                )
         params = body.model_copy(update={"adapter_version": version})
 
         def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
-            record = JobRecord(id=job_id, type="generate", user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                               adapter_version=version, request=params.model_dump(mode="json"), source="api")
+            record = JobRecord(
+                id=job_id,
+                type="generate",
+                user_id=avatar.user_id,
+                avatar_id=avatar.avatar_id,
+                adapter_version=version,
+                request=params.model_dump(mode="json"),
+                source="api",
+            )
             return record, GenerateRequest(
-                schema_=GENERATE_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                requested_at=record.created_at, origin="api", **params.model_dump(),
+                schema_=GENERATE_REQUEST_SCHEMA,
+                job_id=job_id,
+                user_id=avatar.user_id,
+                avatar_id=avatar.avatar_id,
+                requested_at=record.created_at,
+                origin="api",
+                **params.model_dump(),
             )
 
         return plan

@@ -93,8 +93,9 @@ class JobView(BaseModel):
     @field_serializer("spec")
     def _spec_without_secrets(self, spec: JobSpec) -> dict[str, Any]:
         """The spec as sent, less defaults and the webhook's Authorization (never returned)."""
-        return spec.model_dump(mode="json", exclude_defaults=True,
-                               exclude={"callbacks": {"auth_header", "auth_header_sealed"}})
+        return spec.model_dump(
+            mode="json", exclude_defaults=True, exclude={"callbacks": {"auth_header", "auth_header_sealed"}}
+        )
 
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
@@ -106,7 +107,11 @@ class JobView(BaseModel):
         if record.type == "train" and record.config.method != "full":
             view.links = {
                 link: version_file_path(record.user_id, record.avatar_id, version, name)
-                for link, name in (("metrics", METRICS_FILE), ("samples", SAMPLES_FILE), ("loss_curve", LOSS_CURVE_FILE))
+                for link, name in (
+                    ("metrics", METRICS_FILE),
+                    ("samples", SAMPLES_FILE),
+                    ("loss_curve", LOSS_CURVE_FILE),
+                )
             }
         elif record.status == "succeeded" and (record.type == "fuse" or record.type == "train"):
             kind = "merged" if record.type == "fuse" else "full"
@@ -161,21 +166,27 @@ async def _earlier_job(jobs: JobStore, avatar: AvatarRef, idempotency: Idempoten
         await jobs.forget(avatar, idempotency.key_hash, etag)
         return None
     if earlier.fingerprint is not None and earlier.fingerprint != idempotency.fingerprint:
-        raise Problem(422, f"this Idempotency-Key was already used for a different request (job {earlier.job_id}); "
-                           "send a new key for a new request", job_id=earlier.job_id)
+        raise Problem(
+            422,
+            f"this Idempotency-Key was already used for a different request (job {earlier.job_id}); "
+            "send a new key for a new request",
+            job_id=earlier.job_id,
+        )
     return record
 
 
 def _active_conflict(avatar: AvatarRef, job_id: str) -> Problem:
     return Problem(
-        409, f"avatar {avatar.avatar_id!r} already has an active job {job_id}; cancel it or wait for it to end",
+        409,
+        f"avatar {avatar.avatar_id!r} already has an active job {job_id}; cancel it or wait for it to end",
         active_job_id=job_id,
     )
 
 
 def _too_many(cap: int) -> Problem:
     return Problem(
-        429, f"this user already has {cap} queued or running jobs (MAX_ACTIVE_JOBS_PER_USER); retry when one ends",
+        429,
+        f"this user already has {cap} queued or running jobs (MAX_ACTIVE_JOBS_PER_USER); retry when one ends",
         headers={"Retry-After": str(CAP_RETRY_AFTER_SECONDS)},
     )
 
@@ -214,7 +225,7 @@ async def _take_slot(jobs: JobStore, avatar: AvatarRef, job_id: str, cap: int) -
             within_cap = await jobs.count_active(avatar.user_id) <= cap
         except Exception:
             log.exception("counting active jobs failed; releasing the slot")
-            await _roll_back([lambda: jobs.release_claim(avatar, etag)])
+            await _roll_back([lambda etag=etag: jobs.release_claim(avatar, etag)])
             raise _unavailable() from None
         if within_cap:
             return etag
@@ -285,8 +296,9 @@ async def queue_job(
                 await _roll_back(undo)
                 if earlier := await _earlier_job(jobs, avatar, idempotency, ttl):
                     return JobView.of(earlier)
-                raise Problem(409, "a request with this Idempotency-Key is in progress; retry",
-                              headers={"Retry-After": "1"})
+                raise Problem(
+                    409, "a request with this Idempotency-Key is in progress; retry", headers={"Retry-After": "1"}
+                )
             undo.append(lambda: jobs.forget(avatar, key_hash, key_etag))
         await queue.send(request)
     except Problem:
@@ -324,11 +336,20 @@ def _inline_stage(avatar: AvatarRef, documents: TrainingDataStore, data: bytes) 
     return stage
 
 
-@router.post(BASE, status_code=status.HTTP_202_ACCEPTED, response_model=JobView, summary="Queue a training job",
-             responses={409: {"description": "no document flagged for training (and no datasets or training_data), "
-                                             "or a job is already active"},
-                        422: {"description": "an impossible spec; `field` names the field"},
-                        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"}})
+@router.post(
+    BASE,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Queue a training job",
+    responses={
+        409: {
+            "description": "no document flagged for training (and no datasets or training_data), "
+            "or a job is already active"
+        },
+        422: {"description": "an impossible spec; `field` names the field"},
+        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
+    },
+)
 async def create_job(
     avatar: AuthorizedAvatar,
     jobs: JobStoreDep,
@@ -339,27 +360,42 @@ async def create_job(
     body: TrainJobBody | None = None,
 ) -> JobView:
     body = body or TrainJobBody()
-    inline = check_job_body(body, user_id=avatar.user_id, bucket=settings.s3_bucket,
-                            max_gpus=settings.max_gpus_per_job, max_inline_bytes=settings.max_upload_bytes,
-                            base_model_prefixes=settings.base_model_prefixes())
+    inline = check_job_body(
+        body,
+        user_id=avatar.user_id,
+        bucket=settings.s3_bucket,
+        max_gpus=settings.max_gpus_per_job,
+        max_inline_bytes=settings.max_upload_bytes,
+        base_model_prefixes=settings.base_model_prefixes(),
+    )
     config, spec = body.config(), body.spec()
     sealed: dict[str, JobSpec] = {}  # job id -> spec with callbacks.auth_header sealed (see _sealing_stage)
 
     def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
         job_spec = sealed[job_id] if _has_auth_header(spec) else spec  # never the plaintext header
-        record = JobRecord(id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                           config=config, spec=job_spec, source="api")
+        record = JobRecord(
+            id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id, config=config, spec=job_spec, source="api"
+        )
         return record, TrainRequest(
-            schema_=TRAIN_REQUEST_SCHEMA, job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-            config=config, requested_at=record.created_at, origin="api", **dict(job_spec),
+            schema_=TRAIN_REQUEST_SCHEMA,
+            job_id=job_id,
+            user_id=avatar.user_id,
+            avatar_id=avatar.avatar_id,
+            config=config,
+            requested_at=record.created_at,
+            origin="api",
+            **dict(job_spec),
         )
 
     async def prepare() -> JobPlan:
         if inline is None and not spec.datasets:
             flagged, _ = await documents.list(avatar, True, 1)
             if not flagged:
-                raise Problem(409, f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; "
-                                   "upload or flag one first, or send datasets or training_data")
+                raise Problem(
+                    409,
+                    f"avatar {avatar.avatar_id!r} has no document with use_for_training=true; "
+                    "upload or flag one first, or send datasets or training_data",
+                )
         return plan
 
     stage = _inline_stage(avatar, documents, inline) if inline is not None else None
@@ -372,8 +408,9 @@ def _has_auth_header(spec: JobSpec) -> bool:
     return spec.callbacks is not None and spec.callbacks.auth_header is not None
 
 
-def _sealing_stage(settings: Settings, avatar: AvatarRef, spec: JobSpec, sealed: dict[str, JobSpec],
-                   then: JobStage | None) -> JobStage:
+def _sealing_stage(
+    settings: Settings, avatar: AvatarRef, spec: JobSpec, sealed: dict[str, JobSpec], then: JobStage | None
+) -> JobStage:
     """Seal callbacks.auth_header for the new job's id (the KMS encryption context names the
     job) into `sealed`, then run `then`. The sealer is checked now, so a deployment without one
     answers 422 before anything is stored; KMS runs in a thread (boto3 is synchronous)."""
@@ -381,11 +418,16 @@ def _sealing_stage(settings: Settings, avatar: AvatarRef, spec: JobSpec, sealed:
         sealer = settings.sealer()
     except SealError:
         log.exception("CALLBACK_SEALER is misconfigured")
-        raise Problem(503, "callbacks.auth_header cannot be stored right now; retry later",
-                      headers={"Retry-After": "30"}) from None
+        raise Problem(
+            503, "callbacks.auth_header cannot be stored right now; retry later", headers={"Retry-After": "30"}
+        ) from None
     if sealer is None:
-        raise Problem(422, "callbacks.auth_header: this deployment has no key to encrypt it at rest "
-                           "(CALLBACK_SEALER); send the job without it", field="callbacks.auth_header")
+        raise Problem(
+            422,
+            "callbacks.auth_header: this deployment has no key to encrypt it at rest "
+            "(CALLBACK_SEALER); send the job without it",
+            field="callbacks.auth_header",
+        )
 
     async def stage(job_id: str) -> Callable[[], Awaitable[Any]]:
         context = job_context(avatar.user_id, avatar.avatar_id, job_id)
@@ -423,9 +465,13 @@ class _AlreadyFinal(Exception):
     pass
 
 
-@router.post(BASE + "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
-             summary="Cancel a job (queued: at once; running: at the trainer's next step)",
-             responses={409: {"description": "the job has already ended"}})
+@router.post(
+    BASE + "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Cancel a job (queued: at once; running: at the trainer's next step)",
+    responses={409: {"description": "the job has already ended"}},
+)
 async def cancel_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQueueDep, job_id: str) -> JobView:
     job_id = _checked_job_id(job_id)
     cancelled_here = False
@@ -463,16 +509,25 @@ async def cancel_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQu
         except Exception:
             log.exception("releasing the active pointer of cancelled job %s failed", job_id)
         try:
-            await queue.publish(JobEvent(
-                event="job.cancelled", job_id=job_id, user_id=avatar.user_id, avatar_id=avatar.avatar_id,
-                status="cancelled", job_type=record.type, adapter_version=record.adapter_version,
-            ))
+            await queue.publish(
+                JobEvent(
+                    event="job.cancelled",
+                    job_id=job_id,
+                    user_id=avatar.user_id,
+                    avatar_id=avatar.avatar_id,
+                    status="cancelled",
+                    job_type=record.type,
+                    adapter_version=record.adapter_version,
+                )
+            )
         except Exception:
             log.exception("publishing job.cancelled for %s failed", job_id)
     return JobView.of(record)
 
 
-@router.get("/v1/users/{user_id}/training-jobs", response_model=JobList, summary="The user's jobs across avatars, newest first")
+@router.get(
+    "/v1/users/{user_id}/training-jobs", response_model=JobList, summary="The user's jobs across avatars, newest first"
+)
 async def list_user_jobs(
     user_id: AuthorizedUser,
     jobs: JobStoreDep,

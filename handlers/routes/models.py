@@ -53,21 +53,34 @@ def whole_model_path(user_id: str, avatar_id: str, kind: WholeModelKind, version
 
 def _summary(version: int, manifest: WholeModelManifest) -> WholeModelSummary:
     metrics = manifest.metrics if isinstance(manifest, FullModelManifest) else {}
-    return WholeModelSummary(version=version, job_id=manifest.job_id, base_model=manifest.base_model,
-                             dtype=manifest.dtype, created_at=manifest.created_at, metrics=metrics)
+    return WholeModelSummary(
+        version=version,
+        job_id=manifest.job_id,
+        base_model=manifest.base_model,
+        dtype=manifest.dtype,
+        created_at=manifest.created_at,
+        metrics=metrics,
+    )
 
 
-@router.get(BASE + "/{kind}-models", response_model=WholeModelList,
-            summary="The avatar's merged models (fuse jobs) or fully fine-tuned models (method full), by version")
+@router.get(
+    BASE + "/{kind}-models",
+    response_model=WholeModelList,
+    summary="The avatar's merged models (fuse jobs) or fully fine-tuned models (method full), by version",
+)
 async def list_models(avatar: AuthorizedAvatar, store: AdapterStoreDep, kind: KindPath) -> WholeModelList:
     return WholeModelList(items=[_summary(v, m) for v, m in await store.whole_models(avatar, kind)])
 
 
-@router.get(BASE + "/{kind}-models/{version}", response_model=WholeModelView,
-            summary="One merged or fully fine-tuned model: its manifest and presigned URLs of its files",
-            responses={404: {"description": "no complete model of that kind and version"}})
-async def get_model(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, kind: KindPath,
-                    version: VersionPath) -> WholeModelView:
+@router.get(
+    BASE + "/{kind}-models/{version}",
+    response_model=WholeModelView,
+    summary="One merged or fully fine-tuned model: its manifest and presigned URLs of its files",
+    responses={404: {"description": "no complete model of that kind and version"}},
+)
+async def get_model(
+    avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, kind: KindPath, version: VersionPath
+) -> WholeModelView:
     manifest = await store.whole_model(avatar, kind, version)
     if manifest is None:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no {kind} model {version}")

@@ -22,7 +22,14 @@ from handlers.training_data_store import (
     TrainingDocument,
     encode_cursor,
 )
-from handlers.uploads import MULTIPART_OVERHEAD, checked_name, page_after, read_capped_body, refuse_declared_size, too_large
+from handlers.uploads import (
+    MULTIPART_OVERHEAD,
+    checked_name,
+    page_after,
+    read_capped_body,
+    refuse_declared_size,
+    too_large,
+)
 
 router = APIRouter(prefix="/v1/users/{user_id}/avatars/{avatar_id}/training-data", tags=["training data"])
 
@@ -70,7 +77,9 @@ def _not_found(name: str) -> Problem:
     return Problem(404, f"no training document named {name!r}")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TrainingDocument, summary="Upload a document (multipart)")
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=TrainingDocument, summary="Upload a document (multipart)"
+)
 async def upload_document(
     avatar: AuthorizedAvatar,
     store: TrainingDataStoreDep,
@@ -104,7 +113,9 @@ async def presign_upload(
 async def list_documents(
     avatar: AuthorizedAvatar,
     store: TrainingDataStoreDep,
-    use_for_training: Annotated[bool | None, Query(description="true: used for training; false: not used; absent: all")] = None,
+    use_for_training: Annotated[
+        bool | None, Query(description="true: used for training; false: not used; absent: all")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,
 ) -> DocumentList:
@@ -123,8 +134,12 @@ async def delete_documents(
     return DeleteResult(deleted=await store.delete_where(avatar, use_for_training))
 
 
-@router.get("/archive", summary="Download documents as one zip stream", response_class=StreamingResponse,
-            responses={200: {"content": {"application/zip": {}}}})
+@router.get(
+    "/archive",
+    summary="Download documents as one zip stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
 async def download_archive(
     avatar: AuthorizedAvatar,
     store: TrainingDataStoreDep,
@@ -148,8 +163,12 @@ async def download_archive(
     )
 
 
-@router.put("/{name}", response_model=TrainingDocument, summary="Create or replace a document from the raw body",
-            responses={201: {"model": TrainingDocument}})
+@router.put(
+    "/{name}",
+    response_model=TrainingDocument,
+    summary="Create or replace a document from the raw body",
+    responses={201: {"model": TrainingDocument}},
+)
 async def put_document(
     avatar: AuthorizedAvatar,
     store: TrainingDataStoreDep,
@@ -157,7 +176,9 @@ async def put_document(
     request: Request,
     response: Response,
     name: str,
-    use_for_training: Annotated[bool | None, Query(description="absent: keep the existing flag (true for a new document)")] = None,
+    use_for_training: Annotated[
+        bool | None, Query(description="absent: keep the existing flag (true for a new document)")
+    ] = None,
 ) -> TrainingDocument:
     name = _checked_name(name)
     data = await read_capped_body(request, settings.max_upload_bytes, _UPLOADS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+
 import numpy as np
 
 log = logging.getLogger("avatune.trainer")
@@ -52,15 +53,18 @@ class Embedder:
         self.name = canonical_name(name)
         self._model = SentenceTransformer(resolve(name), device=device)
         # sentence-transformers 6 renamed get_sentence_embedding_dimension (5.x) to get_embedding_dimension.
-        dimension = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dimension = (
+            getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        )
         self.dimension = int(dimension())
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """float32 rows of unit length, one per text (an empty list gives shape (0, dimension))."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)
+        vectors = self._model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         return np.asarray(vectors, dtype=np.float32)
 
     def embed_query(self, query: str) -> np.ndarray:
@@ -83,7 +87,7 @@ def get_embedder(name: str) -> Embedder:
             except Exception as exc:
                 from trainer.errors import JobFailure
 
-                raise JobFailure(f"embedding model {key!r} could not be loaded: {type(exc).__name__}: "
-                                 f"{str(exc)[:300]}") from exc
+                raise JobFailure(
+                    f"embedding model {key!r} could not be loaded: {type(exc).__name__}: {str(exc)[:300]}"
+                ) from exc
         return _loaded[key]
-

@@ -23,8 +23,12 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from contracts.context_documents import (ContextRecord, DocumentError, parse_context_document,
-                                        validate_context_document_name)
+from contracts.context_documents import (
+    ContextRecord,
+    DocumentError,
+    parse_context_document,
+    validate_context_document_name,
+)
 from contracts.ids import InvalidIdentifier
 from contracts.jobs import JobProgress, JobRecord
 from contracts.keys import context_data_prefix, document_name_from_key, vectorstore_prefix
@@ -60,8 +64,15 @@ class PreparedChunk:
 def request_of(job: JobRecord) -> IndexRequest:
     """The job's parameters, validated as the queue contract validates them."""
     try:
-        return IndexRequest.model_validate({**job.request, "schema": INDEX_REQUEST_SCHEMA, "job_id": job.id,
-                                            "user_id": job.user_id, "avatar_id": job.avatar_id})
+        return IndexRequest.model_validate(
+            {
+                **job.request,
+                "schema": INDEX_REQUEST_SCHEMA,
+                "job_id": job.id,
+                "user_id": job.user_id,
+                "avatar_id": job.avatar_id,
+            }
+        )
     except ValueError as exc:
         raise JobFailure(f"invalid index request: {exc}") from None
 
@@ -108,31 +119,43 @@ def chunk_document(name: str, etag: str, data: bytes, chunk_size: int, chunk_ove
     for record in records:
         base = 0 if jsonl else record.start_offset
         for piece in chunk_text(record.text, chunk_size, chunk_overlap):
-            chunks.append(PreparedChunk(name, etag, record, len(chunks), piece.text, base + piece.start, base + piece.end))
+            chunks.append(
+                PreparedChunk(name, etag, record, len(chunks), piece.text, base + piece.start, base + piece.end)
+            )
     return chunks
 
 
-def chunk_rows(chunks: list[PreparedChunk], vectors: Any, user_id: str, avatar_id: str, chunk_size: int,
-               chunk_overlap: int, dimension: int) -> pa.Table:
+def chunk_rows(
+    chunks: list[PreparedChunk],
+    vectors: Any,
+    user_id: str,
+    avatar_id: str,
+    chunk_size: int,
+    chunk_overlap: int,
+    dimension: int,
+) -> pa.Table:
     import json
 
-    return pa.Table.from_pydict({
-        "chunk_id": [f"{avatar_id}:{c.source}:{c.etag}:{c.number}" for c in chunks],
-        "user_id": [user_id] * len(chunks),
-        "avatar_id": [avatar_id] * len(chunks),
-        "source": [c.source for c in chunks],
-        "etag": [c.etag for c in chunks],
-        "record": [c.record.index for c in chunks],
-        "line": [c.record.line for c in chunks],
-        "start": [c.start for c in chunks],
-        "end": [c.end for c in chunks],
-        "text": [c.text for c in chunks],
-        "metadata": [json.dumps(c.record.metadata, ensure_ascii=False, sort_keys=True) for c in chunks],
-        "meta_kv": [metadata_tokens(c.record.metadata) for c in chunks],
-        "chunk_size": [chunk_size] * len(chunks),
-        "chunk_overlap": [chunk_overlap] * len(chunks),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dimension),
-    }, schema=chunks_schema(dimension))
+    return pa.Table.from_pydict(
+        {
+            "chunk_id": [f"{avatar_id}:{c.source}:{c.etag}:{c.number}" for c in chunks],
+            "user_id": [user_id] * len(chunks),
+            "avatar_id": [avatar_id] * len(chunks),
+            "source": [c.source for c in chunks],
+            "etag": [c.etag for c in chunks],
+            "record": [c.record.index for c in chunks],
+            "line": [c.record.line for c in chunks],
+            "start": [c.start for c in chunks],
+            "end": [c.end for c in chunks],
+            "text": [c.text for c in chunks],
+            "metadata": [json.dumps(c.record.metadata, ensure_ascii=False, sort_keys=True) for c in chunks],
+            "meta_kv": [metadata_tokens(c.record.metadata) for c in chunks],
+            "chunk_size": [chunk_size] * len(chunks),
+            "chunk_overlap": [chunk_overlap] * len(chunks),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dimension),
+        },
+        schema=chunks_schema(dimension),
+    )
 
 
 class Control(Protocol):
@@ -151,8 +174,18 @@ class Stopped(Exception):
         self.reason = reason
 
 
-def build_index(s3: Any, settings: Any, user_id: str, avatar_id: str, job_id: str, control: Control, *,
-                chunk_size: int, chunk_overlap: int, full: bool = False) -> dict[str, Any]:
+def build_index(
+    s3: Any,
+    settings: Any,
+    user_id: str,
+    avatar_id: str,
+    job_id: str,
+    control: Control,
+    *,
+    chunk_size: int,
+    chunk_overlap: int,
+    full: bool = False,
+) -> dict[str, Any]:
     """(Re)index the avatar's context documents (see the module doc); the job's `result`.
     Raises Stopped when `control` says stop before the store is written."""
     if chunk_overlap >= chunk_size:
@@ -171,8 +204,14 @@ def build_index(s3: Any, settings: Any, user_id: str, avatar_id: str, job_id: st
 
     full_reason = _full_reason(full, previous, embedder, chunk_size, chunk_overlap)
     current = (chunk_size, chunk_overlap)
-    kept = [d for d in listed if full_reason is None and d.name in held
-            and held[d.name].etags == {d.etag} and held[d.name].chunkings == {current}]
+    kept = [
+        d
+        for d in listed
+        if full_reason is None
+        and d.name in held
+        and held[d.name].etags == {d.etag}
+        and held[d.name].chunkings == {current}
+    ]
     kept_names = {d.name for d in kept}
     to_embed = [d for d in listed if d.name not in kept_names]
 
@@ -197,31 +236,53 @@ def build_index(s3: Any, settings: Any, user_id: str, avatar_id: str, job_id: st
     chunks_kept = sum(held[n].chunks for n in kept_names)
     chunks_removed = sum(s.chunks for n, s in held.items() if n not in kept_names)
     documents = len(kept) + len(embedded_names)
-    store.write_index_info(IndexInfo(
-        avatar_id=avatar_id, user_id=user_id, embedding_model=embedder.name, dimension=embedder.dimension,
-        chunks_table=table.name, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-        documents=documents, chunks=chunks_kept + len(chunks), job_id=job_id, updated_at=now_iso(),
-    ))
+    store.write_index_info(
+        IndexInfo(
+            avatar_id=avatar_id,
+            user_id=user_id,
+            embedding_model=embedder.name,
+            dimension=embedder.dimension,
+            chunks_table=table.name,
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            documents=documents,
+            chunks=chunks_kept + len(chunks),
+            job_id=job_id,
+            updated_at=now_iso(),
+        )
+    )
     store.compact(table)
     seconds = time.monotonic() - started
     return {
-        "embedding_model": embedder.name, "dimension": embedder.dimension,
-        "vectorstore_prefix": vectorstore_prefix(user_id), "chunks_table": table.name,
-        "chunk_size": chunk_size, "chunk_overlap": chunk_overlap,
-        "full": full_reason is not None, "full_reason": full_reason,
+        "embedding_model": embedder.name,
+        "dimension": embedder.dimension,
+        "vectorstore_prefix": vectorstore_prefix(user_id),
+        "chunks_table": table.name,
+        "chunk_size": chunk_size,
+        "chunk_overlap": chunk_overlap,
+        "full": full_reason is not None,
+        "full_reason": full_reason,
         "documents": documents,
-        "documents_added": len(added), "documents_changed": len(changed),
-        "documents_removed": len(removed), "documents_kept": len(kept),
-        "added": added, "changed": changed, "removed": removed,
+        "documents_added": len(added),
+        "documents_changed": len(changed),
+        "documents_removed": len(removed),
+        "documents_kept": len(kept),
+        "added": added,
+        "changed": changed,
+        "removed": removed,
         "chunks": chunks_kept + len(chunks),
-        "chunks_added": len(chunks), "chunks_removed": chunks_removed, "chunks_kept": chunks_kept,
-        "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+        "chunks_added": len(chunks),
+        "chunks_removed": chunks_removed,
+        "chunks_kept": chunks_kept,
+        "seconds": round(seconds, 3),
+        "embed_seconds": round(embed_seconds, 3),
         "chunks_per_second": round(len(chunks) / seconds, 1) if chunks and seconds > 0 else None,
     }
 
 
-def _prepare(s3: Any, settings: Any, docs: list[ListedDocument], chunk_size: int,
-             chunk_overlap: int) -> tuple[list[PreparedChunk], set[str]]:
+def _prepare(
+    s3: Any, settings: Any, docs: list[ListedDocument], chunk_size: int, chunk_overlap: int
+) -> tuple[list[PreparedChunk], set[str]]:
     """Download (concurrently), parse and chunk `docs`; also the names that vanished meanwhile."""
     with ThreadPoolExecutor(settings.download_concurrency) as pool:
         payloads = list(pool.map(lambda d: download(s3, settings.s3_bucket, d), docs))
@@ -245,7 +306,7 @@ def _embed(embedder: Embedder, chunks: list[PreparedChunk], control: Control, ba
     for i in range(0, len(chunks), batch):
         if reason := control.stop_reason():
             raise Stopped(reason)
-        parts.append(embedder.embed([c.text for c in chunks[i:i + batch]], batch_size=batch))
+        parts.append(embedder.embed([c.text for c in chunks[i : i + batch]], batch_size=batch))
         control.report(JobProgress(step=min(i + batch, len(chunks)), total_steps=len(chunks)))
     return np.concatenate(parts)
 
@@ -266,22 +327,43 @@ class IndexWork:
         chunk_size = request.chunk_size or settings.chunk_size
         chunk_overlap = request.chunk_overlap if request.chunk_overlap is not None else settings.chunk_overlap
         try:
-            result = build_index(runner.s3, settings, job.user_id, job.avatar_id, job.id,
-                                 runner.control(job, heartbeat), chunk_size=chunk_size,
-                                 chunk_overlap=chunk_overlap, full=request.full)
+            result = build_index(
+                runner.s3,
+                settings,
+                job.user_id,
+                job.avatar_id,
+                job.id,
+                runner.control(job, heartbeat),
+                chunk_size=chunk_size,
+                chunk_overlap=chunk_overlap,
+                full=request.full,
+            )
         except Stopped as stop:
             return runner.stopped(job, stop.reason, delivery)
         runner.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_result(r, result))
-        runner.finish(job, "succeeded", metrics=_metrics(result),
-                      progress=JobProgress(step=result["chunks_added"], total_steps=result["chunks_added"]))
-        log.info("index job %s: %d documents (%d added, %d changed, %d removed, %d kept), %d chunks embedded in %.1fs",
-                 job.id, result["documents"], result["documents_added"], result["documents_changed"],
-                 result["documents_removed"], result["documents_kept"], result["chunks_added"], result["seconds"])
+        runner.finish(
+            job,
+            "succeeded",
+            metrics=_metrics(result),
+            progress=JobProgress(step=result["chunks_added"], total_steps=result["chunks_added"]),
+        )
+        log.info(
+            "index job %s: %d documents (%d added, %d changed, %d removed, %d kept), %d chunks embedded in %.1fs",
+            job.id,
+            result["documents"],
+            result["documents_added"],
+            result["documents_changed"],
+            result["documents_removed"],
+            result["documents_kept"],
+            result["chunks_added"],
+            result["seconds"],
+        )
         return Outcome.DONE
 
 
-def _full_reason(full: bool, previous: IndexInfo | None, embedder: Embedder, chunk_size: int,
-                 chunk_overlap: int) -> str | None:
+def _full_reason(
+    full: bool, previous: IndexInfo | None, embedder: Embedder, chunk_size: int, chunk_overlap: int
+) -> str | None:
     """Why every document is embedded again, or None for an incremental run."""
     if full:
         return "requested"
@@ -290,8 +372,10 @@ def _full_reason(full: bool, previous: IndexInfo | None, embedder: Embedder, chu
     if previous.embedding_model != embedder.name or previous.dimension != embedder.dimension:
         return f"embedding model changed from {previous.embedding_model!r} to {embedder.name!r}"
     if (previous.chunk_size, previous.chunk_overlap) != (chunk_size, chunk_overlap):
-        return (f"chunking changed from {previous.chunk_size}/{previous.chunk_overlap} "
-                f"to {chunk_size}/{chunk_overlap} (chunk_size/chunk_overlap)")
+        return (
+            f"chunking changed from {previous.chunk_size}/{previous.chunk_overlap} "
+            f"to {chunk_size}/{chunk_overlap} (chunk_size/chunk_overlap)"
+        )
     return None
 
 

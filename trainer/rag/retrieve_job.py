@@ -21,8 +21,15 @@ log = logging.getLogger("avatune.trainer")
 def request_of(job: JobRecord) -> RetrieveRequest:
     """The job's parameters, validated as the queue contract validates them."""
     try:
-        return RetrieveRequest.model_validate({**job.request, "schema": RETRIEVE_REQUEST_SCHEMA, "job_id": job.id,
-                                               "user_id": job.user_id, "avatar_id": job.avatar_id})
+        return RetrieveRequest.model_validate(
+            {
+                **job.request,
+                "schema": RETRIEVE_REQUEST_SCHEMA,
+                "job_id": job.id,
+                "user_id": job.user_id,
+                "avatar_id": job.avatar_id,
+            }
+        )
     except ValueError as exc:
         raise JobFailure(f"invalid retrieve request: {exc}") from None
 
@@ -40,11 +47,15 @@ class RetrieveWork:
             return Outcome.DONE
         request = request_of(job)
         started = time.monotonic()
-        passages = search(runner, job.user_id, job.avatar_id, request.query, request.top_k,
-                          request.score_threshold, request.filters)
+        passages = search(
+            runner, job.user_id, job.avatar_id, request.query, request.top_k, request.score_threshold, request.filters
+        )
         seconds = round(time.monotonic() - started, 4)
-        result = {"passages": passages, "seconds": seconds,
-                  "embedding_model": canonical_name(runner.settings.embedding_model)}
+        result = {
+            "passages": passages,
+            "seconds": seconds,
+            "embedding_model": canonical_name(runner.settings.embedding_model),
+        }
         runner.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_result(r, result))
         runner.finish(job, "succeeded", metrics={"passages": len(passages), "seconds": seconds})
         log.info("retrieve job %s: %d passages in %.3fs", job.id, len(passages), seconds)

@@ -20,8 +20,15 @@ from trainer.rag.embeddings import canonical_name, get_embedder
 from trainer.rag.store import MetadataValue, VectorStore
 
 
-def search(runner: Any, user_id: str, avatar_id: str, query: str, top_k: int = 5,
-           score_threshold: float | None = None, filters: dict[str, MetadataValue] | None = None) -> list[dict[str, Any]]:
+def search(
+    runner: Any,
+    user_id: str,
+    avatar_id: str,
+    query: str,
+    top_k: int = 5,
+    score_threshold: float | None = None,
+    filters: dict[str, MetadataValue] | None = None,
+) -> list[dict[str, Any]]:
     """The `top_k` chunks of the avatar's index closest to `query` (cosine similarity as
     `score`, best first), at least `score_threshold` when given, whose metadata equals every
     `filters` item. The avatar and the filters are applied inside the store query."""

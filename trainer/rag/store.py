@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -38,39 +38,43 @@ log = logging.getLogger("avatune.trainer")
 META_TABLE = "index_meta"
 MetadataValue = str | int | float | bool
 
-META_SCHEMA = pa.schema([
-    pa.field("avatar_id", pa.string(), nullable=False),
-    pa.field("user_id", pa.string(), nullable=False),
-    pa.field("embedding_model", pa.string(), nullable=False),
-    pa.field("dimension", pa.int32(), nullable=False),
-    pa.field("chunks_table", pa.string(), nullable=False),
-    pa.field("chunk_size", pa.int32(), nullable=False),
-    pa.field("chunk_overlap", pa.int32(), nullable=False),
-    pa.field("documents", pa.int64(), nullable=False),
-    pa.field("chunks", pa.int64(), nullable=False),
-    pa.field("job_id", pa.string(), nullable=False),
-    pa.field("updated_at", pa.string(), nullable=False),
-])
+META_SCHEMA = pa.schema(
+    [
+        pa.field("avatar_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("embedding_model", pa.string(), nullable=False),
+        pa.field("dimension", pa.int32(), nullable=False),
+        pa.field("chunks_table", pa.string(), nullable=False),
+        pa.field("chunk_size", pa.int32(), nullable=False),
+        pa.field("chunk_overlap", pa.int32(), nullable=False),
+        pa.field("documents", pa.int64(), nullable=False),
+        pa.field("chunks", pa.int64(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("updated_at", pa.string(), nullable=False),
+    ]
+)
 
 
 def chunks_schema(dimension: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("chunk_id", pa.string(), nullable=False),
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("avatar_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("etag", pa.string(), nullable=False),
-        pa.field("record", pa.int32(), nullable=False),
-        pa.field("line", pa.int32(), nullable=False),
-        pa.field("start", pa.int64(), nullable=False),
-        pa.field("end", pa.int64(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("metadata", pa.string(), nullable=False),
-        pa.field("meta_kv", pa.list_(pa.string()), nullable=False),
-        pa.field("chunk_size", pa.int32(), nullable=False),
-        pa.field("chunk_overlap", pa.int32(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
-    ])
+    return pa.schema(
+        [
+            pa.field("chunk_id", pa.string(), nullable=False),
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("avatar_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("etag", pa.string(), nullable=False),
+            pa.field("record", pa.int32(), nullable=False),
+            pa.field("line", pa.int32(), nullable=False),
+            pa.field("start", pa.int64(), nullable=False),
+            pa.field("end", pa.int64(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("metadata", pa.string(), nullable=False),
+            pa.field("meta_kv", pa.list_(pa.string()), nullable=False),
+            pa.field("chunk_size", pa.int32(), nullable=False),
+            pa.field("chunk_overlap", pa.int32(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
+        ]
+    )
 
 
 # Columns a search returns (never the vector).
@@ -217,23 +221,32 @@ class VectorStore:
         """The avatar's index info, refusing a missing index or one built with another model."""
         info = self.index_info(avatar_id)
         if info is None:
-            raise NoIndex(f"avatar {avatar_id!r} has no vector index yet: add context documents and run an index job "
-                          f"(POST .../context/index)")
+            raise NoIndex(
+                f"avatar {avatar_id!r} has no vector index yet: add context documents and run an index job "
+                f"(POST .../context/index)"
+            )
         if info.embedding_model != model:
             raise EmbeddingModelMismatch(
                 f"the index of avatar {avatar_id!r} was built with {info.embedding_model!r}, this worker embeds "
-                f"with {model!r} (EMBEDDING_MODEL); re-index the avatar's context documents")
+                f"with {model!r} (EMBEDDING_MODEL); re-index the avatar's context documents"
+            )
         return info
 
     # -- chunks -----------------------------------------------------------------------------
 
     def documents(self, table: Any, avatar_id: str) -> dict[str, DocumentState]:
         """What `table` holds for the avatar, by source document."""
-        rows = (table.search().where(f"avatar_id = {sql_string(avatar_id)}")
-                .select(["source", "etag", "chunk_size", "chunk_overlap"]).limit(None).to_arrow())
+        rows = (
+            table.search()
+            .where(f"avatar_id = {sql_string(avatar_id)}")
+            .select(["source", "etag", "chunk_size", "chunk_overlap"])
+            .limit(None)
+            .to_arrow()
+        )
         states: dict[str, DocumentState] = {}
-        for source, etag, size, overlap in zip(*(rows.column(c).to_pylist() for c in
-                                                 ("source", "etag", "chunk_size", "chunk_overlap"))):
+        for source, etag, size, overlap in zip(
+            *(rows.column(c).to_pylist() for c in ("source", "etag", "chunk_size", "chunk_overlap"))
+        ):
             state = states.setdefault(source, DocumentState(set(), 0, set()))
             state.etags.add(etag)
             state.chunks += 1
@@ -275,15 +288,26 @@ class VectorStore:
         except Exception:
             log.warning("vector store compaction failed (ignored)", exc_info=True)
 
-    def search(self, info: IndexInfo, avatar_id: str, vector: Any, top_k: int, score_threshold: float | None,
-               filters: dict[str, MetadataValue] | None) -> list[dict[str, Any]]:
+    def search(
+        self,
+        info: IndexInfo,
+        avatar_id: str,
+        vector: Any,
+        top_k: int,
+        score_threshold: float | None,
+        filters: dict[str, MetadataValue] | None,
+    ) -> list[dict[str, Any]]:
         """The avatar's `top_k` nearest chunks to `vector` (cosine), best first."""
         table = self._open(info.chunks_table)
         if table is None:
             raise NoIndex(f"the vector index of avatar {avatar_id!r} is missing its chunks table; re-index")
-        query = (table.search(vector, vector_column_name="vector").distance_type("cosine")
-                 .where(where_clause(avatar_id, filters), prefilter=True)
-                 .select([*RESULT_COLUMNS, "_distance"]).limit(top_k))
+        query = (
+            table.search(vector, vector_column_name="vector")
+            .distance_type("cosine")
+            .where(where_clause(avatar_id, filters), prefilter=True)
+            .select([*RESULT_COLUMNS, "_distance"])
+            .limit(top_k)
+        )
         if score_threshold is not None:  # score = 1 - cosine distance; bounded inside the search
             query = query.distance_range(upper_bound=1.0 - score_threshold + 1e-6)
         passages = []
@@ -291,13 +315,21 @@ class VectorStore:
             score = 1.0 - float(row["_distance"])
             if score_threshold is not None and score < score_threshold:
                 continue  # float rounding at the bound
-            passages.append({
-                "text": row["text"], "score": round(score, 6), "source": row["source"], "chunk_id": row["chunk_id"],
-                "etag": row["etag"], "start": row["start"], "end": row["end"], "line": row["line"],
-                "metadata": json.loads(row["metadata"]),
-            })
+            passages.append(
+                {
+                    "text": row["text"],
+                    "score": round(score, 6),
+                    "source": row["source"],
+                    "chunk_id": row["chunk_id"],
+                    "etag": row["etag"],
+                    "start": row["start"],
+                    "end": row["end"],
+                    "line": row["line"],
+                    "metadata": json.loads(row["metadata"]),
+                }
+            )
         return passages
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
