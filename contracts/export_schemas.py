@@ -10,17 +10,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from contracts.job_kinds import JOB_KINDS
 from contracts.jobs import JobRecord
-from contracts.messages import FuseRequest, GenerateRequest, IndexRequest, JobEvent, RetrieveRequest, TrainRequest
+from contracts.messages import JobEvent
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 PUBLIC_MODELS: dict[str, type[BaseModel]] = {
-    "train-request.v1.json": TrainRequest,
-    "fuse-request.v1.json": FuseRequest,
-    "generate-request.v1.json": GenerateRequest,
-    "index-request.v1.json": IndexRequest,
-    "retrieve-request.v1.json": RetrieveRequest,
+    **{kind.schema_file: kind.request for kind in JOB_KINDS.values()},
     "job-event.v1.json": JobEvent,
     "job.v1.json": JobRecord,
 }

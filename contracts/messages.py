@@ -1,6 +1,7 @@
-"""Queue message contracts: versioned, public. Other services send `TrainRequest`s and
-`FuseRequest`s straight to the train queue and consume `JobEvent`s from the events queue. JSON
-Schemas of all three live in `schemas/` (regenerate with `python -m contracts.export_schemas`)."""
+"""Queue message contracts: versioned, public. Other services send requests (`TrainRequest`,
+`FuseRequest`, ...) straight to the train queue and consume `JobEvent`s from the events queue.
+Which request creates which kind of job is `contracts.job_kinds`; JSON Schemas of every message
+live in `schemas/` (regenerate with `python -m contracts.export_schemas`)."""
 
 from __future__ import annotations
 
@@ -233,26 +234,7 @@ class InvalidMessage(ValueError):
     """A queue message that can never be processed as it is (poison); the text says why."""
 
 
-# What the train queue carries, by `schema`: the trainer dispatches on it.
-AnyRequest = TrainRequest | FuseRequest | GenerateRequest | IndexRequest | RetrieveRequest
-TRAIN_QUEUE_MESSAGES: dict[str, type[QueueRequest]] = {
-    TRAIN_REQUEST_SCHEMA: TrainRequest,
-    FUSE_REQUEST_SCHEMA: FuseRequest,
-    GENERATE_REQUEST_SCHEMA: GenerateRequest,
-    INDEX_REQUEST_SCHEMA: IndexRequest,
-    RETRIEVE_REQUEST_SCHEMA: RetrieveRequest,
-}
-# The job type each request creates.
-REQUEST_JOB_TYPES: dict[type[QueueRequest], JobType] = {
-    TrainRequest: "train",
-    FuseRequest: "fuse",
-    GenerateRequest: "generate",
-    IndexRequest: "index",
-    RetrieveRequest: "retrieve",
-}
-
-
-def _payload(body: object) -> dict[str, Any]:
+def message_payload(body: object) -> dict[str, Any]:
     if not isinstance(body, str):
         raise InvalidMessage("message has no string body")
     try:
@@ -264,7 +246,7 @@ def _payload(body: object) -> dict[str, Any]:
     return payload
 
 
-def _validated(payload: dict[str, Any], model: type[BaseModel], schema: str) -> Any:
+def validated_message(payload: dict[str, Any], model: type[BaseModel], schema: str) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -278,18 +260,7 @@ def parse_message(body: object, model: type[BaseModel], schema: str) -> Any:
 
     `schema` must be on the wire even where the model has a default, so a foreign message that
     happens to have the same fields is not taken for ours."""
-    payload = _payload(body)
+    payload = message_payload(body)
     if payload.get("schema") != schema:
         raise InvalidMessage(f"unknown schema {payload.get('schema')!r}; expected {schema!r}")
-    return _validated(payload, model, schema)
-
-
-def parse_train_queue_message(body: object) -> AnyRequest:
-    """Parse one train-queue body as the request its `schema` names (`TRAIN_QUEUE_MESSAGES`);
-    raise InvalidMessage saying why (an unknown schema included)."""
-    payload = _payload(body)
-    schema = payload.get("schema")
-    model = TRAIN_QUEUE_MESSAGES.get(schema) if isinstance(schema, str) else None
-    if model is None:
-        raise InvalidMessage(f"unknown schema {schema!r}; expected one of {', '.join(map(repr, TRAIN_QUEUE_MESSAGES))}")
-    return _validated(payload, model, schema)
+    return validated_message(payload, model, schema)

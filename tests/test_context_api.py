@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from contracts.context_documents import DocumentError, parse_context_document
+from contracts.job_kinds import parse_train_queue_message
 from contracts.keys import context_data_prefix, job_key, jobs_prefix, user_prefix, vectorstore_prefix
-from contracts.messages import IndexRequest, RetrieveRequest, parse_train_queue_message
+from contracts.messages import IndexRequest, RetrieveRequest
 from tests.conftest import TEST_BUCKET, Api, keys_under, stop
 from tests.test_jobs_api import Server, drain, pointer, record, serve, set_status
 

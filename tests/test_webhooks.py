@@ -22,9 +22,10 @@ from typing import Any
 import boto3
 import pytest
 
+from contracts.job_kinds import parse_train_queue_message, record_of
 from contracts.jobs import JobRecord
 from contracts.keys import job_key
-from contracts.messages import TRAIN_REQUEST_SCHEMA, InvalidMessage, JobEvent, TrainRequest, parse_train_queue_message
+from contracts.messages import TRAIN_REQUEST_SCHEMA, InvalidMessage, JobEvent, TrainRequest
 from contracts.sealing import (
     DEV_SEAL_KEY,
     KmsSealer,
@@ -535,7 +536,6 @@ def test_a_masked_dump_is_never_taken_for_a_header() -> None:
 def test_trainer_seals_a_queued_requests_header() -> None:
     """A train request sent straight to the queue with a plaintext header: the record the trainer
     creates holds it sealed; with no sealer the job is refused rather than stored in the clear."""
-    from trainer.job_runner import _queue_record
 
     header = secret_header()
     body = json.dumps(
@@ -549,13 +549,13 @@ def test_trainer_seals_a_queued_requests_header() -> None:
     )
     request = parse_train_queue_message(body)
     sealer = LocalSealer(DEV_SEAL_KEY)
-    record = _queue_record(request, sealer)
+    record = record_of(request, sealer)
     stored = record.to_json().decode()
     assert header not in stored and MASKED_SECRET not in stored and record.status == "queued"
     assert record.spec.callbacks.auth_header is None
     assert sealer.unseal(record.spec.callbacks.auth_header_sealed, job_context("alice", "a1", "job-1")) == header
 
-    refused = _queue_record(request, None)
+    refused = record_of(request, None)
     assert refused.status == "failed" and "CALLBACK_SEALER" in refused.error
     assert header not in refused.to_json().decode() and MASKED_SECRET not in refused.to_json().decode()
     with pytest.raises(SealingUnavailable):

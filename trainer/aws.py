@@ -9,6 +9,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from contracts.conditional import error_code, is_not_found, is_precondition_failed  # noqa: F401 (re-exported)
 from trainer.settings import get_settings
 
 _CONFIG = Config(
@@ -38,18 +39,3 @@ def sqs() -> Any:
 @lru_cache
 def queue_url(name: str) -> str:
     return sqs().get_queue_url(QueueName=name)["QueueUrl"]
-
-
-def error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code")) or None
-    return None
-
-
-def is_not_found(exc: BaseException) -> bool:
-    return error_code(exc) in {"NoSuchKey", "404", "NotFound"}
-
-
-def is_precondition_failed(exc: BaseException) -> bool:
-    return error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}

@@ -27,11 +27,11 @@ from typing import Any
 from contracts import logs
 from contracts.adapter import AdapterSettings
 from contracts.adapters import FullModelManifest
+from contracts.job_kinds import kind_of, record_of
 from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobType, utcnow
 from contracts.keys import adapter_config_key, adapter_version_prefix, full_model_version_prefix, training_logs_prefix
-from contracts.messages import REQUEST_JOB_TYPES, FuseRequest, QueueRequest, TrainRequest
+from contracts.messages import QueueRequest
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
-from contracts.sealing import Sealer, SealingUnavailable, job_context, seal_callbacks
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.aws import is_not_found
@@ -203,7 +203,7 @@ class JobRunner:
         if loaded is None and req.origin == "api":
             return None  # the API rolled this job back after its message went out
         if loaded is None:  # sent straight to the queue by another service
-            record = _queue_record(req, self.settings.sealer())
+            record = record_of(req, self.settings.sealer())
             self.jobs.create(record)
             if record.is_active:  # not one refused at once (an auth_header it cannot seal)
                 self.jobs.ensure_active_pointer(req.user_id, req.avatar_id, req.job_id)
@@ -677,39 +677,7 @@ def _checkpoint_step(path: Path | None) -> int | None:
 
 
 def _request_type(req: QueueRequest) -> JobType:
-    return REQUEST_JOB_TYPES[type(req)]
-
-
-def _queue_record(req: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
-    """The record of a job another service sent straight to the queue. A plaintext
-    callbacks.auth_header is sealed (only `auth_header_sealed` is stored); with no sealer the
-    job is refused at once (failed, the header dropped) rather than stored in the clear."""
-    common: dict[str, Any] = dict(
-        id=req.job_id, user_id=req.user_id, avatar_id=req.avatar_id, source="queue", created_at=req.requested_at
-    )
-    if isinstance(req, FuseRequest):
-        return JobRecord(type="fuse", adapter_version=req.adapter_version, **common)
-    if isinstance(req, TrainRequest):
-        spec = req.job_spec()
-        try:
-            spec = seal_callbacks(spec, sealer, job_context(req.user_id, req.avatar_id, req.job_id))
-        except SealingUnavailable as exc:
-            log.error("job %s refused: %s", req.job_id, exc)
-            assert spec.callbacks is not None
-            spec = spec.model_copy(update={"callbacks": spec.callbacks.model_copy(update={"auth_header": None})})
-            return JobRecord(
-                type="train",
-                config=req.effective_config(),
-                spec=spec,
-                status="failed",
-                error=str(exc),
-                finished_at=utcnow(),
-                **common,
-            )
-        return JobRecord(type="train", config=req.effective_config(), spec=spec, **common)
-    # generate / index / retrieve: the request's own fields are the job's parameters
-    params = req.model_dump(mode="json", exclude=set(QueueRequest.model_fields) | {"schema_"})
-    return JobRecord(type=_request_type(req), request=params, **common)
+    return kind_of(req).type
 
 
 def report_progress(control: Any, step: int, total_steps: int) -> JobProgress:

@@ -19,8 +19,9 @@ from types import FrameType
 from typing import Any
 
 from contracts import logs
+from contracts.job_kinds import kind_of, parse_train_queue_message
 from contracts.jobs import JobType
-from contracts.messages import REQUEST_JOB_TYPES, AnyRequest, InvalidMessage, parse_train_queue_message
+from contracts.messages import InvalidMessage, QueueRequest
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
@@ -50,7 +51,7 @@ WORK_CLASSES: dict[JobType, str] = {
 }
 
 
-def parse_request(body: str) -> AnyRequest:
+def parse_request(body: str) -> QueueRequest:
     """Any request the train queue carries, by its `schema`; PoisonMessage when none fits."""
     return parse_train_queue_message(body)
 
@@ -70,9 +71,9 @@ class Worker:
         self.runner = JobRunner(self.settings, self.s3, self.sqs, events, self.models, self.shutdown)
         self._works: dict[JobType, JobWork] = {}
 
-    def work_for(self, request: AnyRequest) -> JobWork:
+    def work_for(self, request: QueueRequest) -> JobWork:
         """What the request's job does once claimed."""
-        job_type = REQUEST_JOB_TYPES[type(request)]
+        job_type = kind_of(request).type
         if job_type == "train":
             return self.runner.train
         if job_type not in self._works:
