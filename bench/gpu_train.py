@@ -233,7 +233,7 @@ def run_one(
         model = model.to(device)
     model.config.use_cache = False
     if ours and args.padding_free and attn == "sdpa":
-        from trainer.training import PACKED_SDPA
+        from trainer.packed_attention import PACKED_SDPA
 
         model.set_attn_implementation(PACKED_SDPA)  # what the trainer does on SDPA: causal SDPA per example
         settings["attention"] = "sdpa per example (trainer.training.PACKED_SDPA)"

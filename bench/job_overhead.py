@@ -78,7 +78,8 @@ class Recorder:
 
 
 def _instrument(worker: Any, rec: Recorder) -> None:
-    import trainer.job_runner as job_runner
+    import trainer.jobs.lora as lora
+    import trainer.jobs.training_setup as training_setup
     import trainer.training as training
 
     runner = worker.runner
@@ -96,26 +97,27 @@ def _instrument(worker: Any, rec: Recorder) -> None:
         return resp
 
     sqs.receive_message = receive
+    stores = runner.stores
     for obj, attr in (
-        (runner.jobs, "update"),
-        (runner.jobs, "load"),
-        (runner.jobs, "create"),
-        (runner.jobs, "clear_active_pointer"),
-        (runner.jobs, "ensure_active_pointer"),
-        (runner.artifacts, "delete_checkpoints"),
+        (stores.jobs, "update"),
+        (stores.jobs, "load"),
+        (stores.jobs, "create"),
+        (stores.jobs, "clear_active_pointer"),
+        (stores.jobs, "ensure_active_pointer"),
+        (stores.artifacts, "delete_checkpoints"),
         (runner.events, "publish"),
         (sqs, "delete_message"),
     ):
         rec.wrap(obj, attr, "status writes")
-    rec.wrap(runner, "_resolved_config", "config + lookups")
-    rec.wrap(runner.artifacts, "latest_checkpoint", "config + lookups")
-    rec.wrap(runner.artifacts, "version_of_job", "config + lookups")
-    rec.wrap(runner.documents, "fetch", "data download")
-    rec.wrap(job_runner, "build_examples", "tokenize")
-    rec.wrap(runner.models, "tokenizer", "model load")
-    rec.wrap(runner.models, "get", "model load")
-    rec.wrap(runner.artifacts, "publish", "upload")
-    rec.wrap(job_runner, "train_adapter", "training setup")
+    rec.wrap(training_setup, "resolved_config", "config + lookups")
+    rec.wrap(stores.artifacts, "latest_checkpoint", "config + lookups")
+    rec.wrap(stores.artifacts, "version_of_job", "config + lookups")
+    rec.wrap(stores.documents, "fetch", "data download")
+    rec.wrap(training_setup, "build_examples", "tokenize")
+    rec.wrap(stores.models, "tokenizer", "model load")
+    rec.wrap(stores.models, "get", "model load")
+    rec.wrap(stores.artifacts, "publish", "upload")
+    rec.wrap(lora, "train_adapter", "training setup")
     original_handle = worker.handle
 
     def handle(*args: Any, **kwargs: Any) -> Any:  # one message: parse, run the job, delete the message

@@ -1,7 +1,7 @@
 """Benchmark 6: RAG indexing throughput and retrieval latency (CPU, the default embedding model).
 
 Stack: moto in server mode (S3) <- this process running the index job's own code
-(`trainer.rag.index_job.build_index`: list, download, parse, chunk, embed, one LanceDB commit
+(`trainer.rag.indexing.build_index`: list, download, parse, chunk, embed, one LanceDB commit
 on S3, the index_meta row) and `trainer.rag.search.search` (the avatar's index info, query
 embedding, LanceDB vector search with the avatar prefilter). The corpus is synthetic
 English-like text, deterministic. Baselines in the same run:
@@ -17,7 +17,6 @@ import os
 import random
 import statistics
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from bench.common import PY, machine, ready_process, secs, table, today
@@ -80,7 +79,7 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
 
     from contracts.keys import context_document_key
     from trainer.rag.embeddings import get_embedder
-    from trainer.rag.index_job import build_index
+    from trainer.rag.indexing import build_index
     from trainer.rag.search import search
     from trainer.settings import TrainerSettings
 
@@ -132,17 +131,16 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
         single_runs.append(time.perf_counter() - t0)
     batched, one_by_one = statistics.median(batched_runs), statistics.median(single_runs)
 
-    runner = SimpleNamespace(settings=settings)
     questions = [
         f"What was {rng.choice(_VERBS)} near the {rng.choice(_WORDS)} in district {rng.randrange(n_docs)}-"
         f"{rng.randrange(6)}?"
         for _ in range(n_queries)
     ]
-    search(runner, USER, AVATAR, questions[0])  # warm: connection, caches
+    search(settings, USER, AVATAR, questions[0])  # warm: connection, caches
     latencies, embed_only = [], []
     for q in questions:
         t0 = time.perf_counter()
-        found = search(runner, USER, AVATAR, q, top_k=5)
+        found = search(settings, USER, AVATAR, q, top_k=5)
         latencies.append(time.perf_counter() - t0)
         assert len(found) == 5
         t0 = time.perf_counter()
@@ -151,7 +149,7 @@ def _run(endpoint: str, n_docs: int, n_edited: int, n_queries: int, embed_sample
     filtered = []
     for q in questions[: max(1, n_queries // 2)]:
         t0 = time.perf_counter()
-        search(runner, USER, AVATAR, q, top_k=5, score_threshold=0.2, filters={"missing": "key"})
+        search(settings, USER, AVATAR, q, top_k=5, score_threshold=0.2, filters={"missing": "key"})
         filtered.append(time.perf_counter() - t0)
 
     return {
@@ -228,7 +226,7 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
     ]
     return f"""## 6. RAG: indexing throughput and retrieval latency
 
-The index job's own code (`trainer.rag.index_job.build_index`) and `trainer.rag.search.search`
+The index job's own code (`trainer.rag.indexing.build_index`) and `trainer.rag.search.search`
 in one process on CPU, against moto in server mode (S3, no added latency), with the default
 embedding model `{r["model"]}` (loaded once in {secs(r["model_load"])}). Corpus: {r["documents"]}
 synthetic `.txt` documents of about 3,000 characters, chunked at {r["chunk_size"]}/{r["chunk_overlap"]}

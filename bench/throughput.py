@@ -260,6 +260,7 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:  # no
         log(f"    {name}: {results[name].seconds:.1f} s")
 
     def ours(name: str, collator_factory: Any | None = None, packed_attention: bool = True) -> None:
+        import trainer.packed_attention as packed
         import trainer.training as training
         from trainer.base_model import LoadedBase
 
@@ -294,15 +295,15 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:  # no
                 pass
 
         base = LoadedBase(str(model_dir), "lora", load(), tokenizer, torch.device("cpu"))
-        real_switch = training._use_packed_attention
+        real_switch = packed.use_packed_attention
         training.Trainer = TimedTrainer
         if not packed_attention:  # the masked-SDPA path the trainer used before
-            training._use_packed_attention = lambda model: None
+            packed.use_packed_attention = lambda model: None
         try:
             outcome = training.train_adapter(base, _settings(), train, held_out, tmp / name, NoControl())
         finally:
             training.Trainer = real_trainer
-            training._use_packed_attention = real_switch
+            packed.use_packed_attention = real_switch
         results[name] = Result(
             name,
             timed.seconds,
@@ -530,7 +531,7 @@ def _choice(r: dict[str, Result]) -> str:
     if "ours_masked" in r:
         parts.append(
             f"running causal SDPA per example instead of one masked SDPA over the whole flattened batch "
-            "(`trainer.training.PACKED_SDPA`) is worth "
+            "(`trainer.packed_attention.PACKED_SDPA`) is worth "
             f"{ours.tokens_per_second / r['ours_masked'].tokens_per_second:.2f}×"
         )
     return "- Choice of collator and attention: " + "; ".join(parts) + "." if parts else ""

@@ -176,6 +176,14 @@ def record_of(request: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
     return kind_of(request).record(request, sealer)
 
 
+def request_of(record: JobRecord) -> QueueRequest:
+    """The queue request a record of a parameters kind (generate, index, retrieve) stands for:
+    its `request` validated again as the queue contract validates it. ValueError when invalid."""
+    kind = JOB_KINDS[record.type]
+    identity = {"job_id": record.id, "user_id": record.user_id, "avatar_id": record.avatar_id}
+    return kind.request.model_validate({**record.request, "schema": kind.schema, **identity})
+
+
 def links_of(record: JobRecord) -> dict[str, str]:
     """The API paths a view of `record` links to."""
     return JOB_KINDS[record.type].links(record)

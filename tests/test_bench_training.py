@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import training
+from trainer import packed_attention, training
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _packed(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 def test_packed_attention_equals_masked_sdpa_and_separate_passes(model_dir: Path) -> None:
     lengths = [7, 19, 1, 12, 30]
     ids, positions = _packed(lengths)
-    stock, packed = _model(model_dir, "sdpa"), _model(model_dir, training.PACKED_SDPA)
+    stock, packed = _model(model_dir, "sdpa"), _model(model_dir, packed_attention.PACKED_SDPA)
     with torch.no_grad():
         masked = stock(input_ids=ids, position_ids=positions).logits
         ours = packed(input_ids=ids, position_ids=positions).logits
@@ -55,7 +55,7 @@ def test_packed_attention_gradients_match(model_dir: Path) -> None:
     labels = ids.clone()
     labels[0, [0, 11, 16]] = -100  # no loss across example boundaries
     grads = []
-    for implementation in ("sdpa", training.PACKED_SDPA):
+    for implementation in ("sdpa", packed_attention.PACKED_SDPA):
         model = _model(model_dir, implementation)
         model(input_ids=ids, position_ids=positions, labels=labels).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -65,7 +65,7 @@ def test_packed_attention_gradients_match(model_dir: Path) -> None:
 
 
 def test_padded_batches_and_single_sequences_take_the_stock_path(model_dir: Path) -> None:
-    stock, packed = _model(model_dir, "sdpa"), _model(model_dir, training.PACKED_SDPA)
+    stock, packed = _model(model_dir, "sdpa"), _model(model_dir, packed_attention.PACKED_SDPA)
     ids = torch.randint(0, 500, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -94,7 +94,7 @@ def test_train_adapter_uses_packed_attention_and_restores_the_base(model_dir: Pa
     model = _model(model_dir, "sdpa")
     before = copy.deepcopy(model.state_dict())
     seen = []
-    real = training._packed_sdpa_attention
+    real = packed_attention.packed_sdpa_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("position_ids") is not None)
@@ -115,7 +115,7 @@ def test_train_adapter_uses_packed_attention_and_restores_the_base(model_dir: Pa
 
     from transformers import AttentionInterface
 
-    AttentionInterface.register(training.PACKED_SDPA, spy)
+    AttentionInterface.register(packed_attention.PACKED_SDPA, spy)
     try:
         base = LoadedBase(str(model_dir), "lora", model, tokenizer, torch.device("cpu"))
         cfg = AdapterSettings(
@@ -132,7 +132,7 @@ def test_train_adapter_uses_packed_attention_and_restores_the_base(model_dir: Pa
         )
         outcome = training.train_adapter(base, cfg, examples[:8], examples[8:], tmp_path, Quiet())
     finally:
-        AttentionInterface.register(training.PACKED_SDPA, real)
+        AttentionInterface.register(packed_attention.PACKED_SDPA, real)
     assert outcome.completed and seen and all(seen)
     assert base.model.config._attn_implementation == "sdpa"
     after = base.model.state_dict()

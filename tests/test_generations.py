@@ -16,7 +16,7 @@ from contracts.messages import GENERATE_REQUEST_SCHEMA, GenerateRequest
 from tests.conftest import TEST_BUCKET, Api, keys_under
 from tests.pipeline import Pipeline, chat_document, wait_for_job
 from trainer.completion import generate_completion
-from trainer.generate import build_rag_messages, fit_rag_messages
+from trainer.rag.prompts import build_rag_messages, fit_rag_messages
 
 FAST = {"num_epochs": 2, "batch_size": 4, "learning_rate": 0.01, "r": 4}
 MAX_GENERATION_TOKENS = 6  # the worker's cap, below what a request may ask for

@@ -166,7 +166,7 @@ def test_lora_target_modules_and_trainable_layers(tiny_model_dir: Path, tmp_path
         keys = list(f.keys())
     assert keys and all(".layers.1." in k for k in keys), keys
     assert {k.split(".layers.1.")[1].split(".")[1] for k in keys} == {"q_proj", "v_proj"}
-    assert outcome.metrics["trainable_layers"] == [1] and outcome.metrics["target_modules"] == ["q_proj", "v_proj"]
+    assert outcome.metrics.trainable_layers == [1] and outcome.metrics.target_modules == ["q_proj", "v_proj"]
 
     with pytest.raises(JobFailure, match=r"\['qkv_proj', 'dense'\].*q_proj"):
         train_adapter(
@@ -185,7 +185,7 @@ def test_lora_target_modules_and_trainable_layers(tiny_model_dir: Path, tmp_path
 
 
 def test_precision_reaches_the_trainer() -> None:
-    from trainer.training import _training_arguments, resolve_precision
+    from trainer.training import resolve_precision, training_arguments
 
     cpu = torch.device("cpu")
     assert resolve_precision(None, cpu) == ("fp32", None)
@@ -202,7 +202,7 @@ def test_precision_reaches_the_trainer() -> None:
         max_steps=7,
         gradient_checkpointing=True,
     )
-    args = _training_arguments(cfg, Path("/tmp/unused"), cpu)
+    args = training_arguments(cfg, Path("/tmp/unused"), cpu)
     checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
     assert (args.bf16, args.fp16, args.gradient_accumulation_steps, args.max_steps, checkpointing) == (
         True,
@@ -211,9 +211,7 @@ def test_precision_reaches_the_trainer() -> None:
         7,
         True,
     )
-    args = _training_arguments(
-        cfg.model_copy(update={"precision": "fp32", "max_steps": None}), Path("/tmp/unused"), cpu
-    )
+    args = training_arguments(cfg.model_copy(update={"precision": "fp32", "max_steps": None}), Path("/tmp/unused"), cpu)
     assert (args.bf16, args.fp16, args.max_steps) == (False, False, -1)
 
 
@@ -240,7 +238,7 @@ def test_full_finetune_trains_only_its_layers_and_never_the_cached_base(tiny_mod
     outcome = train_full(
         cache, BaseRef(path=str(tiny_model_dir)), cfg, _examples(), _examples(2), tmp_path / "w", _Control()
     )
-    assert outcome.completed and outcome.metrics["method"] == "full" and outcome.metrics["steps"] == 2
+    assert outcome.completed and outcome.metrics.method == "full" and outcome.metrics.steps == 2
     saved = load_file(str(outcome.adapter_dir / "model.safetensors"))
     changed = {k for k, v in saved.items() if k in before and not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.0.") for k in changed), changed

@@ -1,5 +1,5 @@
 """One greedy chat completion from a loaded causal LM: the shared core of generation jobs
-(`trainer.generate`) and of the base-vs-adapter samples a training job stores.
+(`trainer.jobs.generate`) and of the base-vs-adapter samples a training job stores.
 
     messages -> the tokenizer's chat template (add_generation_prompt) -> greedy generate
     (bounded by max_new_tokens) -> only the new tokens decoded

@@ -29,9 +29,11 @@ from typing import Any
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobProgress
+from contracts.metrics import TrainingMetrics
 from trainer.checkpoint_schedule import CheckpointSchedule
+from trainer.control import TrainingControl
 from trainer.dataset import TokenizedExample
-from trainer.training import TrainingControl, TrainOutcome
+from trainer.training import TrainOutcome
 
 log = logging.getLogger("avatune.trainer")
 
@@ -138,7 +140,7 @@ def run_data_parallel(
         completed=result["completed"],
         stop_reason=result.get("stop_reason"),
         adapter_dir=Path(result["adapter_dir"]) if result.get("adapter_dir") else None,
-        metrics=result.get("metrics", {}),
+        metrics=TrainingMetrics.model_validate(result.get("metrics", {})),
     )
 
 
@@ -207,7 +209,7 @@ def _rank_main(spec_path: str) -> None:
         log_dir=Path(spec["log_dir"]) if spec.get("log_dir") else None,
     )
     if rank == 0:
-        metrics = dict(outcome.metrics, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        metrics = outcome.metrics.with_values(world_size=int(os.environ.get("WORLD_SIZE", "1"))).as_dict()
         _write_json(
             work_dir / "result.json",
             {

@@ -3,3 +3,8 @@
 
 class JobFailure(Exception):
     """The job cannot succeed (no data, bad data, out of memory, ...); `str()` is the user-facing reason."""
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch's OutOfMemoryError, or its message from older builds)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)

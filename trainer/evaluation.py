@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from contracts.adapters import SampleCompletion, VersionSamples
 from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
+from trainer.adapter_ops import adapter_attached, adapter_eval_loss
 from trainer.completion import greedy_new_token_ids
 from trainer.dataset import IGNORE_INDEX, TokenizedExample
 
@@ -180,28 +180,6 @@ def greedy_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new
     return tokenizer.decode(
         greedy_new_token_ids(model, tokenizer, prompt_ids, max_new_tokens), skip_special_tokens=True
     )
-
-
-@contextmanager
-def adapter_attached(base: Any, adapter_dir: Path) -> Iterator[Any]:
-    """The PEFT adapter in `adapter_dir` on the cached base (a LoadedBase), removed on exit."""
-    from peft import PeftModel
-
-    from trainer.training import _remove_lora
-
-    peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
-    try:
-        yield peft_model
-    finally:
-        base.model = _remove_lora(peft_model)
-
-
-def adapter_eval_loss(base: Any, adapter_dir: Path, examples: list[TokenizedExample]) -> float | None:
-    """Eval loss of the adapter in `adapter_dir` on `examples` (same measure as training's)."""
-    from trainer.training import evaluate_loss
-
-    with adapter_attached(base, adapter_dir) as model:
-        return evaluate_loss(model, examples, base.device)
 
 
 # -- the verdict ------------------------------------------------------------------------------

@@ -26,9 +26,12 @@ import torch
 from contracts.adapter import AdapterSettings
 from contracts.adapters import VersionSamples
 from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
-from trainer import integrations
+from trainer import integrations, packed_attention
+from trainer.adapter_ops import evaluate_loss
 from trainer.base_model import BaseModelCache, BaseRef
+from trainer.control import TrainingControl
 from trainer.dataset import TokenizedExample
+from trainer.errors import JobFailure
 from trainer.evaluation import (
     HeldOutPrompt,
     LossCurveCallback,
@@ -39,12 +42,9 @@ from trainer.evaluation import (
     samples_failed,
 )
 from trainer.training import (
-    TrainingControl,
+    JobCallback,
     TrainOutcome,
-    _JobCallback,
-    _use_packed_attention,
     check_modules,
-    evaluate_loss,
     make_trainer,
     resolve_precision,
     run_metrics,
@@ -153,14 +153,12 @@ def train_full(
         extra = integrations.callbacks(report_to, log_dir or work_dir / "logs") if report_to else []
         trainable = freeze_for(model, cfg)
         if trainable == 0:
-            from trainer.errors import JobFailure
-
             raise JobFailure("trainable_layers/target_modules leave no weight to train")
         model.config.use_cache = False
-        _use_packed_attention(model)
+        packed_attention.use_packed_attention(model)
         torch.manual_seed(cfg.seed or 0)
         eval_before = evaluate_loss(model, eval_examples, device)
-        callback = _JobCallback(control, started)
+        callback = JobCallback(control, started)
         curve = LossCurveCallback(lambda: evaluate_loss(model, eval_examples, device), eval_before)
         held["trainer"] = trainer = make_trainer(
             model, cfg, train_examples, work_dir, device, precision, [callback, curve, *extra]
@@ -169,13 +167,13 @@ def train_full(
         if callback.stop_reason:
             return TrainOutcome(completed=False, stop_reason=callback.stop_reason)
         eval_after = evaluate_loss(model, eval_examples, device)
-        metrics = {
-            **run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after),
-            "method": "full",
-            "train_seconds": round(time.monotonic() - started, 3),
-            "loss_curve": curve.curve(trainer.state, eval_after),
+        metrics = run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after)
+        metrics = metrics.with_values(
+            method="full",
+            train_seconds=round(time.monotonic() - started, 3),
+            loss_curve=curve.curve(trainer.state, eval_after),
             **spec_metrics(cfg, trainer, precision, precision_note, report_to),
-        }
+        )
         out_dir = work_dir / "model"
         if trainer.is_world_process_zero():
             model.config.use_cache = True
@@ -187,15 +185,15 @@ def train_full(
                 else _completions(model, tokenizer, prompts, samples)
             )
             written = _write_samples(out_dir, tokenizer, prompts, base_texts, tuned_texts, samples, note)
-            metrics["samples"] = len(written.samples)
+            metrics = metrics.with_values(samples=len(written.samples))
             model.to(SAVE_DTYPES[precision]).save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
             plot_loss_curve(
-                metrics["loss_curve"],
+                metrics.loss_curve or {},
                 out_dir / LOSS_CURVE_FILE,
                 title=f"job {samples.job_id}" if samples.job_id else "full fine-tune",
             )
-        metrics["dtype"] = str(SAVE_DTYPES[precision]).removeprefix("torch.")
+        metrics = metrics.with_values(dtype=str(SAVE_DTYPES[precision]).removeprefix("torch."))
         return TrainOutcome(completed=True, adapter_dir=out_dir, metrics=metrics)
     finally:
         held.clear()  # free the private copy (and its optimizer state) before the next job

@@ -3,9 +3,10 @@
     base (kept loaded) -> LoRA layers injected -> eval loss before -> Trainer.train
     (padding-free batches, resumable) -> eval loss after -> adapter saved -> LoRA layers removed
 
-The job's control object is consulted after every optimizer step: it can stop training
-(cancel, SIGTERM, lost lease) and ask for a checkpoint, which is written by Trainer and handed
-back to the control object to upload.
+The job's control object (`trainer.control.TrainingControl`) is consulted after every optimizer
+step: it can stop training (cancel, SIGTERM, lost lease) and ask for a checkpoint, which is
+written by Trainer and handed back to the control object to upload. Packed attention for the
+padding-free batches is `trainer.packed_attention`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import logging
 import math
 import os
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -33,9 +33,12 @@ from transformers import (
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobProgress
-from trainer import integrations
+from contracts.metrics import TrainingMetrics
+from trainer import integrations, packed_attention
+from trainer.adapter_ops import evaluate_loss, remove_lora
 from trainer.base_model import LoadedBase
-from trainer.dataset import IGNORE_INDEX, TokenizedExample, collate_padding_free
+from trainer.control import TrainingControl, keeps_checkpoint
+from trainer.dataset import IGNORE_INDEX, TokenizedExample
 from trainer.errors import JobFailure
 from trainer.evaluation import LossCurveCallback
 
@@ -43,136 +46,13 @@ log = logging.getLogger("avatune.trainer")
 
 ALL_LINEAR = "all-linear"
 
-# -- packed attention -----------------------------------------------------------------------
-#
-# With padding-free batches, SDPA gets one (1, T) sequence and a block-diagonal mask built from
-# position_ids: it computes attention over all T x T positions and throws most away (the mask
-# also keeps the kernel off its causal fast path). `PACKED_SDPA` runs causal SDPA once per
-# example instead (the boundaries are where position_ids stop counting up, the rule
-# transformers itself uses), so attention costs sum(len^2) / 2 rather than T^2 and no mask is
-# built. Results are the same as the masked path (tests/test_bench_training.py). Anything
-# else (a padding mask, a batch of several rows, a cache) goes to the stock SDPA function.
-PACKED_SDPA = "avatune_packed_sdpa"
-_segments_cache: list[Any] = [None, None]  # (weakref to the position_ids tensor, its segments)
-
-
-def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each example in a (1, T) packed row; computed once per forward."""
-    ref, segments = _segments_cache
-    if ref is not None and ref() is position_ids:
-        return segments
-    positions = position_ids[0]
-    starts = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
-    bounds = [0, *starts, int(positions.shape[0])]
-    segments = list(zip(bounds[:-1], bounds[1:]))
-    _segments_cache[0], _segments_cache[1] = weakref.ref(position_ids), segments
-    return segments
-
-
-def _packed_sdpa_attention(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    position_ids = kwargs.get("position_ids")
-    packed = (
-        attention_mask is None
-        and position_ids is not None
-        and query.shape[0] == 1
-        and query.shape[2] > 1
-        and key.shape[2] == query.shape[2]
-        and position_ids.shape[-1] == query.shape[2]
-    )
-    segments = _segments(position_ids) if packed else []
-    if len(segments) < 2:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    outputs = [
-        sdpa_attention_forward(
-            module,
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            None,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=True,
-        )[0]
-        for a, b in segments
-    ]
-    return torch.cat(outputs, dim=1), None
-
-
-def _packed_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    """No mask for padding-free input (boundaries come from position_ids); SDPA's otherwise."""
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-
-
-def _register_packed_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
-
-
-_register_packed_attention()
-
-
-def _use_packed_attention(model: Any) -> str | None:
-    """Switch a model on SDPA to PACKED_SDPA; the implementation to restore afterwards (None: unchanged)."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
-        return None
-    model.set_attn_implementation(PACKED_SDPA)
-    return current
-
-
-class TrainingControl(Protocol):
-    """What a running job lets the training loop know and do."""
-
-    def stop_reason(self) -> str | None:
-        """Non-None once training must stop at the next step ("cancelled", "preempted", ...)."""
-
-    def report(self, progress: JobProgress) -> None:
-        """Latest progress (cheap: the job's heartbeat decides when to persist it)."""
-
-    def checkpoint_due(self, step: int) -> bool:
-        """Whether to write a checkpoint after this step."""
-
-    def checkpoint_saved(self, local_dir: Path, step: int) -> None:
-        """A complete checkpoint is on local disk: upload it."""
-
 
 @dataclass
 class TrainOutcome:
     completed: bool
     stop_reason: str | None = None
     adapter_dir: Path | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-# The stop reason of a job past `resources.max_duration_minutes` starts with this; such a job
-# keeps its last checkpoint (written at the stop) and ends failed with the reason.
-DURATION_EXCEEDED = "exceeded max_duration_minutes"
-
-
-def keeps_checkpoint(reason: str) -> bool:
-    """Whether a job stopped for `reason` writes a checkpoint at the stop (a cancel throws the work away)."""
-    return reason == "preempted" or reason.startswith(DURATION_EXCEEDED)
+    metrics: TrainingMetrics = field(default_factory=TrainingMetrics)
 
 
 def _decoder_linear_modules(model: Any) -> list[str]:
@@ -248,41 +128,9 @@ def resolve_precision(requested: str | None, device: torch.device) -> tuple[str,
     return requested, None
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: Any, examples: list[TokenizedExample], device: torch.device, batch_tokens: int = 4096
-) -> float | None:
-    """Token-weighted mean loss on assistant tokens (None without eval data)."""
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    batch: list[TokenizedExample] = []
+class JobCallback(TrainerCallback):
+    """Reports progress after every optimizer step and stops or checkpoints when the job's control says so."""
 
-    def run(rows: list[TokenizedExample]) -> None:
-        nonlocal total_loss, total_tokens
-        inputs = collate_padding_free([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if n == 0:
-            return
-        out = model(**inputs, use_cache=False)
-        total_loss += float(out.loss) * n
-        total_tokens += n
-
-    for ex in examples:
-        batch.append(ex)
-        if sum(len(b.input_ids) for b in batch) >= batch_tokens:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    model.train(was_training)
-    return total_loss / total_tokens if total_tokens else None
-
-
-class _JobCallback(TrainerCallback):
     def __init__(self, control: TrainingControl, started: float) -> None:
         self._control = control
         self._started = started
@@ -358,7 +206,7 @@ def _checkpointing_on(model: Any) -> bool:
     return False
 
 
-def _training_arguments(
+def training_arguments(
     cfg: AdapterSettings, out_dir: Path, device: torch.device, precision: str | None = None
 ) -> TrainingArguments:
     precision = precision or resolve_precision(cfg.precision, device)[0]
@@ -402,7 +250,7 @@ def make_trainer(
     dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in train_examples]
     trainer = Trainer(
         model=model,
-        args=_training_arguments(cfg, work_dir / "checkpoints", device, precision),
+        args=training_arguments(cfg, work_dir / "checkpoints", device, precision),
         train_dataset=dataset,  # type: ignore[arg-type]
         # Padding-free batches: one (1, total_tokens) row, boundaries in position_ids, no
         # attention mask, label -100 on each example's first token. The same tensors as
@@ -464,7 +312,7 @@ def train_adapter(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model._avatune_kbit_prepared = True
     model.config.use_cache = False  # a cache disables the packed-sequence mask
-    restore_attention = _use_packed_attention(model)
+    restore_attention = packed_attention.use_packed_attention(model)
     torch.manual_seed(cfg.seed or 0)
     if init_adapter_dir is not None:
         peft_model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
@@ -472,7 +320,7 @@ def train_adapter(
         peft_model = get_peft_model(model, lora_config(cfg, model))
     try:
         eval_before = evaluate_loss(peft_model, eval_examples, base.device)  # LoRA B starts at 0: the base itself
-        callback = _JobCallback(control, started)
+        callback = JobCallback(control, started)
         # Eval loss at a few steps during training, for the loss curve (loss.png, metrics.loss_curve).
         curve = LossCurveCallback(lambda: evaluate_loss(peft_model, eval_examples, base.device), eval_before)
         trainer = make_trainer(
@@ -485,34 +333,23 @@ def train_adapter(
         adapter_dir = work_dir / "adapter"
         if trainer.is_world_process_zero():
             peft_model.save_pretrained(str(adapter_dir))
-        metrics = {
-            **run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after),
-            "method": base.method,
-            "train_seconds": round(time.monotonic() - started, 3),
-            "loss_curve": curve.curve(trainer.state, eval_after),
+        metrics = run_metrics(cfg, trainer, result, train_examples, eval_examples, eval_before, eval_after)
+        metrics = metrics.with_values(
+            method=base.method,
+            train_seconds=round(time.monotonic() - started, 3),
+            loss_curve=curve.curve(trainer.state, eval_after),
             **spec_metrics(cfg, trainer, precision, precision_note, report_to),
             **base.quant_metrics(),
-        }
+        )
         if base.fallback_reason:
-            metrics["fallback"] = base.fallback_reason
+            metrics = metrics.with_values(fallback=base.fallback_reason)
         return TrainOutcome(completed=True, adapter_dir=adapter_dir, metrics=metrics)
     finally:
         if _checkpointing_on(peft_model.base_model.model):
             peft_model.base_model.model.gradient_checkpointing_disable()  # the cached base is shared by later jobs
-        base.model = _remove_lora(peft_model)
+        base.model = remove_lora(peft_model)
         if restore_attention is not None:
             base.model.set_attn_implementation(restore_attention)
-
-
-def _remove_lora(peft_model: PeftModel) -> Any:
-    model = peft_model.unload()
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                pass
-    return model
 
 
 def run_metrics(
@@ -523,21 +360,21 @@ def run_metrics(
     eval_examples: list[TokenizedExample],
     eval_before: float | None,
     eval_after: float | None,
-) -> dict[str, Any]:
+) -> TrainingMetrics:
     """The metrics every training method reports first: losses, perplexities, data sizes, steps, epochs."""
-    return {
-        "train_loss": round(float(result.training_loss), 6),
-        "eval_loss_before": _round(eval_before),
-        "eval_loss_after": _round(eval_after),
-        "perplexity_before": _round(math.exp(eval_before)) if eval_before is not None else None,
-        "perplexity_after": _round(math.exp(eval_after)) if eval_after is not None else None,
-        "train_examples": len(train_examples),
-        "eval_examples": len(eval_examples),
-        "train_tokens_per_epoch": sum(ex.num_trainable_tokens for ex in train_examples),
-        "steps": trainer.state.global_step,
+    return TrainingMetrics(
+        train_loss=round(float(result.training_loss), 6),
+        eval_loss_before=_round(eval_before),
+        eval_loss_after=_round(eval_after),
+        perplexity_before=_round(math.exp(eval_before)) if eval_before is not None else None,
+        perplexity_after=_round(math.exp(eval_after)) if eval_after is not None else None,
+        train_examples=len(train_examples),
+        eval_examples=len(eval_examples),
+        train_tokens_per_epoch=sum(ex.num_trainable_tokens for ex in train_examples),
+        steps=trainer.state.global_step,
         # max_steps overrides num_epochs: then the epochs actually run
-        "epochs": round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
-    }
+        epochs=round(float(trainer.state.epoch or 0), 4) if cfg.max_steps else cfg.num_epochs,
+    )
 
 
 def _round(value: float | None) -> float | None:

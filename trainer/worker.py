@@ -1,8 +1,9 @@
 """The worker loop: long-poll the train queue, run each request, never die on a bad message.
 
-Requests are dispatched by their `schema`: `avatune.train-request/v1` trains
-(`JobRunner.train`); fuse, generate, index and retrieve requests go to the `JobWork` named in
-`WORK_CLASSES`; anything else goes to the dead-letter queue.
+Requests are dispatched by their `schema` through the job-kind registry
+(`contracts.job_kinds`): each kind's recipe (`trainer/jobs/`) is imported and built on first
+use and run by the job runtime (`trainer.runtime`); a message no kind accepts goes to the
+dead-letter queue with the reason.
 
 Shutdown: SIGTERM/SIGINT while idle ends the long poll at once; during a job the training
 loop stops at the next step, checkpoints to S3 and hands the message back to the queue.
@@ -25,7 +26,9 @@ from contracts.messages import InvalidMessage, QueueRequest
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
-from trainer.job_runner import Delivery, JobRunner, JobWork, Outcome
+from trainer.runtime.context import JobWork
+from trainer.runtime.heartbeat import Delivery
+from trainer.runtime.runner import JobRunner, Outcome
 from trainer.settings import TrainerSettings, get_settings
 
 log = logging.getLogger("avatune.trainer")
@@ -39,16 +42,6 @@ class _Interrupted(BaseException):
 
 
 PoisonMessage = InvalidMessage
-
-
-# The JobWork of each job type but "train" (JobRunner.train): "module:Class", built with the
-# runner on first use so a worker that never sees a type never imports its dependencies.
-WORK_CLASSES: dict[JobType, str] = {
-    "fuse": "trainer.fuse:FuseWork",
-    "generate": "trainer.generate:GenerateWork",
-    "index": "trainer.rag.index_job:IndexWork",
-    "retrieve": "trainer.rag.retrieve_job:RetrieveWork",
-}
 
 
 def parse_request(body: str) -> QueueRequest:
@@ -72,14 +65,12 @@ class Worker:
         self._works: dict[JobType, JobWork] = {}
 
     def work_for(self, request: QueueRequest) -> JobWork:
-        """What the request's job does once claimed."""
-        job_type = kind_of(request).type
-        if job_type == "train":
-            return self.runner.train
-        if job_type not in self._works:
-            module, _, name = WORK_CLASSES[job_type].partition(":")
-            self._works[job_type] = getattr(importlib.import_module(module), name)(self.runner)
-        return self._works[job_type]
+        """What the request's job does once claimed: its kind's recipe, built once."""
+        kind = kind_of(request)
+        if kind.type not in self._works:
+            module, _, name = kind.work.partition(":")
+            self._works[kind.type] = getattr(importlib.import_module(module), name)()
+        return self._works[kind.type]
 
     def _dead_letter_queue_url(self) -> str:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.train_queue_url, AttributeNames=["RedrivePolicy"])

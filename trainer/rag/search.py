@@ -1,7 +1,7 @@
 """`search()`: the avatar's best passages for a query, for retrieve jobs and RAG generation.
 
     from trainer.rag.search import search
-    passages = search(runner, user_id, avatar_id, "question", top_k=5, score_threshold=0.3)
+    passages = search(settings, user_id, avatar_id, "question", top_k=5, score_threshold=0.3)
     # [{"text", "score", "source", "chunk_id", "etag", "start", "end", "line", "metadata"}, ...] best first
 
 `score` is the cosine similarity of query and chunk (-1..1). `start`/`end` are character
@@ -18,10 +18,11 @@ from typing import Any
 
 from trainer.rag.embeddings import canonical_name, get_embedder
 from trainer.rag.store import MetadataValue, VectorStore
+from trainer.settings import TrainerSettings
 
 
 def search(
-    runner: Any,
+    settings: TrainerSettings,
     user_id: str,
     avatar_id: str,
     query: str,
@@ -32,7 +33,6 @@ def search(
     """The `top_k` chunks of the avatar's index closest to `query` (cosine similarity as
     `score`, best first), at least `score_threshold` when given, whose metadata equals every
     `filters` item. The avatar and the filters are applied inside the store query."""
-    settings = runner.settings
     store = VectorStore(settings, user_id)
     # Refuse a foreign-model index before loading (or downloading) the worker's model.
     info = store.checked_info(avatar_id, canonical_name(settings.embedding_model))

@@ -1,5 +1,6 @@
-"""Index jobs: the avatar's context documents chunked, embedded and written to the user's
-vector store (`trainer.rag.store`), incrementally.
+"""Building the avatar's part of the vector index (what index jobs do, `trainer.jobs.index`):
+its context documents chunked, embedded and written to the user's vector store
+(`trainer.rag.store`), incrementally.
 
     list vectorstore_data/ (names + ETags) -> compare with the chunks the store holds
     -> download + parse + chunk only new and changed documents -> embed in batches
@@ -18,7 +19,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -30,15 +30,13 @@ from contracts.context_documents import (
     validate_context_document_name,
 )
 from contracts.ids import InvalidIdentifier
-from contracts.jobs import JobProgress, JobRecord
+from contracts.jobs import JobProgress
 from contracts.keys import context_data_prefix, document_name_from_key, vectorstore_prefix
-from contracts.messages import INDEX_REQUEST_SCHEMA, IndexRequest
-from trainer.aws import is_not_found
 from trainer.errors import JobFailure
-from trainer.job_runner import Delivery, JobRunner, Outcome
 from trainer.rag.chunking import chunk_text
 from trainer.rag.embeddings import Embedder, get_embedder
 from trainer.rag.store import IndexInfo, VectorStore, chunks_schema, metadata_tokens, now_iso
+from trainer.s3_objects import S3Objects
 
 log = logging.getLogger("avatune.trainer")
 
@@ -61,22 +59,6 @@ class PreparedChunk:
     end: int
 
 
-def request_of(job: JobRecord) -> IndexRequest:
-    """The job's parameters, validated as the queue contract validates them."""
-    try:
-        return IndexRequest.model_validate(
-            {
-                **job.request,
-                "schema": INDEX_REQUEST_SCHEMA,
-                "job_id": job.id,
-                "user_id": job.user_id,
-                "avatar_id": job.avatar_id,
-            }
-        )
-    except ValueError as exc:
-        raise JobFailure(f"invalid index request: {exc}") from None
-
-
 def list_documents(s3: Any, bucket: str, user_id: str, avatar_id: str) -> list[ListedDocument]:
     """The avatar's context documents with a valid name, sorted by name."""
     prefix = context_data_prefix(user_id, avatar_id)
@@ -96,13 +78,8 @@ def list_documents(s3: Any, bucket: str, user_id: str, avatar_id: str) -> list[L
 
 def download(s3: Any, bucket: str, doc: ListedDocument) -> tuple[bytes, str] | None:
     """The document's bytes and the ETag of exactly those bytes; None if it was deleted meanwhile."""
-    try:
-        resp = s3.get_object(Bucket=bucket, Key=doc.key)
-    except Exception as exc:
-        if is_not_found(exc):
-            return None
-        raise
-    return resp["Body"].read(), resp["ETag"].strip('"')
+    found = S3Objects(s3, bucket).read(doc.key)
+    return None if found is None else (found[0], found[1].strip('"'))
 
 
 def chunk_document(name: str, etag: str, data: bytes, chunk_size: int, chunk_overlap: int) -> list[PreparedChunk]:
@@ -166,7 +143,7 @@ class Control(Protocol):
     def report(self, progress: JobProgress) -> None: ...
 
 
-class Stopped(Exception):
+class BuildStopped(Exception):
     """Indexing stopped between batches (cancel, SIGTERM, lost lease) before writing anything."""
 
     def __init__(self, reason: str | None) -> None:
@@ -187,7 +164,7 @@ def build_index(
     full: bool = False,
 ) -> dict[str, Any]:
     """(Re)index the avatar's context documents (see the module doc); the job's `result`.
-    Raises Stopped when `control` says stop before the store is written."""
+    Raises BuildStopped when `control` says stop before the store is written."""
     if chunk_overlap >= chunk_size:
         raise JobFailure(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
     started = time.monotonic()
@@ -229,7 +206,7 @@ def build_index(
     drop = None if full_reason is not None else sorted(set(removed) | set(changed))
     rows = chunk_rows(chunks, vectors, user_id, avatar_id, chunk_size, chunk_overlap, embedder.dimension)
     if reason := control.stop_reason():
-        raise Stopped(reason)
+        raise BuildStopped(reason)
     store.replace(table, avatar_id, rows, drop)
     if previous is not None and previous.chunks_table != table.name:
         store.drop_avatar(previous.chunks_table, avatar_id)  # its index moved to the new model's table
@@ -305,60 +282,10 @@ def _embed(embedder: Embedder, chunks: list[PreparedChunk], control: Control, ba
     parts = [embedder.embed([])]
     for i in range(0, len(chunks), batch):
         if reason := control.stop_reason():
-            raise Stopped(reason)
+            raise BuildStopped(reason)
         parts.append(embedder.embed([c.text for c in chunks[i : i + batch]], batch_size=batch))
         control.report(JobProgress(step=min(i + batch, len(chunks)), total_steps=len(chunks)))
     return np.concatenate(parts)
-
-
-class IndexWork:
-    """The `JobWork` of an index job (see the module docstring)."""
-
-    def __init__(self, runner: JobRunner) -> None:
-        self.runner = runner
-
-    def __call__(self, job: JobRecord, heartbeat: Any, scratch: Path, delivery: Delivery) -> str:
-        runner = self.runner
-        settings = runner.settings
-        if job.result is not None:  # a retry of a job that already wrote its answer
-            runner.finish(job, "succeeded", metrics=_metrics(job.result))
-            return Outcome.DONE
-        request = request_of(job)
-        chunk_size = request.chunk_size or settings.chunk_size
-        chunk_overlap = request.chunk_overlap if request.chunk_overlap is not None else settings.chunk_overlap
-        try:
-            result = build_index(
-                runner.s3,
-                settings,
-                job.user_id,
-                job.avatar_id,
-                job.id,
-                runner.control(job, heartbeat),
-                chunk_size=chunk_size,
-                chunk_overlap=chunk_overlap,
-                full=request.full,
-            )
-        except Stopped as stop:
-            return runner.stopped(job, stop.reason, delivery)
-        runner.jobs.update(job.user_id, job.avatar_id, job.id, lambda r: _with_result(r, result))
-        runner.finish(
-            job,
-            "succeeded",
-            metrics=_metrics(result),
-            progress=JobProgress(step=result["chunks_added"], total_steps=result["chunks_added"]),
-        )
-        log.info(
-            "index job %s: %d documents (%d added, %d changed, %d removed, %d kept), %d chunks embedded in %.1fs",
-            job.id,
-            result["documents"],
-            result["documents_added"],
-            result["documents_changed"],
-            result["documents_removed"],
-            result["documents_kept"],
-            result["chunks_added"],
-            result["seconds"],
-        )
-        return Outcome.DONE
 
 
 def _full_reason(
@@ -379,14 +306,4 @@ def _full_reason(
     return None
 
 
-def _metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """The counts and timings of the result (job events carry metrics, not results)."""
-    return {k: v for k, v in result.items() if isinstance(v, (int, float, bool)) and v is not None}
-
-
-def _with_result(record: JobRecord, result: dict[str, Any]) -> JobRecord:
-    record.result = result
-    return record
-
-
-__all__ = ["IndexWork", "Stopped", "build_index", "chunk_document", "chunk_rows", "list_documents"]
+__all__ = ["BuildStopped", "build_index", "chunk_document", "chunk_rows", "list_documents"]

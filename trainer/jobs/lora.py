@@ -1,0 +1,95 @@
+"""LoRA and QLoRA training on the worker's cached base (one process).
+
+    the cached base (4-bit for qlora, kept loaded between jobs) -> `trainer.training.train_adapter`
+    (LoRA layers injected, trained, saved, removed again) -> `publish_adapter`: evaluation
+    (samples.json, loss.png, the `promote: if_better` verdict) -> the next adapter version,
+    made current unless the verdict says no
+
+`publish_adapter` is shared with `trainer.jobs.data_parallel`, whose ranks train the same adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from contracts.metrics import TrainingMetrics
+from trainer.evaluation import CurrentAdapter, evaluate_version
+from trainer.jobs.training_setup import TrainingSetup, cached_base
+from trainer.runtime.context import JobContext
+from trainer.training import TrainOutcome, train_adapter
+
+log = logging.getLogger("avatune.trainer")
+
+
+class LoraRecipe:
+    def train(self, ctx: JobContext, setup: TrainingSetup) -> TrainOutcome:
+        cfg = setup.cfg
+        return train_adapter(
+            cached_base(ctx, setup.base, cfg),
+            cfg,
+            setup.train_set,
+            setup.eval_set,
+            ctx.scratch / "work",
+            ctx.control,
+            setup.resume_from,
+            setup.report_to,
+            ctx.scratch / "logs",
+            init_adapter_dir=setup.warm.adapter_dir if setup.warm else None,
+        )
+
+    def base_model_reused(self, ctx: JobContext, setup: TrainingSetup) -> bool:
+        return ctx.stores.models.loads == setup.model_loads_before
+
+    def publish(
+        self, ctx: JobContext, setup: TrainingSetup, adapter_dir: Path, metrics: TrainingMetrics
+    ) -> tuple[int, TrainingMetrics]:
+        return publish_adapter(ctx, setup, adapter_dir, metrics)
+
+
+def publish_adapter(
+    ctx: JobContext, setup: TrainingSetup, adapter_dir: Path, metrics: TrainingMetrics
+) -> tuple[int, TrainingMetrics]:
+    """Publish a trained adapter as the next version, samples.json and loss.png beside it, and
+    make it current unless the job's `promote: if_better` finds it worse than the current
+    adapter on this job's held-out split. A retried job's earlier version (and verdict) stands.
+    Returns (version, the job's metrics)."""
+    job, artifacts, settings = ctx.job, ctx.stores.artifacts, ctx.settings
+    user_id, avatar_id = job.user_id, job.avatar_id
+    published = artifacts.version_of_job(user_id, avatar_id, job.id)
+    if published is not None:
+        meta = artifacts.finish_promotion(user_id, avatar_id, published)
+        return published, (TrainingMetrics.model_validate(meta.metrics) if meta is not None else metrics)
+    current = None
+    if job.spec.promote == "if_better":
+        manifest = artifacts.download_current(user_id, avatar_id, ctx.scratch / "current")
+        # An adapter of another base is no yardstick: the base's own loss is, then.
+        if manifest is not None and manifest.base_model in (None, setup.base.name):
+            current = CurrentAdapter(manifest.current_version, ctx.scratch / "current")
+    evaluation = evaluate_version(
+        cached_base(ctx, setup.base, setup.cfg),
+        adapter_dir,
+        setup.eval_set,
+        ctx.scratch / "evaluation",
+        job_id=job.id,
+        policy=job.spec.promote,
+        current=current,
+        metrics=metrics.as_dict(),
+        sample_prompts=settings.sample_prompts,
+        max_new_tokens=settings.sample_max_new_tokens,
+    )
+    metrics = metrics.with_values(**evaluation.metrics)
+    if not evaluation.promote:
+        log.info("job %s: %s", job.id, evaluation.metrics["promote_reason"])
+    version = artifacts.publish(
+        user_id,
+        avatar_id,
+        adapter_dir,
+        job_id=job.id,
+        base_model=setup.base.name,
+        metrics=metrics.as_dict(),
+        keep_versions=settings.adapter_keep_versions,
+        extra_files=evaluation.files,
+        promote=evaluation.promote,
+    )
+    return version, metrics

@@ -1,0 +1,221 @@
+"""The steps every training method shares, before any weight moves:
+
+    resolve the configuration (worker defaults <- the avatar's config.json <- the job's own)
+    -> check the spec (method vs 4-bit options, integrations, log_uri, output_uri)
+    -> resolve the base model (HF id or s3://, downloaded once per content)
+    -> plan the warm start -> fetch the documents and datasets (pinned by ETag)
+    -> find the checkpoint to resume from -> pin the documents in the job record
+    -> tokenize into examples and split off the held-out set
+
+`prepare_training` returns a `TrainingSetup`; the method's recipe (`trainer.jobs.lora`, `.full`,
+`.data_parallel`) takes it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.adapter import AdapterSettings
+from contracts.jobs import JobRecord
+from contracts.keys import adapter_config_key, training_logs_prefix
+from contracts.metrics import TrainingMetrics
+from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
+from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
+from trainer.dataset import DatasetStats, TokenizedExample, build_examples, split_train_eval
+from trainer.distributed import available_devices
+from trainer.documents import TrainingData
+from trainer.errors import JobFailure
+from trainer.integrations import check_available as check_integrations
+from trainer.outputs import output_target
+from trainer.runtime.context import JobContext
+from trainer.warm_start import WarmStart, plan_warm_start
+
+log = logging.getLogger("avatune.trainer")
+
+
+@dataclass
+class TrainingSetup:
+    """A training job, resolved and with its data ready."""
+
+    cfg: AdapterSettings
+    base: BaseRef
+    report_to: list[str]
+    log_dest: S3Uri
+    output: S3Uri | None
+    warm: WarmStart | None
+    data: TrainingData
+    resume_from: Path | None
+    train_set: list[TokenizedExample]
+    eval_set: list[TokenizedExample]
+    stats: DatasetStats
+    model_loads_before: int  # the worker's base-model loads before this job (was a base reused?)
+
+    @property
+    def processes(self) -> int:
+        return self.cfg.gpus or 1
+
+    def data_metrics(self) -> TrainingMetrics:
+        """What the metrics say about the data and the setup, whatever the method."""
+        metrics = TrainingMetrics(
+            assistant_tokens=self.stats.assistant_tokens,
+            trainable_tokens=self.stats.trainable_tokens,
+            dropped_examples=self.stats.dropped,
+            split_conversations=self.stats.split,
+            truncated_examples=self.stats.truncated,
+            documents=len(self.data.documents),
+            resumed_from_step=_checkpoint_step(self.resume_from),
+        )
+        if self.warm is not None:
+            metrics = metrics.with_values(**self.warm.metrics, documents_skipped=self.data.skipped)
+        metrics = metrics.with_values(base_model=self.base.name, base_model_revision=self.base.revision)
+        if self.report_to:
+            metrics = metrics.with_values(log_uri=str(self.log_dest))
+        return metrics
+
+
+def prepare_training(ctx: JobContext) -> TrainingSetup:
+    """The shared steps of the module docstring, in order."""
+    job, stores = ctx.job, ctx.stores
+    cfg = resolved_config(ctx)
+    report_to = check_spec(job, cfg)
+    log_dest = log_destination(job, ctx.settings.s3_bucket)
+    output = output_target(job, ctx.settings.s3_bucket)
+    base = resolve_job_base(ctx)
+    warm = warm_start(ctx, cfg, base.name)
+    data = stores.documents.fetch(
+        job.user_id, job.avatar_id, ctx.scratch / "data", job.spec.datasets, skip=warm.skip if warm else None
+    )
+    resume_from = checkpoint_to_resume(ctx, data)
+    if not resume_from:
+        documents = data.documents
+        ctx.update(lambda record: _with_data(record, documents))
+    if cfg.gpus and cfg.gpus > 1 and cfg.gpus > available_devices():
+        raise JobFailure(f"the job asks for {cfg.gpus} GPUs but this worker has {available_devices()}")
+    if cfg.gpus and cfg.gpus > 1 and cfg.method == "full":
+        raise JobFailure("method full runs on one GPU: leave resources.gpus at 1")
+    loads_before = stores.models.loads
+    tokenizer = stores.models.tokenizer(base.path, revision=base.revision, token=base.token)
+    examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
+    if not examples or stats.trainable_tokens == 0:
+        raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
+    eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else ctx.settings.eval_fraction
+    train_set, eval_set = split_train_eval(examples, eval_fraction, seed=cfg.seed or 0)
+    return TrainingSetup(
+        cfg=cfg,
+        base=base,
+        report_to=report_to,
+        log_dest=log_dest,
+        output=output,
+        warm=warm,
+        data=data,
+        resume_from=resume_from,
+        train_set=train_set,
+        eval_set=eval_set,
+        stats=stats,
+        model_loads_before=loads_before,
+    )
+
+
+def resolved_config(ctx: JobContext) -> AdapterSettings:
+    """Worker defaults <- the avatar's stored config <- the job's overrides."""
+    job = ctx.job
+    stored = ctx.stores.objects.read_model(adapter_config_key(job.user_id, job.avatar_id), AdapterSettings)
+    defaults = ctx.settings.default_adapter_settings()
+    return job.config.merged_over((stored or AdapterSettings()).merged_over(defaults))
+
+
+def check_spec(job: JobRecord, cfg: AdapterSettings) -> list[str]:
+    """Refuse what the spec cannot mean before any work; the integrations to report to."""
+    if cfg.method == "full":
+        asked = [
+            name for name in ("quant_type", "double_quant", "compute_dtype") if getattr(job.config, name) is not None
+        ]
+        if asked:
+            raise JobFailure(
+                f"method full trains unquantised weights: qlora options ({', '.join(asked)}) need method qlora"
+            )
+        if job.spec.promote == "if_better":
+            raise JobFailure(
+                "method full publishes a new full/{version}/ model and has no current one to "
+                "compare with: promote if_better needs a LoRA method"
+            )
+    report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
+    check_integrations(report_to)
+    return report_to
+
+
+def log_destination(job: JobRecord, bucket: str) -> S3Uri:
+    """Where the integrations' logs go: `artifacts.log_uri`, inside the caller's prefix."""
+    uri = job.spec.artifacts.log_uri if job.spec.artifacts else None
+    if not uri:
+        return S3Uri(bucket, training_logs_prefix(job.user_id, job.avatar_id, job.id))
+    try:
+        dest = parse_s3_uri(uri, prefix=True)
+    except InvalidS3Uri as exc:
+        raise JobFailure(f"artifacts.log_uri: {exc}") from None
+    if not within_user_prefix(dest, bucket, job.user_id):
+        raise JobFailure(f"artifacts.log_uri must lie inside s3://{bucket}/users/{job.user_id}/")
+    return dest
+
+
+def resolve_job_base(ctx: JobContext) -> BaseRef:
+    """The job's base model (the spec's, else BASE_MODEL); an s3:// base is downloaded here,
+    once per content."""
+    settings = ctx.settings
+    return resolve_base(
+        ctx.job.spec.base_model,
+        default=settings.base_model,
+        user_id=ctx.job.user_id,
+        bucket=settings.s3_bucket,
+        allowed_prefixes=settings.allowed_base_prefixes(),
+        s3=ctx.stores.s3,
+        cache_dir=settings.model_cache_dir,
+    )
+
+
+def cached_base(ctx: JobContext, base: BaseRef, cfg: AdapterSettings) -> LoadedBase:
+    """The worker's cached base for this job (its base model, revision, method, 4-bit config)."""
+    quant = QuantOptions(
+        cfg.quant_type or "nf4", True if cfg.double_quant is None else cfg.double_quant, cfg.compute_dtype
+    )
+    return ctx.stores.models.get(base.path, cfg.method or "qlora", quant, revision=base.revision, token=base.token)
+
+
+def warm_start(ctx: JobContext, cfg: AdapterSettings, base_model: str) -> WarmStart | None:
+    """For `warm_start: true`: the adapter to continue from and the documents to skip."""
+    job = ctx.job
+    if not job.spec.warm_start:
+        return None
+    if (cfg.gpus or 1) > 1 or cfg.method == "full":
+        raise JobFailure(
+            "warm_start continues a LoRA adapter on one GPU: it cannot be combined with method 'full' or gpus > 1"
+        )
+    return plan_warm_start(ctx.stores.artifacts, ctx.stores.jobs, job, base_model, ctx.scratch / "warm-start")
+
+
+def checkpoint_to_resume(ctx: JobContext, data: TrainingData) -> Path | None:
+    """The job's last complete checkpoint, downloaded, when its documents are still the ones
+    pinned in the record; otherwise the checkpoints are dropped and training starts over."""
+    job, artifacts = ctx.job, ctx.stores.artifacts
+    step = artifacts.latest_checkpoint(job.user_id, job.avatar_id, job.id)
+    if step is None:
+        return None
+    pinned = {(d.name, d.etag) for d in job.data}
+    if pinned != {(d.name, d.etag) for d in data.documents}:
+        log.warning("job %s: training data changed since the checkpoint; starting over", job.id)
+        artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
+        return None
+    log.info("job %s resumes from its checkpoint at step %d", job.id, step)
+    dest = ctx.scratch / "work" / "checkpoints" / f"checkpoint-{step}"
+    return artifacts.download_checkpoint(job.user_id, job.avatar_id, job.id, step, dest)
+
+
+def _with_data(record: JobRecord, documents: list) -> JobRecord:
+    record.data = documents
+    return record
+
+
+def _checkpoint_step(path: Path | None) -> int | None:
+    return int(path.name.rsplit("-", 1)[-1]) if path is not None else None

@@ -1,0 +1,136 @@
+"""The trainer's S3 objects: reads that answer None for a missing object, conditional writes that
+answer False for a lost race (`contracts.conditional`'s rule), listings and bulk deletes.
+
+The stores (`trainer.job_store`, `trainer.artifacts`, ...) build on this, so no call site looks
+at botocore error codes. Every call goes through the worker's boto3 client, whose standard retry
+mode already retries throttling, 5xx and connection errors (`trainer.aws`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from contracts.conditional import is_not_found, is_precondition_failed
+
+M = TypeVar("M", bound=BaseModel)
+JSON = "application/json"
+
+
+class S3Objects:
+    """One bucket's objects through a boto3 S3 client."""
+
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self.client = s3
+        self.bucket = bucket
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def read(self, key: str, **condition: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag; None when it does not exist (or, with `IfMatch`, changed)."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **condition)
+        except Exception as exc:
+            if is_not_found(exc) or (condition and is_precondition_failed(exc)):
+                return None
+            raise
+        return resp["Body"].read(), resp["ETag"]
+
+    def read_model(self, key: str, model: type[M]) -> M | None:
+        """The JSON object at `key` as `model`, or None when there is none."""
+        found = self.read(key)
+        return None if found is None else model.model_validate_json(found[0])
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+
+    def tags(self, key: str) -> list[dict[str, str]] | None:
+        """The object's tag set, or None when it does not exist."""
+        try:
+            return self.client.get_object_tagging(Bucket=self.bucket, Key=key).get("TagSet", [])
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+
+    def download(self, key: str, path: str) -> bool:
+        """Download the object to `path`; False when it does not exist."""
+        try:
+            self.client.download_file(self.bucket, key, path)
+        except Exception as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        return True
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def put(self, key: str, body: bytes, content_type: str = JSON, **extra: Any) -> str:
+        """Write unconditionally; the new ETag."""
+        resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
+        return str(resp.get("ETag", ""))
+
+    def create(self, key: str, body: bytes, content_type: str = JSON) -> str | None:
+        """Write a new object; its ETag, or None when one exists already (If-None-Match)."""
+        return self._conditional_put(key, body, content_type, IfNoneMatch="*")
+
+    def replace(self, key: str, body: bytes, etag: str, content_type: str = JSON) -> str | None:
+        """Overwrite the object if it is still version `etag`; the new ETag, or None when it changed."""
+        return self._conditional_put(key, body, content_type, IfMatch=etag)
+
+    def _conditional_put(self, key: str, body: bytes, content_type: str, **condition: str) -> str | None:
+        try:
+            return self.put(key, body, content_type, **condition)
+        except Exception as exc:
+            if is_precondition_failed(exc):
+                return None
+            raise
+
+    def delete_if(self, key: str, etag: str) -> bool:
+        """Delete the object if it is still version `etag`: False when it changed meanwhile
+        (True when it is gone, by us or anyone)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+        except Exception as exc:
+            if is_not_found(exc):
+                return True
+            if is_precondition_failed(exc):
+                return False
+            raise
+        return True
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            )
+
+    # -- listings ---------------------------------------------------------------------------
+
+    def list(self, prefix: str, bucket: str | None = None) -> list[dict[str, Any]]:
+        """Every object under `prefix` (of `bucket`, default this store's), as ListObjectsV2 gives them."""
+        objects: list[dict[str, Any]] = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket or self.bucket, Prefix=prefix)
+        for page in pages:
+            objects.extend(page.get("Contents", []))
+        return objects
+
+    def keys(self, prefix: str) -> list[str]:
+        return [o["Key"] for o in self.list(prefix)]
+
+    def child_numbers(self, prefix: str) -> list[int]:
+        """The numbered "folders" directly under `prefix` (versions/1/, versions/2/, ...), sorted."""
+        numbers = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+        for page in pages:
+            for p in page.get("CommonPrefixes", []):
+                part = p["Prefix"][len(prefix) :].rstrip("/")
+                if part.isdigit():
+                    numbers.append(int(part))
+        return sorted(numbers)
