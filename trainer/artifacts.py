@@ -35,7 +35,7 @@ from contracts.keys import (
     full_model_version_prefix,
     merged_version_prefix,
 )
-from trainer.aws import is_not_found, is_precondition_failed
+from trainer.s3_objects import S3Objects
 
 log = logging.getLogger("avatune.trainer")
 
@@ -54,34 +54,25 @@ class ArtifactStore:
     def __init__(self, s3: Any, bucket: str) -> None:
         self._s3 = s3
         self._bucket = bucket
+        self._objects = S3Objects(s3, bucket)
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        return keys
+        return self._objects.keys(prefix)
 
     def _delete_keys(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            self._s3.delete_objects(
-                Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-            )
+        self._objects.delete_keys(keys)
 
     def _child_numbers(self, prefix: str) -> list[int]:
-        numbers = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self._bucket, Prefix=prefix, Delimiter="/"
-        ):
-            for p in page.get("CommonPrefixes", []):
-                part = p["Prefix"][len(prefix) :].rstrip("/")
-                if part.isdigit():
-                    numbers.append(int(part))
-        return sorted(numbers)
+        return self._objects.child_numbers(prefix)
 
-    def _put_json(self, key: str, body: str, **extra: Any) -> None:
-        self._s3.put_object(Bucket=self._bucket, Key=key, Body=body.encode(), ContentType="application/json", **extra)
+    def _put_json(self, key: str, body: str) -> None:
+        self._objects.put(key, body.encode())
+
+    def _claim(self, key: str, job_id: str) -> bool:
+        """Claim a version number (a `.claim` object, If-None-Match): False when taken."""
+        return self._objects.create(key, json.dumps({"job_id": job_id}).encode()) is not None
 
     # -- adapter versions -------------------------------------------------------------------
 
@@ -90,13 +81,7 @@ class ArtifactStore:
 
     def _get_model(self, key: str, model: type[M]) -> M | None:
         """The JSON object at `key` as `model`, or None when there is none."""
-        try:
-            body = self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return model.model_validate_json(body)
+        return self._objects.read_model(key, model)
 
     def current_manifest(self, user_id: str, avatar_id: str) -> AdapterManifest | None:
         return self._get_model(adapter_manifest_key(user_id, avatar_id), AdapterManifest)
@@ -114,12 +99,8 @@ class ArtifactStore:
         prefix = adapter_version_prefix(user_id, avatar_id, version)
         dest.mkdir(parents=True, exist_ok=True)
         for name in ADAPTER_FILES:
-            try:
-                self._s3.download_file(self._bucket, prefix + name, str(dest / name))
-            except Exception as exc:
-                if is_not_found(exc):  # pruned or deleted meanwhile
-                    return None
-                raise
+            if not self._objects.download(prefix + name, str(dest / name)):  # pruned or deleted meanwhile
+                return None
         return meta
 
     def version_of_job(self, user_id: str, avatar_id: str, job_id: str) -> int | None:
@@ -139,12 +120,8 @@ class ArtifactStore:
         prefix = adapter_prefix(user_id, avatar_id)
         dest.mkdir(parents=True, exist_ok=True)
         for name in ADAPTER_FILES:
-            try:
-                self._s3.download_file(self._bucket, prefix + name, str(dest / name))
-            except Exception as exc:
-                if is_not_found(exc):
-                    return None
-                raise
+            if not self._objects.download(prefix + name, str(dest / name)):
+                return None
         return manifest
 
     def publish(
@@ -172,13 +149,8 @@ class ArtifactStore:
             version = (max(self.versions(user_id, avatar_id), default=0)) + 1
             prefix = adapter_version_prefix(user_id, avatar_id, version)
             # Claim the version number: a concurrent publisher gets 412 and takes the next one.
-            try:
-                self._put_json(prefix + ".claim", json.dumps({"job_id": job_id}), IfNoneMatch="*")
-            except Exception as exc:
-                if is_precondition_failed(exc):
-                    continue
-                raise
-            break
+            if self._claim(prefix + ".claim", job_id):
+                break
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
         for name, path in extra.items():  # before metrics.json, which marks the version complete
@@ -306,13 +278,8 @@ class ArtifactStore:
         while True:
             version = max(self._child_numbers(full_model_prefix(user_id, avatar_id)), default=0) + 1
             prefix = full_model_version_prefix(user_id, avatar_id, version)
-            try:  # a concurrent publisher gets 412 and takes the next number
-                self._put_json(prefix + ".claim", json.dumps({"job_id": manifest.job_id}), IfNoneMatch="*")
-            except Exception as exc:
-                if is_precondition_failed(exc):
-                    continue
-                raise
-            break
+            if self._claim(prefix + ".claim", manifest.job_id):  # a concurrent publisher takes the next number
+                break
         manifest = manifest.model_copy(
             update={"version": version, "files": {name: sha256_file(path) for name, path in files.items()}}
         )

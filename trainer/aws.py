@@ -9,7 +9,6 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from contracts.conditional import error_code, is_not_found, is_precondition_failed  # noqa: F401 (re-exported)
 from trainer.settings import get_settings
 
 _CONFIG = Config(

@@ -23,8 +23,8 @@ from contracts.keys import document_name_from_key, training_data_prefix
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.spec import DatasetSource
 from contracts.tags import flag_from_tagset
-from trainer.aws import is_not_found, is_precondition_failed
 from trainer.errors import JobFailure
+from trainer.s3_objects import S3Objects
 
 # The record key each explicit dataset format requires on every line.
 _FORMAT_KEYS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -85,42 +85,30 @@ class DocumentSource:
     def __init__(self, s3: Any, bucket: str, concurrency: int = 16) -> None:
         self._s3 = s3
         self._bucket = bucket
+        self._objects = S3Objects(s3, bucket)
         self._concurrency = concurrency
 
     def _listing(self, prefix: str) -> list[dict[str, Any]]:
-        objects: list[dict[str, Any]] = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix):
-            objects.extend(page.get("Contents", []))
-        return objects
+        return self._objects.list(prefix)
 
     def _flag(self, key: str) -> bool | None:
-        try:
-            return flag_from_tagset(self._s3.get_object_tagging(Bucket=self._bucket, Key=key).get("TagSet", []))
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        tags = self._objects.tags(key)
+        return None if tags is None else flag_from_tagset(tags)
 
     def _download(self, source: _Source, dest: Path) -> bytes | None:
         """The object's bytes as listed (If-Match the listed ETag); None if it changed or vanished."""
-        try:
-            resp = self._s3.get_object(Bucket=source.bucket, Key=source.key, IfMatch=source.etag)
-        except Exception as exc:
-            if is_not_found(exc) or is_precondition_failed(exc):
-                return None
-            raise
-        data = resp["Body"].read()
+        found = S3Objects(self._s3, source.bucket).read(source.key, IfMatch=source.etag)
+        if found is None:
+            return None
+        data = found[0]
         dest.write_bytes(data)
         return data
 
     def _dataset(self, index: int, source: DatasetSource, user_id: str) -> _Source:
         uri = dataset_location(source, self._bucket, user_id)
-        try:
-            head = self._s3.head_object(Bucket=uri.bucket, Key=uri.key)
-        except Exception as exc:
-            if is_not_found(exc):
-                raise JobFailure(f"dataset {source.uri!r} does not exist") from None
-            raise
+        head = S3Objects(self._s3, uri.bucket).head(uri.key)
+        if head is None:
+            raise JobFailure(f"dataset {source.uri!r} does not exist")
         return _Source(
             uri.bucket,
             uri.key,
