@@ -55,6 +55,15 @@ class JobLease(BaseModel):
     expires_at: datetime
 
 
+class Redelivery(BaseModel):
+    """A queue message of a job that another worker received while the job's owner was alive:
+    the owner's heartbeat adopts it (keeps it invisible, deletes it at the end) instead of
+    letting it come back again and again, so it never burns receives towards the DLQ."""
+
+    receipt_handle: str
+    received_at: datetime
+
+
 class JobRecord(BaseModel):
     schema_: Literal["avatune.job/v1"] = Field(default="avatune.job/v1", alias="schema")
     id: str
@@ -84,8 +93,23 @@ class JobRecord(BaseModel):
         default=None, description="generate/index/retrieve: the answer (completion, passages, counts)"
     )
     cancel_requested: bool = False
-    attempts: int = 0
+    attempts: int = Field(default=0, description="deliveries that started the job (hand-backs included)")
+    failures: int = Field(
+        default=0,
+        description="attempts that ended in an error, or whose worker vanished without handing the job back; "
+        "the job fails once MAX_JOB_ATTEMPTS of them add up (a graceful hand-back on SIGTERM is not one)",
+    )
     lease: JobLease | None = None
+    redelivery: Redelivery | None = Field(default=None, description="a message for the owner to adopt")
+    resolved_config: AdapterSettings | None = Field(
+        default=None,
+        description="train: the configuration resolved at the first claim (worker defaults <- the avatar's "
+        "config.json <- the job's own); every retry trains with exactly this",
+    )
+    events_published: list[str] = Field(
+        default_factory=list,
+        description="ids of the events published for the job; a redelivery of a final job publishes what is missing",
+    )
     source: Literal["api", "queue"] = "api"
 
     model_config = {"populate_by_name": True}

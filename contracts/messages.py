@@ -203,13 +203,20 @@ class RetrieveRequest(QueueRequest):
     )
 
 
+def event_id(job_id: str, event: str) -> str:
+    """An event's stable id: the same event published again (at-least-once) keeps it."""
+    return f"{job_id}:{event}"
+
+
 class JobEvent(BaseModel):
-    """Published on the events queue whenever a job starts or ends."""
+    """Published on the events queue whenever a job starts or ends. Delivery is at-least-once:
+    an event may come twice, always with the same `event_id`; consumers de-duplicate on it."""
 
     model_config = ConfigDict(populate_by_name=True)
 
     schema_: Literal["avatune.job-event/v1"] = Field(default=JOB_EVENT_SCHEMA, alias="schema")
     event: EventType
+    event_id: str = Field(default="", description="`{job_id}:{event}`: stable across redeliveries")
     job_id: str
     user_id: str
     avatar_id: str
@@ -225,6 +232,12 @@ class JobEvent(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _stable_id(self) -> JobEvent:
+        if not self.event_id:
+            self.event_id = event_id(self.job_id, self.event)
+        return self
 
     def to_message_body(self) -> str:
         return self.model_dump_json(by_alias=True)

@@ -129,11 +129,6 @@ def check_signing_secret_ref(name: str) -> str:
     return name
 
 
-def event_id(job_id: str, event: str) -> str:
-    """The delivery's stable id: the same event redelivered keeps it, so receivers can dedupe."""
-    return f"{job_id}:{event}"
-
-
 def signature(secret: str, timestamp: int, body: bytes) -> str:
     """Hex HMAC-SHA256 of `{timestamp}.{body}` under `secret`."""
     message = str(timestamp).encode() + b"." + body

@@ -51,7 +51,6 @@ from contracts.webhooks import (
     SIGNATURE_HEADER,
     InvalidWebhookUrl,
     check_webhook_url,
-    event_id,
     is_public_address,
     literal_ip,
     signature_header,
@@ -261,7 +260,7 @@ class WebhookDeliverer:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            EVENT_ID_HEADER: event_id(event.job_id, event.event),
+            EVENT_ID_HEADER: event.event_id,
             EVENT_TYPE_HEADER: event.event,
         }
         if callbacks.auth_header_sealed:

@@ -16,7 +16,8 @@ class EventPublisher:
         self._sqs = sqs
         self._queue_url = queue_url
 
-    def publish(self, event_type: EventType, job: JobRecord) -> None:
+    def publish(self, event_type: EventType, job: JobRecord) -> str:
+        """Send the event (at-least-once: a retry sends it again with the same id); its id."""
         event = JobEvent(
             event=event_type,
             job_id=job.id,
@@ -30,3 +31,4 @@ class EventPublisher:
         )
         self._sqs.send_message(QueueUrl=self._queue_url, MessageBody=event.to_message_body())
         log.info("event %s job=%s", event_type, job.id)
+        return event.event_id

@@ -35,6 +35,12 @@ class TrainerSettings(BaseSettings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", alias="WORKER_ID")
     # SQS: each heartbeat pushes the message's visibility this far ahead.
     visibility_timeout_seconds: int = Field(default=120, alias="VISIBILITY_TIMEOUT_SECONDS", ge=2, le=43200)
+    # SQS keeps a message invisible for at most 12 hours after its first receive: a job's worker
+    # hands its message over to a fresh one before then (trainer.runtime.heartbeat). Tests set it small.
+    sqs_max_visibility_seconds: int = Field(default=43200, alias="SQS_MAX_VISIBILITY_SECONDS", ge=6, le=43200)
+    # How often an idle worker looks at the train queue's dead-letter queue for requests whose
+    # job is still active (they fail with the reason); 0: never.
+    dead_letter_sweep_seconds: float = Field(default=300, alias="DEAD_LETTER_SWEEP_SECONDS", ge=0)
     heartbeat_seconds: float = Field(default=20, alias="HEARTBEAT_SECONDS", gt=0)
     # How long a job stays owned by a worker whose heartbeat stopped.
     lease_seconds: float = Field(default=90, alias="LEASE_SECONDS", gt=0)

@@ -16,12 +16,13 @@ import json
 import logging
 import signal
 import threading
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
 from contracts import logs
 from contracts.job_kinds import kind_of, parse_train_queue_message
-from contracts.jobs import JobType
+from contracts.jobs import JobType, utcnow
 from contracts.messages import InvalidMessage, QueueRequest
 from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
@@ -117,7 +118,11 @@ class Worker:
                 MaxNumberOfMessages=1,
                 WaitTimeSeconds=LONG_POLL_SECONDS,
                 VisibilityTimeout=self.settings.visibility_timeout_seconds,
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
+                MessageSystemAttributeNames=[
+                    "ApproximateReceiveCount",
+                    "ApproximateFirstReceiveTimestamp",
+                    "MessageGroupId",
+                ],
             )
         finally:
             self._idle = False
@@ -125,7 +130,7 @@ class Worker:
             self.handle(message)
 
     def handle(self, message: dict[str, Any]) -> None:
-        delivery = Delivery(self.train_queue_url, message["ReceiptHandle"])
+        delivery = delivery_of(self.train_queue_url, message)
         try:
             request = parse_request(message["Body"])
         except PoisonMessage as exc:
@@ -133,8 +138,9 @@ class Worker:
             return
         with logs.log_context(job_id=request.job_id, user_id=request.user_id, avatar_id=request.avatar_id):
             outcome = self.runner.run(request, delivery, self.work_for(request))
-        if outcome == Outcome.DONE:
-            self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        # The message the job holds now: the heartbeat may have handed it over or adopted another.
+        if outcome == Outcome.DONE and delivery.receipt_handle is not None:
+            self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=delivery.receipt_handle)
 
     def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
         metrics.POISON_MESSAGES.inc()
@@ -150,6 +156,19 @@ class Worker:
             },
         )
         self.sqs.delete_message(QueueUrl=self.train_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def delivery_of(queue_url: str, message: dict[str, Any]) -> Delivery:
+    """The Delivery of a received message (its first receive starts SQS's 12-hour clock)."""
+    attributes = message.get("Attributes", {})
+    first = attributes.get("ApproximateFirstReceiveTimestamp")
+    return Delivery(
+        queue_url,
+        message["ReceiptHandle"],
+        body=message["Body"],
+        group_id=attributes.get("MessageGroupId"),
+        first_received_at=datetime.fromtimestamp(int(first) / 1000, UTC) if first else utcnow(),
+    )
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from contracts.conditional import RecordNotFound
 from contracts.job_kinds import kind_of, record_of
-from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobStatus, utcnow
-from contracts.messages import QueueRequest
+from contracts.jobs import FINAL_STATUSES, JobLease, JobProgress, JobRecord, JobStatus, Redelivery, utcnow
+from contracts.messages import EventType, QueueRequest, event_id
 from trainer import metrics as prom
 from trainer.artifacts import ArtifactStore
 from trainer.base_model import BaseModelCache
@@ -31,6 +32,8 @@ from trainer.documents import DocumentSource
 from trainer.errors import JobFailure, is_cuda_oom
 from trainer.events import EventPublisher
 from trainer.job_store import JobStore
+from trainer.runtime import claims
+from trainer.runtime.claims import CANCELLED_ERROR, Claim
 from trainer.runtime.context import JobContext, JobResult, JobWork, Stopped, Stores, Succeeded
 from trainer.runtime.control import JobControl
 from trainer.runtime.heartbeat import Delivery, Heartbeat, HeartbeatTiming
@@ -46,6 +49,7 @@ class Outcome:
     DONE = "done"  # delete the message
     RETRY = "retry"  # leave it to come back
     RELEASED = "released"  # made visible again for another worker (preempted)
+    ADOPTED = "adopted"  # left to the job's live owner, which keeps it (trainer.runtime.heartbeat)
 
 
 class JobRunner:
@@ -97,61 +101,67 @@ class JobRunner:
         return loaded[0]
 
     def _claim(self, req: QueueRequest) -> tuple[JobRecord | None, str]:
-        """Take ownership of the job, or say why not: "final" (a duplicate), "owned" (a live
-        worker has it), "gone" (rolled back by the API), "mismatch" (the record is another kind)."""
-        verdict = {"why": ""}
-        worker = self.settings.worker_id
-
-        def claim(record: JobRecord) -> JobRecord | None:
-            if record.status in FINAL_STATUSES:
-                verdict["why"] = "final"
-                return None
-            lease = record.lease
-            if record.status == "running" and lease and lease.owner != worker and lease.expires_at > utcnow():
-                verdict["why"] = "owned"
-                return None
-            verdict["why"] = ""
-            record.status = "running"
-            record.lease = self.new_lease()
-            record.attempts += 1
-            record.started_at = record.started_at or utcnow()
-            record.error = None
-            return record
-
+        """Decide what this delivery means (`trainer.runtime.claims`) in one conditional write;
+        the record as written and the verdict, or (None, "gone" | "mismatch") when the record
+        is missing (rolled back by the API) or is another kind of job."""
         existing = self._record_for(req)
         if existing is None:
             return None, "gone"
         if existing.type != kind_of(req).type:
             return None, "mismatch"
-        record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, claim)
-        return (None if verdict["why"] else record), verdict["why"]
+        verdict: list[Claim] = []
 
-    def _not_claimed(self, req: QueueRequest, why: str) -> str:
-        if why == "final":
-            log.info("job %s already finished: duplicate delivery ignored", req.job_id)
-        elif why == "gone":
-            log.warning("job %s has no record (rolled back by the API): message dropped", req.job_id)
-        elif why == "mismatch":
-            log.error("job %s is not a %s job: message (schema %s) dropped", req.job_id, kind_of(req).type, req.schema_)
-        else:
-            log.info("job %s is owned by a live worker: leaving the message", req.job_id)
-            return Outcome.RETRY
-        return Outcome.DONE
+        def decide(record: JobRecord) -> JobRecord | None:
+            verdict[:] = [claims.claim(record, self.settings.worker_id, self.new_lease(), utcnow(), self.max_failures)]
+            return None if verdict[0] in (Claim.FINAL, Claim.OWNED) else record
+
+        record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, decide)
+        return record, verdict[0]
+
+    @property
+    def max_failures(self) -> int:
+        return self.settings.max_attempts
+
+    def _adopt(self, job: JobRecord, delivery: Delivery) -> str:
+        """Hand this delivery's message to the job's live owner (see trainer.runtime.heartbeat)."""
+        received = delivery.first_received_at or utcnow()
+
+        def offer(record: JobRecord) -> JobRecord | None:
+            lease = record.lease
+            if record.status != "running" or lease is None or lease.expires_at <= utcnow():
+                return None  # the owner is gone meanwhile: the message comes back and resumes the job
+            record.redelivery = Redelivery(receipt_handle=delivery.receipt_handle or "", received_at=received)
+            return record
+
+        self.jobs.update(job.user_id, job.avatar_id, job.id, offer)
+        log.info("job %s is owned by a live worker: its message is left for the owner to adopt", job.id)
+        return Outcome.ADOPTED
 
     # -- the job ------------------------------------------------------------------------------
 
     def run(self, req: QueueRequest, delivery: Delivery, work: JobWork) -> str:
-        """Claim the request's job and run `work` on it; the Outcome says what to do with the message."""
-        job, why = self._claim(req)
+        """Claim the request's job and run `work` on it; the Outcome says what to do with the
+        message `delivery` holds once this returns (the heartbeat may have swapped it)."""
+        try:
+            job, verdict = self._claim(req)
+        except RecordNotFound:
+            verdict, job = "gone", None
         if job is None:
-            return self._not_claimed(req, why)
-        if job.attempts > self.settings.max_attempts:
-            self.finish(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
+            return self._not_claimed(req, verdict)
+        if verdict == Claim.FINAL:
+            self._complete_tail(job)
+            log.info("job %s already finished: duplicate delivery ignored", job.id)
+            return Outcome.DONE
+        if verdict == Claim.OWNED:
+            return self._adopt(job, delivery)
+        if verdict in (Claim.CANCELLED, Claim.GAVE_UP):
+            log.info("job %s %s without starting: %s", job.id, job.status, job.error)
+            self._complete_tail(job)
             return Outcome.DONE
         log.info("%s job %s started (attempt %d)", job.type, job.id, job.attempts)
         prom.QUEUE_WAIT.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
         if job.attempts == 1:
-            self.events.publish("job.started", job)
+            self._publish(job, "job.started")
         prom.BUSY.set(1)
         self._claimed_at = time.monotonic()
         heartbeat = self._heartbeat(job, delivery)
@@ -159,23 +169,30 @@ class JobRunner:
         scratch = Path(tempfile.mkdtemp(prefix=f"avatune-{job.id}-", dir=self.settings.scratch_dir))
         try:
             ctx = JobContext(job, self._control(job, heartbeat), scratch, self.settings, self.stores)
-            return self._ended(job, work(ctx), delivery)
+            return self._ended(job, work(ctx), heartbeat)
         except JobFailure as exc:
             return self._fail(job, str(exc))
         except MemoryError:
             return self._fail(job, "out of memory: lower batch_size or max_seq_length")
+        except RecordNotFound:
+            log.warning("job %s: its record was deleted (the avatar with it); stopping without writing", job.id)
+            return Outcome.DONE
         except Exception as exc:
             if is_cuda_oom(exc):
                 return self._fail(job, "out of GPU memory: lower batch_size or max_seq_length")
             log.exception("job %s hit an unexpected error", job.id)
-            if job.attempts >= self.settings.max_attempts:
-                return self._fail(job, f"internal error after {job.attempts} attempts: {type(exc).__name__}")
-            self._release(job)
-            return Outcome.RETRY
+            return self._failed_attempt(job, f"internal error: {type(exc).__name__}")
         finally:
             prom.BUSY.set(0)
             heartbeat.stop()
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _not_claimed(self, req: QueueRequest, why: str) -> str:
+        if why == "gone":
+            log.warning("job %s has no record (rolled back by the API, or deleted): message dropped", req.job_id)
+        else:
+            log.error("job %s is not a %s job: message (schema %s) dropped", req.job_id, kind_of(req).type, req.schema_)
+        return Outcome.DONE
 
     def _heartbeat(self, job: JobRecord, delivery: Delivery) -> Heartbeat:
         settings = self.settings
@@ -183,6 +200,7 @@ class JobRunner:
             visibility_every=settings.heartbeat_seconds,
             progress_every=settings.progress_interval_seconds,
             visibility_timeout=settings.visibility_timeout_seconds,
+            visibility_cap=settings.sqs_max_visibility_seconds,
         )
         return Heartbeat(
             job,
@@ -203,7 +221,7 @@ class JobRunner:
 
         return JobControl(job, heartbeat, self.shutdown, schedule, upload)
 
-    def _ended(self, job: JobRecord, result: JobResult, delivery: Delivery) -> str:
+    def _ended(self, job: JobRecord, result: JobResult, heartbeat: Heartbeat) -> str:
         if isinstance(result, Succeeded):
             self.finish(
                 job,
@@ -215,43 +233,62 @@ class JobRunner:
             )
             return Outcome.DONE
         assert isinstance(result, Stopped)
-        return self._stopped(job, result.reason, delivery)
+        return self._stopped(job, result.reason, heartbeat)
 
     def _fail(self, job: JobRecord, error: str) -> str:
         self.finish(job, "failed", error=error)
         return Outcome.DONE
 
-    def _stopped(self, job: JobRecord, reason: str | None, delivery: Delivery) -> str:
+    def _failed_attempt(self, job: JobRecord, error: str) -> str:
+        """An attempt that raised: one failure; the job is retried until MAX_JOB_ATTEMPTS of them."""
+        released = self._release(job, error=error)
+        if released is not None and released.failures >= self.max_failures:
+            return self._fail(
+                job,
+                f"{error.replace('internal error', 'internal error after', 1)} ({released.failures} failed attempts)",
+            )
+        return Outcome.RETRY
+
+    def _stopped(self, job: JobRecord, reason: str | None, heartbeat: Heartbeat) -> str:
         """End a job whose work stopped early for `reason` (a `JobControl.stop_reason()`)."""
         if reason == CANCELLED:
-            self.finish(job, "cancelled", error="cancelled by request")
+            self.finish(job, "cancelled", error=CANCELLED_ERROR)
             return Outcome.DONE
         if reason and reason.startswith(DURATION_EXCEEDED):
             # The checkpoint written at the stop stays in S3 (a new job may pick the work up).
             error = f"{reason}: stopped at its limit; its last checkpoint is kept"
-            self.finish(job, "failed", error=error, keep_checkpoints=True)
+            self.finish(job, "failed", error=error)
             return Outcome.DONE
         if reason == PREEMPTED:
             self._release(job)
-            self.sqs.change_message_visibility(
-                QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle, VisibilityTimeout=0
-            )
+            held = heartbeat.held()
+            if held.receipt_handle is not None:
+                self.sqs.change_message_visibility(
+                    QueueUrl=held.queue_url, ReceiptHandle=held.receipt_handle, VisibilityTimeout=0
+                )
             return Outcome.RELEASED
         log.warning("job %s: lease lost to another worker; stopping without writing", job.id)
         return Outcome.RETRY
 
-    def _release(self, job: JobRecord) -> None:
-        """Hand the job back to the queue: another worker (or this one) resumes it."""
+    def _release(self, job: JobRecord, error: str | None = None) -> JobRecord | None:
+        """Hand the job back to the queue: another worker (or this one) resumes it. With an
+        `error`, the attempt counts as a failure. None when the job is no longer ours."""
         worker = self.settings.worker_id
+        mine: list[bool] = []
 
         def release(record: JobRecord) -> JobRecord | None:
-            if record.lease is None or record.lease.owner != worker:
+            mine[:] = [record.lease is not None and record.lease.owner == worker]
+            if not mine[0]:
                 return None
             record.status = "queued"
             record.lease = None
+            if error is not None:
+                record.failures += 1
+                record.error = error
             return record
 
-        self.jobs.update(job.user_id, job.avatar_id, job.id, release)
+        released = self.jobs.update(job.user_id, job.avatar_id, job.id, release)
+        return released if mine[0] else None
 
     def finish(
         self,
@@ -263,14 +300,20 @@ class JobRunner:
         adapter_version: int | None = None,
         progress: JobProgress | None = None,
         result: dict[str, Any] | None = None,
-        keep_checkpoints: bool = False,
     ) -> None:
-        """Write the final record, free the avatar's slot, drop checkpoints, publish the event."""
+        """Write the final record (unless another worker owns the job by now), then its tail:
+        free the avatar's slot, drop checkpoints, publish the event."""
+        worker = self.settings.worker_id
+        mine: list[bool] = []
 
-        def finish(record: JobRecord) -> JobRecord:
+        def finish(record: JobRecord) -> JobRecord | None:
+            mine[:] = [record.status not in FINAL_STATUSES and (record.lease is None or record.lease.owner == worker)]
+            if not mine[0]:
+                return None
             record.status = status
             record.finished_at = utcnow()
             record.lease = None
+            record.redelivery = None
             record.error = error
             if metrics is not None:
                 record.metrics = metrics
@@ -283,12 +326,42 @@ class JobRunner:
             return record
 
         final = self.jobs.update(job.user_id, job.avatar_id, job.id, finish)
+        if not mine[0]:
+            log.warning("job %s is %s or owned by another worker: its end is not written", job.id, final.status)
+            return
         _observe(final, time.monotonic() - self._claimed_at)
-        self.jobs.clear_active_pointer(job.user_id, job.avatar_id, job.id)
-        if not keep_checkpoints:
-            self.stores.artifacts.delete_checkpoints(job.user_id, job.avatar_id, job.id)
-        self.events.publish(f"job.{status}", final)  # type: ignore[arg-type]
         log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
+        self._complete_tail(final)
+
+    def _complete_tail(self, final: JobRecord) -> None:
+        """What follows a final record, each step idempotent, so a redelivery of the job's
+        message can finish what a crash interrupted: the avatar's slot freed, checkpoints
+        dropped (unless a duration limit keeps them), the final event published once per id
+        (at-least-once: a crash between publishing and marking publishes it again, same id)."""
+        self.jobs.clear_active_pointer(final.user_id, final.avatar_id, final.id)
+        if not keeps_checkpoints(final):
+            self.stores.artifacts.delete_checkpoints(final.user_id, final.avatar_id, final.id)
+        self._publish(final, f"job.{final.status}")  # type: ignore[arg-type]
+
+    def _publish(self, job: JobRecord, event: EventType) -> None:
+        """Publish `event` unless the record says it went out already, then mark it."""
+        if event_id(job.id, event) in job.events_published:
+            return
+        published = self.events.publish(event, job)
+
+        def mark(record: JobRecord) -> JobRecord | None:
+            if published in record.events_published:
+                return None
+            record.events_published.append(published)
+            return record
+
+        self.jobs.update(job.user_id, job.avatar_id, job.id, mark)
+
+
+def keeps_checkpoints(final: JobRecord) -> bool:
+    """A job stopped at its duration limit keeps its last checkpoint (a new job may pick the
+    work up); every other final job's checkpoints go."""
+    return final.status == "failed" and (final.error or "").startswith(DURATION_EXCEEDED)
 
 
 def _observe(final: JobRecord, seconds: float) -> None:
