@@ -8,7 +8,6 @@ the event loop that created them, hence the per-loop cache.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -69,35 +68,3 @@ async def s3_client() -> Any:
 async def sqs_client() -> Any:
     """The process's SQS client (FastAPI dependency)."""
     return await _client("sqs")
-
-
-def error_code(exc: Exception) -> str | None:
-    """The AWS error code of a botocore ClientError, else None."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code")) or None
-    return None
-
-
-NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-
-
-async def open_object(
-    s3: Any, bucket: str, key: str, not_found: Callable[[], Exception]
-) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-    """An object's GetObject response and an iterator over its body chunks (64 KiB). Raises
-    `not_found()` when the object does not exist."""
-    try:
-        resp = await s3.get_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        if error_code(exc) in NOT_FOUND_CODES:
-            raise not_found() from None
-        raise
-
-    async def chunks() -> AsyncIterator[bytes]:
-        async with resp["Body"] as body:
-            async for chunk in body.iter_chunks(64 * 1024):
-                yield chunk
-
-    return resp, chunks()

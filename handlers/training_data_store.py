@@ -42,6 +42,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel
 
+from contracts.conditional import RecordNotFound, write_attempts
 from contracts.documents import content_type_for
 from contracts.keys import document_name_from_key, training_data_index_key, training_data_prefix, training_document_key
 from contracts.tags import (
@@ -52,12 +53,19 @@ from contracts.tags import (
     tagging_header,
 )
 from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code, open_object
+from handlers.s3_json import S3Json
+from handlers.s3_objects import (
+    LIST_PAGE_SIZE,
+    OpenedObject,
+    copy_if_unchanged,
+    delete_keys,
+    head_object,
+    object_tagging,
+    open_object,
+)
 
 log = logging.getLogger("avatune.api")
 
-LIST_PAGE_SIZE = 1000  # S3's maximum per ListObjectsV2 call
-DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
 COPY_MAX_BYTES = 5 * 1024**3  # S3's largest CopyObject source
 
 INDEX_VERSION = 1
@@ -76,6 +84,8 @@ RANGE_SLACK = 100
 LIST_CONCURRENCY = 8
 # Parsed indexes kept in process memory (per avatar, LRU).
 INDEX_CACHE_AVATARS = 64
+# The index is a cache: a write that loses the race merges into the winner once, then gives up.
+INDEX_WRITE_ATTEMPTS = 2
 
 
 class TrainingDocument(BaseModel):
@@ -129,6 +139,7 @@ class TrainingDataStore:
     ) -> None:
         self._s3 = s3
         self._bucket = bucket
+        self._objects = S3Json(s3, bucket, max_concurrency)
         self._limit = asyncio.Semaphore(max_concurrency)
         self._list_limit = asyncio.Semaphore(LIST_CONCURRENCY)
         self._use_index = use_index
@@ -144,13 +155,10 @@ class TrainingDataStore:
     async def _read_flag_at(self, key: str) -> tuple[bool, int] | None:
         """The flag and when S3 answered (epoch seconds, its `Date` header), or None when the
         object does not exist."""
-        try:
-            async with self._limit:
-                resp = await self._s3.get_object_tagging(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                return None
-            raise
+        async with self._limit:
+            resp = await object_tagging(self._s3, self._bucket, key)
+        if resp is None:
+            return None
         return flag_from_tagset(resp.get("TagSet", [])), _server_time(resp)
 
     async def put(self, ref: AvatarRef, name: str, data: bytes, flag: bool | None) -> tuple[TrainingDocument, bool]:
@@ -180,15 +188,15 @@ class TrainingDataStore:
     async def _head_and_tags(self, key: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """HeadObject and GetObjectTagging of one document, concurrently; DocumentNotFound if gone."""
         head, tags = await asyncio.gather(
-            self._s3.head_object(Bucket=self._bucket, Key=key),
-            self._s3.get_object_tagging(Bucket=self._bucket, Key=key),
+            head_object(self._s3, self._bucket, key),
+            object_tagging(self._s3, self._bucket, key),
             return_exceptions=True,
         )
         for result in (head, tags):
             if isinstance(result, BaseException):
-                if error_code(result) in NOT_FOUND_CODES:  # type: ignore[arg-type]
-                    raise DocumentNotFound(name)
                 raise result
+            if result is None:
+                raise DocumentNotFound(name)
         return head, tags  # type: ignore[return-value]
 
     async def describe(self, ref: AvatarRef, name: str) -> TrainingDocument:
@@ -203,10 +211,13 @@ class TrainingDataStore:
             content_type=content_type_for(name),
         )
 
-    async def open(self, ref: AvatarRef, name: str) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        """The object's GetObject response and an iterator over its body chunks."""
-        key = training_document_key(ref.user_id, ref.avatar_id, name)
-        return await open_object(self._s3, self._bucket, key, lambda: DocumentNotFound(name))
+    async def open(self, ref: AvatarRef, name: str) -> OpenedObject:
+        """The object's GetObject response and an iterator over its body chunks; DocumentNotFound
+        when there is none."""
+        opened = await open_object(self._s3, self._bucket, training_document_key(ref.user_id, ref.avatar_id, name))
+        if opened is None:
+            raise DocumentNotFound(name)
+        return opened
 
     async def set_flag(self, ref: AvatarRef, name: str, flag: bool) -> TrainingDocument:
         """Set the flag, keeping any other tags the object carries.
@@ -222,14 +233,11 @@ class TrainingDataStore:
             if head["ContentLength"] > COPY_MAX_BYTES:
                 return await self._set_flag_in_place(ref, name, key, tagset)
             try:
-                resp = await self._s3.copy_object(**_copy_in_place_args(self._bucket, key, head, tagset))
-            except Exception as exc:
-                code = error_code(exc)
-                if code in NOT_FOUND_CODES:
-                    raise DocumentNotFound(name) from None
-                if code in PRECONDITION_CODES:  # replaced meanwhile: start over on the new object
-                    continue
-                raise
+                resp = await copy_if_unchanged(self._s3, **_copy_in_place_args(self._bucket, key, head, tagset))
+            except RecordNotFound:
+                raise DocumentNotFound(name) from None
+            if resp is None:  # replaced meanwhile: start over on the new object
+                continue
             result = resp.get("CopyObjectResult", {})
             return TrainingDocument(
                 name=name,
@@ -249,21 +257,13 @@ class TrainingDataStore:
         await self._s3.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tagset})
         index_key = _index_key(ref)
         _INDEXES.drop(self._bucket, index_key)
-        try:
-            await self._s3.delete_object(Bucket=self._bucket, Key=index_key)
-        except Exception as exc:
-            if error_code(exc) not in NOT_FOUND_CODES:
-                raise
+        await self._objects.delete(index_key)
         return await self.describe(ref, name)
 
     async def delete(self, ref: AvatarRef, name: str) -> None:
         key = training_document_key(ref.user_id, ref.avatar_id, name)
-        try:
-            await self._s3.head_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                raise DocumentNotFound(name) from None
-            raise
+        if await head_object(self._s3, self._bucket, key) is None:
+            raise DocumentNotFound(name)
         await self._s3.delete_object(Bucket=self._bucket, Key=key)
 
     # -- listings ---------------------------------------------------------------------------
@@ -286,17 +286,7 @@ class TrainingDataStore:
     async def delete_where(self, ref: AvatarRef, flag: bool) -> int:
         """Delete every document whose flag equals `flag`; returns how many were deleted."""
         keys = [training_document_key(ref.user_id, ref.avatar_id, doc.name) async for doc in self.iter_all(ref, flag)]
-        deleted = 0
-        for i in range(0, len(keys), DELETE_BATCH_SIZE):
-            batch = keys[i : i + DELETE_BATCH_SIZE]
-            resp = await self._s3.delete_objects(
-                Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-            )
-            errors = resp.get("Errors", [])
-            if errors:
-                raise RuntimeError(f"S3 refused to delete {len(errors)} documents")
-            deleted += len(batch)
-        return deleted
+        return await delete_keys(self._s3, self._bucket, keys, "documents")
 
     async def _collect(
         self, ref: AvatarRef, flag: bool | None, after: str | None, need: int | None
@@ -460,15 +450,10 @@ class TrainingDataStore:
     # -- the flag index ---------------------------------------------------------------------
 
     async def _load_index(self, key: str) -> FlagIndex:
-        try:
-            resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
-            async with resp["Body"] as body:
-                data = await body.read()
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                return FlagIndex({}, None)
-            raise
-        index = FlagIndex.decode(data, resp["ETag"])
+        loaded = await self._objects.read(key)
+        if loaded is None:
+            return FlagIndex({}, None)
+        index = FlagIndex.decode(*loaded)
         _INDEXES.put(self._bucket, key, index)
         return index
 
@@ -478,24 +463,14 @@ class TrainingDataStore:
         try:
             if not scan.changes(index):
                 return
-            for attempt in range(2):
-                entries = scan.merged(index.entries)
-                condition = {"IfMatch": index.s3_etag} if index.s3_etag else {"IfNoneMatch": "*"}
-                try:
-                    resp = await self._s3.put_object(
-                        Bucket=self._bucket,
-                        Key=key,
-                        Body=FlagIndex.encode(entries),
-                        ContentType="application/json",
-                        **condition,
-                    )
-                except Exception as exc:
-                    if error_code(exc) not in PRECONDITION_CODES | NOT_FOUND_CODES or attempt:
-                        raise
+            for attempt in write_attempts(f"the flag index {key}", limit=INDEX_WRITE_ATTEMPTS):
+                if attempt:  # lost the race: merge into the index that won
                     index = await self._load_index(key)
-                    continue
-                _INDEXES.put(self._bucket, key, FlagIndex(entries, resp["ETag"]))
-                return
+                entries = scan.merged(index.entries)
+                etag = await self._objects.put_if(key, FlagIndex.encode(entries), index.s3_etag)
+                if etag is not None:
+                    _INDEXES.put(self._bucket, key, FlagIndex(entries, etag))
+                    return
         except Exception:
             _INDEXES.drop(self._bucket, key)
             log.warning("could not update the flag index %s", key, exc_info=True)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
 from contracts.adapters import AdapterManifest
+from contracts.conditional import StoreBusy
 from handlers.adapter_store import (
     VERSION_FILES,
     AdapterFile,
@@ -23,7 +24,7 @@ from handlers.adapter_store import (
 )
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep
-from handlers.job_store import JobStoreDep, StoreBusy
+from handlers.job_store import JobStoreDep
 from handlers.problems import Problem
 
 router = APIRouter(tags=["adapters"])

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field, field_serializer
 
 from contracts.adapter import AdapterSettings
+from contracts.conditional import StoreBusy
 from contracts.ids import InvalidIdentifier, validate_id
 from contracts.jobs import JobProgress, JobRecord, JobStatus, JobType, TrainingDocumentRef, new_job_id, utcnow
 from contracts.keys import LOSS_CURVE_FILE, METRICS_FILE, SAMPLES_FILE
@@ -39,7 +40,7 @@ from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
 from handlers.idempotency import Idempotency, IdempotencyDep
 from handlers.job_spec import TrainJobBody, check_job_body
-from handlers.job_store import JobNotFound, JobStore, JobStoreDep, StoreBusy
+from handlers.job_store import JobNotFound, JobStore, JobStoreDep
 from handlers.problems import Problem
 from handlers.routes.adapters import version_file_path
 from handlers.routes.models import whole_model_path
