@@ -39,7 +39,7 @@ from contracts.keys import (
     merged_version_prefix,
     version_file_key,
 )
-from handlers.auth import AvatarRef
+from handlers.avatar_ref import AvatarRef
 from handlers.aws import s3_client
 from handlers.dependencies import SettingsDep
 from handlers.s3_json import S3Json

@@ -16,6 +16,7 @@ from fastapi import Depends, Path, Request
 
 from contracts import logs
 from contracts.ids import InvalidIdentifier, validate_id
+from handlers.avatar_ref import AvatarRef
 from handlers.problems import Problem
 from handlers.settings import Settings, get_settings
 
@@ -94,12 +95,6 @@ async def authorized_user(
     user_id = _checked_id(user_id, "user_id")
     logs.bind(user_id=user_id)  # async dependency: the binding lives in the request's task
     return user_id
-
-
-@dataclass(frozen=True)
-class AvatarRef:
-    user_id: str
-    avatar_id: str
 
 
 async def authorized_avatar(

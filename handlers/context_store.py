@@ -16,13 +16,11 @@ from pydantic import BaseModel
 
 from contracts.context_documents import context_content_type
 from contracts.keys import context_data_prefix, context_document_key, document_name_from_key, vectorstore_prefix
-from handlers.auth import AvatarRef
+from handlers.avatar_ref import AvatarRef
 from handlers.aws import s3_client
 from handlers.dependencies import SettingsDep
+from handlers.documents import DocumentNotFound, PresignedUpload
 from handlers.s3_objects import LIST_PAGE_SIZE, OpenedObject, head_object, open_object
-from handlers.training_data_store import DocumentNotFound, PresignedUpload
-
-__all__ = ["ContextDocument", "ContextStore", "ContextStoreDep", "DocumentNotFound", "PresignedUpload"]
 
 
 class ContextDocument(BaseModel):

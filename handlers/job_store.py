@@ -23,7 +23,7 @@ from contracts.conditional import RecordNotFound, write_attempts
 from contracts.ids import is_valid_id
 from contracts.jobs import JobRecord, utcnow
 from contracts.keys import active_job_key, idempotency_key, job_key, jobs_prefix
-from handlers.auth import AvatarRef
+from handlers.avatar_ref import AvatarRef
 from handlers.aws import s3_client
 from handlers.dependencies import SettingsDep
 from handlers.idempotency import IDEMPOTENCY_RECORD_TAG

@@ -43,16 +43,17 @@ from contracts.messages import (
     RetrieveRequest,
 )
 from handlers.auth import AuthorizedAvatar, AvatarRef
-from handlers.context_store import ContextDocument, ContextStoreDep, DocumentNotFound, PresignedUpload
+from handlers.context_store import ContextDocument, ContextStoreDep
 from handlers.dependencies import SettingsDep
+from handlers.documents import DocumentNotFound, PresignedUpload
 from handlers.idempotency import IdempotencyDep
 from handlers.job_store import JobStore, JobStoreDep
+from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
 from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
-from handlers.training_data_store import encode_cursor
-from handlers.uploads import checked_name, page_after, read_capped_body
+from handlers.uploads import checked_name, read_capped_body
 
 log = logging.getLogger("avatune.api")
 

@@ -38,15 +38,17 @@ from contracts.sealing import SealError, job_context, seal_callbacks
 from contracts.spec import JobSpec
 from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
 from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.documents import DocumentNotFound
 from handlers.idempotency import Idempotency, IdempotencyDep
 from handlers.job_spec import TrainJobBody, check_job_body
 from handlers.job_store import JobNotFound, JobStore, JobStoreDep
+from handlers.paging import INVALID_CURSOR, decode_cursor, encode_cursor
 from handlers.problems import Problem
 from handlers.routes.adapters import version_file_path
 from handlers.routes.models import whole_model_path
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue, TrainQueueDep
-from handlers.training_data_store import DocumentNotFound, TrainingDataStore, decode_cursor, encode_cursor
+from handlers.training_data_store import TrainingDataStore
 
 log = logging.getLogger("avatune.api")
 
@@ -142,7 +144,7 @@ def _decode_page_cursor(cursor: str | None) -> tuple[str, str] | None:
         job_id, avatar_id = decode_cursor(cursor).split(" ")
         return validate_id(job_id), validate_id(avatar_id)
     except ValueError:  # InvalidIdentifier is one too
-        raise Problem(400, "invalid cursor: pass back the next_cursor of a previous page") from None
+        raise Problem(400, INVALID_CURSOR) from None
 
 
 async def _page(jobs: JobStore, refs: list[AvatarRef], limit: int, cursor: str | None) -> JobList:
