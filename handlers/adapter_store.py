@@ -12,9 +12,8 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import Depends
 from pydantic import BaseModel
 
 from contracts.adapter import AdapterSettings
@@ -40,8 +39,6 @@ from contracts.keys import (
     version_file_key,
 )
 from handlers.avatar_ref import AvatarRef
-from handlers.aws import s3_client
-from handlers.dependencies import SettingsDep
 from handlers.s3_json import S3Json
 from handlers.s3_objects import OpenedObject, delete_keys, open_object
 
@@ -257,10 +254,3 @@ class AdapterStore:
         await delete_keys(self._s3, self._bucket, manifests, "adapter objects")
         await delete_keys(self._s3, self._bucket, [k for k in keys if k not in set(manifests)], "adapter objects")
         return len(keys)
-
-
-async def adapter_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> AdapterStore:
-    return AdapterStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]

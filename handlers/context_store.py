@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends
 from pydantic import BaseModel
 
 from contracts.context_documents import context_content_type
 from contracts.keys import context_data_prefix, context_document_key, document_name_from_key, vectorstore_prefix
 from handlers.avatar_ref import AvatarRef
-from handlers.aws import s3_client
-from handlers.dependencies import SettingsDep
 from handlers.documents import DocumentNotFound, PresignedUpload
 from handlers.s3_objects import LIST_PAGE_SIZE, OpenedObject, head_object, open_object
 
@@ -144,10 +141,3 @@ class ContextStore:
             headers={"Content-Type": content_type},
             expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
         )
-
-
-async def context_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> ContextStore:
-    return ContextStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-ContextStoreDep = Annotated[ContextStore, Depends(context_store)]

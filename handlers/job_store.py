@@ -13,9 +13,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends
 from pydantic import ValidationError
 
 from contracts.adapters import ActiveJobPointer, IdempotencyRecord
@@ -24,8 +23,6 @@ from contracts.ids import is_valid_id
 from contracts.jobs import JobRecord, utcnow
 from contracts.keys import active_job_key, idempotency_key, job_key, jobs_prefix
 from handlers.avatar_ref import AvatarRef
-from handlers.aws import s3_client
-from handlers.dependencies import SettingsDep
 from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
 from handlers.s3_json import S3Json
 
@@ -209,10 +206,3 @@ class JobStore:
 
     async def forget(self, ref: AvatarRef, key_hash: str, etag: str) -> bool:
         return await self.objects.delete_if(idempotency_key(ref.user_id, ref.avatar_id, key_hash), etag)
-
-
-async def job_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> JobStore:
-    return JobStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-JobStoreDep = Annotated[JobStore, Depends(job_store)]

@@ -18,13 +18,11 @@ from handlers.adapter_store import (
     VERSION_FILES,
     AdapterFile,
     AdapterStore,
-    AdapterStoreDep,
     VersionFileNotFound,
     VersionNotFound,
 )
-from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
-from handlers.dependencies import SettingsDep
-from handlers.job_store import JobStoreDep
+from handlers.avatar_ref import AvatarRef
+from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, AuthorizedUser, JobStoreDep, SettingsDep
 from handlers.problems import Problem
 
 router = APIRouter(tags=["adapters"])

@@ -42,17 +42,23 @@ from contracts.messages import (
     QueueRequest,
     RetrieveRequest,
 )
-from handlers.auth import AuthorizedAvatar, AvatarRef
-from handlers.context_store import ContextDocument, ContextStoreDep
-from handlers.dependencies import SettingsDep
+from handlers.avatar_ref import AvatarRef
+from handlers.context_store import ContextDocument
+from handlers.dependencies import (
+    AuthorizedAvatar,
+    ContextStoreDep,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
 from handlers.documents import DocumentNotFound, PresignedUpload
-from handlers.idempotency import IdempotencyDep
-from handlers.job_store import JobStore, JobStoreDep
+from handlers.job_store import JobStore
 from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
 from handlers.routes.jobs import JobPlan, JobView, queue_job
 from handlers.settings import Settings
-from handlers.train_queue import TrainQueue, TrainQueueDep
+from handlers.train_queue import TrainQueue
 from handlers.uploads import checked_name, read_capped_body
 
 log = logging.getLogger("avatune.api")

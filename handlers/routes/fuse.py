@@ -15,14 +15,16 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from contracts.jobs import JobRecord
 from contracts.messages import FUSE_REQUEST_SCHEMA, FuseRequest, QueueRequest
-from handlers.adapter_store import AdapterStoreDep
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep
-from handlers.idempotency import IdempotencyDep
-from handlers.job_store import JobStoreDep
+from handlers.dependencies import (
+    AdapterStoreDep,
+    AuthorizedAvatar,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
 from handlers.problems import Problem
 from handlers.routes.jobs import JobPlan, JobView, queue_job
-from handlers.train_queue import TrainQueueDep
 
 router = APIRouter(tags=["fuse jobs"])
 

@@ -36,18 +36,26 @@ from contracts.keys import LOSS_CURVE_FILE, METRICS_FILE, SAMPLES_FILE
 from contracts.messages import TRAIN_REQUEST_SCHEMA, JobEvent, QueueRequest, TrainRequest
 from contracts.sealing import SealError, job_context, seal_callbacks
 from contracts.spec import JobSpec
-from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
-from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.avatar_ref import AvatarRef
+from handlers.dependencies import (
+    AuthorizedAvatar,
+    AuthorizedUser,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainingDataStoreDep,
+    TrainQueueDep,
+)
 from handlers.documents import DocumentNotFound
-from handlers.idempotency import Idempotency, IdempotencyDep
+from handlers.idempotency import Idempotency
 from handlers.job_spec import TrainJobBody, check_job_body
-from handlers.job_store import JobNotFound, JobStore, JobStoreDep
+from handlers.job_store import JobNotFound, JobStore
 from handlers.paging import INVALID_CURSOR, decode_cursor, encode_cursor
 from handlers.problems import Problem
 from handlers.routes.adapters import version_file_path
 from handlers.routes.models import whole_model_path
 from handlers.settings import Settings
-from handlers.train_queue import TrainQueue, TrainQueueDep
+from handlers.train_queue import TrainQueue
 from handlers.training_data_store import TrainingDataStore
 
 log = logging.getLogger("avatune.api")

@@ -16,9 +16,8 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from contracts.adapters import FullModelManifest
-from handlers.adapter_store import AdapterFile, AdapterStoreDep, WholeModelKind, WholeModelManifest
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep
+from handlers.adapter_store import AdapterFile, WholeModelKind, WholeModelManifest
+from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, SettingsDep
 from handlers.problems import Problem
 
 router = APIRouter(tags=["merged and full models"])

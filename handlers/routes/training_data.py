@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from contracts.documents import DocumentError, parse_document
 from contracts.ids import validate_document_name
 from handlers.archive import zip_stream
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.dependencies import AuthorizedAvatar, SettingsDep, TrainingDataStoreDep
 from handlers.documents import DocumentNotFound, PresignedUpload
 from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
