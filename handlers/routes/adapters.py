@@ -130,11 +130,6 @@ async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> Ver
     )
 
 
-def version_file_path(user_id: str, avatar_id: str, version: int, name: str) -> str:
-    """The API path of a version's file (what a job's `links` point at)."""
-    return f"/v1/users/{user_id}/avatars/{avatar_id}/adapter/versions/{version}/files/{name}"
-
-
 @router.get(
     f"{BASE}/versions/{{version}}/files/{{name}}",
     response_class=StreamingResponse,

@@ -45,11 +45,6 @@ class WholeModelView(WholeModelSummary):
     files: list[AdapterFile] = Field(description="each file: a presigned GET URL and its sha256")
 
 
-def whole_model_path(user_id: str, avatar_id: str, kind: WholeModelKind, version: int) -> str:
-    """The API path of one merged or full model (a finished job's `links.model`)."""
-    return f"/v1/users/{user_id}/avatars/{avatar_id}/{kind}-models/{version}"
-
-
 def _summary(version: int, manifest: WholeModelManifest) -> WholeModelSummary:
     metrics = manifest.metrics if isinstance(manifest, FullModelManifest) else {}
     return WholeModelSummary(
