@@ -61,10 +61,10 @@ async def _client(service: str) -> Any:
 
 
 async def s3_client() -> Any:
-    """The process's S3 client (FastAPI dependency)."""
+    """The process's S3 client (`handlers.dependencies` wraps it in the stores)."""
     return await _client("s3")
 
 
 async def sqs_client() -> Any:
-    """The process's SQS client (FastAPI dependency)."""
+    """The process's SQS client (`handlers.dependencies` wraps it in the train queue)."""
     return await _client("sqs")
