@@ -50,6 +50,15 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
+def is_valid_id(value: str) -> bool:
+    """Whether `value` is a safe id (`validate_id` accepts it): for names found in listings."""
+    try:
+        validate_id(value)
+    except InvalidIdentifier:
+        return False
+    return True
+
+
 def validate_document_name(value: str, extensions: tuple[str, ...] = DOCUMENT_EXTENSIONS) -> str:
     """Return `value` if it is a safe document name ending in one of `extensions` (default:
     training documents')."""

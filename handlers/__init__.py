@@ -1,4 +1,25 @@
 """The avatune HTTP API (FastAPI, served by uvicorn locally and Mangum on AWS Lambda).
 
 Must stay light: nothing under `handlers` may import torch, transformers or peft.
+
+Where things live (each layer imports only the layers below it; tests/test_api_layout.py):
+
+- `app.py`, `lambda_handler.py`: the application and its Lambda entry point;
+- `routes/`: one module per resource: validate the request, call a service or a store, answer
+  a view. No route imports another;
+- `dependencies.py`: every FastAPI dependency (settings, the caller's authorisation, stores
+  and queues, the Idempotency-Key header), so nothing below knows about `Depends`;
+- `services/`: what a request does beyond reading it and answering: creating (slot, cap,
+  idempotency, rollback) and cancelling jobs, and each job kind's own checks;
+- `job_views.py`: how the API shows a job;
+- the stores, one per kind of S3 key, plain classes without FastAPI: `job_store.py`,
+  `adapter_store.py`, `training_data_store.py` (with its cache, `flag_index.py`),
+  `context_store.py`; `train_queue.py` for SQS;
+- S3 underneath them: `s3_json.py` (small JSON objects, conditional writes), `s3_objects.py`
+  (S3 failures as typed answers), `aws.py` (the process's clients);
+- request helpers: `auth.py`, `idempotency.py`, `job_spec.py`, `uploads.py`, `paging.py`,
+  `archive.py`, `problems.py` (every error is problem+json); plain data: `avatar_ref.py`,
+  `documents.py`, `settings.py`;
+- the events Lambda, bundled on its own (standard library and `contracts` only):
+  `events_handler.py`, `webhooks.py`.
 """

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from fastapi import Depends
 from pydantic import BaseModel
 
 from contracts.adapter import AdapterSettings
 from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
+from contracts.conditional import write_attempts
 from contracts.keys import (
     ADAPTER_FILES,
     FULL_MODEL_MANIFEST_FILE,
@@ -38,12 +38,10 @@ from contracts.keys import (
     merged_version_prefix,
     version_file_key,
 )
-from handlers.auth import AvatarRef
-from handlers.aws import open_object, s3_client
-from handlers.dependencies import SettingsDep
-from handlers.job_store import MAX_WRITE_ATTEMPTS, S3Json, StoreBusy
+from handlers.avatar_ref import AvatarRef
+from handlers.s3_json import S3Json
+from handlers.s3_objects import OpenedObject, delete_keys, open_object
 
-DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
 # The files kept beside a version's adapter that the API serves, and their content types
 # (fixed here, never taken from the stored object).
 VERSION_FILES: dict[str, str] = {
@@ -98,15 +96,14 @@ class AdapterStore:
         field) and store the result (set fields only), guarded by If-Match / If-None-Match
         against a concurrent update."""
         key = adapter_config_key(ref.user_id, ref.avatar_id)
-        for _ in range(MAX_WRITE_ATTEMPTS):
+        for _ in write_attempts("the adapter configuration"):
             loaded = await self.objects.read(key)
             stored = AdapterSettings.model_validate_json(loaded[0]) if loaded else AdapterSettings()
             merged = patch.patched_over(stored)
             body = json.dumps(merged.model_dump(exclude_none=True), sort_keys=True).encode()
-            written = await (self.objects.replace(key, body, loaded[1]) if loaded else self.objects.create(key, body))
-            if written:
+            if await self.objects.put_if(key, body, loaded[1] if loaded else None):
                 return merged
-        raise StoreBusy("the adapter configuration kept changing while being updated")
+        raise AssertionError("unreachable: write_attempts raises StoreBusy")
 
     # -- the current adapter ----------------------------------------------------------------
 
@@ -215,15 +212,15 @@ class AdapterStore:
         )
         return manifest
 
-    async def open_version_file(
-        self, ref: AvatarRef, version: int, name: str
-    ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    async def open_version_file(self, ref: AvatarRef, version: int, name: str) -> OpenedObject:
         """A version's file (one of VERSION_FILES): its GetObject response and body chunks.
         Raises VersionFileNotFound when the version or the file does not exist."""
         if name not in VERSION_FILES:
             raise VersionFileNotFound(name)
-        key = version_file_key(ref.user_id, ref.avatar_id, version, name)
-        return await open_object(self._s3, self._bucket, key, lambda: VersionFileNotFound(name))
+        opened = await open_object(self._s3, self._bucket, version_file_key(ref.user_id, ref.avatar_id, version, name))
+        if opened is None:
+            raise VersionFileNotFound(name)
+        return opened
 
     # -- deletion ---------------------------------------------------------------------------
 
@@ -254,22 +251,6 @@ class AdapterStore:
             if k == adapter_manifest_key(u, a)
             or (k.startswith(model_roots) and k.endswith(("/" + MERGED_MANIFEST_FILE, "/" + FULL_MODEL_MANIFEST_FILE)))
         ]
-        await self._delete_keys(manifests)
-        await self._delete_keys([k for k in keys if k not in set(manifests)])
+        await delete_keys(self._s3, self._bucket, manifests, "adapter objects")
+        await delete_keys(self._s3, self._bucket, [k for k in keys if k not in set(manifests)], "adapter objects")
         return len(keys)
-
-    async def _delete_keys(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), DELETE_BATCH_SIZE):
-            batch = keys[i : i + DELETE_BATCH_SIZE]
-            resp = await self._s3.delete_objects(
-                Bucket=self._bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-            )
-            if resp.get("Errors"):
-                raise RuntimeError(f"S3 refused to delete {len(resp['Errors'])} adapter objects")
-
-
-async def adapter_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> AdapterStore:
-    return AdapterStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]

@@ -1,26 +1,32 @@
-"""Authentication and tenant authorisation as FastAPI dependencies.
+"""Authentication and the tenant rule: who is calling, and for whom they may act.
 
 - `AUTH_MODE=jwt` (default): `Authorization: Bearer <HS256 JWT>` verified with `AUTH_JWT_SECRET`.
 - `AUTH_MODE=apigateway`: behind an API Gateway HTTP API JWT authorizer, which has already
   verified the token; the claims come from the Lambda event's request context.
 
 `sub` must equal the `{user_id}` in the path; `"role": "service"` may act for any user.
+
+The FastAPI dependencies that apply this to a route (`AuthorizedUser`, `AuthorizedAvatar`) are
+in `handlers.dependencies`; `issue_token` (dev tooling, tests) is here. PyJWT is imported on
+first use: it pulls in cryptography, a cold-start cost `/healthz` never needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Path, Request
+from fastapi import Request
 
-from contracts import logs
-from contracts.ids import InvalidIdentifier, validate_id
+from handlers.avatar_ref import AvatarRef
 from handlers.problems import Problem
-from handlers.settings import Settings, get_settings
+from handlers.settings import Settings
 
 SERVICE_ROLE = "service"
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="avatune"'}
+
+# bench/ and older callers import AvatarRef from here; its home is handlers.avatar_ref.
+__all__ = ["SERVICE_ROLE", "AvatarRef", "Principal", "issue_token", "may_act_for", "verified_principal"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,11 @@ class Principal:
     @property
     def is_service(self) -> bool:
         return self.role == SERVICE_ROLE
+
+
+def may_act_for(principal: Principal, user_id: str) -> bool:
+    """The tenant rule: a caller acts for itself; a service for anyone."""
+    return principal.is_service or principal.subject == user_id
 
 
 def _unauthorized(detail: str) -> Problem:
@@ -61,8 +72,8 @@ def _claims_from_bearer(request: Request, secret: str) -> dict[str, Any]:
         raise _unauthorized("invalid token") from None
 
 
-def current_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Principal:
-    """The verified caller."""
+def verified_principal(request: Request, settings: Settings) -> Principal:
+    """The verified caller of `request`; a 401 Problem when there is none."""
     if settings.auth_mode == "apigateway":
         claims = _claims_from_apigateway(request)
     else:
@@ -75,45 +86,6 @@ def current_principal(request: Request, settings: Annotated[Settings, Depends(ge
         raise _unauthorized("token has no subject")
     role = claims.get("role")
     return Principal(subject=sub, role=role if isinstance(role, str) else None)
-
-
-def _checked_id(value: str, what: str) -> str:
-    try:
-        return validate_id(value, what)
-    except InvalidIdentifier as exc:
-        raise Problem(400, str(exc)) from None
-
-
-async def authorized_user(
-    user_id: Annotated[str, Path(description="the user's id")],
-    principal: Annotated[Principal, Depends(current_principal)],
-) -> str:
-    """The path's `user_id`, once the caller is allowed to act for it."""
-    if not (principal.is_service or principal.subject == user_id):
-        raise Problem(403, "this token may not act for another user's data")
-    user_id = _checked_id(user_id, "user_id")
-    logs.bind(user_id=user_id)  # async dependency: the binding lives in the request's task
-    return user_id
-
-
-@dataclass(frozen=True)
-class AvatarRef:
-    user_id: str
-    avatar_id: str
-
-
-async def authorized_avatar(
-    user_id: Annotated[str, Depends(authorized_user)],
-    avatar_id: Annotated[str, Path(description="the avatar's id")],
-) -> AvatarRef:
-    """The path's user and avatar, validated and authorised."""
-    avatar = AvatarRef(user_id=user_id, avatar_id=_checked_id(avatar_id, "avatar_id"))
-    logs.bind(avatar_id=avatar.avatar_id)
-    return avatar
-
-
-AuthorizedAvatar = Annotated[AvatarRef, Depends(authorized_avatar)]
-AuthorizedUser = Annotated[str, Depends(authorized_user)]
 
 
 def issue_token(secret: str, subject: str, *, role: str | None = None, ttl_seconds: int = 86400) -> str:

@@ -8,7 +8,6 @@ the event loop that created them, hence the per-loop cache.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -62,42 +61,10 @@ async def _client(service: str) -> Any:
 
 
 async def s3_client() -> Any:
-    """The process's S3 client (FastAPI dependency)."""
+    """The process's S3 client (`handlers.dependencies` wraps it in the stores)."""
     return await _client("s3")
 
 
 async def sqs_client() -> Any:
-    """The process's SQS client (FastAPI dependency)."""
+    """The process's SQS client (`handlers.dependencies` wraps it in the train queue)."""
     return await _client("sqs")
-
-
-def error_code(exc: Exception) -> str | None:
-    """The AWS error code of a botocore ClientError, else None."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code")) or None
-    return None
-
-
-NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-
-
-async def open_object(
-    s3: Any, bucket: str, key: str, not_found: Callable[[], Exception]
-) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-    """An object's GetObject response and an iterator over its body chunks (64 KiB). Raises
-    `not_found()` when the object does not exist."""
-    try:
-        resp = await s3.get_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        if error_code(exc) in NOT_FOUND_CODES:
-            raise not_found() from None
-        raise
-
-    async def chunks() -> AsyncIterator[bytes]:
-        async with resp["Body"] as body:
-            async for chunk in body.iter_chunks(64 * 1024):
-                yield chunk
-
-    return resp, chunks()

@@ -8,23 +8,16 @@ Context documents carry no tags, so a listing is a plain ListObjectsV2 in name o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends
 from pydantic import BaseModel
 
 from contracts.context_documents import context_content_type
 from contracts.keys import context_data_prefix, context_document_key, document_name_from_key, vectorstore_prefix
-from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, error_code, open_object, s3_client
-from handlers.dependencies import SettingsDep
-from handlers.training_data_store import DocumentNotFound, PresignedUpload
-
-LIST_PAGE_SIZE = 1000  # S3's maximum per ListObjectsV2 call
-
-__all__ = ["ContextDocument", "ContextStore", "ContextStoreDep", "DocumentNotFound", "PresignedUpload"]
+from handlers.avatar_ref import AvatarRef
+from handlers.documents import DocumentNotFound, PresignedUpload
+from handlers.s3_objects import LIST_PAGE_SIZE, OpenedObject, head_object, open_object
 
 
 class ContextDocument(BaseModel):
@@ -53,14 +46,8 @@ class ContextStore:
         self._limit = asyncio.Semaphore(max_concurrency)
 
     async def _exists(self, key: str) -> bool:
-        try:
-            async with self._limit:
-                await self._s3.head_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                return False
-            raise
-        return True
+        async with self._limit:
+            return await head_object(self._s3, self._bucket, key) is not None
 
     async def put(self, ref: AvatarRef, name: str, data: bytes) -> tuple[ContextDocument, bool]:
         """Create or replace a document (an already validated `name` and body); returns it and
@@ -78,10 +65,13 @@ class ContextStore:
         )
         return doc, not existed
 
-    async def open(self, ref: AvatarRef, name: str) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        """The object's GetObject response and an iterator over its body chunks."""
-        key = context_document_key(ref.user_id, ref.avatar_id, name)
-        return await open_object(self._s3, self._bucket, key, lambda: DocumentNotFound(name))
+    async def open(self, ref: AvatarRef, name: str) -> OpenedObject:
+        """The object's GetObject response and an iterator over its body chunks; DocumentNotFound
+        when there is none."""
+        opened = await open_object(self._s3, self._bucket, context_document_key(ref.user_id, ref.avatar_id, name))
+        if opened is None:
+            raise DocumentNotFound(name)
+        return opened
 
     async def delete(self, ref: AvatarRef, name: str) -> None:
         """Delete one document; DocumentNotFound when there is none (S3 itself would not say)."""
@@ -151,10 +141,3 @@ class ContextStore:
             headers={"Content-Type": content_type},
             expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
         )
-
-
-async def context_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> ContextStore:
-    return ContextStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-ContextStoreDep = Annotated[ContextStore, Depends(context_store)]

@@ -1,20 +1,127 @@
-"""FastAPI dependencies that hand routes their typed stores."""
+"""Every FastAPI dependency of the API: the settings, the caller's authorisation, the typed
+stores and queues, and the `Idempotency-Key` header. Routes declare what they need with the
+aliases below (`AuthorizedAvatar`, `JobStoreDep`, ...); nothing else in `handlers/` knows
+about `Depends`, so stores, queues and services stay plain classes and functions that tests
+and other entry points build directly.
+
+Cheap on purpose: a provider only wraps the process's S3/SQS client (`handlers.aws`, created
+on the first request that needs one) in a store object. aiobotocore is imported with the first
+client, PyJWT with the first token (`handlers.auth`), so `/healthz` needs neither.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Header, Path, Request
 
-from handlers.aws import s3_client
+from contracts import logs
+from contracts.ids import InvalidIdentifier, validate_id
+from handlers.adapter_store import AdapterStore
+from handlers.auth import Principal, may_act_for, verified_principal
+from handlers.avatar_ref import AvatarRef
+from handlers.aws import s3_client, sqs_client
+from handlers.context_store import ContextStore
+from handlers.idempotency import MAX_IDEMPOTENCY_KEY_LENGTH, Idempotency
+from handlers.job_store import JobStore
+from handlers.problems import Problem
 from handlers.settings import Settings, get_settings
+from handlers.train_queue import TrainQueue
 from handlers.training_data_store import TrainingDataStore
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+S3ClientDep = Annotated[Any, Depends(s3_client)]
+SqsClientDep = Annotated[Any, Depends(sqs_client)]
 
 
-async def training_data_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> TrainingDataStore:
+# -- the caller ------------------------------------------------------------------------------
+
+
+def current_principal(request: Request, settings: SettingsDep) -> Principal:
+    """The verified caller (`handlers.auth`)."""
+    return verified_principal(request, settings)
+
+
+def _checked_id(value: str, what: str) -> str:
+    try:
+        return validate_id(value, what)
+    except InvalidIdentifier as exc:
+        raise Problem(400, str(exc)) from None
+
+
+async def authorized_user(
+    user_id: Annotated[str, Path(description="the user's id")],
+    principal: Annotated[Principal, Depends(current_principal)],
+) -> str:
+    """The path's `user_id`, once the caller is allowed to act for it."""
+    if not may_act_for(principal, user_id):
+        raise Problem(403, "this token may not act for another user's data")
+    user_id = _checked_id(user_id, "user_id")
+    logs.bind(user_id=user_id)  # async dependency: the binding lives in the request's task
+    return user_id
+
+
+async def authorized_avatar(
+    user_id: Annotated[str, Depends(authorized_user)],
+    avatar_id: Annotated[str, Path(description="the avatar's id")],
+) -> AvatarRef:
+    """The path's user and avatar, validated and authorised."""
+    avatar = AvatarRef(user_id=user_id, avatar_id=_checked_id(avatar_id, "avatar_id"))
+    logs.bind(avatar_id=avatar.avatar_id)
+    return avatar
+
+
+AuthorizedAvatar = Annotated[AvatarRef, Depends(authorized_avatar)]
+AuthorizedUser = Annotated[str, Depends(authorized_user)]
+
+
+# -- stores and queues -----------------------------------------------------------------------
+
+
+async def training_data_store(settings: SettingsDep, s3: S3ClientDep) -> TrainingDataStore:
     return TrainingDataStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
 
 
+async def context_store(settings: SettingsDep, s3: S3ClientDep) -> ContextStore:
+    return ContextStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+async def adapter_store(settings: SettingsDep, s3: S3ClientDep) -> AdapterStore:
+    return AdapterStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+async def job_store(settings: SettingsDep, s3: S3ClientDep) -> JobStore:
+    return JobStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+async def train_queue(settings: SettingsDep, sqs: SqsClientDep) -> TrainQueue:
+    return TrainQueue(sqs, settings.train_queue_name, settings.events_queue_name, settings.aws_endpoint_url)
+
+
 TrainingDataStoreDep = Annotated[TrainingDataStore, Depends(training_data_store)]
+ContextStoreDep = Annotated[ContextStore, Depends(context_store)]
+AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]
+JobStoreDep = Annotated[JobStore, Depends(job_store)]
+TrainQueueDep = Annotated[TrainQueue, Depends(train_queue)]
+
+
+# -- request headers -------------------------------------------------------------------------
+
+
+async def idempotency(
+    request: Request,
+    key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="retries with the same key and body answer the same job"),
+    ] = None,
+) -> Idempotency | None:
+    """The request's Idempotency (None without the header); 400 for a key of a bad length."""
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    body = await request.body()  # cached by Starlette: the route's body parsing reads the same bytes
+    return Idempotency.of(key, request.method, request.url.path, body)
+
+
+IdempotencyDep = Annotated[Idempotency | None, Depends(idempotency)]

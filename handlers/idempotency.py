@@ -1,4 +1,5 @@
-"""The `Idempotency-Key` header of the job-creating routes, as a FastAPI dependency.
+"""The `Idempotency-Key` header of the job-creating routes (read by the dependency
+`handlers.dependencies.idempotency`; what it answers is decided in `handlers.services.jobs`).
 
 A retry with the same key on the same avatar answers the job the first request created, as
 long as it is the same request: the key's record keeps a fingerprint of the method, path and
@@ -13,11 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any
-
-from fastapi import Depends, Header, Request
-
-from handlers.problems import Problem
+from typing import Any
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # The tag the template's lifecycle rule expires idempotency records by (key=value).
@@ -30,6 +27,11 @@ class Idempotency:
 
     key_hash: str
     fingerprint: str
+
+    @classmethod
+    def of(cls, key: str, method: str, path: str, body: bytes) -> Idempotency:
+        """The key of a request to `method path` with `body`."""
+        return cls(hashlib.sha256(key.encode()).hexdigest(), request_fingerprint(method, path, body))
 
 
 def _canonical_body(body: bytes) -> bytes:
@@ -52,24 +54,3 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
     digest = hashlib.sha256(f"{method.upper()} {path}\n".encode())
     digest.update(_canonical_body(body) if body.strip() else b"")
     return digest.hexdigest()
-
-
-async def idempotency(
-    request: Request,
-    key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", description="retries with the same key and body answer the same job"),
-    ] = None,
-) -> Idempotency | None:
-    """The request's Idempotency (None without the header); 400 for a key of a bad length."""
-    if key is None:
-        return None
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-    body = await request.body()  # cached by Starlette: the route's body parsing reads the same bytes
-    return Idempotency(
-        hashlib.sha256(key.encode()).hexdigest(), request_fingerprint(request.method, request.url.path, body)
-    )
-
-
-IdempotencyDep = Annotated[Idempotency | None, Depends(idempotency)]

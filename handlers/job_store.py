@@ -3,9 +3,9 @@
 The only module of the API that touches those keys.
 
 Every write is conditional: records and pointers are created with `If-None-Match: *` and
-changed with `If-Match: <etag>` in a read-modify-write loop, so the API and the trainer never
-overwrite each other's changes (a cancel racing a progress update, two requests racing for the
-avatar's one active slot)."""
+changed with `If-Match: <etag>` in a read-modify-write loop (`contracts.conditional`, through
+`handlers.s3_json`), so the API and the trainer never overwrite each other's changes (a cancel
+racing a progress update, two requests racing for the avatar's one active slot)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,19 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends
 from pydantic import ValidationError
 
 from contracts.adapters import ActiveJobPointer, IdempotencyRecord
-from contracts.ids import InvalidIdentifier, validate_id
+from contracts.conditional import RecordNotFound, write_attempts
+from contracts.ids import is_valid_id
 from contracts.jobs import JobRecord, utcnow
-from contracts.keys import active_job_key, avatars_prefix, idempotency_key, job_key, jobs_prefix
-from handlers.auth import AvatarRef
-from handlers.aws import NOT_FOUND_CODES, PRECONDITION_CODES, error_code, s3_client
-from handlers.dependencies import SettingsDep
+from contracts.keys import active_job_key, idempotency_key, job_key, jobs_prefix
+from handlers.avatar_ref import AvatarRef
 from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
+from handlers.s3_json import S3Json
 
-LIST_PAGE_SIZE = 1000
-# A read-modify-write that loses this many races in a row gives up (StoreBusy).
-MAX_WRITE_ATTEMPTS = 20
 # A pointer whose job record does not exist yet belongs to a request still creating its job
 # (the pointer is written first); only once it is this old is it taken for debris.
 POINTER_GRACE = timedelta(seconds=120)
@@ -37,102 +33,8 @@ POINTER_GRACE = timedelta(seconds=120)
 Mutation = Callable[[JobRecord], JobRecord | None]
 
 
-class StoreBusy(Exception):
-    """A conditional update kept losing races."""
-
-
-class JobNotFound(Exception):
-    pass
-
-
-class S3Json:
-    """Small JSON objects with conditional writes, and the listings the stores share."""
-
-    def __init__(self, s3: Any, bucket: str, max_concurrency: int = 64) -> None:
-        self._s3 = s3
-        self._bucket = bucket
-        self._limit = asyncio.Semaphore(max_concurrency)
-
-    async def read(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag, or None when it does not exist."""
-        try:
-            async with self._limit:
-                resp = await self._s3.get_object(Bucket=self._bucket, Key=key)
-                async with resp["Body"] as body:
-                    data = await body.read()
-        except Exception as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                return None
-            raise
-        return data, resp["ETag"]
-
-    async def _put(self, key: str, data: bytes, **condition: str) -> str | None:
-        try:
-            async with self._limit:
-                resp = await self._s3.put_object(
-                    Bucket=self._bucket, Key=key, Body=data, ContentType="application/json", **condition
-                )
-        except Exception as exc:
-            if error_code(exc) in PRECONDITION_CODES | NOT_FOUND_CODES:
-                return None
-            raise
-        return str(resp["ETag"])
-
-    async def create(self, key: str, data: bytes, tagging: str | None = None) -> str | None:
-        """Write a new object (with `tagging`, `k=v&...`, if given); its ETag, or None when one exists already."""
-        return await self._put(key, data, IfNoneMatch="*", **({"Tagging": tagging} if tagging else {}))
-
-    async def replace(self, key: str, data: bytes, etag: str) -> str | None:
-        """Overwrite the object if it is still the version `etag`; the new ETag, or None when it changed."""
-        return await self._put(key, data, IfMatch=etag)
-
-    async def put(self, key: str, data: bytes) -> str:
-        resp = await self._s3.put_object(Bucket=self._bucket, Key=key, Body=data, ContentType="application/json")
-        return str(resp["ETag"])
-
-    async def delete_if(self, key: str, etag: str) -> bool:
-        """Delete the object if it is still the version `etag`: False when it changed meanwhile
-        (True when it is gone, by us or anyone)."""
-        try:
-            async with self._limit:
-                await self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=etag)
-        except Exception as exc:
-            code = error_code(exc)
-            if code in NOT_FOUND_CODES:
-                return True
-            if code in PRECONDITION_CODES:
-                return False
-            raise
-        return True
-
-    async def objects(self, prefix: str, delimiter: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every object under `prefix` and, with a delimiter, the child prefixes' names."""
-        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        contents: list[dict[str, Any]] = []
-        children: list[str] = []
-        while True:
-            async with self._limit:
-                resp = await self._s3.list_objects_v2(**kwargs)
-            contents.extend(resp.get("Contents", []))
-            children.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in resp.get("CommonPrefixes", []))
-            if not resp.get("IsTruncated"):
-                return contents, children
-            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
-
-    async def avatar_ids(self, user_id: str) -> list[str]:
-        """The ids of the user's avatars that have anything stored, sorted."""
-        _, children = await self.objects(avatars_prefix(user_id), delimiter="/")
-        return sorted(c for c in children if _is_id(c))
-
-
-def _is_id(value: str) -> bool:
-    try:
-        validate_id(value)
-    except InvalidIdentifier:
-        return False
-    return True
+class JobNotFound(RecordNotFound):
+    """The job an update was asked to change does not exist."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +80,7 @@ class JobStore:
 
         `mutate` gets a copy and returns the new record, or None to leave it as it is; it may
         raise to abort. Raises JobNotFound, StoreBusy."""
-        for _ in range(MAX_WRITE_ATTEMPTS):
+        for _ in write_attempts(f"job {job_id}"):
             loaded = await self._load(ref, job_id)
             if loaded is None:
                 raise JobNotFound(job_id)
@@ -189,7 +91,7 @@ class JobStore:
             updated.updated_at = utcnow()
             if await self.objects.replace(job_key(ref.user_id, ref.avatar_id, job_id), updated.to_json(), etag):
                 return updated
-        raise StoreBusy(f"job {job_id} kept changing while being updated")
+        raise AssertionError("unreachable: write_attempts raises StoreBusy")
 
     async def delete_created(self, ref: AvatarRef, job_id: str, etag: str) -> bool:
         """Roll back a record this request created, unless someone changed it since."""
@@ -205,7 +107,7 @@ class JobStore:
             if "/" in name or not name.endswith(".json"):
                 continue
             job_id = name.removesuffix(".json")
-            if _is_id(job_id):
+            if is_valid_id(job_id):
                 ids.append(job_id)
         return sorted(ids, reverse=True)
 
@@ -266,7 +168,7 @@ class JobStore:
             pointer: ActiveJobPointer | None = ActiveJobPointer.model_validate_json(data)
         except ValidationError:
             pointer = None
-        if pointer is not None and _is_id(pointer.job_id):
+        if pointer is not None and is_valid_id(pointer.job_id):
             record = await self.get(ref, pointer.job_id)
             if record is not None and record.is_active:
                 return ActiveJob(pointer.job_id, record)
@@ -304,10 +206,3 @@ class JobStore:
 
     async def forget(self, ref: AvatarRef, key_hash: str, etag: str) -> bool:
         return await self.objects.delete_if(idempotency_key(ref.user_id, ref.avatar_id, key_hash), etag)
-
-
-async def job_store(settings: SettingsDep, s3: Annotated[Any, Depends(s3_client)]) -> JobStore:
-    return JobStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
-
-
-JobStoreDep = Annotated[JobStore, Depends(job_store)]

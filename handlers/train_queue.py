@@ -3,13 +3,9 @@ events queue. The only module of the API that sends to SQS."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from fastapi import Depends
+from typing import Any
 
 from contracts.messages import JobEvent, QueueRequest
-from handlers.aws import sqs_client
-from handlers.dependencies import SettingsDep
 
 # Queue URLs never change for a name: resolve each once per process.
 _queue_urls: dict[tuple[str | None, str], str] = {}
@@ -47,10 +43,3 @@ class TrainQueue:
     async def publish(self, event: JobEvent) -> None:
         """Publish a job event on the (standard) events queue."""
         await self._sqs.send_message(QueueUrl=await self._url(self._events_queue), MessageBody=event.to_message_body())
-
-
-async def train_queue(settings: SettingsDep, sqs: Annotated[Any, Depends(sqs_client)]) -> TrainQueue:
-    return TrainQueue(sqs, settings.train_queue_name, settings.events_queue_name, settings.aws_endpoint_url)
-
-
-TrainQueueDep = Annotated[TrainQueue, Depends(train_queue)]

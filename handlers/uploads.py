@@ -1,6 +1,6 @@
 """Request-side helpers shared by the document routes (training data, context documents):
-name checks, the MAX_UPLOAD_BYTES cap on raw and multipart bodies, and listing cursors.
-Every refusal is a `Problem`, raised before anything is stored."""
+name checks and the MAX_UPLOAD_BYTES cap on raw and multipart bodies (listing cursors:
+`handlers.paging`). Every refusal is a `Problem`, raised before anything is stored."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from fastapi import Request
 
 from contracts.ids import InvalidIdentifier
 from handlers.problems import Problem
-from handlers.training_data_store import decode_cursor
 
 # Multipart framing around the file; a request bigger than the cap plus this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -48,13 +47,3 @@ async def read_capped_body(request: Request, limit: int, uploads_path: str) -> b
         if len(body) > limit:
             raise too_large(limit, uploads_path)
     return bytes(body)
-
-
-def page_after(cursor: str | None) -> str | None:
-    """The name a listing page starts after, from a `next_cursor` we issued (400 otherwise)."""
-    if not cursor:
-        return None
-    try:
-        return decode_cursor(cursor)
-    except ValueError:
-        raise Problem(400, "invalid cursor: pass back the next_cursor of a previous page") from None

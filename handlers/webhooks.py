@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from contracts.conditional import is_not_found
 from contracts.jobs import JobRecord
 from contracts.keys import job_key
 from contracts.messages import JobEvent
@@ -227,8 +228,7 @@ class WebhookDeliverer:
         try:
             body = self.s3.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if is_not_found(exc):
                 return None
             raise
         return JobRecord.model_validate_json(body)

@@ -1,6 +1,7 @@
-"""The flag index behind listings (handlers/training_data_store.py): it saves tag reads, and it
-never answers wrong when objects change behind the API's back (presigned uploads, other
-writers' PutObject / CopyObject / DeleteObject) or through the API itself.
+"""The flag index behind listings (handlers/flag_index.py, used by handlers/training_data_store.py):
+it saves tag reads, and it never answers wrong when objects change behind the API's back
+(presigned uploads, other writers' PutObject / CopyObject / DeleteObject) or through the API
+itself.
 
 Correctness is checked against the truth read straight from S3 (list + a tag read per object).
 Entries only count once their tag was read `INDEX_SETTLE_SECONDS` after the object's
@@ -22,8 +23,9 @@ import pytest
 
 from contracts.keys import training_data_index_key, training_data_prefix
 from contracts.tags import flag_from_tagset
+from handlers import flag_index
 from handlers import training_data_store as tds
-from handlers.auth import AvatarRef
+from handlers.avatar_ref import AvatarRef
 from tests.conftest import TEST_BUCKET, Api, keys_under
 
 
@@ -66,7 +68,7 @@ def run(body: Callable[[CountingS3, Callable[..., tds.TrainingDataStore]], Await
 
 @pytest.fixture
 def ref(stack) -> AvatarRef:
-    tds.clear_index_cache()
+    flag_index.clear_index_cache()
     return AvatarRef("ix-" + uuid.uuid4().hex[:10], "avatar-1")
 
 
@@ -102,7 +104,7 @@ def expected(s3, ref: AvatarRef, flag: bool | None, known: dict[str, bool] | Non
 
 
 def settle() -> None:
-    time.sleep(tds.INDEX_SETTLE_SECONDS + 0.2)
+    time.sleep(flag_index.INDEX_SETTLE_SECONDS + 0.2)
 
 
 async def listed(
@@ -130,7 +132,7 @@ def test_a_warm_index_answers_without_tag_reads(s3, ref: AvatarRef) -> None:
             counting.calls.clear()
             assert await listed(store(), ref, flag) == want[flag]
             assert counting.calls["get_object_tagging"] == 0 and counting.calls["put_object"] == 0
-        tds.clear_index_cache()  # a fresh process: the index comes from S3
+        flag_index.clear_index_cache()  # a fresh process: the index comes from S3
         counting.calls.clear()
         assert await listed(store(), ref, True) == want[True]
         assert dict(counting.calls) == {"list_objects_v2": 1, "get_object": 1}
@@ -276,7 +278,7 @@ def test_entries_expire_so_a_bare_tag_change_is_seen_eventually(s3, ref: AvatarR
             Key=prefix(ref) + "doc-0000.txt",
             Tagging={"TagSet": [{"Key": "use_for_training", "Value": "false"}]},
         )
-        monkeypatch.setattr(tds, "INDEX_MAX_AGE_SECONDS", 0)
+        monkeypatch.setattr(flag_index, "INDEX_MAX_AGE_SECONDS", 0)
         assert await listed(store(), ref, False) == expected(s3, ref, False)
 
     run(body)

@@ -13,17 +13,16 @@ from pydantic import BaseModel, Field
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
 from contracts.adapters import AdapterManifest
+from contracts.conditional import StoreBusy
 from handlers.adapter_store import (
     VERSION_FILES,
     AdapterFile,
     AdapterStore,
-    AdapterStoreDep,
     VersionFileNotFound,
     VersionNotFound,
 )
-from handlers.auth import AuthorizedAvatar, AuthorizedUser, AvatarRef
-from handlers.dependencies import SettingsDep
-from handlers.job_store import JobStoreDep, StoreBusy
+from handlers.avatar_ref import AvatarRef
+from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, AuthorizedUser, JobStoreDep, SettingsDep
 from handlers.problems import Problem
 
 router = APIRouter(tags=["adapters"])
@@ -129,11 +128,6 @@ async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> Ver
             for v in await store.versions(avatar)
         ]
     )
-
-
-def version_file_path(user_id: str, avatar_id: str, version: int, name: str) -> str:
-    """The API path of a version's file (what a job's `links` point at)."""
-    return f"/v1/users/{user_id}/avatars/{avatar_id}/adapter/versions/{version}/files/{name}"
 
 
 @router.get(

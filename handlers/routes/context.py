@@ -7,7 +7,8 @@
 - `POST {base}/retrievals`: queue a `retrieve` job; its chunks land in the job's `result`.
 
 Index and retrieve jobs are jobs like any other (`queue_job`: Idempotency-Key, the avatar's one
-active slot, the user's cap), shown, listed and cancelled under `{base}/training-jobs`.
+active slot, the user's cap), shown, listed and cancelled under `{base}/training-jobs`; their
+bodies and checks are in `handlers.services.context_jobs`.
 
 AUTO_INDEX=true: a successful PUT or DELETE of a document also queues an index job, best
 effort: the upload never fails for it. The `Avatune-Auto-Index` response header says what
@@ -18,43 +19,37 @@ the avatar's slot; `skipped` when another job holds it or the user is at the cap
 
 from __future__ import annotations
 
-import logging
-import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from contracts.context_documents import (
     DocumentError,
-    MetadataValue,
     parse_context_document,
     validate_context_document_name,
-    validate_metadata_key,
 )
-from contracts.jobs import JobRecord, JobType
-from contracts.messages import (
-    INDEX_REQUEST_SCHEMA,
-    RETRIEVE_REQUEST_SCHEMA,
-    IndexRequest,
-    QueueRequest,
-    RetrieveRequest,
+from handlers.avatar_ref import AvatarRef
+from handlers.context_store import ContextDocument
+from handlers.dependencies import (
+    AuthorizedAvatar,
+    ContextStoreDep,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
 )
-from handlers.auth import AuthorizedAvatar, AvatarRef
-from handlers.context_store import ContextDocument, ContextStoreDep, DocumentNotFound, PresignedUpload
-from handlers.dependencies import SettingsDep
-from handlers.idempotency import IdempotencyDep
-from handlers.job_store import JobStore, JobStoreDep
+from handlers.documents import DocumentNotFound, PresignedUpload
+from handlers.job_store import JobStore
+from handlers.job_views import JobView
+from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
-from handlers.routes.jobs import JobPlan, JobView, queue_job
+from handlers.services.context_jobs import IndexJobBody, RetrievalBody, auto_index, queue_index_job, queue_retrieval
 from handlers.settings import Settings
-from handlers.train_queue import TrainQueue, TrainQueueDep
-from handlers.training_data_store import encode_cursor
-from handlers.uploads import checked_name, page_after, read_capped_body
-
-log = logging.getLogger("avatune.api")
+from handlers.train_queue import TrainQueue
+from handlers.uploads import checked_name, read_capped_body
 
 router = APIRouter(tags=["context documents and retrieval"])
 
@@ -64,7 +59,6 @@ _UPLOADS = "context/uploads"  # named in the 413 for documents over MAX_UPLOAD_B
 
 AUTO_INDEX_HEADER = "Avatune-Auto-Index"
 INDEX_JOB_HEADER = "Avatune-Index-Job"
-AutoIndexOutcome = Literal["queued", "pending", "skipped", "failed"]
 
 
 class ContextDocumentList(BaseModel):
@@ -75,54 +69,6 @@ class ContextDocumentList(BaseModel):
 class ContextUploadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-
-
-class IndexJobBody(BaseModel):
-    """The optional body of `POST {base}/context/index`; omitted fields take the trainer's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    chunk_size: int | None = Field(default=None, ge=32, le=8192, description="characters per chunk")
-    chunk_overlap: int | None = Field(default=None, ge=0, le=4096, description="characters shared by neighbours")
-    full: StrictBool = Field(default=False, description="re-embed every document, not only changed ones")
-
-    @model_validator(mode="after")
-    def _overlap_below_size(self) -> IndexJobBody:
-        if self.chunk_size is not None and self.chunk_overlap is not None and self.chunk_overlap >= self.chunk_size:
-            raise ValueError("chunk_overlap must be smaller than chunk_size")
-        return self
-
-
-class RetrievalBody(BaseModel):
-    """`POST {base}/retrievals`: the best `top_k` chunks of the avatar's index for `query`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: str = Field(min_length=1, max_length=10_000)
-    top_k: int = Field(default=5, ge=1, le=100)
-    score_threshold: float | None = Field(
-        default=None, ge=-1, le=1, description="drop chunks scoring below this (cosine similarity)"
-    )
-    # Strict scalars: a filter `true` must not match the string "true", nor `1` the string "1".
-    filters: dict[str, MetadataValue] = Field(
-        default_factory=dict, max_length=16, description="metadata equality filters, all must match"
-    )
-
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, query: str) -> str:
-        if not query.strip():
-            raise ValueError("query must not be blank")
-        return query
-
-    @field_validator("filters")
-    @classmethod
-    def _filter_keys(cls, filters: dict[str, bool | int | float | str]) -> dict[str, bool | int | float | str]:
-        for key, value in filters.items():
-            validate_metadata_key(key)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"filters.{key}: must be a finite number")
-        return filters
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -144,70 +90,17 @@ async def _validated(name: str, data: bytes) -> None:
         raise Problem(422, f"{name}: {exc}", title="Invalid context document", **extra) from None
 
 
-def _params(request: QueueRequest) -> dict[str, object]:
-    """The job record's `request`: the request's own fields (as the trainer records them)."""
-    return request.model_dump(mode="json", exclude=set(QueueRequest.model_fields))
-
-
-def _plan_for(
-    avatar: AvatarRef,
-    job_type: JobType,
-    build: type[IndexRequest] | type[RetrieveRequest],
-    schema: str,
-    **fields: object,
-) -> JobPlan:
-    def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
-        record = JobRecord(id=job_id, type=job_type, user_id=avatar.user_id, avatar_id=avatar.avatar_id, source="api")
-        request = build(
-            schema_=schema,
-            job_id=job_id,
-            user_id=avatar.user_id,
-            avatar_id=avatar.avatar_id,
-            requested_at=record.created_at,
-            origin="api",
-            **fields,
-        )
-        record.request = _params(request)
-        return record, request
-
-    return plan
-
-
 async def _auto_index(
     avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings, response: Response
 ) -> None:
-    """With AUTO_INDEX on, queue an index job after a document change; never raises (the change
-    is already stored). Outcome in the response headers (module doc)."""
-    if not settings.auto_index:
+    """AUTO_INDEX after a document change (`context_jobs.auto_index`); its outcome in the
+    response headers (module doc)."""
+    done = await auto_index(avatar, jobs, queue, settings)
+    if done is None:
         return
-    outcome: AutoIndexOutcome
-    job_id: str | None = None
-
-    async def prepare() -> JobPlan:
-        return _plan_for(avatar, "index", IndexRequest, INDEX_REQUEST_SCHEMA)
-
-    try:
-        view = await queue_job(avatar, jobs, queue, settings, None, prepare)
-        outcome, job_id = "queued", view.id
-    except Problem as problem:
-        active = problem.extensions.get("active_job_id") if problem.status == 409 else None
-        outcome, job_id = (
-            ("skipped", str(active) if active else None) if problem.status in (409, 429) else ("failed", None)
-        )
-        if active:
-            try:
-                record = await jobs.get(avatar, str(active))
-            except Exception:
-                log.exception("reading active job %s for auto-index failed", active)
-                record = None
-            if record is not None and record.type == "index" and record.status == "queued":
-                outcome = "pending"  # it lists the documents when it starts: this change included
-    except Exception:
-        log.exception("auto-index for %s/%s failed", avatar.user_id, avatar.avatar_id)
-        outcome = "failed"
-    response.headers[AUTO_INDEX_HEADER] = outcome
-    if job_id:
-        response.headers[INDEX_JOB_HEADER] = job_id
+    response.headers[AUTO_INDEX_HEADER] = done.outcome
+    if done.job_id:
+        response.headers[INDEX_JOB_HEADER] = done.job_id
 
 
 # -- context documents -----------------------------------------------------------------------
@@ -253,19 +146,8 @@ async def create_index_job(
     idempotency: IdempotencyDep,
     body: IndexJobBody | None = None,
 ) -> JobView:
-    params = body or IndexJobBody()
-
-    async def prepare() -> JobPlan:
-        # With no documents an index job can still matter: it drops the chunks of deleted ones.
-        # Only when there are neither documents nor any index of the user is there nothing to do.
-        if not await store.has_documents(avatar) and not await store.has_vector_index(avatar.user_id):
-            raise Problem(
-                409,
-                f"avatar {avatar.avatar_id!r} has no context documents to index; PUT one to .../context/{{name}} first",
-            )
-        return _plan_for(avatar, "index", IndexRequest, INDEX_REQUEST_SCHEMA, **params.model_dump())
-
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    record = await queue_index_job(avatar, body or IndexJobBody(), store, jobs, queue, settings, idempotency)
+    return JobView.of(record)
 
 
 @router.put(
@@ -345,13 +227,5 @@ async def create_retrieval(
     idempotency: IdempotencyDep,
     body: RetrievalBody,
 ) -> JobView:
-    async def prepare() -> JobPlan:
-        if not await store.has_vector_index(avatar.user_id):
-            raise Problem(
-                409,
-                f"no vector index for avatar {avatar.avatar_id!r} yet; "
-                "POST .../context/index and wait for the job to succeed first",
-            )
-        return _plan_for(avatar, "retrieve", RetrieveRequest, RETRIEVE_REQUEST_SCHEMA, **body.model_dump())
-
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    record = await queue_retrieval(avatar, body, store, jobs, queue, settings, idempotency)
+    return JobView.of(record)

@@ -5,7 +5,8 @@ the merged model under `users/{user_id}/avatars/{avatar_id}/merged/{version}/` (
 last). It is a job like a training job (`type: "fuse"`): created by the same `queue_job` steps
 (Idempotency-Key, the avatar's one active slot, the user's cap, rollback), queued on the same
 train queue as a `FuseRequest`, and shown, listed and cancelled under `.../training-jobs`.
-Its `adapter_version` is the version it merges, resolved here when the body names none.
+Its `adapter_version` is the version it merges, resolved when the body names none
+(`handlers.services.adapter_jobs`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from contracts.jobs import JobRecord
-from contracts.messages import FUSE_REQUEST_SCHEMA, FuseRequest, QueueRequest
-from handlers.adapter_store import AdapterStoreDep
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep
-from handlers.idempotency import IdempotencyDep
-from handlers.job_store import JobStoreDep
-from handlers.problems import Problem
-from handlers.routes.jobs import JobPlan, JobView, queue_job
-from handlers.train_queue import TrainQueueDep
+from handlers.dependencies import (
+    AdapterStoreDep,
+    AuthorizedAvatar,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
+from handlers.job_views import JobView
+from handlers.services.adapter_jobs import queue_fuse_job
 
 router = APIRouter(tags=["fuse jobs"])
 
@@ -64,40 +65,5 @@ async def create_fuse_job(
     body: FuseJobBody | None = None,
 ) -> JobView:
     requested = body.adapter_version if body else None
-
-    async def prepare() -> JobPlan:
-        manifest = await adapters.manifest(avatar)
-        if manifest is None:
-            raise Problem(404, f"avatar {avatar.avatar_id!r} has no trained adapter to merge; train one first")
-        version = requested or manifest.current_version
-        kept = [v.version for v in await adapters.versions(avatar)]
-        if version not in kept:
-            raise Problem(
-                404,
-                f"avatar {avatar.avatar_id!r} has no adapter version {version} "
-                f"(kept versions: {', '.join(map(str, kept)) or 'none'})",
-                adapter_version=version,
-            )
-
-        def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
-            record = JobRecord(
-                id=job_id,
-                type="fuse",
-                user_id=avatar.user_id,
-                avatar_id=avatar.avatar_id,
-                adapter_version=version,
-                source="api",
-            )
-            return record, FuseRequest(
-                schema_=FUSE_REQUEST_SCHEMA,
-                job_id=job_id,
-                user_id=avatar.user_id,
-                avatar_id=avatar.avatar_id,
-                adapter_version=version,
-                requested_at=record.created_at,
-                origin="api",
-            )
-
-        return plan
-
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    record = await queue_fuse_job(avatar, requested, adapters, jobs, queue, settings, idempotency)
+    return JobView.of(record)

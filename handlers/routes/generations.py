@@ -7,26 +7,27 @@ in the job's `result`, read with `GET {base}/training-jobs/{job_id}`. A generati
 avatar's one active slot, the user's cap, rollback) and queued as a `GenerateRequest`. For
 trying an adapter, not for serving traffic.
 
-`adapter_version`: omitted = the avatar's current adapter, resolved here and recorded in the
+`adapter_version`: omitted = the avatar's current adapter, resolved and recorded in the
 job's request (404 when the avatar has none yet: the caller asked for the adapter, so the
 base is never answered silently in its place); `0` = the base model alone; `N` = that kept
-version (404 otherwise).
+version (404 otherwise). See `handlers.services.adapter_jobs`.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from contracts.jobs import JobRecord
-from contracts.messages import GENERATE_REQUEST_SCHEMA, GenerateParams, GenerateRequest, QueueRequest
-from handlers.adapter_store import AdapterStoreDep
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep
-from handlers.idempotency import IdempotencyDep
-from handlers.job_store import JobStoreDep
-from handlers.problems import Problem
-from handlers.routes.jobs import JobPlan, JobView, queue_job
-from handlers.train_queue import TrainQueueDep
+from contracts.messages import GenerateParams
+from handlers.dependencies import (
+    AdapterStoreDep,
+    AuthorizedAvatar,
+    IdempotencyDep,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
+from handlers.job_views import JobView
+from handlers.services.adapter_jobs import queue_generation
 
 router = APIRouter(tags=["generations"])
 
@@ -54,47 +55,5 @@ async def create_generation(
     settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> JobView:
-    async def prepare() -> JobPlan:
-        version = body.adapter_version
-        if version != 0:
-            manifest = await adapters.manifest(avatar)
-            if manifest is None:
-                raise Problem(
-                    404,
-                    f"avatar {avatar.avatar_id!r} has no trained adapter; train one first, or pass "
-                    "adapter_version 0 to try the base model alone",
-                )
-            version = version or manifest.current_version
-            kept = [v.version for v in await adapters.versions(avatar)]
-            if version not in kept:
-                raise Problem(
-                    404,
-                    f"avatar {avatar.avatar_id!r} has no adapter version {version} "
-                    f"(kept versions: {', '.join(map(str, kept)) or 'none'})",
-                    adapter_version=version,
-                )
-        params = body.model_copy(update={"adapter_version": version})
-
-        def plan(job_id: str) -> tuple[JobRecord, QueueRequest]:
-            record = JobRecord(
-                id=job_id,
-                type="generate",
-                user_id=avatar.user_id,
-                avatar_id=avatar.avatar_id,
-                adapter_version=version,
-                request=params.model_dump(mode="json"),
-                source="api",
-            )
-            return record, GenerateRequest(
-                schema_=GENERATE_REQUEST_SCHEMA,
-                job_id=job_id,
-                user_id=avatar.user_id,
-                avatar_id=avatar.avatar_id,
-                requested_at=record.created_at,
-                origin="api",
-                **params.model_dump(),
-            )
-
-        return plan
-
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    record = await queue_generation(avatar, body, adapters, jobs, queue, settings, idempotency)
+    return JobView.of(record)

@@ -16,9 +16,8 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from contracts.adapters import FullModelManifest
-from handlers.adapter_store import AdapterFile, AdapterStoreDep, WholeModelKind, WholeModelManifest
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep
+from handlers.adapter_store import AdapterFile, WholeModelKind, WholeModelManifest
+from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, SettingsDep
 from handlers.problems import Problem
 
 router = APIRouter(tags=["merged and full models"])
@@ -44,11 +43,6 @@ class WholeModelList(BaseModel):
 class WholeModelView(WholeModelSummary):
     prefix: str = Field(description="the S3 prefix holding the files (for services reading the bucket)")
     files: list[AdapterFile] = Field(description="each file: a presigned GET URL and its sha256")
-
-
-def whole_model_path(user_id: str, avatar_id: str, kind: WholeModelKind, version: int) -> str:
-    """The API path of one merged or full model (a finished job's `links.model`)."""
-    return f"/v1/users/{user_id}/avatars/{avatar_id}/{kind}-models/{version}"
 
 
 def _summary(version: int, manifest: WholeModelManifest) -> WholeModelSummary:

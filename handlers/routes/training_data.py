@@ -13,23 +13,12 @@ from pydantic import BaseModel, ConfigDict
 from contracts.documents import DocumentError, parse_document
 from contracts.ids import validate_document_name
 from handlers.archive import zip_stream
-from handlers.auth import AuthorizedAvatar
-from handlers.dependencies import SettingsDep, TrainingDataStoreDep
+from handlers.dependencies import AuthorizedAvatar, SettingsDep, TrainingDataStoreDep
+from handlers.documents import DocumentNotFound, PresignedUpload
+from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
-from handlers.training_data_store import (
-    DocumentNotFound,
-    PresignedUpload,
-    TrainingDocument,
-    encode_cursor,
-)
-from handlers.uploads import (
-    MULTIPART_OVERHEAD,
-    checked_name,
-    page_after,
-    read_capped_body,
-    refuse_declared_size,
-    too_large,
-)
+from handlers.training_data_store import TrainingDocument
+from handlers.uploads import MULTIPART_OVERHEAD, checked_name, read_capped_body, refuse_declared_size, too_large
 
 router = APIRouter(prefix="/v1/users/{user_id}/avatars/{avatar_id}/training-data", tags=["training data"])
 

@@ -1,0 +1,85 @@
+"""S3 calls whose failures are answers: a missing object comes back as `None`, a lost
+conditional race as `None`/`False` or `RecordNotFound` (`contracts.conditional`), so the stores
+never look at botocore's error codes themselves. With `handlers.s3_json` (small JSON objects),
+the only modules of the API that do.
+
+Every function takes the aiobotocore client and the bucket; none holds state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from contracts.conditional import RecordNotFound, is_not_found, is_precondition_failed
+
+LIST_PAGE_SIZE = 1000  # S3's maximum per ListObjectsV2 call
+DELETE_BATCH_SIZE = 1000  # S3's maximum per DeleteObjects call
+CHUNK_BYTES = 64 * 1024  # the body chunks a streamed object is handed out in
+
+OpenedObject = tuple[dict[str, Any], AsyncIterator[bytes]]
+
+
+async def open_object(s3: Any, bucket: str, key: str) -> OpenedObject | None:
+    """An object's GetObject response and an iterator over its body chunks; None when the object
+    does not exist."""
+    try:
+        resp = await s3.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with resp["Body"] as body:
+            async for chunk in body.iter_chunks(CHUNK_BYTES):
+                yield chunk
+
+    return resp, chunks()
+
+
+async def head_object(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's HeadObject response, or None when it does not exist."""
+    try:
+        return await s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
+async def object_tagging(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's GetObjectTagging response, or None when it does not exist."""
+    try:
+        return await s3.get_object_tagging(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
+async def copy_if_unchanged(s3: Any, **copy_args: Any) -> dict[str, Any] | None:
+    """CopyObject guarded by `CopySourceIfMatch`: its response, or None when the source changed
+    meanwhile (the caller reads it again). Raises RecordNotFound when the source is gone."""
+    try:
+        return await s3.copy_object(**copy_args)
+    except Exception as exc:
+        if is_not_found(exc):
+            raise RecordNotFound(copy_args.get("Key")) from None
+        if is_precondition_failed(exc):
+            return None
+        raise
+
+
+async def delete_keys(s3: Any, bucket: str, keys: list[str], what: str = "objects") -> int:
+    """Delete `keys` in DeleteObjects batches; how many were deleted. Raises RuntimeError naming
+    `what` when S3 refuses any of a batch."""
+    deleted = 0
+    for i in range(0, len(keys), DELETE_BATCH_SIZE):
+        batch = keys[i : i + DELETE_BATCH_SIZE]
+        resp = await s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        errors = resp.get("Errors", [])
+        if errors:
+            raise RuntimeError(f"S3 refused to delete {len(errors)} {what}")
+        deleted += len(batch)
+    return deleted
