@@ -17,7 +17,8 @@ from bench.listing_baseline import StraightforwardStore
 from handlers.app import app
 from handlers.aws import s3_client
 from handlers.dependencies import SettingsDep, training_data_store
-from handlers.training_data_store import TrainingDataStore, clear_index_cache
+from handlers.flag_index import clear_index_cache
+from handlers.training_data_store import TrainingDataStore
 
 
 async def bench_store(

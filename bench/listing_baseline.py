@@ -7,8 +7,9 @@ from typing import Any
 
 from contracts.keys import document_name_from_key, training_data_prefix
 from contracts.tags import flag_from_tagset
-from handlers.auth import AvatarRef
-from handlers.training_data_store import LIST_PAGE_SIZE, TrainingDataStore, TrainingDocument, _content_type_or_default
+from handlers.avatar_ref import AvatarRef
+from handlers.s3_objects import LIST_PAGE_SIZE
+from handlers.training_data_store import TrainingDataStore, TrainingDocument, content_type_or_default
 
 
 class StraightforwardStore(TrainingDataStore):
@@ -39,7 +40,7 @@ class StraightforwardStore(TrainingDataStore):
                         etag=obj["ETag"].strip('"'),
                         last_modified=obj["LastModified"],
                         use_for_training=doc_flag,
-                        content_type=_content_type_or_default(name),
+                        content_type=content_type_or_default(name),
                     )
                 )
             if not resp.get("IsTruncated"):

@@ -18,15 +18,11 @@ from typing import Any
 
 from fastapi import Request
 
-from handlers.avatar_ref import AvatarRef
 from handlers.problems import Problem
 from handlers.settings import Settings
 
 SERVICE_ROLE = "service"
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="avatune"'}
-
-# bench/ and older callers import AvatarRef from here; its home is handlers.avatar_ref.
-__all__ = ["SERVICE_ROLE", "AvatarRef", "Principal", "issue_token", "may_act_for", "verified_principal"]
 
 
 @dataclass(frozen=True)

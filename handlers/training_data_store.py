@@ -38,7 +38,7 @@ from contracts.tags import (
 )
 from handlers.avatar_ref import AvatarRef
 from handlers.documents import DocumentNotFound, PresignedUpload
-from handlers.flag_index import INDEX_MIN_OBJECTS, FlagIndex, FlagIndexes, ListingScan, clear_index_cache
+from handlers.flag_index import INDEX_MIN_OBJECTS, FlagIndex, FlagIndexes, ListingScan
 from handlers.s3_json import S3Json
 from handlers.s3_objects import (
     LIST_PAGE_SIZE,
@@ -49,9 +49,6 @@ from handlers.s3_objects import (
     object_tagging,
     open_object,
 )
-
-# LIST_PAGE_SIZE and clear_index_cache are re-exported for bench/listing_*.py (outside handlers/).
-__all__ = ["LIST_PAGE_SIZE", "TrainingDataStore", "TrainingDocument", "clear_index_cache", "content_type_or_default"]
 
 COPY_MAX_BYTES = 5 * 1024**3  # S3's largest CopyObject source
 
@@ -422,7 +419,6 @@ def content_type_or_default(name: str) -> str:
 
 
 # bench/listing_baseline.py (outside handlers/) still imports the old private name.
-_content_type_or_default = content_type_or_default
 
 
 def _epoch(value: datetime) -> int:
