@@ -58,6 +58,12 @@ class TrainingMetrics(BaseModel):
     base_model_reused: bool | None = Field(default=None, description="the worker's cached base served the job")
     base_model: str | None = None
     base_model_revision: str | None = None
+    held_out_rule: str | None = Field(
+        default=None, description="how the held-out examples were chosen (conversation-hash/v1, tail-windows/v1)"
+    )
+    held_out_cutoff: float | None = Field(
+        default=None, description="conversation-hash/v1: conversations whose key falls below this are held out"
+    )
 
     def with_values(self, **values: Any) -> TrainingMetrics:
         """A copy with `values` set (known fields or extra ones)."""

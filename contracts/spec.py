@@ -11,6 +11,7 @@ promotion) stays in the spec and is stored on the job record as `spec`.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -22,7 +23,8 @@ DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
 ReportTo = Literal["tensorboard", "wandb", "mlflow"]
 Promote = Literal["always", "if_better"]
 
-_ENV_NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+# The environment variables a job may name as its hub token (base_model.token_env).
+HUB_TOKEN_ENV = re.compile(r"HF_TOKEN(_[A-Z0-9_]{1,100})?")
 
 
 class _Section(BaseModel):
@@ -41,15 +43,18 @@ class BaseModelSpec(_Section):
         default=None,
         min_length=1,
         max_length=128,
-        description="the NAME of the trainer's environment variable (or mounted secret) holding the hub token; "
-        "never the token itself",
+        description="the NAME of the trainer's environment variable (or mounted secret) holding the hub token: "
+        "HF_TOKEN or HF_TOKEN_<NAME> (upper-case letters, digits, _); never the token itself",
     )
 
     @field_validator("token_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and (not set(value) <= _ENV_NAME_CHARS or value[0].isdigit()):
-            raise ValueError("token_env must be an environment variable name (letters, digits, _), not a token")
+        # Only hub-token variables: any other name would let a job send the worker's other
+        # secrets (AWS keys, CALLBACK_SEAL_KEY) to the hub as a bearer token, or probe whether
+        # they exist through the "not set" error.
+        if value is not None and not HUB_TOKEN_ENV.fullmatch(value):
+            raise ValueError("token_env must be HF_TOKEN or HF_TOKEN_<NAME> (upper-case letters, digits, _)")
         return value
 
 

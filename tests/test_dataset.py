@@ -15,13 +15,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFl
 from contracts.documents import ChatMessage, Conversation, parse_document
 from trainer import tiny_model
 from trainer.dataset import (
+    HELD_OUT_RULE,
     IGNORE_INDEX,
+    TAIL_RULE,
     TokenizedExample,
     build_examples,
     collate_padding_free,
+    conversation_key,
     conversation_windows,
+    key_fraction,
     pack_examples,
-    split_train_eval,
+    split_held_out,
     tokenize_conversation,
 )
 from trainer.tiny_model import write_tiny_model
@@ -326,15 +330,43 @@ def test_a_long_conversation_is_cut_into_windows_that_train_every_turn(tokenizer
 # --- split, packing, collation ----------------------------------------------------------
 
 
-def test_split_train_eval_is_deterministic_and_disjoint() -> None:
-    items = list(range(25))
-    train, evaluation = split_train_eval(items, eval_fraction=0.1, seed=3)
-    assert (train, evaluation) == split_train_eval(items, eval_fraction=0.1, seed=3)
-    assert len(evaluation) == 2 and sorted(train + evaluation) == items
-    assert split_train_eval(items, eval_fraction=0.1, seed=4)[1] != evaluation
-    assert split_train_eval([7], eval_fraction=0.5) == ([7], [])
-    assert [len(part) for part in split_train_eval([1, 2], eval_fraction=0.01)] == [1, 1]
-    assert split_train_eval(items, eval_fraction=0.0) == (items, [])
+def _conversation(i: int) -> Conversation:
+    return Conversation(
+        messages=[ChatMessage(role="user", content=f"q{i}"), ChatMessage(role="assistant", content=f"a{i}")]
+    )
+
+
+def _grouped(i: int, window: int = 0) -> TokenizedExample:
+    """An example of conversation `i` (window `window` of it)."""
+    return TokenizedExample(input_ids=[i, window], labels=[i, window], group=conversation_key(_conversation(i)))
+
+
+def test_held_out_split_is_stable_across_jobs_and_by_conversation() -> None:
+    """The same conversation is held out in every job whatever the documents beside it, and all
+    windows of one conversation land on the same side."""
+    first = split_held_out([_grouped(i, w) for i in range(60) for w in range(3)], eval_fraction=0.2)
+    held = {ex.group for ex in first.eval}
+    assert first.rule == HELD_OUT_RULE and 0 < len(held) < 60
+    assert {ex.group for ex in first.train}.isdisjoint(held)
+    # Another job: half the old conversations, in another order, and 40 new ones.
+    later = split_held_out([_grouped(i) for i in [*range(59, 29, -1), *range(100, 140)]], eval_fraction=0.2)
+    old = {conversation_key(_conversation(i)) for i in range(30, 60)}
+    assert {ex.group for ex in later.eval} & old == held & old  # the same old ones held out
+    assert later.cutoff == first.cutoff == 0.2
+    for ex in first.eval:
+        assert key_fraction(ex.group) < first.cutoff
+
+
+def test_held_out_split_edges() -> None:
+    two = [_grouped(1), _grouped(2)]
+    split = split_held_out(two, eval_fraction=0.0001)  # both above the fraction: the lowest is held out
+    assert len(split.eval) == 1 and len(split.train) == 1
+    assert split_held_out(two, eval_fraction=0.0).eval == []
+    assert split_held_out([_grouped(7)], eval_fraction=0.5).eval == []
+    # One conversation in windows: its latest windows are held out.
+    windows = [_grouped(9, w) for w in range(10)]
+    tail = split_held_out(windows, eval_fraction=0.2)
+    assert tail.rule == TAIL_RULE and tail.eval == windows[-2:] and tail.train == windows[:-2]
 
 
 def _example(length: int, first_id: int = 0) -> TokenizedExample:

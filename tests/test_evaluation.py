@@ -322,6 +322,9 @@ def test_publish_without_promotion_and_a_promotion_finished_on_retry(s3, tmp_pat
 def test_verdict_and_curve_rules() -> None:
     assert decide("always", 9.0, 1.0, "x") == (True, "promote: always")
     assert decide("if_better", 1.0, 1.0, "x")[0] is True  # equal is not worse
+    tie = decide("if_better", 6.13862, 6.138615, "x")  # a rounding-size difference is a tie, said as one
+    assert tie[0] is True and "tied" in tie[1] and "6.13862 vs 6.138615" in tie[1]
+    assert "improved" in decide("if_better", 0.9, 1.0, "x")[1]
     assert decide("if_better", 1.1, 1.0, "x")[0] is False
     assert decide("if_better", math.nan, 1.0, "x")[0] is False and decide("if_better", math.inf, None, "x")[0] is False
     assert decide("if_better", None, 1.0, "x")[0] is True  # no held-out data: no evidence of worse
@@ -334,3 +337,21 @@ def test_verdict_and_curve_rules() -> None:
     curve = loss_curve(history, 2000, 2.0)
     assert len(curve["train"]) == 500 and curve["train"][0][0] == 1 and curve["train"][-1][0] == 2000
     assert curve["eval"] == [[0, 2.5], [1000, None], [2000, 2.0]]
+
+
+def test_if_better_compares_on_examples_neither_version_trained_on() -> None:
+    """The current version held out the conversations below its cutoff and trained on the rest:
+    only held-out examples below both cutoffs are fair to both."""
+    from trainer.dataset import HELD_OUT_RULE, TokenizedExample, key_fraction
+    from trainer.evaluation import comparable_examples
+
+    examples = [TokenizedExample([i], [i], group=f"{i * 0x0400000000000:016x}") for i in range(1, 60)]
+    held_out = [ex for ex in examples if key_fraction(ex.group) < 0.3]
+    new = {"held_out_rule": HELD_OUT_RULE, "held_out_cutoff": 0.3}
+    current = {"held_out_rule": HELD_OUT_RULE, "held_out_cutoff": 0.1}
+    fair, note = comparable_examples(held_out, new, current)
+    assert fair and all(key_fraction(ex.group) < 0.1 for ex in fair)
+    assert len(fair) < len(held_out) and f"{len(fair)} of {len(held_out)}" in note
+    # A current version trained before the rule existed: compared on all, and said so.
+    everything, caveat = comparable_examples(held_out, new, {})
+    assert everything == held_out and "may have trained on some" in caveat

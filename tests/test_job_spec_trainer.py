@@ -40,7 +40,7 @@ from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_prefixes, 
 from tests.conftest import TEST_BUCKET, keys_under
 from tests.pipeline import Pipeline, chat_document, wait_for_job
 
-HUB_TOKEN_ENV = "AVATUNE_TEST_HUB_TOKEN"
+HUB_TOKEN_ENV = "HF_TOKEN_AVATUNE_TEST"
 HUB_TOKEN = "hf_secret_" + uuid.uuid4().hex
 
 
@@ -508,8 +508,8 @@ def test_impossible_specs_fail_clearly(pipeline: Pipeline, worker, s3, tiny_mode
             (dict(method="full", qlora={"quant_type": "nf4"}), "qlora options (quant_type)"),
             (dict(method="full", promote="if_better"), "promote if_better needs a LoRA method"),
             (
-                dict(base_model={"name": str(tiny_model_dir), "token_env": "AVATUNE_NO_SUCH_TOKEN"}),
-                "'AVATUNE_NO_SUCH_TOKEN', which is not set",
+                dict(base_model={"name": str(tiny_model_dir), "token_env": "HF_TOKEN_NO_SUCH"}),
+                "'HF_TOKEN_NO_SUCH', which is not set",
             ),
             (dict(base_model={"name": f"s3://{TEST_BUCKET}/{foreign}"}), "outside your prefix"),
             *(

@@ -24,10 +24,11 @@ hand-written loop must pass `use_cache=False` itself.
 from __future__ import annotations
 
 import bisect
-import random
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -39,8 +40,6 @@ IGNORE_INDEX = -100
 # Stands in for a message's content to find where the template puts content in a turn.
 _SENTINEL = "AVATUNE_CONTENT_SENTINEL_3f9c"
 
-T = TypeVar("T")
-
 
 @dataclass
 class TokenizedExample:
@@ -48,6 +47,7 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    group: str = ""  # the conversation's stable key (`conversation_key`): its windows share it
 
     @property
     def num_trainable_tokens(self) -> int:
@@ -266,6 +266,7 @@ def build_examples(
     examples: list[TokenizedExample] = []
     stats = DatasetStats()
     for conversation in conversations:
+        group = conversation_key(conversation)
         # Rendered and tokenized once: a conversation that fits (most do) reuses both.
         text = _render(tokenizer, _dicts(conversation.messages))
         enc = _encode(tokenizer, text)
@@ -278,6 +279,7 @@ def build_examples(
             if example is None:
                 stats.dropped += 1
                 continue
+            example.group = group
             examples.append(example)
             stats.examples += 1
             stats.truncated += truncated
@@ -287,24 +289,59 @@ def build_examples(
     return examples, stats
 
 
-def split_train_eval(examples: Sequence[T], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:
-    """Deterministically split off `max(1, round(n * eval_fraction))` eval examples.
+# The held-out rule every version records (`held_out_rule` in its metrics), so a later job knows
+# which examples an earlier version did not train on.
+HELD_OUT_RULE = "conversation-hash/v1"
+TAIL_RULE = "tail-windows/v1"
 
-    With fewer than two examples (or `eval_fraction == 0`) everything is training data.
-    Both parts keep the input order.
-    """
+
+def conversation_key(conversation: Conversation) -> str:
+    """A conversation's stable key: the same conversation gets it in every job, whatever the
+    document it sits in or the documents beside it."""
+    return hashlib.sha256(conversation.model_dump_json().encode()).hexdigest()[:16]
+
+
+def key_fraction(key: str) -> float:
+    """Where a key falls in [0, 1): the held-out split's coordinate."""
+    return int(key, 16) / 16 ** len(key) if key else 0.0
+
+
+@dataclass
+class HeldOutSplit:
+    """Train and held-out examples, and the rule that made them. Under `conversation-hash/v1` a
+    conversation is held out when `key_fraction(key) < cutoff`: stable across jobs (the same
+    conversation is always on the same side for the same cutoff) and by conversation (every
+    window of a long dialog on one side). A dataset of one conversation can only hold out its
+    latest windows (`tail-windows/v1`)."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    rule: str = HELD_OUT_RULE
+    cutoff: float = 0.0
+
+
+def split_held_out(examples: Sequence[TokenizedExample], eval_fraction: float = 0.1) -> HeldOutSplit:
+    """Split off the held-out examples (see HeldOutSplit). With at least two conversations and
+    `eval_fraction` > 0, at least one conversation is held out and at least one trained on (the
+    cutoff moves to the nearest key when `eval_fraction` alone would leave a side empty); with
+    fewer than two examples everything is training data. Both parts keep the input order."""
     if not 0 <= eval_fraction < 1:
         raise ValueError("eval_fraction must be in [0, 1)")
-    n = len(examples)
-    if n < 2 or eval_fraction == 0:
-        return list(examples), []
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
-    eval_ids = set(order[:n_eval])
-    train = [ex for i, ex in enumerate(examples) if i not in eval_ids]
-    evaluation = [ex for i, ex in enumerate(examples) if i in eval_ids]
-    return train, evaluation
+    examples = list(examples)
+    if len(examples) < 2 or eval_fraction == 0:
+        return HeldOutSplit(examples, [], HELD_OUT_RULE, 0.0)
+    points = sorted({key_fraction(ex.group) for ex in examples})
+    if len(points) < 2:  # one conversation: its latest windows are held out
+        n_eval = min(max(1, round(len(examples) * eval_fraction)), len(examples) - 1)
+        return HeldOutSplit(examples[:-n_eval], examples[-n_eval:], TAIL_RULE, 0.0)
+    cutoff = eval_fraction
+    if points[0] >= cutoff:  # nothing below the fraction: hold out the lowest conversation
+        cutoff = math.nextafter(points[0], 1.0)
+    if points[-1] < cutoff:  # everything below it: train on the highest one
+        cutoff = points[-1]
+    train = [ex for ex in examples if key_fraction(ex.group) >= cutoff]
+    held_out = [ex for ex in examples if key_fraction(ex.group) < cutoff]
+    return HeldOutSplit(train, held_out, HELD_OUT_RULE, cutoff)
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

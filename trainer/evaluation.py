@@ -28,7 +28,7 @@ from contracts.adapters import SampleCompletion, VersionSamples
 from contracts.keys import LOSS_CURVE_FILE, SAMPLES_FILE
 from trainer.adapter_ops import adapter_attached, adapter_eval_loss
 from trainer.completion import greedy_new_token_ids
-from trainer.dataset import IGNORE_INDEX, TokenizedExample
+from trainer.dataset import HELD_OUT_RULE, IGNORE_INDEX, TokenizedExample, key_fraction
 
 log = logging.getLogger("avatune.trainer")
 
@@ -197,15 +197,23 @@ class Evaluation:
 
 @dataclass
 class CurrentAdapter:
-    """The avatar's current adapter, downloaded, for `promote: if_better`."""
+    """The avatar's current adapter, downloaded, for `promote: if_better`, and its metrics (the
+    held-out rule it trained with says which examples it never saw)."""
 
     version: int
     adapter_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# Eval losses closer than this (relative) are a tie: the difference is rounding and batch order,
+# not evidence. A tie promotes (if_better keeps the current adapter only on evidence).
+TIE_TOLERANCE = 1e-3
 
 
 def decide(policy: str, eval_after: float | None, reference: float | None, against: str) -> tuple[bool, str]:
     """(promote?, why). `if_better` keeps the current adapter only on evidence that the new one
-    is worse: a higher (or diverged) eval loss on the same held-out split; equal counts as not worse."""
+    is worse: a higher (or diverged) eval loss on examples neither trained on; a difference within
+    TIE_TOLERANCE is reported as a tie and promotes."""
     if policy != "if_better":
         return True, "promote: always"
     if eval_after is None:
@@ -214,9 +222,31 @@ def decide(policy: str, eval_after: float | None, reference: float | None, again
         return False, f"eval loss diverged ({eval_after}); the current adapter stays"
     if reference is None or not math.isfinite(reference):
         return True, f"{against} has no finite eval loss to compare with: promoted"
-    if eval_after <= reference:
-        return True, f"eval loss {eval_after:.6g} <= {reference:.6g} of {against}: promoted"
-    return False, f"eval loss got worse: {eval_after:.6g} > {reference:.6g} of {against}; the current adapter stays"
+    delta = eval_after - reference
+    relative = abs(delta) / max(abs(reference), 1e-12)
+    shown = f"{eval_after:.8g} vs {reference:.8g} of {against} (difference {delta:+.3g}, {relative:.3%})"
+    if relative <= TIE_TOLERANCE:
+        return True, f"eval loss tied: {shown}, within {TIE_TOLERANCE:.1%}: promoted"
+    if delta < 0:
+        return True, f"eval loss improved: {shown}: promoted"
+    return False, f"eval loss got worse: {shown}; the current adapter stays"
+
+
+def comparable_examples(
+    eval_examples: list[TokenizedExample], new: dict[str, Any], current: dict[str, Any]
+) -> tuple[list[TokenizedExample], str]:
+    """The held-out examples that neither the new version nor the current one trained on, and a
+    note. Under the same conversation-hash rule, the current version held out every conversation
+    below its cutoff, so the examples below both cutoffs are unseen by both."""
+    rule = new.get("held_out_rule")
+    if rule != HELD_OUT_RULE or current.get("held_out_rule") != HELD_OUT_RULE:
+        return eval_examples, (
+            f"the current version's held-out rule is {current.get('held_out_rule') or 'unrecorded'} and this "
+            f"job's is {rule}: it may have trained on some of these examples"
+        )
+    cutoff = min(float(new.get("held_out_cutoff") or 0.0), float(current.get("held_out_cutoff") or 0.0))
+    unseen = [ex for ex in eval_examples if key_fraction(ex.group) < cutoff]
+    return unseen, f"{len(unseen)} of {len(eval_examples)} held-out examples neither version trained on"
 
 
 def evaluate_version(
@@ -241,23 +271,13 @@ def evaluate_version(
     is_adapter = (adapter_dir / ADAPTER_CONFIG_FILE).is_file()
     found: dict[str, Any] = {"promote": policy}
 
-    reference: float | None = None
-    against = "the base model"
+    eval_after = metrics.get("eval_loss_after")
     if policy == "if_better":
-        reference = metrics.get("eval_loss_before")
-        if current is not None and eval_examples:
-            try:
-                reference = adapter_eval_loss(base, current.adapter_dir, eval_examples)
-                against = f"the current version {current.version}"
-            except Exception as exc:  # e.g. an adapter of other shapes: the base is the fallback yardstick
-                log.exception("job %s: evaluating the current version %d failed", job_id, current.version)
-                against = (
-                    f"the base model (the current version {current.version} could not be evaluated: "
-                    f"{type(exc).__name__})"
-                )
+        eval_after, reference, against = _if_better_losses(base, adapter_dir, eval_examples, current, metrics, found)
         found["eval_loss_current"] = _finite(reference)
         found["compared_with"] = against
-    eval_after = metrics.get("eval_loss_after")
+    else:
+        reference, against = None, "the base model"
     promote, reason = decide(policy, None if eval_after is None else float(eval_after), reference, against)
     found.update(promoted=promote, promote_reason=reason)
 
@@ -271,6 +291,38 @@ def evaluate_version(
         metrics=found,
         files={SAMPLES_FILE: out_dir / SAMPLES_FILE, LOSS_CURVE_FILE: out_dir / LOSS_CURVE_FILE},
     )
+
+
+def _if_better_losses(
+    base: Any,
+    adapter_dir: Path,
+    eval_examples: list[TokenizedExample],
+    current: CurrentAdapter | None,
+    metrics: dict[str, Any],
+    found: dict[str, Any],
+) -> tuple[float | None, float | None, str]:
+    """(the new version's loss, the yardstick's loss, what the yardstick is) for `if_better`:
+    the current version on the examples neither trained on, or the base when there is none."""
+    eval_after, reference = metrics.get("eval_loss_after"), metrics.get("eval_loss_before")
+    if current is None or not eval_examples:
+        return eval_after, reference, "the base model"
+    examples, note = comparable_examples(eval_examples, metrics, current.metrics)
+    found.update(compared_on=len(examples), comparison_note=note)
+    if not examples:
+        return None, None, f"the current version {current.version} (no example neither version trained on)"
+    try:
+        if len(examples) != len(eval_examples):
+            eval_after = adapter_eval_loss(base, adapter_dir, examples)
+        reference = adapter_eval_loss(base, current.adapter_dir, examples)
+    except Exception as exc:  # e.g. an adapter of other shapes: the base is the fallback yardstick
+        log.exception("evaluating the current version %d failed", current.version)
+        detail = f"{type(exc).__name__}"
+        return (
+            metrics.get("eval_loss_after"),
+            metrics.get("eval_loss_before"),
+            (f"the base model (the current version {current.version} could not be evaluated: {detail})"),
+        )
+    return eval_after, reference, f"the current version {current.version}"
 
 
 def sample_prompts(

@@ -71,6 +71,7 @@ class FuseWork:
         if reason := ctx.stop_reason():
             return Stopped(reason)
 
+        ctx.confirm_lease()
         started = time.monotonic()
         manifest = artifacts.publish_merged(
             user_id,

@@ -65,7 +65,7 @@ def publish_adapter(
         manifest = artifacts.download_current(user_id, avatar_id, ctx.scratch / "current")
         # An adapter of another base is no yardstick: the base's own loss is, then.
         if manifest is not None and manifest.base_model in (None, setup.base.name):
-            current = CurrentAdapter(manifest.current_version, ctx.scratch / "current")
+            current = CurrentAdapter(manifest.current_version, ctx.scratch / "current", manifest.metrics)
     evaluation = evaluate_version(
         cached_base(ctx, setup.base, setup.cfg),
         adapter_dir,

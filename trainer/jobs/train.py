@@ -64,6 +64,7 @@ class TrainWork:
         metrics = outcome.metrics.with_values(
             **setup.data_metrics().as_dict(), base_model_reused=recipe.base_model_reused(ctx, setup)
         )
+        ctx.confirm_lease()  # nothing is published for a job that is no longer ours (or was deleted)
         version, metrics = recipe.publish(ctx, setup, outcome.adapter_dir, metrics)
         if setup.output is not None:  # artifacts.output_uri: a copy of the published version's files
             metrics = self._copy_output(ctx, setup, version, metrics)

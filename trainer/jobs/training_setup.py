@@ -23,7 +23,7 @@ from contracts.keys import adapter_config_key, training_logs_prefix
 from contracts.metrics import TrainingMetrics
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
-from trainer.dataset import DatasetStats, TokenizedExample, build_examples, split_train_eval
+from trainer.dataset import DatasetStats, HeldOutSplit, TokenizedExample, build_examples, split_held_out
 from trainer.distributed import available_devices
 from trainer.documents import TrainingData
 from trainer.errors import JobFailure
@@ -49,6 +49,7 @@ class TrainingSetup:
     resume_from: Path | None
     train_set: list[TokenizedExample]
     eval_set: list[TokenizedExample]
+    held_out: HeldOutSplit
     stats: DatasetStats
     model_loads_before: int  # the worker's base-model loads before this job (was a base reused?)
 
@@ -66,6 +67,8 @@ class TrainingSetup:
             truncated_examples=self.stats.truncated,
             documents=len(self.data.documents),
             resumed_from_step=_checkpoint_step(self.resume_from),
+            held_out_rule=self.held_out.rule,
+            held_out_cutoff=round(self.held_out.cutoff, 12),
         )
         if self.warm is not None:
             metrics = metrics.with_values(**self.warm.metrics, documents_skipped=self.data.skipped)
@@ -101,7 +104,7 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     if not examples or stats.trainable_tokens == 0:
         raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
     eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else ctx.settings.eval_fraction
-    train_set, eval_set = split_train_eval(examples, eval_fraction, seed=cfg.seed or 0)
+    split = split_held_out(examples, eval_fraction)
     return TrainingSetup(
         cfg=cfg,
         base=base,
@@ -111,19 +114,26 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
         warm=warm,
         data=data,
         resume_from=resume_from,
-        train_set=train_set,
-        eval_set=eval_set,
+        train_set=split.train,
+        eval_set=split.eval,
+        held_out=split,
         stats=stats,
         model_loads_before=loads_before,
     )
 
 
 def resolved_config(ctx: JobContext) -> AdapterSettings:
-    """Worker defaults <- the avatar's stored config <- the job's overrides."""
+    """Worker defaults <- the avatar's stored config <- the job's overrides, resolved once, at
+    the first attempt, and pinned in the record: a `PUT {base}/adapter` while the job runs must
+    not change the rank, sequence length or batch size its retry (and its checkpoint) trains with."""
     job = ctx.job
+    if job.resolved_config is not None:
+        return job.resolved_config
     stored = ctx.stores.objects.read_model(adapter_config_key(job.user_id, job.avatar_id), AdapterSettings)
     defaults = ctx.settings.default_adapter_settings()
-    return job.config.merged_over((stored or AdapterSettings()).merged_over(defaults))
+    resolved = job.config.merged_over((stored or AdapterSettings()).merged_over(defaults))
+    pinned = ctx.update(lambda record: _with_resolved(record, resolved)).resolved_config
+    return pinned or resolved
 
 
 def check_spec(job: JobRecord, cfg: AdapterSettings) -> list[str]:
@@ -210,6 +220,11 @@ def checkpoint_to_resume(ctx: JobContext, data: TrainingData) -> Path | None:
     log.info("job %s resumes from its checkpoint at step %d", job.id, step)
     dest = ctx.scratch / "work" / "checkpoints" / f"checkpoint-{step}"
     return artifacts.download_checkpoint(job.user_id, job.avatar_id, job.id, step, dest)
+
+
+def _with_resolved(record: JobRecord, resolved: AdapterSettings) -> JobRecord:
+    record.resolved_config = record.resolved_config or resolved
+    return record
 
 
 def _with_data(record: JobRecord, documents: list) -> JobRecord:

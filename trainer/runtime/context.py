@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from contracts.conditional import RecordNotFound
 from contracts.job_kinds import request_of
 from contracts.jobs import JobProgress, JobRecord
 from contracts.messages import QueueRequest
@@ -33,6 +34,10 @@ from trainer.job_store import JobStore, Mutation
 from trainer.runtime.control import JobControl
 from trainer.s3_objects import S3Objects
 from trainer.settings import TrainerSettings
+
+
+class LeaseLost(Exception):
+    """The job is no longer this worker's: stop without writing anything."""
 
 
 @dataclass
@@ -102,6 +107,22 @@ class JobContext:
 
     def stop_reason(self) -> str | None:
         return self.control.stop_reason()
+
+    def confirm_lease(self) -> None:
+        """Before writing anything lasting (a version, a merged model): make sure the job is still
+        this worker's. Raises LeaseLost when another worker took it over, or its record is gone
+        (deleted with its avatar): then nothing may be written for it."""
+        worker = self.settings.worker_id
+
+        def check(record: JobRecord) -> None:
+            if record.status != "running" or record.lease is None or record.lease.owner != worker:
+                raise LeaseLost(f"job {record.id} is no longer this worker's ({record.status})")
+            return None
+
+        try:
+            self.stores.jobs.update(self.job.user_id, self.job.avatar_id, self.job.id, check)
+        except RecordNotFound:
+            raise LeaseLost(f"job {self.job.id} has no record any more") from None
 
     def request(self) -> QueueRequest:
         """The job's parameters (generate, index, retrieve) as its queue request; an invalid

@@ -34,7 +34,7 @@ from trainer.events import EventPublisher
 from trainer.job_store import JobStore
 from trainer.runtime import claims
 from trainer.runtime.claims import CANCELLED_ERROR, Claim
-from trainer.runtime.context import JobContext, JobResult, JobWork, Stopped, Stores, Succeeded
+from trainer.runtime.context import JobContext, JobResult, JobWork, LeaseLost, Stopped, Stores, Succeeded
 from trainer.runtime.control import JobControl
 from trainer.runtime.heartbeat import Delivery, Heartbeat, HeartbeatTiming
 from trainer.s3_objects import S3Objects
@@ -177,6 +177,9 @@ class JobRunner:
         except RecordNotFound:
             log.warning("job %s: its record was deleted (the avatar with it); stopping without writing", job.id)
             return Outcome.DONE
+        except LeaseLost as exc:
+            log.warning("%s; stopping without writing", exc)
+            return Outcome.RETRY
         except Exception as exc:
             if is_cuda_oom(exc):
                 return self._fail(job, "out of GPU memory: lower batch_size or max_seq_length")
