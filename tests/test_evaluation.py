@@ -345,7 +345,7 @@ def test_if_better_compares_on_examples_neither_version_trained_on() -> None:
     from trainer.dataset import HELD_OUT_RULE, TokenizedExample, key_fraction
     from trainer.evaluation import comparable_examples
 
-    examples = [TokenizedExample([i], [i], group=f"{i * 0x0400000000000:016x}") for i in range(1, 60)]
+    examples = [TokenizedExample([i], [i], group=f"{i * (2**64 // 64):016x}") for i in range(1, 60)]
     held_out = [ex for ex in examples if key_fraction(ex.group) < 0.3]
     new = {"held_out_rule": HELD_OUT_RULE, "held_out_cutoff": 0.3}
     current = {"held_out_rule": HELD_OUT_RULE, "held_out_cutoff": 0.1}
