@@ -259,21 +259,21 @@ class AvatuneClient:
         params = {} if use_for_training is None else {"use_for_training": str(use_for_training).lower()}
         return self._json("PUT", self._doc(name), content=content, params=params)
 
-    def presign_upload(self, name: str, *, use_for_training: bool = True) -> Json:
-        """POST {base}/training-data/uploads: `{"url", "headers", "expires_at"}`."""
-        return self._json(
-            "POST", f"{self.base}/training-data/uploads", json={"name": name, "use_for_training": use_for_training}
-        )
+    def presign_upload(self, name: str, size: int, *, use_for_training: bool = True) -> Json:
+        """POST {base}/training-data/uploads: `{"url", "headers", "expires_at"}` for `size` bytes."""
+        body = {"name": name, "size": size, "use_for_training": use_for_training}
+        return self._json("POST", f"{self.base}/training-data/uploads", json=body)
 
     def put_presigned(self, upload: Json, path: Path) -> None:
-        """PUT the file to a presigned URL with exactly the headers it was signed with."""
+        """PUT the file to a presigned URL with exactly the headers it was signed with (its
+        Content-Length among them)."""
         headers = {**upload.get("headers", {}), "Content-Length": str(path.stat().st_size)}
         with path.open("rb") as f:
             self._send("PUT", upload["url"], client=self._bare, content=_chunks(f), headers=headers)
 
     def upload_large(self, path: Path, *, use_for_training: bool = True, name: str | None = None) -> Json:
         """Presigned route: ask for a URL, PUT the file to it."""
-        upload = self.presign_upload(name or path.name, use_for_training=use_for_training)
+        upload = self.presign_upload(name or path.name, path.stat().st_size, use_for_training=use_for_training)
         self.put_presigned(upload, path)
         return upload
 

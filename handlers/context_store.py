@@ -126,18 +126,19 @@ class ContextStore:
         resp = await self._s3.list_objects_v2(Bucket=self._bucket, Prefix=vectorstore_prefix(user_id), MaxKeys=1)
         return bool(resp.get("Contents"))
 
-    async def presign_upload(self, ref: AvatarRef, name: str, expires_in: int) -> PresignedUpload:
-        """A SigV4 presigned PUT with `Content-Type` signed: the client sends it exactly as returned."""
+    async def presign_upload(self, ref: AvatarRef, name: str, size: int, expires_in: int) -> PresignedUpload:
+        """A SigV4 presigned PUT with `Content-Type` and `Content-Length` signed: the client sends
+        them exactly as returned, and S3 accepts no body of another size."""
         key = context_document_key(ref.user_id, ref.avatar_id, name)
         content_type = context_content_type(name)
         url = await self._s3.generate_presigned_url(
             "put_object",
-            Params={"Bucket": self._bucket, "Key": key, "ContentType": content_type},
+            Params={"Bucket": self._bucket, "Key": key, "ContentType": content_type, "ContentLength": size},
             ExpiresIn=expires_in,
             HttpMethod="PUT",
         )
         return PresignedUpload(
             url=url,
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": content_type, "Content-Length": str(size)},
             expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
         )

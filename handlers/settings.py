@@ -34,6 +34,10 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, alias="MAX_UPLOAD_BYTES", gt=0)
     presign_expires_seconds: int = Field(default=900, alias="PRESIGN_EXPIRES_SECONDS", ge=60, le=604800)
+    # Presigned uploads (documents too big for a request): the size the client declares is
+    # signed into the URL as Content-Length, so S3 refuses any other; this caps what it may declare.
+    # Keep it <= the trainer's MAX_DOCUMENT_BYTES.
+    max_presigned_upload_bytes: int = Field(default=64 * 1024 * 1024, alias="MAX_PRESIGNED_UPLOAD_BYTES", gt=0)
     s3_max_concurrency: int = Field(default=64, alias="S3_MAX_CONCURRENCY", ge=1, le=512)
     max_active_jobs_per_user: int = Field(default=4, alias="MAX_ACTIVE_JOBS_PER_USER", ge=1)
     # How long an Idempotency-Key answers the job it created; after that it may create a new one.

@@ -390,21 +390,30 @@ class TrainingDataStore:
 
     # -- presigned uploads ------------------------------------------------------------------
 
-    async def presign_upload(self, ref: AvatarRef, name: str, flag: bool, expires_in: int) -> PresignedUpload:
-        """A SigV4 presigned PUT whose `x-amz-tagging` and `Content-Type` are signed headers:
-        the client must send them exactly as returned, so the flag cannot be dropped or changed."""
+    async def presign_upload(
+        self, ref: AvatarRef, name: str, flag: bool, size: int, expires_in: int
+    ) -> PresignedUpload:
+        """A SigV4 presigned PUT whose `x-amz-tagging`, `Content-Type` and `Content-Length` are
+        signed headers: the client must send them exactly as returned, so the flag cannot be
+        dropped or changed and no body of another size is accepted."""
         key = training_document_key(ref.user_id, ref.avatar_id, name)
         content_type = content_type_for(name)
         tagging = tagging_header(flag)
         url = await self._s3.generate_presigned_url(
             "put_object",
-            Params={"Bucket": self._bucket, "Key": key, "Tagging": tagging, "ContentType": content_type},
+            Params={
+                "Bucket": self._bucket,
+                "Key": key,
+                "Tagging": tagging,
+                "ContentType": content_type,
+                "ContentLength": size,
+            },
             ExpiresIn=expires_in,
             HttpMethod="PUT",
         )
         return PresignedUpload(
             url=url,
-            headers={"x-amz-tagging": tagging, "Content-Type": content_type},
+            headers={"x-amz-tagging": tagging, "Content-Type": content_type, "Content-Length": str(size)},
             expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
         )
 
@@ -416,9 +425,6 @@ def content_type_or_default(name: str) -> str:
         return content_type_for(name)
     except ValueError:
         return "application/octet-stream"
-
-
-# bench/listing_baseline.py (outside handlers/) still imports the old private name.
 
 
 def _epoch(value: datetime) -> int:

@@ -30,6 +30,15 @@ def too_large(limit: int, uploads_path: str) -> Problem:
     )
 
 
+def presigned_size(size: int, limit: int) -> int:
+    """The size a presigned upload may be signed for; 413 past MAX_PRESIGNED_UPLOAD_BYTES."""
+    if size > limit:
+        raise Problem(
+            413, f"size {size} exceeds MAX_PRESIGNED_UPLOAD_BYTES ({limit} bytes): split the document", field="size"
+        )
+    return size
+
+
 def refuse_declared_size(request: Request, limit: int, uploads_path: str, overhead: int = 0) -> None:
     """Refuse a body whose declared length exceeds the document limit plus framing `overhead`."""
     declared = request.headers.get("content-length")

@@ -22,7 +22,7 @@ ROUTES = [
     ("DELETE", "/training-data/a.txt", {}),
     ("DELETE", "/training-data?use_for_training=false", {}),
     ("GET", "/training-data/archive", {}),
-    ("POST", "/training-data/uploads", {"json": {"name": "a.txt"}}),
+    ("POST", "/training-data/uploads", {"json": {"name": "a.txt", "size": 1}}),
     ("GET", "/merged-models", {}),
     ("GET", "/merged-models/1", {}),
     ("GET", "/full-models", {}),

@@ -255,7 +255,7 @@ def test_bad_names_are_refused_everywhere(capi: Api, s3, name: str) -> None:
     assert r.headers["content-type"] == "application/problem+json"
     for method in ("GET", "DELETE"):
         assert capi.request(method, path).status_code in (400, 404, 405)
-    up = capi.post(f"{ctx(capi)}/uploads", json={"name": name})
+    up = capi.post(f"{ctx(capi)}/uploads", json={"name": name, "size": 4})
     assert_problem(up, 400)
     assert keys_under(s3, user_prefix(capi.user_id)) == []
 
@@ -269,7 +269,7 @@ def test_other_tenants_documents_are_out_of_reach(plain: Server, s3) -> None:
             intruder.get(f"{foreign}/private.txt"),
             intruder.put(f"{foreign}/evil.txt", content=b"x"),
             intruder.delete(f"{foreign}/private.txt"),
-            intruder.post(f"{foreign}/uploads", json={"name": "evil.txt"}),
+            intruder.post(f"{foreign}/uploads", json={"name": "evil.txt", "size": 1}),
             intruder.post(f"{foreign}/index"),
             intruder.post(f"/v1/users/{owner.user_id}/avatars/{owner.avatar_id}/retrievals", json={"query": "q"}),
         ):
@@ -281,17 +281,18 @@ def test_other_tenants_documents_are_out_of_reach(plain: Server, s3) -> None:
 
 
 def test_presigned_upload_for_large_documents(capi: Api) -> None:
-    r = capi.post(f"{ctx(capi)}/uploads", json={"name": "big.jsonl"})
-    assert r.status_code == 200, r.text
-    up = r.json()
-    assert set(up) == {"url", "headers", "expires_at"} and up["headers"] == {"Content-Type": "application/jsonl"}
-    assert "content-type" in httpx.URL(up["url"]).params["X-Amz-SignedHeaders"]
     big = JSONL * (MAX // len(JSONL) + 2)
     assert len(big) > MAX
+    r = capi.post(f"{ctx(capi)}/uploads", json={"name": "big.jsonl", "size": len(big)})
+    assert r.status_code == 200, r.text
+    up = r.json()
+    assert set(up) == {"url", "headers", "expires_at"}
+    assert up["headers"] == {"Content-Type": "application/jsonl", "Content-Length": str(len(big))}
+    assert {"content-type", "content-length"} <= set(httpx.URL(up["url"]).params["X-Amz-SignedHeaders"].split(";"))
     assert httpx.put(up["url"], content=big, headers=up["headers"]).status_code == 200
     assert [(d["name"], d["size"]) for d in capi.get(ctx(capi)).json()["items"]] == [("big.jsonl", len(big))]
     assert capi.get(f"{ctx(capi)}/big.jsonl").content == big
-    for body in ({"name": "a.exe"}, {}, {"name": "ok.txt", "use_for_training": True}):
+    for body in ({"name": "a.exe", "size": 1}, {}, {"name": "ok.txt", "size": 1, "use_for_training": True}):
         r = capi.post(f"{ctx(capi)}/uploads", json=body)
         assert r.status_code in (400, 422) and r.headers["content-type"] == "application/problem+json", body
 

@@ -150,11 +150,11 @@ def test_writers_behind_the_api_are_seen(s3, ref: AvatarRef) -> None:
         await listed(store(), ref, None)  # the index is warm now
         before = truth(s3, ref)
         # A presigned upload of a new document, not used for training.
-        up = await store().presign_upload(ref, "new-presigned.jsonl", False, 300)
+        up = await store().presign_upload(ref, "new-presigned.jsonl", False, 14, 300)
         assert httpx.put(up.url, content=b'{"text": "x"}\n', headers=up.headers).status_code == 200
         # A presigned re-upload of an existing document: same bytes (same ETag), other flag.
         name = "doc-0002.txt"
-        up = await store().presign_upload(ref, name, not before[name], 300)
+        up = await store().presign_upload(ref, name, not before[name], 6, 300)
         assert httpx.put(up.url, content=b"text 2", headers=up.headers).status_code == 200
         # Another writer's PutObject without a tag (counts as used), over an unused document.
         put(s3, ref, "doc-0001.txt", b"text 1", None)
@@ -301,7 +301,8 @@ def test_api_listing_follows_presigned_uploads_patches_and_deletes(api: Api, s3)
 
     assert names("false") == [n for n, f in expected(s3, ref, False)]
     assert keys_under(s3, index_key(ref)) == [index_key(ref)]  # a large avatar: indexed
-    up = api.post(f"{api.docs}/uploads", json={"name": "doc-0003.txt", "use_for_training": False}).json()
+    body = {"name": "doc-0003.txt", "size": 6, "use_for_training": False}
+    up = api.post(f"{api.docs}/uploads", json=body).json()
     assert httpx.put(up["url"], content=b"text 3", headers=up["headers"]).status_code == 200
     patched = api.patch(f"{api.docs}/doc-0001.txt", json={"use_for_training": True})
     assert patched.status_code == 200 and patched.json()["use_for_training"] is True

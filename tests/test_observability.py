@@ -33,7 +33,7 @@ def test_full_run_logs_json_with_ids_and_no_secrets(observed, s3) -> None:
         assert done["status"] == "succeeded"
         assert pipeline.wait_events(job["id"], "job.succeeded")[-1] == "job.succeeded"
         # A presigned URL's signature must not end up in a log either.
-        api.post(f"{api.docs}/uploads", json={"name": "x.jsonl"})
+        api.post(f"{api.docs}/uploads", json={"name": "x.jsonl", "size": 10})
 
         worker_lines = [
             json.loads(line)

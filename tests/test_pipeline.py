@@ -196,8 +196,9 @@ def test_request_from_another_service_and_duplicate_delivery(pipeline: Pipeline,
 
 def test_invalid_document_fails_the_job_with_a_reason(pipeline: Pipeline, worker) -> None:
     with pipeline.client() as api:
-        up = api.post(f"{api.docs}/uploads", json={"name": "broken.jsonl"}).json()
-        httpx.put(up["url"], content=b'{"messages": oops}\n', headers=up["headers"]).raise_for_status()
+        broken = b'{"messages": oops}\n'
+        up = api.post(f"{api.docs}/uploads", json={"name": "broken.jsonl", "size": len(broken)}).json()
+        httpx.put(up["url"], content=broken, headers=up["headers"]).raise_for_status()
         job = start_job(api)
         done, _ = wait_for_job(api, job["id"], {"succeeded", "failed"}, pipeline=pipeline)
         assert done["status"] == "failed"

@@ -167,11 +167,12 @@ def test_archive_of_empty_avatar_is_valid_zip(api: Api) -> None:
 
 @pytest.mark.parametrize("flag", [True, False])
 def test_presigned_upload_keeps_signed_tag(api: Api, flag: bool) -> None:
-    r = api.post(f"{api.docs}/uploads", json={"name": "big.jsonl", "use_for_training": flag})
+    r = api.post(f"{api.docs}/uploads", json={"name": "big.jsonl", "size": len(CHAT) * 3, "use_for_training": flag})
     assert r.status_code == 200, r.text
     up = r.json()
     assert set(up) == {"url", "headers", "expires_at"}
-    assert "x-amz-tagging" in httpx.URL(up["url"]).params["X-Amz-SignedHeaders"]
+    signed = set(httpx.URL(up["url"]).params["X-Amz-SignedHeaders"].split(";"))
+    assert {"x-amz-tagging", "content-length"} <= signed and up["headers"]["Content-Length"] == str(len(CHAT) * 3)
     assert "x-amz-tagging" not in httpx.URL(up["url"]).params
     put = httpx.put(up["url"], content=CHAT * 3, headers=up["headers"])
     assert put.status_code == 200, put.text
@@ -180,7 +181,8 @@ def test_presigned_upload_keeps_signed_tag(api: Api, flag: bool) -> None:
 
 
 def test_presigned_upload_validates_name(api: Api) -> None:
-    for body in ({"name": "../x.jsonl"}, {"name": "a.exe"}, {}, {"name": "ok.txt", "extra": 1}):
+    too_big = {"name": "ok.txt", "size": 64 * 1024 * 1024 + 1}  # past MAX_PRESIGNED_UPLOAD_BYTES: 413
+    for body in ({"name": "../x.jsonl", "size": 1}, {"name": "a.exe", "size": 1}, {}, {"name": "ok.txt"}, too_big):
         r = api.post(f"{api.docs}/uploads", json=body)
-        assert r.status_code in (400, 422), body
+        assert r.status_code in (400, 413, 422), body
         assert r.headers["content-type"] == "application/problem+json"

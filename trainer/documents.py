@@ -24,7 +24,7 @@ from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefi
 from contracts.spec import DatasetSource
 from contracts.tags import flag_from_tagset
 from trainer.errors import JobFailure
-from trainer.s3_objects import S3Objects
+from trainer.s3_objects import S3Objects, TooLarge
 
 # The record key each explicit dataset format requires on every line.
 _FORMAT_KEYS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -82,11 +82,12 @@ def dataset_location(source: DatasetSource, bucket: str, user_id: str) -> S3Uri:
 
 
 class DocumentSource:
-    def __init__(self, s3: Any, bucket: str, concurrency: int = 16) -> None:
+    def __init__(self, s3: Any, bucket: str, concurrency: int = 16, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._objects = S3Objects(s3, bucket)
         self._concurrency = concurrency
+        self._max_bytes = max_bytes  # per document: the worker never reads more (MAX_DOCUMENT_BYTES)
 
     def _listing(self, prefix: str) -> list[dict[str, Any]]:
         return self._objects.list(prefix)
@@ -95,14 +96,14 @@ class DocumentSource:
         tags = self._objects.tags(key)
         return None if tags is None else flag_from_tagset(tags)
 
-    def _download(self, source: _Source, dest: Path) -> bytes | None:
-        """The object's bytes as listed (If-Match the listed ETag); None if it changed or vanished."""
-        found = S3Objects(self._s3, source.bucket).read(source.key, IfMatch=source.etag)
-        if found is None:
-            return None
-        data = found[0]
-        dest.write_bytes(data)
-        return data
+    def _download(self, source: _Source, dest: Path) -> Path | None:
+        """The object as listed (If-Match the listed ETag), streamed to `dest`; None if it changed
+        or vanished. JobFailure, naming it, when it is larger than the worker accepts."""
+        try:
+            size = S3Objects(self._s3, source.bucket).stream_to(source.key, dest, self._max_bytes, IfMatch=source.etag)
+        except TooLarge as exc:
+            raise JobFailure(_too_large(source, exc.size, self._max_bytes)) from None
+        return None if size is None else dest
 
     def _dataset(self, index: int, source: DatasetSource, user_id: str) -> _Source:
         uri = dataset_location(source, self._bucket, user_id)
@@ -153,18 +154,21 @@ class DocumentSource:
         sources = self._flagged(user_id, avatar_id) + sources
         skip = skip or set()
         chosen = [s for s in sources if (s.name, s.etag) not in skip]
+        for source in chosen:  # refused before any download: one over the cap fails the job by name
+            if source.size is not None and source.size > self._max_bytes:
+                raise JobFailure(_too_large(source, source.size, self._max_bytes))
         scratch.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(self._concurrency) as pool:
-            payloads = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
+            files = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
         conversations: list[Conversation] = []
         refs: list[TrainingDocumentRef] = []
-        for source, data in zip(chosen, payloads):
-            if data is None:
+        for source, path in zip(chosen, files):
+            if path is None:
                 if source.name.startswith("s3://"):  # a dataset the job names: retried (the runner's attempts)
                     raise DatasetChanged(f"dataset {source.name!r} changed or vanished while the job read it")
                 continue  # a document replaced or deleted while we listed: not what the job saw
-            try:
-                conversations.extend(parse_dataset(source.name.rsplit("/", 1)[-1], data, source.format))
+            try:  # parsed one at a time: at most one document's bytes in memory
+                conversations.extend(parse_dataset(source.name.rsplit("/", 1)[-1], path.read_bytes(), source.format))
             except DocumentError as exc:
                 kind = "dataset" if source.name.startswith("s3://") else "training document"
                 raise JobFailure(f"{kind} {source.name!r} is invalid: {exc}") from None
@@ -178,6 +182,11 @@ class DocumentSource:
         if not refs:
             raise JobFailure("no document is flagged use_for_training=true and the job names no datasets")
         return TrainingData(conversations=conversations, documents=refs, skipped=skipped)
+
+
+def _too_large(source: _Source, size: int, limit: int) -> str:
+    kind = "dataset" if source.name.startswith("s3://") else "training document"
+    return f"{kind} {source.name!r} is {size} bytes or more; a worker reads at most {limit} (MAX_DOCUMENT_BYTES)"
 
 
 def _valid_name(name: str | None) -> bool:

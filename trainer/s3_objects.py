@@ -8,6 +8,7 @@ mode already retries throttling, 5xx and connection errors (`trainer.aws`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -16,6 +17,15 @@ from contracts.conditional import is_not_found, is_precondition_failed
 
 M = TypeVar("M", bound=BaseModel)
 JSON = "application/json"
+
+
+class TooLarge(Exception):
+    """An object bigger than the caller accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes or more; at most {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class S3Objects:
@@ -58,6 +68,32 @@ class S3Objects:
             if is_not_found(exc):
                 return None
             raise
+
+    def stream_to(self, key: str, path: Path, max_bytes: int, **condition: str) -> int | None:
+        """Stream the object to `path` in 1 MiB chunks (never whole in memory); its size. None
+        when it does not exist (or, with `IfMatch`, changed). Raises TooLarge past `max_bytes`
+        (the partial file is removed)."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **condition)
+        except Exception as exc:
+            if is_not_found(exc) or (condition and is_precondition_failed(exc)):
+                return None
+            raise
+        declared = int(resp.get("ContentLength") or 0)
+        if declared > max_bytes:
+            resp["Body"].close()
+            raise TooLarge(declared, max_bytes)
+        size = 0
+        with open(path, "wb") as out:
+            for chunk in resp["Body"].iter_chunks(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    out.close()
+                    path.unlink(missing_ok=True)
+                    resp["Body"].close()
+                    raise TooLarge(size, max_bytes)
+                out.write(chunk)
+        return size
 
     def download(self, key: str, path: str) -> bool:
         """Download the object to `path`; False when it does not exist."""

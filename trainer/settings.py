@@ -50,6 +50,9 @@ class TrainerSettings(BaseSettings):
     checkpoint_interval_seconds: float = Field(default=600, alias="CHECKPOINT_INTERVAL_SECONDS", gt=0)
     max_attempts: int = Field(default=3, alias="MAX_JOB_ATTEMPTS", ge=1)
     download_concurrency: int = Field(default=16, alias="DOWNLOAD_CONCURRENCY", ge=1, le=256)
+    # A training document or dataset larger than this fails its job by name (downloads are
+    # streamed to disk; this bounds the worker's memory whatever lands in S3 behind the API).
+    max_document_bytes: int = Field(default=64 * 1024 * 1024, alias="MAX_DOCUMENT_BYTES", gt=0)
     eval_fraction: float = Field(default=0.1, alias="EVAL_FRACTION", ge=0, lt=1)
     metrics_port: int = Field(default=9100, alias="METRICS_PORT", ge=0, le=65535)
     torch_threads: int | None = Field(default=None, alias="TORCH_THREADS", ge=1)

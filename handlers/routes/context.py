@@ -24,7 +24,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.context_documents import (
     DocumentError,
@@ -41,7 +41,7 @@ from handlers.dependencies import (
     SettingsDep,
     TrainQueueDep,
 )
-from handlers.documents import DocumentNotFound, PresignedUpload
+from handlers.documents import UPLOAD_SIZE_DESCRIPTION, DocumentNotFound, PresignedUpload
 from handlers.job_store import JobStore
 from handlers.job_views import JobView
 from handlers.paging import encode_cursor, page_after
@@ -49,7 +49,7 @@ from handlers.problems import Problem
 from handlers.services.context_jobs import IndexJobBody, RetrievalBody, auto_index, queue_index_job, queue_retrieval
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue
-from handlers.uploads import checked_name, read_capped_body
+from handlers.uploads import checked_name, presigned_size, read_capped_body
 
 router = APIRouter(tags=["context documents and retrieval"])
 
@@ -69,6 +69,7 @@ class ContextDocumentList(BaseModel):
 class ContextUploadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
+    size: int = Field(ge=1, description=UPLOAD_SIZE_DESCRIPTION)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -124,7 +125,8 @@ async def presign_context_upload(
     avatar: AuthorizedAvatar, store: ContextStoreDep, settings: SettingsDep, body: ContextUploadRequest
 ) -> PresignedUpload:
     name = _checked_name(body.name)
-    return await store.presign_upload(avatar, name, settings.presign_expires_seconds)
+    size = presigned_size(body.size, settings.max_presigned_upload_bytes)
+    return await store.presign_upload(avatar, name, size, settings.presign_expires_seconds)
 
 
 @router.post(

@@ -8,17 +8,24 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.documents import DocumentError, parse_document
 from contracts.ids import validate_document_name
 from handlers.archive import zip_stream
 from handlers.dependencies import AuthorizedAvatar, SettingsDep, TrainingDataStoreDep
-from handlers.documents import DocumentNotFound, PresignedUpload
+from handlers.documents import UPLOAD_SIZE_DESCRIPTION, DocumentNotFound, PresignedUpload
 from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
 from handlers.training_data_store import TrainingDocument
-from handlers.uploads import MULTIPART_OVERHEAD, checked_name, read_capped_body, refuse_declared_size, too_large
+from handlers.uploads import (
+    MULTIPART_OVERHEAD,
+    checked_name,
+    presigned_size,
+    read_capped_body,
+    refuse_declared_size,
+    too_large,
+)
 
 router = APIRouter(prefix="/v1/users/{user_id}/avatars/{avatar_id}/training-data", tags=["training data"])
 
@@ -39,6 +46,7 @@ class FlagUpdate(BaseModel):
 class UploadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
+    size: int = Field(ge=1, description=UPLOAD_SIZE_DESCRIPTION)
     use_for_training: bool = True
 
 
@@ -95,7 +103,8 @@ async def presign_upload(
     avatar: AuthorizedAvatar, store: TrainingDataStoreDep, settings: SettingsDep, body: UploadRequest
 ) -> PresignedUpload:
     name = _checked_name(body.name)
-    return await store.presign_upload(avatar, name, body.use_for_training, settings.presign_expires_seconds)
+    size = presigned_size(body.size, settings.max_presigned_upload_bytes)
+    return await store.presign_upload(avatar, name, body.use_for_training, size, settings.presign_expires_seconds)
 
 
 @router.get("", response_model=DocumentList, summary="List documents")

@@ -46,6 +46,7 @@ class ListedDocument:
     name: str
     key: str
     etag: str
+    size: int = 0
 
 
 @dataclass
@@ -72,7 +73,7 @@ def list_documents(s3: Any, bucket: str, user_id: str, avatar_id: str) -> list[L
                 validate_context_document_name(name)
             except InvalidIdentifier:
                 continue
-            docs.append(ListedDocument(name, obj["Key"], obj["ETag"].strip('"')))
+            docs.append(ListedDocument(name, obj["Key"], obj["ETag"].strip('"'), int(obj.get("Size") or 0)))
     return sorted(docs, key=lambda d: d.name)
 
 
@@ -260,7 +261,14 @@ def build_index(
 def _prepare(
     s3: Any, settings: Any, docs: list[ListedDocument], chunk_size: int, chunk_overlap: int
 ) -> tuple[list[PreparedChunk], set[str]]:
-    """Download (concurrently), parse and chunk `docs`; also the names that vanished meanwhile."""
+    """Download (concurrently), parse and chunk `docs`; also the names that vanished meanwhile.
+    A document over MAX_DOCUMENT_BYTES fails the job by name before anything is downloaded."""
+    for doc in docs:
+        if doc.size > settings.max_document_bytes:
+            raise JobFailure(
+                f"context document {doc.name!r} is {doc.size} bytes; a worker reads at most "
+                f"{settings.max_document_bytes} (MAX_DOCUMENT_BYTES)"
+            )
     with ThreadPoolExecutor(settings.download_concurrency) as pool:
         payloads = list(pool.map(lambda d: download(s3, settings.s3_bucket, d), docs))
     chunks: list[PreparedChunk] = []

@@ -72,7 +72,7 @@ class JobRunner:
             objects=S3Objects(s3, bucket),
             jobs=JobStore(s3, bucket),
             artifacts=ArtifactStore(s3, bucket),
-            documents=DocumentSource(s3, bucket, settings.download_concurrency),
+            documents=DocumentSource(s3, bucket, settings.download_concurrency, settings.max_document_bytes),
             models=models,
         )
         self._claimed_at = time.monotonic()
