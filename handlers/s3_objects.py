@@ -71,6 +71,29 @@ async def copy_if_unchanged(s3: Any, **copy_args: Any) -> dict[str, Any] | None:
         raise
 
 
+async def delete_if_match(s3: Any, bucket: str, key: str, etag: str) -> dict[str, Any] | None:
+    """DeleteObject guarded by `If-Match`: its response (with the delete marker's VersionId on a
+    versioned bucket), or None when the object changed or vanished since `etag` was read."""
+    try:
+        return await s3.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+    except Exception as exc:
+        if is_not_found(exc) or is_precondition_failed(exc):
+            return None
+        raise
+
+
+async def version_below(s3: Any, bucket: str, key: str, marker_id: str) -> str | None:
+    """On a versioned bucket: the VersionId of the version a delete marker `marker_id` covers
+    (the newest version of `key` older than the marker), or None."""
+    resp = await s3.list_object_versions(Bucket=bucket, Prefix=key)
+    markers = {m["VersionId"]: m for m in resp.get("DeleteMarkers", []) if m["Key"] == key}
+    if marker_id not in markers:
+        return None
+    when = markers[marker_id]["LastModified"]
+    older = [v for v in resp.get("Versions", []) if v["Key"] == key and v["LastModified"] <= when]
+    return max(older, key=lambda v: v["LastModified"])["VersionId"] if older else None
+
+
 async def delete_keys(s3: Any, bucket: str, keys: list[str], what: str = "objects") -> int:
     """Delete `keys` in DeleteObjects batches; how many were deleted. Raises RuntimeError naming
     `what` when S3 refuses any of a batch."""

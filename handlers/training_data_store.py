@@ -11,6 +11,12 @@ The index only stays honest if a flag changes with a write of its object, so `se
 (PATCH) rewrites the object in place with CopyObject and the new tag set rather than calling
 PutObjectTagging (objects over CopyObject's 5 GiB limit: PutObjectTagging, and the index is
 dropped).
+
+"Delete all unused" never loses a document that is flagged `true` when it is deleted: each
+listed document goes with `If-Match` on its listed ETag (a re-upload with other content
+survives), and since a flag change keeps the ETag (same bytes), the version the delete covered
+is checked afterwards on the versioned bucket: flagged `true` by a PATCH or a re-upload that
+raced the delete, the delete marker is removed again and the document is back as it was.
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ from handlers.s3_objects import (
     LIST_PAGE_SIZE,
     OpenedObject,
     copy_if_unchanged,
-    delete_keys,
+    delete_if_match,
     head_object,
     object_tagging,
     open_object,
+    version_below,
 )
 
 COPY_MAX_BYTES = 5 * 1024**3  # S3's largest CopyObject source
@@ -227,8 +234,36 @@ class TrainingDataStore:
 
     async def delete_where(self, ref: AvatarRef, flag: bool) -> int:
         """Delete every document whose flag equals `flag`; returns how many were deleted."""
-        keys = [training_document_key(ref.user_id, ref.avatar_id, doc.name) async for doc in self.iter_all(ref, flag)]
-        return await delete_keys(self._s3, self._bucket, keys, "documents")
+        return await self.delete_listed(ref, [doc async for doc in self.iter_all(ref, flag)], flag)
+
+    async def delete_listed(self, ref: AvatarRef, docs: list[TrainingDocument], flag: bool) -> int:
+        """Delete the listed documents that still are as listed with flag `flag` (module doc);
+        how many went."""
+
+        async def one(doc: TrainingDocument) -> bool:
+            async with self._limit:
+                return await self._delete_as_listed(
+                    training_document_key(ref.user_id, ref.avatar_id, doc.name), doc, flag
+                )
+
+        return sum(await asyncio.gather(*(one(doc) for doc in docs)))
+
+    async def _delete_as_listed(self, key: str, doc: TrainingDocument, flag: bool) -> bool:
+        deleted = await delete_if_match(self._s3, self._bucket, key, f'"{doc.etag}"')
+        if deleted is None:
+            return False  # replaced or gone since the listing: not ours to delete
+        marker = deleted.get("VersionId")
+        if not marker or not deleted.get("DeleteMarker"):
+            return True  # an unversioned bucket: the ETag condition is all the check there is
+        covered = await version_below(self._s3, self._bucket, key, marker)
+        if covered is None:
+            return True
+        tags = await self._s3.get_object_tagging(Bucket=self._bucket, Key=key, VersionId=covered)
+        if flag_from_tagset(tags.get("TagSet", [])) == flag:
+            return True
+        # The flag changed between the listing and the delete (same bytes, same ETag): undo.
+        await self._s3.delete_object(Bucket=self._bucket, Key=key, VersionId=marker)
+        return False
 
     async def _collect(
         self, ref: AvatarRef, flag: bool | None, after: str | None, need: int | None

@@ -73,6 +73,9 @@ def bootstrap(names: StackNames | None = None, endpoint_url: str | None = None) 
             s3.create_bucket(Bucket=names.bucket, CreateBucketConfiguration={"LocationConstraint": region})
     except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
         pass
+    # Versioned, like the deployed bucket (infra/aws/template.yaml): "delete all unused" relies
+    # on it to undo a delete that raced a flag change (handlers.training_data_store).
+    s3.put_bucket_versioning(Bucket=names.bucket, VersioningConfiguration={"Status": "Enabled"})
     train_url = _create_queue_with_dlq(sqs, names.train_queue, names.train_dlq, fifo=True, visibility=120)
     events_url = _create_queue_with_dlq(sqs, names.events_queue, names.events_dlq, fifo=False, visibility=30)
     return {"bucket": names.bucket, "train_queue_url": train_url, "events_queue_url": events_url}
