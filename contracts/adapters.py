@@ -86,6 +86,27 @@ class MergedManifest(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class CurrentAdapterLock(BaseModel):
+    """`adapters/current.lock`: held while the current adapter changes.
+
+    Whoever changes the current adapter (the API's promote and delete, the trainer's publish and
+    prune) creates this object with If-None-Match, copies the version's files over the current
+    ones, writes `manifest.json` last, and deletes the lock (If-Match its ETag). Two changes never
+    interleave, so the current files at rest are always one whole version and the manifest names
+    it; a reader mid-change sees files that do not match the manifest's sha256 and reads again.
+    A lock past `expires_at` belonged to a holder that died: the next one removes it and takes over.
+    """
+
+    owner: str
+    expires_at: datetime
+
+
+# How long a current-adapter lock is good for (copying an adapter's files takes seconds) and how
+# long a would-be holder waits for it before giving up.
+CURRENT_LOCK_SECONDS = 300
+CURRENT_LOCK_WAIT_SECONDS = 60
+
+
 class ActiveJobPointer(BaseModel):
     """`adapters/active_job.json`: the avatar's one queued or running job."""
 

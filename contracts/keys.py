@@ -85,6 +85,12 @@ def document_name_from_key(key: str, prefix: str) -> str | None:
     return name
 
 
+def current_adapter_lock_key(user_id: str, avatar_id: str) -> str:
+    """The lock held while the current adapter changes (promote, publish, rollback, prune,
+    delete): created with If-None-Match, so changes never interleave (`contracts.adapters`)."""
+    return f"{adapter_prefix(user_id, avatar_id)}current.lock"
+
+
 def active_job_key(user_id: str, avatar_id: str) -> str:
     """Pointer to the avatar's queued or running job, created with If-None-Match: at most one."""
     return f"{adapter_prefix(user_id, avatar_id)}active_job.json"

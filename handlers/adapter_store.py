@@ -11,14 +11,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from contracts.adapter import AdapterSettings
-from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
+from contracts.adapters import (
+    CURRENT_LOCK_SECONDS,
+    CURRENT_LOCK_WAIT_SECONDS,
+    AdapterManifest,
+    CurrentAdapterLock,
+    FullModelManifest,
+    MergedManifest,
+    VersionMetrics,
+)
 from contracts.conditional import write_attempts
+from contracts.jobs import utcnow
 from contracts.keys import (
     ADAPTER_FILES,
     FULL_MODEL_MANIFEST_FILE,
@@ -32,6 +44,7 @@ from contracts.keys import (
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoints_prefix,
+    current_adapter_lock_key,
     full_model_prefix,
     full_model_version_prefix,
     merged_prefix,
@@ -74,6 +87,17 @@ class VersionNotFound(Exception):
 
 class VersionFileNotFound(Exception):
     pass
+
+
+class CurrentAdapterBusy(Exception):
+    """Another change of the current adapter held its lock for longer than we wait."""
+
+
+def _lock_expired(body: bytes) -> bool:
+    try:
+        return CurrentAdapterLock.model_validate_json(body).expires_at <= utcnow()
+    except ValidationError:
+        return True  # unreadable: debris
 
 
 class AdapterStore:
@@ -179,8 +203,14 @@ class AdapterStore:
         return digest.hexdigest()
 
     async def promote(self, ref: AvatarRef, version: int) -> AdapterManifest:
-        """Make a kept version current: server-side copy of its files over the current ones,
-        then the manifest, last. Raises VersionNotFound unless the version is complete."""
+        """Make a kept version current, under the avatar's current-adapter lock: server-side copy
+        of its files over the current ones, then the manifest, last. Raises VersionNotFound
+        unless the version is complete (checked under the lock: a prune cannot take it away
+        halfway), CurrentAdapterBusy when another change holds the lock too long."""
+        async with self.current_lock(ref, owner=f"promote-{version}"):
+            return await self._promote(ref, version)
+
+    async def _promote(self, ref: AvatarRef, version: int) -> AdapterManifest:
         prefix = adapter_version_prefix(ref.user_id, ref.avatar_id, version)
         contents, _ = await self.objects.objects(prefix)
         present = {obj["Key"][len(prefix) :] for obj in contents}
@@ -212,6 +242,31 @@ class AdapterStore:
         )
         return manifest
 
+    @asynccontextmanager
+    async def current_lock(
+        self, ref: AvatarRef, owner: str, wait: float = CURRENT_LOCK_WAIT_SECONDS
+    ) -> AsyncIterator[None]:
+        """Hold the avatar's current-adapter lock (`contracts.adapters.CurrentAdapterLock`) for
+        the block; one whose holder died (expired) is taken over."""
+        key = current_adapter_lock_key(ref.user_id, ref.avatar_id)
+        deadline = time.monotonic() + wait
+        while True:
+            lock = CurrentAdapterLock(owner=owner, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
+            etag = await self.objects.create(key, lock.model_dump_json().encode())
+            if etag is not None:
+                break
+            found = await self.objects.read(key)
+            if found is not None and _lock_expired(found[0]):
+                await self.objects.delete_if(key, found[1])
+                continue
+            if time.monotonic() > deadline:
+                raise CurrentAdapterBusy(ref.avatar_id)
+            await asyncio.sleep(0.2)
+        try:
+            yield
+        finally:
+            await self.objects.delete_if(key, etag)
+
     async def open_version_file(self, ref: AvatarRef, version: int, name: str) -> OpenedObject:
         """A version's file (one of VERSION_FILES): its GetObject response and body chunks.
         Raises VersionFileNotFound when the version or the file does not exist."""
@@ -230,6 +285,10 @@ class AdapterStore:
         (`full/`, `method: full` jobs); never training data, job
         records or idempotency records. Returns how many objects were deleted (0: there was no
         adapter)."""
+        async with self.current_lock(ref, owner="delete"):
+            return await self._delete(ref)
+
+    async def _delete(self, ref: AvatarRef) -> int:
         u, a = ref.user_id, ref.avatar_id
         root = adapter_prefix(u, a)
         wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}

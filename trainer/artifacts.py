@@ -3,7 +3,9 @@
 Publishing a version writes `versions/{n}/` (adapter files, samples.json and loss.png, then
 metrics.json), then, when the version is promoted, overwrites the current files in `adapters/`,
 then `manifest.json` last: a reader that trusts the manifest never sees a half-written
-adapter. Checkpoints follow the same rule: files first, the `_COMPLETE` marker last, and only
+adapter. The current adapter changes only under the avatar's current-adapter lock (with the
+API's promote and delete; `contracts.adapters.CurrentAdapterLock`), so a publish, a promote and a
+prune never interleave: at rest the current files are one whole version. Checkpoints follow the same rule: files first, the `_COMPLETE` marker last, and only
 a marked checkpoint is ever resumed from. So do merged models (`merged/{version}/`, fuse
 jobs): files first, their `manifest.json` last.
 """
@@ -35,6 +37,7 @@ from contracts.keys import (
     full_model_version_prefix,
     merged_version_prefix,
 )
+from trainer.current_lock import current_adapter_lock
 from trainer.s3_objects import S3Objects
 
 log = logging.getLogger("avatune.trainer")
@@ -157,18 +160,19 @@ class ArtifactStore:
             self._s3.upload_file(str(path), self._bucket, prefix + name, ExtraArgs={"ContentType": _content_type(name)})
         meta = VersionMetrics(version=version, job_id=job_id, base_model=base_model, metrics=metrics)
         self._put_json(prefix + METRICS_FILE, _with_files(meta, hashes))
-        if promote:
-            self.make_current(
-                user_id,
-                avatar_id,
-                version,
-                job_id=job_id,
-                base_model=base_model,
-                metrics=metrics,
-                hashes=hashes,
-                source_dir=adapter_dir,
-            )
-        self.prune(user_id, avatar_id, keep_versions, protect=version)
+        with current_adapter_lock(self._objects, user_id, avatar_id, owner=job_id):
+            if promote:
+                self.make_current(
+                    user_id,
+                    avatar_id,
+                    version,
+                    job_id=job_id,
+                    base_model=base_model,
+                    metrics=metrics,
+                    hashes=hashes,
+                    source_dir=adapter_dir,
+                )
+            self.prune(user_id, avatar_id, keep_versions, protect=version)
         return version
 
     def finish_promotion(self, user_id: str, avatar_id: str, version: int) -> VersionMetrics | None:
@@ -178,6 +182,10 @@ class ArtifactStore:
         meta = self.version_metrics(user_id, avatar_id, version)
         if meta is None or not meta.metrics.get("promoted", True):
             return meta
+        with current_adapter_lock(self._objects, user_id, avatar_id, owner=meta.job_id or "retry"):
+            return self._promote_once(user_id, avatar_id, version, meta)
+
+    def _promote_once(self, user_id: str, avatar_id: str, version: int, meta: VersionMetrics) -> VersionMetrics:
         manifest = self.current_manifest(user_id, avatar_id)
         if manifest is not None and (manifest.job_id == meta.job_id or manifest.current_version >= version):
             return meta  # promoted already, or a newer version is current by now
@@ -218,7 +226,8 @@ class ArtifactStore:
         self._put_json(adapter_manifest_key(user_id, avatar_id), manifest.model_dump_json(by_alias=True))
 
     def prune(self, user_id: str, avatar_id: str, keep: int, protect: int) -> None:
-        """Delete all but the newest `keep` versions; never the current one."""
+        """Delete all but the newest `keep` versions; never the current one. Called under the
+        current-adapter lock, so no promotion of a version it deletes is under way."""
         manifest = self.current_manifest(user_id, avatar_id)
         protected = {protect} | ({manifest.current_version} if manifest else set())
         versions = self.versions(user_id, avatar_id)

@@ -18,6 +18,7 @@ from handlers.adapter_store import (
     VERSION_FILES,
     AdapterFile,
     AdapterStore,
+    CurrentAdapterBusy,
     VersionFileNotFound,
     VersionNotFound,
 )
@@ -115,7 +116,11 @@ async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs:
             f"avatar {avatar.avatar_id!r} has an active job {active.job_id}; cancel it or wait for it to end",
             active_job_id=active.job_id,
         )
-    if await store.delete(avatar) == 0:
+    try:
+        deleted = await store.delete(avatar)
+    except CurrentAdapterBusy:
+        raise _current_busy(avatar) from None
+    if deleted == 0:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -157,6 +162,14 @@ async def get_version_file(
     return StreamingResponse(chunks, media_type=VERSION_FILES[name], headers=headers)
 
 
+def _current_busy(avatar: AvatarRef) -> Problem:
+    return Problem(
+        409,
+        f"the current adapter of avatar {avatar.avatar_id!r} is being changed (a promote or a publish); retry",
+        headers={"Retry-After": "5"},
+    )
+
+
 @router.post(f"{BASE}/versions/{{version}}/promote", response_model=AdapterView, summary="Make a kept version current")
 async def promote_version(
     avatar: AuthorizedAvatar,
@@ -168,6 +181,8 @@ async def promote_version(
         manifest = await store.promote(avatar, version)
     except VersionNotFound:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no complete adapter version {version}") from None
+    except CurrentAdapterBusy:
+        raise _current_busy(avatar) from None
     return await _view(store, avatar, settings.presign_expires_seconds, await store.config(avatar), manifest)
 
 

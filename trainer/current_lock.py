@@ -1,0 +1,56 @@
+"""The current-adapter lock on the trainer's side (the rule: `contracts.adapters.CurrentAdapterLock`;
+the API's side: `handlers.adapter_store`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+from pydantic import ValidationError
+
+from contracts.adapters import CURRENT_LOCK_SECONDS, CURRENT_LOCK_WAIT_SECONDS, CurrentAdapterLock
+from contracts.jobs import utcnow
+from contracts.keys import current_adapter_lock_key
+from trainer.s3_objects import S3Objects
+
+log = logging.getLogger("avatune.trainer")
+
+
+class CurrentAdapterBusy(RuntimeError):
+    """Someone else kept changing the current adapter for longer than we wait (retried)."""
+
+
+@contextmanager
+def current_adapter_lock(
+    objects: S3Objects, user_id: str, avatar_id: str, owner: str, wait: float = CURRENT_LOCK_WAIT_SECONDS
+) -> Iterator[None]:
+    """Hold the avatar's current-adapter lock for the block (taking over one whose holder died)."""
+    key = current_adapter_lock_key(user_id, avatar_id)
+    deadline = time.monotonic() + wait
+    while True:
+        lock = CurrentAdapterLock(owner=owner, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
+        etag = objects.create(key, lock.model_dump_json().encode())
+        if etag is not None:
+            break
+        found = objects.read(key)
+        if found is not None and _expired(found[0]):
+            log.warning("current-adapter lock of %s/%s expired: taking it over", user_id, avatar_id)
+            objects.delete_if(key, found[1])
+            continue
+        if time.monotonic() > deadline:
+            raise CurrentAdapterBusy(f"the current adapter of {avatar_id!r} is being changed by someone else")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        objects.delete_if(key, etag)
+
+
+def _expired(body: bytes) -> bool:
+    try:
+        return CurrentAdapterLock.model_validate_json(body).expires_at <= utcnow()
+    except ValidationError:
+        return True  # not a lock we can read: treat it as debris
