@@ -8,7 +8,9 @@ A job's kind (`JobRecord.type`) says what it does. Each kind has here:
   use, so a worker that never sees a kind never imports what it needs (LanceDB, peft, ...);
 - `record`: the job record a request stands for: the API writes it before queueing, the
   trainer writes it for a request another service sent straight to the queue;
-- `links`: the API paths a job view links to (the outputs of a finished job).
+- `links`: the API paths a job view links to (the outputs of a finished job);
+- `params`: the request's own fields a record stands for (`request_of` rebuilds the request
+  from them: the API queues a job again whose worker vanished).
 
 Adding a kind is an entry here, its request model, and one recipe module: README, "Adding a
 job kind".
@@ -41,6 +43,7 @@ log = logging.getLogger("avatune.contracts")
 
 RecordBuilder = Callable[[Any, "Sealer | None"], JobRecord]
 LinkBuilder = Callable[[JobRecord], dict[str, str]]
+ParamsOf = Callable[[JobRecord], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class JobKind:
     work: str
     record: RecordBuilder
     links: LinkBuilder
+    params: ParamsOf
 
     @property
     def schema(self) -> str:
@@ -113,6 +117,23 @@ def _params_record(job_type: JobType) -> RecordBuilder:
     return build
 
 
+# -- the parameters of a record ----------------------------------------------------------------
+
+
+def _train_params(record: JobRecord) -> dict[str, Any]:
+    """A train record's request fields: its spec (the webhook header stays sealed) and config."""
+    spec = record.spec.model_dump(mode="json", exclude_none=True)
+    return {**spec, "config": record.config.model_dump(mode="json", exclude_none=True)}
+
+
+def _fuse_params(record: JobRecord) -> dict[str, Any]:
+    return {"adapter_version": record.adapter_version}
+
+
+def _request_params(record: JobRecord) -> dict[str, Any]:
+    return dict(record.request)
+
+
 # -- the links -----------------------------------------------------------------------------------
 
 VERSION_FILE_LINKS = (("metrics", METRICS_FILE), ("samples", SAMPLES_FILE), ("loss_curve", LOSS_CURVE_FILE))
@@ -149,14 +170,26 @@ def _no_links(record: JobRecord) -> dict[str, str]:
 JOB_KINDS: dict[JobType, JobKind] = {
     kind.type: kind
     for kind in (
-        JobKind("train", TrainRequest, "trainer.jobs.train:TrainWork", _train_record, _train_links),
-        JobKind("fuse", FuseRequest, "trainer.jobs.fuse:FuseWork", _fuse_record, _fuse_links),
+        JobKind("train", TrainRequest, "trainer.jobs.train:TrainWork", _train_record, _train_links, _train_params),
+        JobKind("fuse", FuseRequest, "trainer.jobs.fuse:FuseWork", _fuse_record, _fuse_links, _fuse_params),
         JobKind(
-            "generate", GenerateRequest, "trainer.jobs.generate:GenerateWork", _params_record("generate"), _no_links
+            "generate",
+            GenerateRequest,
+            "trainer.jobs.generate:GenerateWork",
+            _params_record("generate"),
+            _no_links,
+            _request_params,
         ),
-        JobKind("index", IndexRequest, "trainer.jobs.index:IndexWork", _params_record("index"), _no_links),
         JobKind(
-            "retrieve", RetrieveRequest, "trainer.jobs.retrieve:RetrieveWork", _params_record("retrieve"), _no_links
+            "index", IndexRequest, "trainer.jobs.index:IndexWork", _params_record("index"), _no_links, _request_params
+        ),
+        JobKind(
+            "retrieve",
+            RetrieveRequest,
+            "trainer.jobs.retrieve:RetrieveWork",
+            _params_record("retrieve"),
+            _no_links,
+            _request_params,
         ),
     )
 }
@@ -177,11 +210,13 @@ def record_of(request: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
 
 
 def request_of(record: JobRecord) -> QueueRequest:
-    """The queue request a record of a parameters kind (generate, index, retrieve) stands for:
-    its `request` validated again as the queue contract validates it. ValueError when invalid."""
+    """The queue request a record stands for, its parameters validated again as the queue
+    contract validates them (ValueError when invalid). `origin` says who wrote the record first."""
     kind = JOB_KINDS[record.type]
     identity = {"job_id": record.id, "user_id": record.user_id, "avatar_id": record.avatar_id}
-    return kind.request.model_validate({**record.request, "schema": kind.schema, **identity})
+    origin = "api" if record.source == "api" else "external"
+    payload = {**kind.params(record), "schema": kind.schema, **identity, "origin": origin}
+    return kind.request.model_validate({**payload, "requested_at": record.created_at})
 
 
 def links_of(record: JobRecord) -> dict[str, str]:

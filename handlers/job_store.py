@@ -21,7 +21,7 @@ from contracts.adapters import ActiveJobPointer, IdempotencyRecord
 from contracts.conditional import RecordNotFound, write_attempts
 from contracts.ids import is_valid_id
 from contracts.jobs import JobRecord, utcnow
-from contracts.keys import active_job_key, idempotency_key, job_key, jobs_prefix
+from contracts.keys import active_job_key, checkpoint_prefix, idempotency_key, job_key, jobs_prefix
 from handlers.avatar_ref import AvatarRef
 from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
 from handlers.s3_json import S3Json
@@ -181,11 +181,23 @@ class JobStore:
     async def avatar_ids(self, user_id: str) -> list[str]:
         return await self.objects.avatar_ids(user_id)
 
+    async def active_jobs(self, user_id: str) -> list[tuple[AvatarRef, ActiveJob]]:
+        """The user's avatars that have an active job, with it (stale pointers are cleared)."""
+        refs = [AvatarRef(user_id, a) for a in await self.avatar_ids(user_id)]
+        active = await asyncio.gather(*(self.active_job(ref) for ref in refs))
+        return [(ref, job) for ref, job in zip(refs, active, strict=True) if job is not None]
+
     async def count_active(self, user_id: str) -> int:
         """How many of the user's avatars have an active job (stale pointers are cleared)."""
-        avatar_ids = await self.avatar_ids(user_id)
-        active = await asyncio.gather(*(self.active_job(AvatarRef(user_id, a)) for a in avatar_ids))
-        return sum(1 for a in active if a is not None)
+        return len(await self.active_jobs(user_id))
+
+    async def delete_checkpoints(self, ref: AvatarRef, job_id: str) -> int:
+        """Drop a job's checkpoints (a job that ended without a worker: cancelled while queued
+        after a hand-back, or given up); how many objects went."""
+        contents, _ = await self.objects.objects(checkpoint_prefix(ref.user_id, ref.avatar_id, job_id))
+        for obj in contents:
+            await self.objects.delete(obj["Key"])
+        return len(contents)
 
     # -- idempotency records ----------------------------------------------------------------
 

@@ -42,6 +42,9 @@ class JobView(BaseModel):
     result: dict[str, Any] | None
     cancel_requested: bool
     attempts: int
+    failures: int = Field(
+        default=0, description="failed attempts (an error, or a worker that vanished); MAX_JOB_ATTEMPTS fail the job"
+    )
     links: dict[str, str] = Field(
         default_factory=dict,
         description="train jobs with a published version: API paths of that version's metrics.json, "

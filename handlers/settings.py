@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_presigned_upload_bytes: int = Field(default=64 * 1024 * 1024, alias="MAX_PRESIGNED_UPLOAD_BYTES", gt=0)
     s3_max_concurrency: int = Field(default=64, alias="S3_MAX_CONCURRENCY", ge=1, le=512)
     max_active_jobs_per_user: int = Field(default=4, alias="MAX_ACTIVE_JOBS_PER_USER", ge=1)
+    # The trainer's MAX_JOB_ATTEMPTS (one variable for both): a job whose worker vanished is
+    # queued again by the API until that many failed attempts, then failed.
+    max_job_attempts: int = Field(default=3, alias="MAX_JOB_ATTEMPTS", ge=1)
+    # A running job whose lease expired this long ago has no worker (its message did not bring
+    # one back): the API queues it again or fails it, so it never keeps the avatar locked.
+    stale_lease_seconds: int = Field(default=900, alias="STALE_LEASE_SECONDS", ge=10)
     # How long an Idempotency-Key answers the job it created; after that it may create a new one.
     idempotency_key_ttl_hours: int = Field(default=24, alias="IDEMPOTENCY_KEY_TTL_HOURS", ge=1, le=24 * 30)
     # A train job asking for more GPUs (resources.gpus / gpus) is refused with a 422 before queueing.

@@ -28,15 +28,15 @@ class TrainQueue:
             _queue_urls[key] = url
         return url
 
-    async def send(self, request: QueueRequest) -> str:
-        """Queue a train or fuse request in the avatar's message group; the job id is the
-        deduplication id, so a retried send within SQS's five-minute window never queues the job
-        twice. Returns the message id."""
+    async def send(self, request: QueueRequest, deduplication_id: str | None = None) -> str:
+        """Queue a request in the avatar's message group; the job id is the deduplication id
+        (unless another is given: a job queued again), so a retried send within SQS's five-minute
+        window never queues the job twice. Returns the message id."""
         resp = await self._sqs.send_message(
             QueueUrl=await self._url(self._train_queue),
             MessageBody=request.to_message_body(),
             MessageGroupId=request.message_group_id(),
-            MessageDeduplicationId=request.job_id,
+            MessageDeduplicationId=deduplication_id or request.job_id,
         )
         return str(resp["MessageId"])
 

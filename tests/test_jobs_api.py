@@ -52,6 +52,7 @@ VIEW_FIELDS = {
     "data",
     "cancel_requested",
     "attempts",
+    "failures",
     "spec",
     "request",
     "result",

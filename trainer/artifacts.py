@@ -5,9 +5,10 @@ metrics.json), then, when the version is promoted, overwrites the current files 
 then `manifest.json` last: a reader that trusts the manifest never sees a half-written
 adapter. The current adapter changes only under the avatar's current-adapter lock (with the
 API's promote and delete; `contracts.adapters.CurrentAdapterLock`), so a publish, a promote and a
-prune never interleave: at rest the current files are one whole version. Checkpoints follow the same rule: files first, the `_COMPLETE` marker last, and only
-a marked checkpoint is ever resumed from. So do merged models (`merged/{version}/`, fuse
-jobs): files first, their `manifest.json` last.
+prune never interleave: at rest the current files are one whole version. Checkpoints follow
+the same rule: files first, the `_COMPLETE` marker last, and only a marked checkpoint is ever
+resumed from. So do merged models (`merged/{version}/`, fuse jobs): files first, their
+`manifest.json` last.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -28,6 +29,7 @@ from trainer import aws, metrics
 from trainer.base_model import BaseModelCache
 from trainer.events import EventPublisher
 from trainer.runtime.context import JobWork
+from trainer.runtime.dead_letters import DeadLetterSweep
 from trainer.runtime.heartbeat import Delivery
 from trainer.runtime.runner import JobRunner, Outcome
 from trainer.settings import TrainerSettings, get_settings
@@ -63,6 +65,8 @@ class Worker:
         self.models = BaseModelCache(self.settings.model_cache_dir, token)
         events = EventPublisher(self.sqs, aws.queue_url(self.settings.events_queue_name))
         self.runner = JobRunner(self.settings, self.s3, self.sqs, events, self.models, self.shutdown)
+        self.dead_letters = DeadLetterSweep(self.sqs, self.dlq_url, self.runner)
+        self._swept_at = 0.0
         self._works: dict[JobType, JobWork] = {}
 
     def work_for(self, request: QueueRequest) -> JobWork:
@@ -101,12 +105,21 @@ class Worker:
         while not self.shutdown.is_set():
             try:
                 self.poll_once()
+                self._sweep_dead_letters()
             except _Interrupted:
                 break
             except Exception:  # S3/SQS trouble beyond botocore's retries: back off, keep serving
                 log.exception("poll failed; retrying")
                 self.shutdown.wait(5)
         log.info("worker %s stopped", self.settings.worker_id)
+
+    def _sweep_dead_letters(self) -> None:
+        """Between polls, every DEAD_LETTER_SWEEP_SECONDS: fail the jobs of dead-lettered requests."""
+        every = self.settings.dead_letter_sweep_seconds
+        if not every or time.monotonic() - self._swept_at < every:
+            return
+        self._swept_at = time.monotonic()
+        self.dead_letters.sweep()
 
     def poll_once(self) -> None:
         self._idle = True

@@ -28,6 +28,7 @@ from handlers.job_views import JobList, JobView
 from handlers.paging import INVALID_CURSOR, decode_cursor, encode_cursor
 from handlers.problems import Problem
 from handlers.services import jobs as job_service
+from handlers.services.job_recovery import JobRecovery
 from handlers.services.train_jobs import queue_train_job
 
 router = APIRouter(tags=["training jobs"])
@@ -96,11 +97,14 @@ async def list_jobs(
 
 
 @router.get(BASE + "/{job_id}", response_model=JobView, summary="One job")
-async def get_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, job_id: str) -> JobView:
+async def get_job(
+    avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQueueDep, settings: SettingsDep, job_id: str
+) -> JobView:
     record = await jobs.get(avatar, _checked_job_id(job_id))
     if record is None:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no job {job_id}")
-    return JobView.of(record)
+    # A job whose worker vanished is queued again (or given up) as soon as anyone looks at it.
+    return JobView.of(await JobRecovery(jobs, queue, settings).settle(avatar, record))
 
 
 @router.post(
@@ -110,8 +114,10 @@ async def get_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, job_id: str) -> J
     summary="Cancel a job (queued: at once; running: at the trainer's next step)",
     responses={409: {"description": "the job has already ended"}},
 )
-async def cancel_job(avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQueueDep, job_id: str) -> JobView:
-    record = await job_service.cancel_job(avatar, jobs, queue, _checked_job_id(job_id))
+async def cancel_job(
+    avatar: AuthorizedAvatar, jobs: JobStoreDep, queue: TrainQueueDep, settings: SettingsDep, job_id: str
+) -> JobView:
+    record = await job_service.cancel_job(avatar, jobs, queue, settings, _checked_job_id(job_id))
     return JobView.of(record)
 
 

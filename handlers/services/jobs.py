@@ -11,7 +11,13 @@ MAX_ACTIVE_JOBS_PER_USER across avatars):
    count again, and step back (retry, then 429) when a concurrent request made it one too many;
 5. write the job record, 6. the idempotency record, 7. send the request on the train queue.
 
-A failure after 4 removes what this request wrote (If-Match on each ETag) and answers 503.
+A failure after 4 removes what this request wrote (If-Match on each ETag) and answers 503,
+unless a worker has claimed the job meanwhile (its record's ETag changed: the message went out
+after all, e.g. a send that timed out after SQS took it): then the job lives, nothing is undone
+and the answer is 202 with the job, so a retry does not make a duplicate.
+
+A job whose worker vanished (`handlers.services.job_recovery`) is settled whenever these steps
+meet it (the avatar's slot, the user's count), so it never locks an avatar or the cap.
 
 Each kind's service (`train_jobs`, `adapter_jobs`, `context_jobs`) brings step 2 and the queue
 request (`api_request`); the record written in step 5 is the one the job-kind registry derives
@@ -31,11 +37,12 @@ from typing import Any, TypeVar
 from contracts.conditional import StoreBusy
 from contracts.job_kinds import JOB_KINDS, record_of
 from contracts.jobs import JobRecord, new_job_id, utcnow
-from contracts.messages import JobEvent, QueueRequest
+from contracts.messages import QueueRequest
 from handlers.avatar_ref import AvatarRef
 from handlers.idempotency import Idempotency
 from handlers.job_store import JobNotFound, JobStore
 from handlers.problems import Problem
+from handlers.services.job_recovery import JobRecovery
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue
 
@@ -88,13 +95,15 @@ async def queue_job(
     plan = await prepare()
 
     job_id = new_job_id()
+    recovery = JobRecovery(jobs, queue, settings)
     try:
-        pointer_etag = await _take_slot(jobs, avatar, job_id, settings.max_active_jobs_per_user)
+        pointer_etag = await _take_slot(recovery, jobs, avatar, job_id, settings.max_active_jobs_per_user)
     except Problem as conflict:
         if conflict.status == 409 and idempotency and (earlier := await _earlier_job(jobs, avatar, idempotency, ttl)):
             return earlier
         raise
     undo: list[Undo] = [lambda: jobs.release_claim(avatar, pointer_etag)]
+    record_etag: str | None = None
 
     try:
         if stage is not None:
@@ -104,7 +113,6 @@ async def queue_job(
         record_etag = await jobs.create(record)
         if record_etag is None:
             raise RuntimeError(f"job id {job_id} is taken")
-        undo.append(lambda: jobs.delete_created(avatar, job_id, record_etag))
         if idempotency:
             key_hash = idempotency.key_hash
             key_etag = await jobs.remember(avatar, key_hash, job_id, idempotency.fingerprint)
@@ -121,9 +129,24 @@ async def queue_job(
         raise
     except Exception:
         log.exception("creating job %s failed; rolling back", job_id)
+        if record_etag is not None and not await _delete_unclaimed(jobs, avatar, job_id, record_etag):
+            live = await jobs.get(avatar, job_id)
+            if live is not None:  # a worker claimed it: the message went out after all
+                log.warning("job %s was claimed by a worker: kept", job_id)
+                return live
         await _roll_back(undo)
         raise _unavailable() from None
     return record
+
+
+async def _delete_unclaimed(jobs: JobStore, avatar: AvatarRef, job_id: str, etag: str) -> bool:
+    """Roll back the record this request wrote unless a worker changed it since (claimed it);
+    True when it is gone. A failure to tell counts as claimed (nothing is undone)."""
+    try:
+        return await jobs.delete_created(avatar, job_id, etag)
+    except Exception:
+        log.exception("rolling back the record of job %s failed", job_id)
+        return False
 
 
 async def _earlier_job(jobs: JobStore, avatar: AvatarRef, idempotency: Idempotency, ttl: timedelta) -> JobRecord | None:
@@ -171,14 +194,19 @@ def _unavailable() -> Problem:
     return Problem(503, "could not queue the job; nothing was kept, retry later", headers={"Retry-After": "5"})
 
 
-async def _claim_slot(jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
+async def _claim_slot(recovery: JobRecovery, jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
     """Take the avatar's active-job pointer for `job_id`; its ETag. A pointer left by a finished
-    job is removed and the claim retried once. Raises the 409 naming the active job."""
+    job is removed (an abandoned job settled first) and the claim retried once. Raises the 409
+    naming the active job."""
     for _ in range(2):
         etag = await jobs.claim_active(avatar, job_id)
         if etag is not None:
             return etag
         active = await jobs.active_job(avatar)  # clears a stale pointer
+        if active is not None and recovery.abandoned(active.record):
+            assert active.record is not None
+            if not (await recovery.settle(avatar, active.record)).is_active:
+                continue  # given up: the slot is free now
         if active is not None:
             raise _active_conflict(avatar, active.job_id)
     active = await jobs.active_job(avatar)
@@ -187,16 +215,16 @@ async def _claim_slot(jobs: JobStore, avatar: AvatarRef, job_id: str) -> str:
     raise Problem(503, "the avatar's active job changed while creating this one; retry", headers={"Retry-After": "1"})
 
 
-async def _take_slot(jobs: JobStore, avatar: AvatarRef, job_id: str, cap: int) -> str:
+async def _take_slot(recovery: JobRecovery, jobs: JobStore, avatar: AvatarRef, job_id: str, cap: int) -> str:
     """Claim the avatar's slot within the user's cap of active jobs; the pointer's ETag.
 
     Requests on several avatars of one user may all pass the count at once, so the count is
     taken again with our pointer in place: one too many, and we step back, wait a random
     moment and try again (at most CAP_ATTEMPTS times), so the cap holds even under a burst."""
     for attempt in range(CAP_ATTEMPTS):
-        if await jobs.count_active(avatar.user_id) >= cap:
+        if await recovery.count_active(avatar.user_id) >= cap:
             raise _too_many(cap)
-        etag = await _claim_slot(jobs, avatar, job_id)
+        etag = await _claim_slot(recovery, jobs, avatar, job_id)
         try:
             within_cap = await jobs.count_active(avatar.user_id) <= cap
         except Exception:
@@ -227,20 +255,27 @@ class _AlreadyFinal(Exception):
     pass
 
 
-async def cancel_job(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, job_id: str) -> JobRecord:
-    """Cancel a job: a queued one at once (its slot freed, `job.cancelled` published), a running
-    one by asking the trainer (`cancel_requested`, honoured at its next step). The job as it is
-    now; 404 for no such job, 409 once it has ended, 503 when its record kept changing."""
-    cancelled_here = False
+async def cancel_job(
+    avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings, job_id: str
+) -> JobRecord:
+    """Cancel a job: a queued one at once (its slot freed, checkpoints of an earlier attempt
+    dropped, `job.cancelled` published), a running one by asking the trainer (`cancel_requested`,
+    honoured at its next step and by any worker that claims it later), and a running one whose
+    worker vanished (`job_recovery`) at once too. The job as it is now; 404 for no such job, 409
+    once it has ended, 503 when its record kept changing."""
+    recovery = JobRecovery(jobs, queue, settings)
+    ended_here = False
 
     def cancel(record: JobRecord) -> JobRecord | None:
-        nonlocal cancelled_here
-        cancelled_here = False
-        if record.status == "queued":
-            cancelled_here = True
+        nonlocal ended_here
+        ended_here = False
+        if record.status == "queued" or recovery.abandoned(record):
+            ended_here = True
             record.status = "cancelled"
             record.finished_at = utcnow()
             record.cancel_requested = True
+            record.error = "cancelled by request"
+            record.lease = None
             return record
         if record.status == "running":
             if record.cancel_requested:
@@ -258,31 +293,6 @@ async def cancel_job(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, job_i
     except StoreBusy as exc:
         raise Problem(503, f"{exc}; retry", headers={"Retry-After": "1"}) from None
 
-    if cancelled_here:
-        await _after_cancelling_queued(avatar, jobs, queue, record)
+    if ended_here:
+        await recovery.finished_here(avatar, record)
     return record
-
-
-async def _after_cancelling_queued(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, record: JobRecord) -> None:
-    """Free the slot of a job cancelled while queued and publish `job.cancelled` (the trainer,
-    which publishes the other events, never runs it). The job is cancelled either way; a
-    failure here only delays the bookkeeping (a pointer to a finished job is stale and cleared
-    by the next request that meets it)."""
-    try:
-        await jobs.release_active(avatar, record.id)
-    except Exception:
-        log.exception("releasing the active pointer of cancelled job %s failed", record.id)
-    try:
-        await queue.publish(
-            JobEvent(
-                event="job.cancelled",
-                job_id=record.id,
-                user_id=avatar.user_id,
-                avatar_id=avatar.avatar_id,
-                status="cancelled",
-                job_type=record.type,
-                adapter_version=record.adapter_version,
-            )
-        )
-    except Exception:
-        log.exception("publishing job.cancelled for %s failed", record.id)

@@ -149,14 +149,14 @@ class JobRunner:
         if job is None:
             return self._not_claimed(req, verdict)
         if verdict == Claim.FINAL:
-            self._complete_tail(job)
+            self.complete_tail(job)
             log.info("job %s already finished: duplicate delivery ignored", job.id)
             return Outcome.DONE
         if verdict == Claim.OWNED:
             return self._adopt(job, delivery)
         if verdict in (Claim.CANCELLED, Claim.GAVE_UP):
             log.info("job %s %s without starting: %s", job.id, job.status, job.error)
-            self._complete_tail(job)
+            self.complete_tail(job)
             return Outcome.DONE
         log.info("%s job %s started (attempt %d)", job.type, job.id, job.attempts)
         prom.QUEUE_WAIT.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
@@ -334,9 +334,9 @@ class JobRunner:
             return
         _observe(final, time.monotonic() - self._claimed_at)
         log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
-        self._complete_tail(final)
+        self.complete_tail(final)
 
-    def _complete_tail(self, final: JobRecord) -> None:
+    def complete_tail(self, final: JobRecord) -> None:
         """What follows a final record, each step idempotent, so a redelivery of the job's
         message can finish what a crash interrupted: the avatar's slot freed, checkpoints
         dropped (unless a duration limit keeps them), the final event published once per id
