@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(default=3, alias="MAX_JOB_ATTEMPTS", ge=1)
     # A running job whose lease expired this long ago has no worker (its message did not bring
     # one back): the API queues it again or fails it, so it never keeps the avatar locked.
-    stale_lease_seconds: int = Field(default=900, alias="STALE_LEASE_SECONDS", ge=10)
+    stale_lease_seconds: int = Field(default=900, alias="STALE_LEASE_SECONDS", ge=1)
     # How long an Idempotency-Key answers the job it created; after that it may create a new one.
     idempotency_key_ttl_hours: int = Field(default=24, alias="IDEMPOTENCY_KEY_TTL_HOURS", ge=1, le=24 * 30)
     # A train job asking for more GPUs (resources.gpus / gpus) is refused with a 422 before queueing.

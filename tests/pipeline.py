@@ -133,7 +133,7 @@ def wait_for_job(
     raise TimeoutError(f"job {job_id} stuck in {seen}\n{logs}")
 
 
-def start_pipeline(tmp: Path, model_dir: Path) -> Pipeline:
+def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = None) -> Pipeline:
     suffix = uuid.uuid4().hex[:8]
     names = StackNames(bucket=TEST_BUCKET, train_queue=f"e2e-{suffix}.fifo", events_queue=f"e2e-{suffix}-events")
     urls = bootstrap(names)
@@ -144,12 +144,13 @@ def start_pipeline(tmp: Path, model_dir: Path) -> Pipeline:
         BASE_MODEL=str(model_dir),
         MAX_ACTIVE_JOBS_PER_USER="4",
     )
+    api_environment = {**env, **(api_env or {})}
     port = free_port()
     api_log = open(tmp / "api.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env=env,
+        env=api_environment,
         stdout=api_log,
         stderr=subprocess.STDOUT,
     )
