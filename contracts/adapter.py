@@ -3,7 +3,7 @@ the `config` of a train request."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,6 +12,11 @@ Method = Literal["qlora", "lora", "full"]
 Precision = Literal["bf16", "fp16", "fp32"]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
+
+# No decoder has more layers than this (the largest open models have ~130): a bigger index is a
+# mistake (or an attack on the trainer) and is refused where it is written, not at training time.
+MAX_LAYER_INDEX = 1023
+LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)]
 
 _MODULE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
 
@@ -52,7 +57,7 @@ class AdapterSettings(BaseModel):
     quant_type: QuantType | None = Field(default=None, description="qlora: 4-bit quantisation type")
     double_quant: bool | None = Field(default=None, description="qlora: quantise the quantisation constants too")
     compute_dtype: ComputeDtype | None = Field(default=None, description="qlora: dtype of the 4-bit matmuls")
-    trainable_layers: list[int] | None = Field(
+    trainable_layers: list[LayerIndex] | None = Field(
         default=None,
         min_length=1,
         max_length=1024,
@@ -77,8 +82,6 @@ class AdapterSettings(BaseModel):
     @field_validator("trainable_layers")
     @classmethod
     def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(i < 0 for i in value):
-            raise ValueError("layer indices start at 0")
         return sorted(set(value)) if value is not None else None
 
     def merged_over(self, base: AdapterSettings) -> AdapterSettings:

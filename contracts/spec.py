@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from contracts.adapter import AdapterSettings, ComputeDtype, Method, Precision, QuantType
+from contracts.adapter import AdapterSettings, ComputeDtype, LayerIndex, Method, Precision, QuantType
 from contracts.webhooks import InvalidWebhookUrl, check_auth_header, check_signing_secret_ref, check_webhook_url
 
 DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
@@ -153,7 +153,7 @@ class JobSpec(_Section):
     precision: Precision | None = None
     qlora: QLoRAOptions | None = None
     target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
-    trainable_layers: list[int] | None = Field(default=None, min_length=1, max_length=1024)
+    trainable_layers: list[LayerIndex] | None = Field(default=None, min_length=1, max_length=1024)
     datasets: list[DatasetSource] = Field(default_factory=list, max_length=64)
     tuning: Tuning | None = None
     resources: Resources | None = None

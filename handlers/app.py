@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from contracts import logs
+from handlers.limits import RequestLimits
 from handlers.problems import install_problem_handlers
 from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
@@ -19,6 +20,11 @@ def create_app() -> FastAPI:
         description="Per-avatar LoRA adapter training: documents, adapters, jobs.",
     )
     install_problem_handlers(app)
+    app.add_middleware(
+        RequestLimits,
+        max_header_bytes=settings.max_header_bytes,
+        max_json_body_bytes=settings.max_json_body_bytes,
+    )
     app.include_router(health.router)
     app.include_router(training_data.router)
     app.include_router(adapters.router)

@@ -52,17 +52,35 @@ def _claims_from_apigateway(request: Request) -> dict[str, Any]:
     return claims
 
 
-def _claims_from_bearer(request: Request, secret: str) -> dict[str, Any]:
+def _claims_from_bearer(request: Request, secret: str, settings: Settings) -> dict[str, Any]:
     import jwt  # on first use: PyJWT pulls in cryptography, a cold-start cost /healthz never needs
 
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <JWT>'")
+    # `exp` is required: a token that never expires is a credential that can never be revoked.
+    required = [
+        "sub",
+        "exp",
+        *(["aud"] if settings.auth_jwt_audience else []),
+        *(["iss"] if settings.auth_jwt_issuer else []),
+    ]
     try:
-        return jwt.decode(token.strip(), secret, algorithms=["HS256"], options={"require": ["sub"]})
+        return jwt.decode(
+            token.strip(),
+            secret,
+            algorithms=["HS256"],
+            options={"require": required},
+            audience=settings.auth_jwt_audience,
+            issuer=settings.auth_jwt_issuer,
+        )
     except jwt.ExpiredSignatureError:
         raise _unauthorized("token expired") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise _unauthorized(f"token has no {exc.claim!r} claim") from None
+    except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+        raise _unauthorized("token is not for this API (audience or issuer)") from None
     except jwt.InvalidTokenError:
         # The library's message may echo token parts; keep the answer generic.
         raise _unauthorized("invalid token") from None
@@ -76,7 +94,7 @@ def verified_principal(request: Request, settings: Settings) -> Principal:
         secret = settings.jwt_secret()
         if secret is None:  # guarded at start-up too; never accept unsigned tokens
             raise _unauthorized("authentication is not configured")
-        claims = _claims_from_bearer(request, secret)
+        claims = _claims_from_bearer(request, secret, settings)
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _unauthorized("token has no subject")
@@ -84,7 +102,15 @@ def verified_principal(request: Request, settings: Settings) -> Principal:
     return Principal(subject=sub, role=role if isinstance(role, str) else None)
 
 
-def issue_token(secret: str, subject: str, *, role: str | None = None, ttl_seconds: int = 86400) -> str:
+def issue_token(
+    secret: str,
+    subject: str,
+    *,
+    role: str | None = None,
+    ttl_seconds: int = 86400,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
     """Mint an HS256 token (dev tooling and tests)."""
     import time
 
@@ -93,4 +119,8 @@ def issue_token(secret: str, subject: str, *, role: str | None = None, ttl_secon
     claims: dict[str, Any] = {"sub": subject, "iat": int(time.time()), "exp": int(time.time()) + ttl_seconds}
     if role:
         claims["role"] = role
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -41,7 +41,12 @@ def parse_event(body: Any) -> JobEvent:
     return parse_message(body, JobEvent, JOB_EVENT_SCHEMA)
 
 
-def deliver(event: JobEvent) -> None:
+# Time kept back from the invocation's remaining time: the handler must answer before Lambda
+# stops it, or the whole batch (other users' events included) is retried.
+RESERVE_SECONDS = 2.0
+
+
+def deliver(event: JobEvent, budget: float | None = None) -> None:
     """Act on one job event: return on success, raise to have the record retried (and
     dead-lettered after the queue's maxReceiveCount). One structured JSON log line, then the
     job's webhook for a final event (`handlers.webhooks.deliver`)."""
@@ -60,26 +65,37 @@ def deliver(event: JobEvent) -> None:
         json.dumps(entry, default=str),
         extra={"job_id": event.job_id, "user_id": event.user_id, "avatar_id": event.avatar_id},
     )
-    webhooks.deliver(event)
+    webhooks.deliver(event, budget)
 
 
-def process_record(record: dict[str, Any]) -> JobEvent:
-    """Parse and deliver one SQS record; raises on any failure."""
+def process_record(record: dict[str, Any], budget: float | None = None) -> JobEvent:
+    """Parse and deliver one SQS record within `budget` seconds; raises on any failure."""
     event = parse_event(record.get("body"))
-    deliver(event)
+    deliver(event, budget)
     return event
+
+
+def _budget(context: Any, records_left: int) -> float | None:
+    """A record's share of the invocation's remaining time (None outside Lambda)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return max(0.0, (remaining() / 1000 - RESERVE_SECONDS) / max(records_left, 1))
 
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, list[dict[str, str]]]:
     """SQS batch handler with partial batch responses (ReportBatchItemFailures)."""
     failures: list[dict[str, str]] = []
     records = (event or {}).get("Records") or []
-    for record in records:
+    for index, record in enumerate(records):
         message_id = record.get("messageId") if isinstance(record, dict) else None
         try:
             if not isinstance(record, dict):
                 raise MalformedEvent("record is not an object")
-            process_record(record)
+            budget = _budget(context, len(records) - index)
+            if budget is not None and budget <= 0:
+                raise TimeoutError("the invocation is out of time: left for the next one")
+            process_record(record, budget)
         except MalformedEvent as exc:
             log.error(json.dumps({"message": "malformed job event", "message_id": message_id, "reason": str(exc)}))
             failures.append({"itemIdentifier": str(message_id)})

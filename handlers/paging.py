@@ -24,7 +24,8 @@ def decode_cursor(cursor: str) -> str:
         name = base64.urlsafe_b64decode(padded.encode()).decode()
     except Exception:
         raise ValueError("invalid cursor") from None
-    if not name or "/" in name or len(name) > MAX_CURSOR_TEXT:
+    # Control characters never appear in a name we list (and S3 refuses them in a StartAfter).
+    if not name or "/" in name or len(name) > MAX_CURSOR_TEXT or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ValueError("invalid cursor")
     return name
 

@@ -61,7 +61,12 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
     errors = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
-        errors.append({"loc": loc, "msg": err.get("msg", "invalid")})
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":  # its loc is (body, byte offset): not a field
+            position = loc[1] if len(loc) > 1 else "?"
+            msg = f"the body is not valid JSON (at character {position}: {(err.get('ctx') or {}).get('error', msg)})"
+            loc = []
+        errors.append({"loc": loc, "msg": msg})
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(first["loc"][1:] if len(first["loc"]) > 1 else first["loc"])
     detail = f"{where}: {first['msg']}" if where else first["msg"]
@@ -92,7 +97,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail, errors = _validation_detail(exc)
-        # `field`: the first invalid field's dotted path in the body or query (as in the detail).
+        # `field`: the first invalid field's dotted path in the body or query (as in the detail);
+        # none for a body that is not JSON at all.
         loc = errors[0]["loc"] if errors else []
         field = ".".join(loc[1:] if len(loc) > 1 else loc) or None
         return problem_response(422, detail, instance=request.url.path, errors=errors, field=field)

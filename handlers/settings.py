@@ -12,6 +12,9 @@ from contracts.sealing import Sealer, sealer_from_settings
 
 # Used only when DEV_MODE is on and no AUTH_JWT_SECRET is set; never valid in production
 # because the API refuses to start without a secret outside dev mode.
+# HS256 secrets shorter than this are refused outside DEV_MODE (RFC 7518 asks for at least the
+# hash's size, 256 bits).
+MIN_JWT_SECRET_BYTES = 32
 DEV_JWT_SECRET = "avatune-dev-secret-not-for-production"
 
 
@@ -30,9 +33,15 @@ class Settings(BaseSettings):
 
     auth_mode: Literal["jwt", "apigateway"] = Field(default="jwt", alias="AUTH_MODE")
     auth_jwt_secret: SecretStr | None = Field(default=None, alias="AUTH_JWT_SECRET")
+    # When set, a token must carry this `aud` / `iss` (JWT mode; API Gateway checks its own).
+    auth_jwt_audience: str | None = Field(default=None, alias="AUTH_JWT_AUDIENCE")
+    auth_jwt_issuer: str | None = Field(default=None, alias="AUTH_JWT_ISSUER")
     dev_mode: bool = Field(default=False, alias="DEV_MODE")
 
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, alias="MAX_UPLOAD_BYTES", gt=0)
+    # Refused before any route sees them (handlers.limits): 431 / 413.
+    max_header_bytes: int = Field(default=16 * 1024, alias="MAX_HEADER_BYTES", ge=1024)
+    max_json_body_bytes: int = Field(default=6 * 1024 * 1024, alias="MAX_JSON_BODY_BYTES", ge=1024)
     presign_expires_seconds: int = Field(default=900, alias="PRESIGN_EXPIRES_SECONDS", ge=60, le=604800)
     # Presigned uploads (documents too big for a request): the size the client declares is
     # signed into the URL as Content-Length, so S3 refuses any other; this caps what it may declare.
@@ -81,11 +90,20 @@ class Settings(BaseSettings):
         return self._sealer_cache[0]
 
     def check_startable(self) -> None:
-        """Refuse to serve with no way to verify tokens (outside dev mode)."""
-        if self.auth_mode == "jwt" and self.jwt_secret() is None:
+        """Refuse to serve with no way to verify tokens, or a secret too short to resist a
+        brute force of HS256 (outside dev mode)."""
+        if self.auth_mode != "jwt":
+            return
+        secret = self.jwt_secret()
+        if secret is None:
             raise RuntimeError(
                 "AUTH_JWT_SECRET is not set: refusing to start. Set it, set AUTH_MODE=apigateway "
                 "behind an API Gateway JWT authorizer, or DEV_MODE=true for local development."
+            )
+        if len(secret.encode()) < MIN_JWT_SECRET_BYTES and not self.dev_mode:
+            raise RuntimeError(
+                f"AUTH_JWT_SECRET is shorter than {MIN_JWT_SECRET_BYTES} bytes: refusing to start "
+                "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
 
 

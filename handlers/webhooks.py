@@ -15,6 +15,13 @@ One delivery:
 4. POST, up to WEBHOOK_ATTEMPTS times with exponential backoff (WEBHOOK_BACKOFF_SECONDS * 2^n)
    on connection errors, timeouts, 429 and 5xx.
 
+One deadline covers a whole delivery (every attempt's DNS lookup, connect, request, response
+headers and body, and the backoff between them): WEBHOOK_TIMEOUT_SECONDS, shortened so the
+invocation never runs out of time (the handler hands each record its share of what the Lambda
+has left). A per-socket timeout alone would let a receiver that drips a byte at a time hold a
+delivery for ever, time the whole batch out, and push other users' events towards the DLQ; with
+the deadline only the slow receiver's own record fails (and is retried).
+
 Who is at fault decides what happens on failure: the receiver or the job (refused address, a 4xx
 other than 429, a redirect) -> logged and dropped, retrying cannot help; this side (S3, KMS, a
 named signing secret missing, a receiver still failing after the retries) -> raised, so the
@@ -34,6 +41,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -104,6 +112,42 @@ class WebhookSettings:
 # -- where to connect ------------------------------------------------------------------------
 
 
+class Deadline:
+    """A point in time a delivery must be done by (monotonic clock)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+    def run(self, what: str, call: Callable[[], Any], on_timeout: Callable[[], None] | None = None) -> Any:
+        """`call()` in a helper thread, given up (`on_timeout()` to unblock it, DeadlineExceeded)
+        once the deadline passes: a blocking DNS lookup or a dripping socket cannot outlast it."""
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as exc:  # re-raised in the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, daemon=True, name=f"webhook-{what}")
+        thread.start()
+        thread.join(self.remaining())
+        if thread.is_alive():
+            if on_timeout is not None:
+                on_timeout()
+            raise DeadlineExceeded(f"{what} did not finish before the delivery's deadline")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+
+class DeadlineExceeded(TimeoutError):
+    """A delivery ran out of its time: retried by SQS like any failed delivery."""
+
+
 def resolve(host: str, port: int) -> list[str]:
     """The addresses `host` resolves to (all of them, in the resolver's order)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -121,7 +165,9 @@ class Target:
     address: str
 
 
-def checked_target(url: str, allow_private: bool, resolver: Resolver = resolve) -> Target:
+def checked_target(
+    url: str, allow_private: bool, resolver: Resolver = resolve, deadline: Deadline | None = None
+) -> Target:
     """Resolve `url`'s host and check every address it resolves to; WebhookRefused when the
     URL or any address is not allowed (a name with one private answer among public ones is
     refused: the answer to connect with could be either)."""
@@ -134,7 +180,14 @@ def checked_target(url: str, allow_private: bool, resolver: Resolver = resolve) 
     port = parts.port or (443 if parts.scheme == "https" else 80)
     literal = literal_ip(host)
     try:
-        addresses = [str(literal)] if literal is not None else resolver(host, port)
+        if literal is not None:
+            addresses = [str(literal)]
+        elif deadline is not None:
+            addresses = deadline.run("DNS lookup", lambda: resolver(host, port))
+        else:
+            addresses = resolver(host, port)
+    except DeadlineExceeded as exc:  # a slow resolver: retried, like a receiver that is down
+        raise DeliveryFailed(f"webhook host {host!r}: {exc}") from None
     except OSError as exc:
         raise WebhookRefused(f"webhook host {host!r} does not resolve ({exc.__class__.__name__})") from None
     if not addresses:
@@ -172,16 +225,28 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
-def post(target: Target, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
-    """POST `body` to the pinned target; the response status. OSError/HTTPException on
-    connection trouble."""
+def post(target: Target, body: bytes, headers: Mapping[str, str], deadline: Deadline) -> int:
+    """POST `body` to the pinned target before `deadline`; the response status.
+    OSError/HTTPException on connection trouble, DeadlineExceeded when time runs out."""
     cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    conn = cls(target, timeout)
-    try:
+    conn = cls(target, max(deadline.remaining(), 0.001))
+
+    def exchange() -> int:
         conn.request("POST", target.path, body=body, headers=dict(headers))
         response = conn.getresponse()
         response.read(MAX_RESPONSE_BYTES)
         return response.status
+
+    def hang_up() -> None:  # wakes a recv blocked on a dripping receiver
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    try:
+        return deadline.run("POST", exchange, hang_up)
     finally:
         conn.close()
 
@@ -233,9 +298,12 @@ class WebhookDeliverer:
             raise
         return JobRecord.model_validate_json(body)
 
-    def deliver(self, event: JobEvent) -> str:
-        """Deliver one event; what happened: "not-final", "off" (no S3_BUCKET), "no-record",
-        "no-webhook", "refused", "rejected" or "delivered". Raises to have it retried."""
+    def deliver(self, event: JobEvent, budget: float | None = None) -> str:
+        """Deliver one event within WEBHOOK_TIMEOUT_SECONDS (or `budget`, when less is left);
+        what happened: "not-final", "off" (no S3_BUCKET), "no-record", "no-webhook", "refused",
+        "rejected" or "delivered". Raises to have it retried (DeadlineExceeded included)."""
+        seconds = self.settings.timeout_seconds if budget is None else min(self.settings.timeout_seconds, budget)
+        deadline = Deadline(seconds)
         if event.event not in FINAL_EVENTS:
             return "not-final"
         if not self.settings.bucket:
@@ -251,7 +319,7 @@ class WebhookDeliverer:
         host = urlsplit(callbacks.webhook_url).hostname or ""
         try:
             target = checked_target(
-                callbacks.webhook_url, callbacks.allow_private and self.settings.allow_private, self._resolver
+                callbacks.webhook_url, callbacks.allow_private and self.settings.allow_private, self._resolver, deadline
             )
         except WebhookRefused as exc:
             _log("webhook refused", event, level=logging.WARNING, host=host, reason=str(exc))
@@ -266,7 +334,7 @@ class WebhookDeliverer:
         if callbacks.auth_header_sealed:
             headers["Authorization"] = self._authorization(callbacks.auth_header_sealed, event)
         secret = self._signing_secret(callbacks.signing_secret_ref)
-        return self._post_with_retries(event, target, body, headers, secret)
+        return self._post_with_retries(event, target, body, headers, secret, deadline)
 
     def _authorization(self, sealed: str, event: JobEvent) -> str:
         sealer = self.sealer()
@@ -281,15 +349,24 @@ class WebhookDeliverer:
         return value
 
     def _post_with_retries(
-        self, event: JobEvent, target: Target, body: bytes, headers: dict[str, str], secret: str | None
+        self,
+        event: JobEvent,
+        target: Target,
+        body: bytes,
+        headers: dict[str, str],
+        secret: str | None,
+        deadline: Deadline,
     ) -> str:
         attempts = self.settings.attempts
         last = ""
         for attempt in range(1, attempts + 1):
             if secret is not None:  # a fresh timestamp per attempt: receivers' replay window
                 headers[SIGNATURE_HEADER] = signature_header(secret, body)
+            if deadline.remaining() <= 0:
+                last = "out of time"
+                break
             try:
-                status = post(target, body, headers, self.settings.timeout_seconds)
+                status = post(target, body, headers, deadline)
             except (OSError, http.client.HTTPException) as exc:
                 status, last = 0, exc.__class__.__name__
             else:
@@ -309,7 +386,7 @@ class WebhookDeliverer:
                     return "rejected"
             _log("webhook attempt failed", event, level=logging.WARNING, host=target.host, reason=last, attempt=attempt)
             if attempt < attempts:
-                self._sleep(self.settings.backoff_seconds * 2 ** (attempt - 1))
+                self._sleep(min(self.settings.backoff_seconds * 2 ** (attempt - 1), deadline.remaining()))
         raise DeliveryFailed(f"webhook to {target.host} failed after {attempts} attempts ({last})")
 
 
@@ -332,13 +409,13 @@ def _log(message: str, event: JobEvent, level: int = logging.INFO, **fields: Any
 _deliverer: WebhookDeliverer | None = None
 
 
-def deliver(event: JobEvent) -> str:
+def deliver(event: JobEvent, budget: float | None = None) -> str:
     """Deliver with the environment's configuration (one deliverer per Lambda container, so the
-    S3/KMS clients are reused across invocations)."""
+    S3/KMS clients are reused across invocations), within `budget` seconds when given."""
     global _deliverer
     if _deliverer is None:
         _deliverer = WebhookDeliverer(WebhookSettings.from_env())
-    return _deliverer.deliver(event)
+    return _deliverer.deliver(event, budget)
 
 
 def reset() -> None:

@@ -10,6 +10,7 @@ import jwt
 import pytest
 
 from contracts.keys import user_prefix
+from handlers.auth import issue_token
 from tests.conftest import TEST_SECRET, Api, chat_line, keys_under, token_for
 
 # Every route of another user's avatar, with a body where it needs one.
@@ -59,7 +60,8 @@ def test_no_token_is_unauthorized(api_url: str, victim: Api, method, path, kwarg
 def test_bad_tokens(api_url: str, victim: Api) -> None:
     now = int(time.time())
     bad = {
-        "wrong secret": jwt.encode({"sub": victim.user_id}, "other-secret", algorithm="HS256"),
+        "wrong secret": jwt.encode({"sub": victim.user_id, "exp": now + 60}, "other-secret", algorithm="HS256"),
+        "no exp": jwt.encode({"sub": victim.user_id}, TEST_SECRET, algorithm="HS256"),
         "expired": jwt.encode({"sub": victim.user_id, "exp": now - 10}, TEST_SECRET, algorithm="HS256"),
         "no sub": jwt.encode({"role": "service"}, TEST_SECRET, algorithm="HS256"),
         "alg none": jwt.encode({"sub": victim.user_id}, None, algorithm="none"),
@@ -93,3 +95,49 @@ def test_api_refuses_to_start_without_secret(moto_endpoint: str) -> None:
         [sys.executable, "-c", "import handlers.app"], env=dict(env, DEV_MODE="true"), capture_output=True
     )
     assert proc.returncode == 0
+
+
+def test_audience_and_issuer_are_checked_when_configured(moto_endpoint: str, stack) -> None:
+    """AUTH_JWT_AUDIENCE / AUTH_JWT_ISSUER: a token must carry both, with these values."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port, stop, wait_http
+
+    port = free_port()
+    env = dict(os.environ, AUTH_JWT_AUDIENCE="avatune-api", AUTH_JWT_ISSUER="https://id.example.com")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "handlers.app:app", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", proc)
+        docs = "/v1/users/alice/avatars/a/training-data"
+        ok = issue_token(TEST_SECRET, "alice", audience="avatune-api", issuer="https://id.example.com")
+        assert httpx.get(url + docs, headers={"Authorization": f"Bearer {ok}"}).status_code == 200
+        for token in (
+            issue_token(TEST_SECRET, "alice"),
+            issue_token(TEST_SECRET, "alice", audience="other-api", issuer="https://id.example.com"),
+            issue_token(TEST_SECRET, "alice", audience="avatune-api", issuer="https://evil.example.com"),
+        ):
+            r = httpx.get(url + docs, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json", r.text
+    finally:
+        stop(proc)
+
+
+def test_a_short_secret_is_refused_outside_dev_mode(moto_endpoint: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DEV_MODE"}
+    env["AUTH_JWT_SECRET"] = "too-short-secret"
+    proc = subprocess.run([sys.executable, "-c", "import handlers.app"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "shorter than 32 bytes" in proc.stderr
+    assert "too-short-secret" not in proc.stderr

@@ -137,3 +137,61 @@ def test_reserved_prefixes_are_untouched(api: Api, s3) -> None:
     assert sorted(keys_under(s3, user_prefix(api.user_id))) == sorted(reserved)
     assert training_data_prefix(api.user_id, api.avatar_id) in reserved[-1]
     json.dumps(reserved)
+
+
+# -- found by a property-based fuzz of the OpenAPI and a hostile-input run ----------------------
+
+
+def test_cursors_that_decode_to_control_characters_are_a_400(api: Api) -> None:
+    import base64
+
+    for raw in (b"\x00", b"a\x01b", b"x\x7f"):
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        for path in (api.docs, f"{api.base}/context"):
+            assert_problem(api.get(path, params={"cursor": cursor}), 400, "invalid cursor")
+    assert api.get("/healthz").status_code == 200  # the keep-alive connection survived
+
+
+def test_oversized_headers_are_a_431(api: Api) -> None:
+    for size in (1 << 20, 10 * 1024 * 1024):
+        r = api.get(api.docs, headers={"X-Padding": "a" * size})
+        assert_problem(r, 431, "MAX_HEADER_BYTES")
+
+
+def test_oversized_json_bodies_are_refused_before_parsing(api: Api, s3) -> None:
+    path = f"{api.base}/training-jobs"
+    big = b'{"training_data": [' + b'"x",' * (10 * 1024 * 1024 // 4) + b'"x"]}'
+    assert_problem(
+        api.post(path, content=big, headers={"Content-Type": "application/json"}), 413, "MAX_JSON_BODY_BYTES"
+    )
+
+    def chunks():  # no Content-Length: refused as it streams past the limit
+        yield b'{"training_data": ['
+        for _ in range(80):
+            yield b'"x",' * 25_000
+        yield b'"x"]}'
+
+    streamed = api.post(path, content=chunks(), headers={"Content-Type": "application/json"})
+    assert_problem(streamed, 413, "MAX_JSON_BODY_BYTES")
+    assert keys_under(s3, user_prefix(api.user_id)) == []
+    assert api.get("/healthz").status_code == 200
+
+
+def test_impossible_layer_indices_are_refused_where_they_are_written(api: Api, s3) -> None:
+    for body in ({"trainable_layers": [2**63]}, {"trainable_layers": [-1]}, {"trainable_layers": [1024]}):
+        body_problem = assert_problem(api.put(f"{api.base}/adapter", json=body), 422)
+        assert body_problem["field"].startswith("trainable_layers")
+        assert_problem(api.post(f"{api.base}/training-jobs", json=body), 422)
+    assert keys_under(s3, user_prefix(api.user_id)) == []
+
+
+def test_malformed_json_names_no_field(api: Api) -> None:
+    r = api.post(f"{api.base}/training-jobs", content=b'{"r": 4,, }', headers={"Content-Type": "application/json"})
+    body = assert_problem(r, 422, "not valid JSON")
+    assert body.get("field") is None and "character" in body["detail"]
+
+
+def test_token_env_may_name_only_hub_token_variables(api: Api) -> None:
+    for name in ("AWS_SECRET_ACCESS_KEY", "CALLBACK_SEAL_KEY", "hf_token", "HF_TOKEN_"):
+        r = api.post(f"{api.base}/training-jobs", json={"base_model": {"name": "x/y", "token_env": name}})
+        assert assert_problem(r, 422)["field"] == "base_model.token_env", name

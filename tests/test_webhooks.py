@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -560,3 +561,96 @@ def test_trainer_seals_a_queued_requests_header() -> None:
     assert header not in refused.to_json().decode() and MASKED_SECRET not in refused.to_json().decode()
     with pytest.raises(SealingUnavailable):
         seal_callbacks(request.job_spec(), None, job_context("alice", "a1", "job-1"))
+
+
+class DripReceiver:
+    """A receiver that accepts and then answers one byte every `interval` seconds for ever (a
+    per-socket timeout never fires on it)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.interval = interval
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"x" * 10_000:
+                if self.stopped.wait(self.interval):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+class LambdaContext:
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._end - time.monotonic()) * 1000)
+
+
+def test_a_dripping_receiver_fails_only_its_record_within_one_deadline(
+    receiver: Receiver, events_env, monkeypatch, s3
+) -> None:
+    """A receiver dripping a byte every 0.2 s (its response would take half an hour) holds a
+    delivery no longer than the delivery's deadline: the batch answers in time, the other
+    record is delivered, only the dripping one is retried."""
+    monkeypatch.setenv("WEBHOOK_TIMEOUT_SECONDS", "1.5")
+    webhooks.reset()
+    drip = DripReceiver()
+    try:
+        hook = f"/ok/{uuid.uuid4().hex}"
+        slow = finished_job(s3, {"webhook_url": f"http://127.0.0.1:{drip.port}/hook", "allow_private": True})
+        fine = finished_job(s3, {"webhook_url": receiver.url(hook), "allow_private": True})
+        records = [
+            sqs_record(final_event(slow).to_message_body(), "slow"),
+            sqs_record(final_event(fine).to_message_body(), "fine"),
+        ]
+        started = time.monotonic()
+        response = handler({"Records": records}, LambdaContext(60))
+        elapsed = time.monotonic() - started
+        assert response == {"batchItemFailures": [{"itemIdentifier": "slow"}]}
+        assert len(receiver.to(hook)) == 1
+        assert elapsed < 15, elapsed  # bounded by the deadline, not by the receiver (minutes)
+        # Little time left in the invocation: the records are left for the next one, not started.
+        late = handler({"Records": records}, LambdaContext(1))
+        assert late == {"batchItemFailures": [{"itemIdentifier": "slow"}, {"itemIdentifier": "fine"}]}
+    finally:
+        drip.close()
+
+
+def test_a_slow_resolver_is_bounded_by_the_deadline(events_env, s3) -> None:
+    from handlers.webhooks import DeliveryFailed, WebhookDeliverer, WebhookSettings
+
+    def slow_resolver(host: str, port: int) -> list[str]:
+        time.sleep(30)
+        return ["127.0.0.1"]
+
+    settings = WebhookSettings.from_env({"S3_BUCKET": TEST_BUCKET, "WEBHOOK_TIMEOUT_SECONDS": "1"})
+    deliverer = WebhookDeliverer(settings, s3=s3, resolver=slow_resolver)
+    record = finished_job(s3, {"webhook_url": "http://slow-dns.example.test/hook"})
+    started = time.monotonic()
+    with pytest.raises(DeliveryFailed, match="deadline"):
+        deliverer.deliver(final_event(record))
+    assert time.monotonic() - started < 10
