@@ -67,7 +67,7 @@ def test_job_survives_s3_and_sqs_network_faults(pipeline: Pipeline, moto_endpoin
     every 5th one before it answers; botocore's retries carry the job through."""
     from urllib.parse import urlsplit
 
-    from tests.faulty_proxy import FaultPlan, FaultyProxy
+    from infra.faulty_proxy import FaultPlan, FaultyProxy
 
     proxy = FaultyProxy(urlsplit(moto_endpoint).port, FaultPlan()).start()
     worker = pipeline.start_worker(AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", DOWNLOAD_CONCURRENCY="8")
