@@ -284,3 +284,31 @@ def test_a_lease_nobody_renews_is_queued_again_then_given_up(pipeline: Pipeline,
         given_up = api.get(f"{api.base}/training-jobs/{job_id}").json()
         assert given_up["status"] == "failed" and "gave up after 2 failed attempts" in given_up["error"]
         assert pipeline.wait_events(job_id, "job.failed")[-1] == "job.failed"
+
+
+def test_an_attempt_that_raises_is_a_failure(pipeline: Pipeline, s3) -> None:
+    """A version whose file does not match its recorded sha256 makes every fuse attempt raise:
+    each is one failed attempt, retried, and at MAX_JOB_ATTEMPTS the job fails saying so."""
+    from contracts.keys import adapter_version_prefix
+
+    with pipeline.client() as api:
+        prefix = adapter_version_prefix(api.user_id, api.avatar_id, 1)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            s3.put_object(Bucket=TEST_BUCKET, Key=prefix + name, Body=b"torn")
+        meta = {"version": 1, "job_id": "job-x", "metrics": {}, "files": {"adapter_config.json": "0" * 64}}
+        s3.put_object(Bucket=TEST_BUCKET, Key=prefix + "metrics.json", Body=json.dumps(meta).encode())
+        manifest = {"current_version": 1, "files": meta["files"], "metrics": {}}
+        s3.put_object(
+            Bucket=TEST_BUCKET, Key=f"users/{api.user_id}/avatars/{api.avatar_id}/adapters/manifest.json",
+            Body=json.dumps(manifest).encode(),
+        )  # fmt: skip
+        r = api.post(f"{api.base}/fuse-jobs", json={"adapter_version": 1})
+        assert r.status_code == 202, r.text
+        worker = pipeline.start_worker(MAX_JOB_ATTEMPTS="2", VISIBILITY_TIMEOUT_SECONDS="2")
+        try:
+            done, _ = wait_for_job(api, r.json()["id"], {"failed", "succeeded"}, pipeline=pipeline, timeout=120)
+            assert done["status"] == "failed" and done["failures"] == 2, done
+            assert done["error"] == "internal error after 2 failed attempts: RuntimeError"
+            assert pipeline.wait_events(done["id"], "job.failed").count("job.failed") == 1
+        finally:
+            stop(worker)

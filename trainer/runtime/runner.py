@@ -184,7 +184,7 @@ class JobRunner:
             if is_cuda_oom(exc):
                 return self._fail(job, "out of GPU memory: lower batch_size or max_seq_length")
             log.exception("job %s hit an unexpected error", job.id)
-            return self._failed_attempt(job, f"internal error: {type(exc).__name__}")
+            return self._failed_attempt(job, exc)
         finally:
             prom.BUSY.set(0)
             heartbeat.stop()
@@ -242,15 +242,36 @@ class JobRunner:
         self.finish(job, "failed", error=error)
         return Outcome.DONE
 
-    def _failed_attempt(self, job: JobRecord, error: str) -> str:
-        """An attempt that raised: one failure; the job is retried until MAX_JOB_ATTEMPTS of them."""
-        released = self._release(job, error=error)
-        if released is not None and released.failures >= self.max_failures:
-            return self._fail(
-                job,
-                f"{error.replace('internal error', 'internal error after', 1)} ({released.failures} failed attempts)",
-            )
-        return Outcome.RETRY
+    def _failed_attempt(self, job: JobRecord, exc: Exception) -> str:
+        """An attempt that raised: one failure, in the same conditional write either handed
+        back for a retry or, at MAX_JOB_ATTEMPTS failures, failed."""
+        worker = self.settings.worker_id
+        kind = type(exc).__name__
+        ended: list[bool] = []
+
+        def fail_once(record: JobRecord) -> JobRecord | None:
+            ended.clear()
+            if record.lease is None or record.lease.owner != worker:
+                return None  # not ours any more: whoever has it decides
+            record.failures += 1
+            record.lease = None
+            if record.failures >= self.max_failures:
+                record.status = "failed"
+                record.finished_at = utcnow()
+                record.error = f"internal error after {record.failures} failed attempts: {kind}"
+                ended.append(True)
+            else:
+                record.status = "queued"
+                record.error = f"internal error: {kind} (attempt failed; retrying)"
+            return record
+
+        final = self.jobs.update(job.user_id, job.avatar_id, job.id, fail_once)
+        if not ended:
+            return Outcome.RETRY
+        _observe(final, time.monotonic() - self._claimed_at)
+        log.info("job %s failed: %s", job.id, final.error)
+        self.complete_tail(final)
+        return Outcome.DONE
 
     def _stopped(self, job: JobRecord, reason: str | None, heartbeat: Heartbeat) -> str:
         """End a job whose work stopped early for `reason` (a `JobControl.stop_reason()`)."""
@@ -273,9 +294,9 @@ class JobRunner:
         log.warning("job %s: lease lost to another worker; stopping without writing", job.id)
         return Outcome.RETRY
 
-    def _release(self, job: JobRecord, error: str | None = None) -> JobRecord | None:
-        """Hand the job back to the queue: another worker (or this one) resumes it. With an
-        `error`, the attempt counts as a failure. None when the job is no longer ours."""
+    def _release(self, job: JobRecord) -> JobRecord | None:
+        """Hand the job back to the queue: another worker (or this one) resumes it (a graceful
+        hand-back: not a failed attempt). None when the job is no longer ours."""
         worker = self.settings.worker_id
         mine: list[bool] = []
 
@@ -285,9 +306,6 @@ class JobRunner:
                 return None
             record.status = "queued"
             record.lease = None
-            if error is not None:
-                record.failures += 1
-                record.error = error
             return record
 
         released = self.jobs.update(job.user_id, job.avatar_id, job.id, release)
