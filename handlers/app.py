@@ -5,8 +5,20 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from contracts import logs
+from handlers.openai_errors import install_openai_error_handlers
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
+from handlers.routes import (
+    adapters,
+    context,
+    fuse,
+    generations,
+    health,
+    jobs,
+    models,
+    openai_files,
+    openai_fine_tuning,
+    training_data,
+)
 from handlers.settings import get_settings
 
 
@@ -27,6 +39,10 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
+    # OpenAI-compatible files and fine-tuning jobs, answering OpenAI's error body.
+    install_openai_error_handlers(app)
+    app.include_router(openai_files.router)
+    app.include_router(openai_fine_tuning.router)
     return app
 
 

@@ -133,7 +133,8 @@ def wait_for_job(
     raise TimeoutError(f"job {job_id} stuck in {seen}\n{logs}")
 
 
-def start_pipeline(tmp: Path, model_dir: Path) -> Pipeline:
+def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = None) -> Pipeline:
+    """Queues of their own and an API server on them (with `api_env` besides the shared env)."""
     suffix = uuid.uuid4().hex[:8]
     names = StackNames(bucket=TEST_BUCKET, train_queue=f"e2e-{suffix}.fifo", events_queue=f"e2e-{suffix}-events")
     urls = bootstrap(names)
@@ -149,7 +150,7 @@ def start_pipeline(tmp: Path, model_dir: Path) -> Pipeline:
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env=env,
+        env={**env, **(api_env or {})},
         stdout=api_log,
         stderr=subprocess.STDOUT,
     )
