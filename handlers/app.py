@@ -5,20 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from contracts import logs
-from handlers.openai_errors import install_openai_error_handlers
+from contracts.api_paths import OPENAI_PREFIX
+from handlers.lazy_app import LazyApp
 from handlers.problems import install_problem_handlers
-from handlers.routes import (
-    adapters,
-    context,
-    fuse,
-    generations,
-    health,
-    jobs,
-    models,
-    openai_files,
-    openai_fine_tuning,
-    training_data,
-)
+from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
 
 
@@ -39,10 +29,8 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
-    # OpenAI-compatible files and fine-tuning jobs, answering OpenAI's error body.
-    install_openai_error_handlers(app)
-    app.include_router(openai_files.router)
-    app.include_router(openai_fine_tuning.router)
+    # The OpenAI-compatible API, an application of its own built on its first request (cold start).
+    app.mount(OPENAI_PREFIX, LazyApp("handlers.openai_app:create_openai_app"))
     return app
 
 

@@ -11,12 +11,14 @@ record is missing is left by a request that died in between, and is skipped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contracts.ids import is_valid_id
 from contracts.keys import fine_tuning_job_key, fine_tuning_jobs_prefix
-from handlers.openai_models import FineTuningEntry
 from handlers.s3_json import S3Json
+
+if TYPE_CHECKING:  # the OpenAI models load with the OpenAI application, not with the API's dependencies
+    from handlers.openai_models import FineTuningEntry
 
 
 class FineTuningStore:
@@ -30,6 +32,8 @@ class FineTuningStore:
         return await self.objects.create(fine_tuning_job_key(user_id, entry.job_id), entry.to_json())
 
     async def get(self, user_id: str, job_id: str) -> FineTuningEntry | None:
+        from handlers.openai_models import FineTuningEntry
+
         loaded = await self.objects.read(fine_tuning_job_key(user_id, job_id))
         return FineTuningEntry.model_validate_json(loaded[0]) if loaded else None
 

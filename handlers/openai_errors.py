@@ -1,9 +1,10 @@
-"""Errors on the OpenAI-compatible routes (`/openai/v1/...`): OpenAI's body,
-`{"error": {"message", "type", "param", "code"}}`, with the status codes the `openai` SDK maps to
-its exception classes; every other path keeps problem+json (`handlers.problems`).
+"""Errors of the OpenAI-compatible API (`handlers.openai_app`, mounted at `/openai/v1`):
+OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with the status codes the
+`openai` SDK maps to its exception classes; the rest of the API keeps problem+json
+(`handlers.problems`).
 
-The services raise the same `Problem`s everywhere; `install_openai_error_handlers` wraps the
-app's problem handlers and translates on these paths only:
+The services raise the same `Problem`s everywhere; `install_openai_error_handlers` answers
+them (and FastAPI's own errors) on the OpenAI application this way:
 
 | status | SDK exception | `type` | note |
 | --- | --- | --- | --- |
@@ -25,7 +26,6 @@ per-user cap of active jobs (freed only when a job ends, minutes or hours later)
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -33,15 +33,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
 from handlers.openai_models import ErrorBody
 from handlers.problems import Problem
 
 log = logging.getLogger("avatune.api")
 
-OPENAI_PREFIX = "/openai/v1"
-
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none"})
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _CODES = {
     401: "invalid_api_key",
@@ -65,12 +63,6 @@ OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 
-Handler = Callable[[Request, Any], Awaitable[Response]]
-
-
-def is_openai_path(path: str) -> bool:
-    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
-
 
 def openai_error(
     status: int,
@@ -90,7 +82,7 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _from_problem(request: Request, exc: Problem) -> JSONResponse:
+async def _from_problem(request: Request, exc: Problem) -> JSONResponse:
     field = exc.extensions.get("field")
     code = exc.extensions.get("code")
     return openai_error(
@@ -102,48 +94,43 @@ def _from_problem(request: Request, exc: Problem) -> JSONResponse:
     )
 
 
-def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
         detail = f"Invalid URL ({request.method} {request.url.path})"
     return openai_error(exc.status_code, detail, headers=exc.headers)
 
 
-def _from_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+def _is_union_tag(part: str) -> bool:
+    """A union member's tag in a pydantic error location ("literal['auto']", "constrained-int")."""
+    return part in _TYPE_TAGS or part.startswith(("literal[", "constrained-", "function-", "list[", "dict["))
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """("body", "hyperparameters", "n_epochs", "constrained-int") -> "hyperparameters.n_epochs"."""
+    return ".".join(str(p) for p in loc[1:] if not _is_union_tag(str(p))) or None
+
+
+async def _from_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if not errors:
         return openai_error(400, "invalid request")
-    loc = [str(p) for p in errors[0].get("loc", ())]
-    # ("body", "hyperparameters", "n_epochs", "int") -> "hyperparameters.n_epochs": drop where it
-    # was read from and pydantic's union-member tags (which are not field names).
-    where = [p for p in loc[1:] if p not in ("int", "float", "str", "literal['auto']", "function-after[]")]
-    param = ".".join(where) or None
-    message = errors[0].get("msg", "invalid value")
+    param = _param(tuple(errors[0].get("loc", ())))
+    # A union ("auto" or an integer >= 1) fails once per member: say what each would take.
+    same_field = (e for e in errors if _param(tuple(e.get("loc", ()))) == param)
+    said = list(dict.fromkeys(e.get("msg", "invalid value") for e in same_field))
+    message = " or ".join([said[0], *(m.removeprefix("Input should be ") for m in said[1:])])
     return openai_error(400, f"{param}: {message}" if param else message, param=param)
 
 
-def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return openai_error(500, "an internal error occurred; retry later")
 
 
-def _scoped(ours: Callable[[Request, Any], Response], theirs: Handler) -> Handler:
-    async def handle(request: Request, exc: Any) -> Response:
-        if is_openai_path(request.url.path):
-            return ours(request, exc)
-        return await theirs(request, exc)
-
-    return handle
-
-
 def install_openai_error_handlers(app: FastAPI) -> None:
-    """Answer OpenAI's error body on `/openai/v1` paths; install after the problem handlers,
-    which keep answering everywhere else."""
-    translations: dict[type[Exception], Callable[[Request, Any], Response]] = {
-        Problem: _from_problem,
-        StarletteHTTPException: _from_http,
-        RequestValidationError: _from_validation,
-        Exception: _from_unexpected,
-    }
-    for exc_type, ours in translations.items():
-        app.add_exception_handler(exc_type, _scoped(ours, app.exception_handlers[exc_type]))
+    """Answer every error of `app` with OpenAI's body."""
+    app.add_exception_handler(Problem, _from_problem)
+    app.add_exception_handler(StarletteHTTPException, _from_http)
+    app.add_exception_handler(RequestValidationError, _from_validation)
+    app.add_exception_handler(Exception, _from_unexpected)

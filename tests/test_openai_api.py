@@ -8,6 +8,9 @@ routes."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ import openai
 import pytest
 
 from contracts.keys import files_prefix, fine_tuning_jobs_prefix, user_prefix
-from tests.conftest import TEST_BUCKET, Api, keys_under, stop, token_for
+from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, keys_under, stop, token_for, wait_http
 from tests.pipeline import Pipeline, chat_document, start_pipeline
 
 MARV = "Marv is a factual chatbot that is also sarcastic."
@@ -211,6 +214,23 @@ def test_openai_error_body_on_openai_routes_only(api_url: str) -> None:
         assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
 
 
+def test_an_application_of_its_own_built_on_first_use(api_url: str) -> None:
+    with httpx.Client(base_url=api_url) as http:
+        ours = http.get("/openai/v1/openapi.json").json()
+        main = http.get("/openapi.json").json()
+    assert {"/files", "/files/{file_id}/content", "/fine_tuning/jobs/{fine_tuning_job_id}/events"} <= set(ours["paths"])
+    assert ours["paths"]["/files"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+    assert not any("openai" in path or "fine_tuning" in path for path in main["paths"])
+    # The Lambda's cold start imports none of it (nor the openai package).
+    code = (
+        "import sys, handlers.lambda_handler; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'openai' or 'openai' in m.split('.')[-1]))"
+    )
+    env = dict(os.environ, AUTH_JWT_SECRET="x")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 # -- fine-tuning jobs without a trainer ------------------------------------------------------
 
 
@@ -219,9 +239,13 @@ def test_openai_error_body_on_openai_routes_only(api_url: str) -> None:
     [
         ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.type", "supervised"),
         ({"method": {"type": "reinforcement"}}, "method.type", "supervised"),
-        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", ""),
-        ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", ""),
-        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier", ""),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "'auto' or greater than or equal to 1"),
+        ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", "'auto' or a valid integer"),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": -1}},
+            "hyperparameters.learning_rate_multiplier",
+            "'auto' or greater than 0",
+        ),
         (
             {
                 "hyperparameters": {"n_epochs": 2},
@@ -362,12 +386,6 @@ def test_idempotency_key_answers_the_same_job(user) -> None:
 @pytest.fixture(scope="module")
 def no_queue_url(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An API whose train queue does not exist: queueing fails after the stores were written."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, free_port, wait_http
-
     port = free_port()
     log = tmp_path_factory.mktemp("no-queue") / "api.log"
     with open(log, "wb") as out:

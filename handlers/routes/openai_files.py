@@ -1,6 +1,6 @@
 """OpenAI-compatible files, `/openai/v1/files` (`client.files.*` of the `openai` SDK): the
-token's user's fine-tuning files (`handlers.services.openai_files`). Errors are OpenAI's body
-(`handlers.openai_errors`)."""
+token's user's fine-tuning files (`handlers.services.openai_files`). Part of the OpenAI
+application (`handlers.openai_app`, mounted at `/openai/v1`), whose errors are OpenAI's body."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 from handlers.dependencies import FileStoreDep, OpenAIUser, SettingsDep
-from handlers.openai_errors import OPENAI_ERROR_RESPONSES, OPENAI_PREFIX
+from handlers.openai_errors import OPENAI_ERROR_RESPONSES
 from handlers.openai_models import CursorPage, FileDeleted, FileObject
 from handlers.problems import Problem
 from handlers.services import openai_files
 from handlers.uploads import MULTIPART_OVERHEAD
 
-router = APIRouter(prefix=f"{OPENAI_PREFIX}/files", tags=["OpenAI-compatible files"], responses=OPENAI_ERROR_RESPONSES)
+router = APIRouter(prefix="/files", tags=["files"], responses=OPENAI_ERROR_RESPONSES)
 
 
 def _too_large(limit: int) -> Problem:

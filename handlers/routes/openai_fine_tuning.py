@@ -1,6 +1,7 @@
 """OpenAI-compatible fine-tuning jobs, `/openai/v1/fine_tuning/jobs` (`client.fine_tuning.jobs.*`
 of the `openai` SDK): avatune training jobs created and shown the OpenAI way
-(`handlers.services.openai_fine_tuning`). Errors are OpenAI's body (`handlers.openai_errors`)."""
+(`handlers.services.openai_fine_tuning`). Part of the OpenAI application (`handlers.openai_app`,
+mounted at `/openai/v1`), whose errors are OpenAI's body."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from handlers.dependencies import (
     TrainingDataStoreDep,
     TrainQueueDep,
 )
-from handlers.openai_errors import OPENAI_ERROR_RESPONSES, OPENAI_PREFIX
+from handlers.openai_errors import OPENAI_ERROR_RESPONSES
 from handlers.openai_models import (
     CursorPage,
     FineTuningJob,
@@ -30,9 +31,7 @@ from handlers.openai_models import (
 from handlers.problems import Problem
 from handlers.services import openai_fine_tuning as service
 
-router = APIRouter(
-    prefix=f"{OPENAI_PREFIX}/fine_tuning/jobs", tags=["OpenAI-compatible fine-tuning"], responses=OPENAI_ERROR_RESPONSES
-)
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=OPENAI_ERROR_RESPONSES)
 
 JOB = "/{fine_tuning_job_id}"
 _METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
