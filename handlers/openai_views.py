@@ -17,10 +17,14 @@ stored: the views follow the record as the trainer updates it.
   (the trainer records steps, not their times).
 - checkpoints: the one usable model a job leaves, the adapter version it published (avatune's
   resumable checkpoints are for resuming a job, not for use, and are not listed).
+- `result_files`: a succeeded job's `file-results-{job_id}`, its step metrics as CSV
+  (`step,train_loss,valid_loss`, from the loss curve), served by the Files API.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from datetime import datetime
 from typing import Any
@@ -46,6 +50,7 @@ DEFAULT_SEED = DOCUMENTED_DEFAULTS.seed or 42
 # Event keys: the job's phases around its steps (a step's key is STEP_KEY + step).
 CREATED_KEY, STARTED_KEY, STEP_KEY = 0, 1, 100
 CANCEL_KEY, MODEL_KEY, END_KEY = 10**12 - 3, 10**12 - 2, 10**12 - 1
+RESULTS_FILE_PREFIX = "file-results-"
 
 
 def _ts(moment: datetime | None) -> int | None:
@@ -56,6 +61,20 @@ def fine_tuned_model(entry: FineTuningEntry, record: JobRecord) -> str | None:
     if record.status != "succeeded" or record.adapter_version is None:
         return None
     return f"ft:{entry.model}:{record.user_id}:{record.avatar_id}:{record.adapter_version}"
+
+
+def result_file_id(job_id: str) -> str:
+    return f"{RESULTS_FILE_PREFIX}{job_id}"
+
+
+def results_csv(record: JobRecord) -> bytes:
+    """The job's step metrics, one row per step of its loss curve (an empty cell: not measured)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "valid_loss"])
+    for step, values in sorted(_curve_points(record).items()):
+        writer.writerow([step, values.get("train_loss", ""), values.get("valid_loss", "")])
+    return out.getvalue().encode()
 
 
 def _number(value: float) -> int | float:
@@ -118,6 +137,7 @@ def job_object(entry: FineTuningEntry, record: JobRecord) -> FineTuningJob:
         hyperparameters=hyperparameters,
         model=entry.model,
         organization_id=record.user_id,
+        result_files=[result_file_id(record.id)] if record.status == "succeeded" else [],
         seed=seed if seed is not None else DEFAULT_SEED,
         status=record.status,
         trained_tokens=_trained_tokens(record),

@@ -7,6 +7,8 @@ routes."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -363,7 +365,9 @@ def test_queued_jobs_are_avatune_jobs_paged_capped_and_cancelled(api_url: str, u
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     events = client.fine_tuning.jobs.list_events(job.id)
     assert [e.message for e in events.data][0] == "The job was cancelled" and not events.has_more
-    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == [] and cancelled.result_files == []
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f"file-results-{job.id}")
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(job.id)
     again = client.fine_tuning.jobs.create(model="m", training_file=training.id, suffix="persona-9")
@@ -486,6 +490,19 @@ def test_openai_guide_files_fine_tune_end_to_end(trained: Pipeline, tiny_model_d
     metrics = [e for e in events if e.type == "metrics"]
     assert any("train_loss" in e.data for e in metrics) and any("valid_loss" in e.data for e in metrics)
     assert all(e.data["total_steps"] >= e.data["step"] for e in metrics)
+
+    # The results file: the step metrics as CSV, served by the Files API, going with the job.
+    assert done.result_files == [f"file-results-{job.id}"]
+    results = client.files.retrieve(done.result_files[0])
+    assert results.purpose == "fine-tune-results" and results.filename == "step_metrics.csv"
+    rows = list(csv.DictReader(io.StringIO(client.files.content(results.id).text)))
+    assert results.bytes == len(client.files.content(results.id).content)
+    assert [int(r["step"]) for r in rows] == sorted(e.data["step"] for e in metrics)
+    assert any(r["valid_loss"] for r in rows) and any(r["train_loss"] for r in rows)
+    with pytest.raises(openai.BadRequestError):
+        client.files.delete(results.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk(trained.api_url, new_user()).files.content(results.id)
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert len(checkpoints) == 1 and checkpoints[0].fine_tuned_model_checkpoint == done.fine_tuned_model

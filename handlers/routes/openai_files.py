@@ -9,11 +9,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from handlers.dependencies import FileStoreDep, OpenAIUser, SettingsDep
+from handlers.dependencies import FileStoreDep, FineTuningStoreDep, JobStoreDep, OpenAIUser, SettingsDep
 from handlers.openai_errors import OPENAI_ERROR_RESPONSES
 from handlers.openai_models import CursorPage, FileDeleted, FileObject
 from handlers.problems import Problem
-from handlers.services import openai_files
+from handlers.services import openai_files, openai_results
 from handlers.uploads import MULTIPART_OVERHEAD
 
 router = APIRouter(prefix="/files", tags=["files"], responses=OPENAI_ERROR_RESPONSES)
@@ -54,26 +54,26 @@ async def list_files(
     return await openai_files.list_files(files, user_id, after=after, limit=limit, order=order, purpose=purpose)
 
 
-@router.get("/{file_id}", response_model=FileObject, summary="One file")
-async def retrieve_file(user_id: OpenAIUser, files: FileStoreDep, file_id: str) -> FileObject:
-    return openai_files.file_object(await openai_files.stored_file(files, user_id, file_id))
+@router.get("/{file_id}", response_model=FileObject, summary="One file (a job's results file included)")
+async def retrieve_file(
+    user_id: OpenAIUser, files: FileStoreDep, entries: FineTuningStoreDep, jobs: JobStoreDep, file_id: str
+) -> FileObject:
+    return await openai_results.retrieve(files, entries, jobs, user_id, file_id)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
 async def delete_file(user_id: OpenAIUser, files: FileStoreDep, file_id: str) -> FileDeleted:
-    return await openai_files.delete_file(files, user_id, file_id)
+    return await openai_results.delete(files, user_id, file_id)
 
 
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
     summary="A file's content",
-    responses={200: {"content": {"application/jsonl": {}}}},
+    responses={200: {"content": {"application/jsonl": {}, "text/csv": {}}}},
 )
-async def file_content(user_id: OpenAIUser, files: FileStoreDep, file_id: str) -> StreamingResponse:
-    resp, chunks = await openai_files.open_file(files, user_id, file_id)
-    return StreamingResponse(
-        chunks,
-        media_type=resp.get("ContentType") or "application/octet-stream",
-        headers={"Content-Length": str(resp["ContentLength"])},
-    )
+async def file_content(
+    user_id: OpenAIUser, files: FileStoreDep, entries: FineTuningStoreDep, jobs: JobStoreDep, file_id: str
+) -> StreamingResponse:
+    chunks, media_type, length = await openai_results.content(files, entries, jobs, user_id, file_id)
+    return StreamingResponse(chunks, media_type=media_type, headers={"Content-Length": str(length)})
