@@ -260,6 +260,13 @@ def test_an_application_of_its_own_built_on_first_use(api_url: str) -> None:
         ({"metadata": {"avatar_id": "..x"}}, "metadata.avatar_id", "avatar"),
         ({"integrations": [{"type": "slack", "wandb": {"project": "p"}}]}, "integrations.0.type", "slack"),
         ({"model": "ft:gpt-4o-mini:u:a:1"}, "model", "fine-tuned model"),
+        ({"metadata": {"webhook_url": "ftp://hooks.example.com/x"}}, "metadata.webhook_url", "http"),
+        ({"metadata": {"webhook_url": "http://10.0.0.1/x"}}, "metadata.webhook_url", "non-public"),
+        (
+            {"metadata": {"webhook_url": "https://h.example.com", "webhook_signing_secret_ref": "$X"}},
+            "metadata.webhook_signing_secret_ref",
+            "environment variable",
+        ),
         ({"model": f"s3://{TEST_BUCKET}/users/someone-else/base/"}, "model", "prefix"),
         ({"extra_body": {"learning_rate": 1}}, "learning_rate", "Extra inputs"),
     ],
@@ -316,7 +323,7 @@ def test_queued_jobs_are_avatune_jobs_paged_capped_and_cancelled(api_url: str, u
                 validation_file=validation.id,
                 suffix=f"persona-{i}",
                 seed=7,
-                metadata={"team": "a" if i % 2 else "b"},
+                metadata={"team": "a"} if i % 2 else {"team": "b", "webhook_url": "https://hooks.example.com/avatune"},
                 method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
             )
         )
@@ -341,6 +348,9 @@ def test_queued_jobs_are_avatune_jobs_paged_capped_and_cancelled(api_url: str, u
     with Api(api_url, user_id, "persona-1") as avatune:
         spec = avatune.get(f"{avatune.base}/training-jobs/{created[1].id}").json()["spec"]
     assert spec["datasets"][1] == {"uri": f"{files}{validation.id}.jsonl", "split": "eval"}
+    with Api(api_url, user_id, "persona-2") as avatune:
+        spec = avatune.get(f"{avatune.base}/training-jobs/{created[2].id}").json()["spec"]
+    assert spec["callbacks"] == {"webhook_url": "https://hooks.example.com/avatune"}  # its webhook
 
     # The user's cap (MAX_ACTIVE_JOBS_PER_USER=4) is OpenAI's rate limit.
     with pytest.raises(openai.RateLimitError) as caught:

@@ -21,7 +21,10 @@ How a request becomes a job:
 - `integrations`: `wandb` -> `integrations.report_to: ["wandb"]` (an offline run in the job's
   log_uri); any other type is a 400;
 - `method`: `supervised` only; `dpo` and `reinforcement` are 400s (avatune has no preference
-  or reinforcement training).
+  or reinforcement training);
+- webhooks: `metadata["webhook_url"]` (and `metadata["webhook_signing_secret_ref"]`) -> the job's
+  `callbacks` (OpenAI's request has no webhook of its own; an Authorization header, a secret,
+  has no place in metadata, which is shown back).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import re
 import time
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
+from contracts.documents import first_error
 from contracts.ids import InvalidIdentifier, is_valid_id, validate_id
 from contracts.jobs import JobRecord
-from contracts.spec import BaseModelSpec, DatasetSource, Integrations, Tuning
+from contracts.spec import BaseModelSpec, Callbacks, DatasetSource, Integrations, Tuning
 from handlers.avatar_ref import AvatarRef
 from handlers.file_store import FileStore
 from handlers.fine_tuning_store import FineTuningStore
@@ -139,6 +145,17 @@ def _tuning(hyper: Hyperparameters, seed: int | None) -> Tuning | None:
     return Tuning.model_validate(values) if values else None
 
 
+def _callbacks(metadata: dict[str, str] | None) -> Callbacks | None:
+    url, ref = (metadata or {}).get("webhook_url"), (metadata or {}).get("webhook_signing_secret_ref")
+    if url is None and ref is None:
+        return None
+    try:
+        return Callbacks.model_validate({"webhook_url": url, "signing_secret_ref": ref})
+    except ValidationError as exc:
+        param = "metadata.webhook_signing_secret_ref" if exc.errors()[0]["loc"] else "metadata.webhook_url"
+        raise _bad(param, f"{param}: {first_error(exc)}") from None
+
+
 def _integrations(body: FineTuningJobCreate) -> Integrations | None:
     if not body.integrations:
         return None
@@ -184,6 +201,7 @@ async def create_job(
         use_flagged_documents=False,
         tuning=_tuning(hyper, body.seed),
         integrations=integrations,
+        callbacks=_callbacks(body.metadata),
     )
     entry = FineTuningEntry(
         job_id="pending",
@@ -223,7 +241,13 @@ async def create_job(
 def _in_openai_terms(problem: Problem) -> Problem:
     """A train-job problem with its field named as the OpenAI request names it."""
     field = problem.extensions.get("field")
-    renamed = {"base_model.name": "model", "datasets.0.uri": "training_file", "datasets.1.uri": "validation_file"}
+    renamed = {
+        "base_model.name": "model",
+        "datasets.0.uri": "training_file",
+        "datasets.1.uri": "validation_file",
+        "callbacks.webhook_url": "metadata.webhook_url",
+        "callbacks.signing_secret_ref": "metadata.webhook_signing_secret_ref",
+    }
     if isinstance(field, str) and field in renamed:
         problem.extensions["field"] = renamed[field]
     return problem
