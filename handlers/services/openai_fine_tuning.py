@@ -29,10 +29,11 @@ How a request becomes a job:
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -45,7 +46,7 @@ from handlers.file_store import FileStore
 from handlers.fine_tuning_store import FineTuningStore
 from handlers.idempotency import Idempotency
 from handlers.job_spec import TrainJobBody
-from handlers.job_store import JobStore
+from handlers.job_store import JobStore, fill_page
 from handlers.openai_models import (
     CursorPage,
     FineTuningEntry,
@@ -298,16 +299,15 @@ async def list_jobs(
     ids = await entries.job_ids(user_id)
     if after is not None:
         ids = [i for i in ids if i < after]
-    found: list[FineTuningJob] = []
-    read = 0
-    while len(found) < limit and read < len(ids):
-        chunk = ids[read : read + limit - len(found)]
-        read += len(chunk)
-        loaded = await asyncio.gather(*(_load(entries, jobs, user_id, i) for i in chunk))
-        for item in loaded:
-            if item is not None and all((item[0].metadata or {}).get(k) == v for k, v in metadata.items()):
-                found.append(job_object(*item))
-    return CursorPage[FineTuningJob](data=found, has_more=read < len(ids))
+
+    async def shown(job_id: str) -> FineTuningJob | None:
+        loaded = await _load(entries, jobs, user_id, job_id)
+        if loaded is None or any((loaded[0].metadata or {}).get(k) != v for k, v in metadata.items()):
+            return None
+        return job_object(*loaded)
+
+    found, more = await fill_page(ids, limit, shown)
+    return CursorPage[FineTuningJob](data=found, has_more=more)
 
 
 async def cancel_job(
@@ -320,23 +320,25 @@ async def cancel_job(
     return job_object(entry, record)
 
 
-def _after(items: list, after: str | None, key) -> list:
-    """The items past the id `after` in a newest-first list ordered by `key` (400 for an id
-    that is not one of this list's)."""
-    if after is None:
-        return items
-    bound = key(after)
-    if bound is None:
-        raise _bad("after", f"{after!r} is not an id of this list")
-    return [item for item in items if (key(item.id) or 0) < bound]
+Item = TypeVar("Item", FineTuningJobEvent, FineTuningJobCheckpoint)
+
+
+def _page(items: list[Item], after: str | None, key: Callable[[str], int | None], limit: int) -> CursorPage[Item]:
+    """A page of a job's derived list (newest first, ordered by the key of each id), from past
+    the id `after` (400 for an id that is not one of this list's)."""
+    if after is not None:
+        bound = key(after)
+        if bound is None:
+            raise _bad("after", f"{after!r} is not an id of this list")
+        items = [item for item in items if (key(item.id) or 0) < bound]
+    return CursorPage[Item](data=items[:limit], has_more=len(items) > limit)
 
 
 async def list_events(
     entries: FineTuningStore, jobs: JobStore, user_id: str, job_id: str, *, after: str | None, limit: int
 ) -> CursorPage[FineTuningJobEvent]:
     entry, record = await loaded_job(entries, jobs, user_id, job_id)
-    events = _after(job_events(entry, record), after, lambda i: event_key(job_id, i))
-    return CursorPage[FineTuningJobEvent](data=events[:limit], has_more=len(events) > limit)
+    return _page(job_events(entry, record), after, lambda i: event_key(job_id, i), limit)
 
 
 def _checkpoint_step(job_id: str, identifier: str) -> int | None:
@@ -348,5 +350,4 @@ async def list_checkpoints(
     entries: FineTuningStore, jobs: JobStore, user_id: str, job_id: str, *, after: str | None, limit: int
 ) -> CursorPage[FineTuningJobCheckpoint]:
     entry, record = await loaded_job(entries, jobs, user_id, job_id)
-    checkpoints = _after(job_checkpoints(entry, record), after, lambda i: _checkpoint_step(job_id, i))
-    return CursorPage[FineTuningJobCheckpoint](data=checkpoints[:limit], has_more=len(checkpoints) > limit)
+    return _page(job_checkpoints(entry, record), after, lambda i: _checkpoint_step(job_id, i), limit)
