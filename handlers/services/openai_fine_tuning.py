@@ -90,12 +90,12 @@ def _bad(param: str, message: str, code: str | None = None) -> Problem:
     return Problem(400, message, field=param, **({"code": code} if code else {}))
 
 
-def _avatar_of(body: FineTuningJobCreate) -> tuple[str, str]:
-    """The avatar the job trains and the parameter that named it."""
+def _avatar_of(body: FineTuningJobCreate) -> str:
+    """The avatar the job trains."""
     named = (body.metadata or {}).get("avatar_id")
     param, avatar_id = ("metadata.avatar_id", named) if named else ("suffix", body.suffix or DEFAULT_AVATAR)
     try:
-        return validate_id(avatar_id, param), param
+        return validate_id(avatar_id, param)
     except InvalidIdentifier as exc:
         raise _bad(param, f"{exc} (it names the avatar the job trains)") from None
 
@@ -188,7 +188,7 @@ async def create_job(
     idempotency: Idempotency | None,
 ) -> FineTuningJob:
     """Create and queue the training job `body` asks for; its `fine_tuning.job`."""
-    avatar_id, _ = _avatar_of(body)
+    avatar_id = _avatar_of(body)
     base = base_model_of(body.model, settings.openai_model_aliases)
     hyper = _hyperparameters(body)
     integrations = _integrations(body)
