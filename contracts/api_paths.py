@@ -7,6 +7,9 @@ from typing import Literal
 
 WholeModelKind = Literal["merged", "full"]
 
+# Where the OpenAI-compatible API (files, fine-tuning jobs) is mounted: the SDK's base_url.
+OPENAI_PREFIX = "/openai/v1"
+
 
 def avatar_path(user_id: str, avatar_id: str) -> str:
     return f"/v1/users/{user_id}/avatars/{avatar_id}"

@@ -11,6 +11,10 @@ users/{user_id}/avatars/{avatar_id}/full/{version}/              whole models of
 users/{user_id}/avatars/{avatar_id}/adapters/logs/{job_id}/     integrations' logs (report_to; default log_uri)
 users/{user_id}/avatars/{avatar_id}/vectorstore_data/            context documents (RAG)
 users/{user_id}/vectorstore/                                     the user's vector index (index jobs)
+users/{user_id}/files/{file_id}.jsonl                            the user's uploaded files (OpenAI-compatible Files API)
+users/{user_id}/fine_tuning_jobs/{job_id}.json                   what an OpenAI-compatible fine-tuning job was asked
+                                                                 (its avatar, files, model); the job record stays
+                                                                 under the avatar's adapters/jobs/
 ```
 `media/` (per avatar) and `image/` (per user) are reserved and never touched by avatune.
 """
@@ -175,3 +179,22 @@ FULL_MODEL_MANIFEST_FILE = "manifest.json"
 def training_logs_prefix(user_id: str, avatar_id: str, job_id: str) -> str:
     """Default `artifacts.log_uri` of a job: its integrations' logs (TensorBoard event files, ...)."""
     return f"{adapter_prefix(user_id, avatar_id)}logs/{validate_id(job_id, 'job_id')}/"
+
+
+def files_prefix(user_id: str) -> str:
+    """The user's files area (`/openai/v1/files`): one object per file, named by its id."""
+    return f"{user_prefix(user_id)}files/"
+
+
+def file_key(user_id: str, file_id: str) -> str:
+    """A file's object; `.jsonl`, so a job's dataset with `format: auto` parses it as JSONL."""
+    return f"{files_prefix(user_id)}{validate_id(file_id, 'file_id')}.jsonl"
+
+
+def fine_tuning_jobs_prefix(user_id: str) -> str:
+    """The user's index of OpenAI-compatible fine-tuning jobs (ids sort by creation time)."""
+    return f"{user_prefix(user_id)}fine_tuning_jobs/"
+
+
+def fine_tuning_job_key(user_id: str, job_id: str) -> str:
+    return f"{fine_tuning_jobs_prefix(user_id)}{validate_id(job_id, 'job_id')}.json"

@@ -20,6 +20,8 @@ from contracts.adapter import AdapterSettings, ComputeDtype, LayerIndex, Method,
 from contracts.webhooks import InvalidWebhookUrl, check_auth_header, check_signing_secret_ref, check_webhook_url
 
 DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
+# "train": trained on; "eval": the job's held-out set (evaluated, never trained on).
+DatasetSplit = Literal["train", "eval"]
 ReportTo = Literal["tensorboard", "wandb", "mlflow"]
 Promote = Literal["always", "if_better"]
 
@@ -69,6 +71,11 @@ class DatasetSource(_Section):
         min_length=6, max_length=1100, description="s3://bucket/key of a JSONL file inside the caller's prefix"
     )
     format: DatasetFormat = "auto"
+    split: DatasetSplit = Field(
+        default="train",
+        description="eval: the job's held-out set (eval loss, samples), never trained on; with one, "
+        "eval_fraction splits nothing off the training data",
+    )
 
 
 class Tuning(_Section):
@@ -155,6 +162,10 @@ class JobSpec(_Section):
     target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
     trainable_layers: list[LayerIndex] | None = Field(default=None, min_length=1, max_length=1024)
     datasets: list[DatasetSource] = Field(default_factory=list, max_length=64)
+    use_flagged_documents: bool = Field(
+        default=True,
+        description="false: train on `datasets` alone, leaving out the avatar's documents flagged for training",
+    )
     tuning: Tuning | None = None
     resources: Resources | None = None
     artifacts: Artifacts | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from contracts import logs
+from contracts.api_paths import OPENAI_PREFIX
+from handlers.lazy_app import LazyApp
 from handlers.limits import RequestLimits
 from handlers.problems import install_problem_handlers
 from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
@@ -33,6 +35,8 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
+    # The OpenAI-compatible API, an application of its own built on its first request (cold start).
+    app.mount(OPENAI_PREFIX, LazyApp("handlers.openai_app:create_openai_app"))
     return app
 
 

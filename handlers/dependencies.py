@@ -22,6 +22,8 @@ from handlers.auth import Principal, may_act_for, verified_principal
 from handlers.avatar_ref import AvatarRef
 from handlers.aws import s3_client, sqs_client
 from handlers.context_store import ContextStore
+from handlers.file_store import FileStore
+from handlers.fine_tuning_store import FineTuningStore
 from handlers.idempotency import MAX_IDEMPOTENCY_KEY_LENGTH, Idempotency
 from handlers.job_store import JobStore
 from handlers.problems import Problem
@@ -75,6 +77,41 @@ AuthorizedAvatar = Annotated[AvatarRef, Depends(authorized_avatar)]
 AuthorizedUser = Annotated[str, Depends(authorized_user)]
 
 
+async def openai_user(
+    principal: Annotated[Principal, Depends(current_principal)],
+    organization: Annotated[
+        str | None,
+        Header(
+            alias="OpenAI-Organization",
+            description="the user a service token acts for (the SDK's `organization`); a user's own id or absent",
+        ),
+    ] = None,
+) -> str:
+    """The user an `/openai/v1` request acts for: the token's own (the API key is the avatune
+    token), or the one a service token names as its organization. 403 for a user token naming
+    another user (the SDK sends OPENAI_ORG_ID from the environment as this header)."""
+    if principal.is_service:
+        if not organization:
+            raise Problem(
+                403, "a service token acts for a user: name it as the organization (OpenAI-Organization header)"
+            )
+        user_id = organization
+    elif organization and organization != principal.subject:
+        raise Problem(
+            403,
+            f"this API key acts for user {principal.subject!r} and may not act for organization "
+            f"{organization!r} (unset OPENAI_ORG_ID or the client's organization)",
+        )
+    else:
+        user_id = principal.subject
+    user_id = _checked_id(user_id, "user_id")
+    logs.bind(user_id=user_id)
+    return user_id
+
+
+OpenAIUser = Annotated[str, Depends(openai_user)]
+
+
 # -- stores and queues -----------------------------------------------------------------------
 
 
@@ -94,6 +131,14 @@ async def job_store(settings: SettingsDep, s3: S3ClientDep) -> JobStore:
     return JobStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
 
 
+async def file_store(settings: SettingsDep, s3: S3ClientDep) -> FileStore:
+    return FileStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
+async def fine_tuning_store(settings: SettingsDep, s3: S3ClientDep) -> FineTuningStore:
+    return FineTuningStore(s3, settings.s3_bucket, settings.s3_max_concurrency)
+
+
 async def train_queue(settings: SettingsDep, sqs: SqsClientDep) -> TrainQueue:
     return TrainQueue(sqs, settings.train_queue_name, settings.events_queue_name, settings.aws_endpoint_url)
 
@@ -103,6 +148,8 @@ ContextStoreDep = Annotated[ContextStore, Depends(context_store)]
 AdapterStoreDep = Annotated[AdapterStore, Depends(adapter_store)]
 JobStoreDep = Annotated[JobStore, Depends(job_store)]
 TrainQueueDep = Annotated[TrainQueue, Depends(train_queue)]
+FileStoreDep = Annotated[FileStore, Depends(file_store)]
+FineTuningStoreDep = Annotated[FineTuningStore, Depends(fine_tuning_store)]
 
 
 # -- request headers -------------------------------------------------------------------------

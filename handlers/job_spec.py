@@ -9,8 +9,8 @@ job's `config` (the spec's hyper-parameter sections laid over the flat fields) a
 `check_job_body` raises a 422 `Problem` whose `field` names the offending field (dotted path,
 as in pydantic's own 422s) for what pydantic alone cannot judge: module names the base does
 not have, `full` with 4-bit options, layers beyond the base's depth, more GPUs than
-MAX_GPUS_PER_JOB, S3 URIs outside `s3://{S3_BUCKET}/users/{user_id}/`, webhook settings, and
-inline data that is empty, invalid or too big.
+MAX_GPUS_PER_JOB, S3 URIs outside `s3://{S3_BUCKET}/users/{user_id}/`, webhook settings, a job
+left with nothing to train on, and inline data that is empty, invalid or too big.
 """
 
 from __future__ import annotations
@@ -196,7 +196,24 @@ def check_job_body(
             if uri is not None:
                 _check_uri(f"artifacts.{name}", uri, bucket, user_id, prefix=True)
     _check_callbacks(body)
+    _check_sources(body)
     return _check_inline(body.training_data, max_inline_bytes)
+
+
+def _check_sources(body: TrainJobBody) -> None:
+    """Without the avatar's flagged documents (`use_flagged_documents: false`) the job trains on
+    its `split: train` datasets alone, so it needs one; inline data is a flagged document."""
+    if body.use_flagged_documents:
+        return
+    if body.training_data is not None:
+        raise _refuse(
+            "use_flagged_documents",
+            "training_data is stored as a flagged document: send it with use_flagged_documents true",
+        )
+    if not any(source.split == "train" for source in body.datasets):
+        raise _refuse(
+            "use_flagged_documents", "false leaves nothing to train on: name a datasets entry with split train"
+        )
 
 
 def _check_callbacks(body: TrainJobBody) -> None:

@@ -10,10 +10,10 @@ racing a progress update, two requests racing for the avatar's one active slot).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -31,6 +31,8 @@ from handlers.s3_json import S3Json
 POINTER_GRACE = timedelta(seconds=120)
 
 Mutation = Callable[[JobRecord], JobRecord | None]
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 class JobNotFound(RecordNotFound):
@@ -50,6 +52,20 @@ class JobPage:
     items: list[JobRecord]
     # (job_id, avatar_id) of the last item when more follow, else None.
     next_after: tuple[str, str] | None
+
+
+async def fill_page(
+    candidates: Sequence[K], limit: int, load: Callable[[K], Awaitable[T | None]]
+) -> tuple[list[T], bool]:
+    """Up to `limit` items loaded from `candidates`, in their order, loading only as many as
+    that takes (a load answering None is left out); and whether candidates are left unread."""
+    items: list[T] = []
+    read = 0
+    while len(items) < limit and read < len(candidates):
+        chunk = candidates[read : read + limit - len(items)]
+        read += len(chunk)
+        items.extend(item for item in await asyncio.gather(*(load(c) for c in chunk)) if item is not None)
+    return items, read < len(candidates)
 
 
 class JobStore:
@@ -121,14 +137,8 @@ class JobStore:
         )
         if after is not None:
             entries = [e for e in entries if e < after]
-        items: list[JobRecord] = []
-        read = 0
-        while len(items) < limit and read < len(entries):
-            chunk = entries[read : read + limit - len(items)]
-            read += len(chunk)
-            records = await asyncio.gather(*(self.get(by_avatar[a], j) for j, a in chunk))
-            items.extend(r for r in records if r is not None)  # None: rolled back since the listing
-        more = read < len(entries)
+        # None: rolled back since the listing.
+        items, more = await fill_page(entries, limit, lambda e: self.get(by_avatar[e[1]], e[0]))
         return JobPage(items=items, next_after=(items[-1].id, items[-1].avatar_id) if more and items else None)
 
     # -- the active-job pointer -------------------------------------------------------------

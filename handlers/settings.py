@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     callback_sealer: Literal["kms", "local"] | None = Field(default=None, alias="CALLBACK_SEALER")
     callback_kms_key_id: str | None = Field(default=None, alias="CALLBACK_KMS_KEY_ID")
     callback_seal_key: SecretStr | None = Field(default=None, alias="CALLBACK_SEAL_KEY")
+    # /openai/v1 fine-tuning jobs: `model` names -> the base model to train (a Hugging Face id or
+    # s3:// prefix; "" = the trainer's BASE_MODEL), as JSON: {"gpt-4o-mini-2024-07-18": "..."}.
+    openai_model_aliases: dict[str, str] = Field(default_factory=dict, alias="OPENAI_MODEL_ALIASES")
     _sealer_cache: list[Sealer | None] = PrivateAttr(default_factory=list)
 
     def base_model_prefixes(self) -> list[str]:

@@ -134,6 +134,7 @@ def wait_for_job(
 
 
 def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = None) -> Pipeline:
+    """Queues of their own and an API server on them (with `api_env` besides the shared env)."""
     suffix = uuid.uuid4().hex[:8]
     names = StackNames(bucket=TEST_BUCKET, train_queue=f"e2e-{suffix}.fifo", events_queue=f"e2e-{suffix}-events")
     urls = bootstrap(names)

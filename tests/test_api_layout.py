@@ -21,6 +21,8 @@ FASTAPI_FREE = (
     "handlers.training_data_store",
     "handlers.flag_index",
     "handlers.context_store",
+    "handlers.file_store",
+    "handlers.fine_tuning_store",
     "handlers.train_queue",
     "handlers.s3_json",
     "handlers.s3_objects",

@@ -100,6 +100,15 @@ def test_impossible_specs_are_422_naming_the_field(api: Api, s3) -> None:
         ({"warm_start": True, "method": "full"}, "warm_start", "LoRA"),
         ({"promote": "if_better", "method": "full"}, "promote", "no current one"),
         ({"bogus": 1}, "bogus", "Extra inputs"),
+        # Without the flagged documents a job trains on its training datasets, so it needs one.
+        ({"use_flagged_documents": False}, "use_flagged_documents", "nothing to train on"),
+        (
+            {"use_flagged_documents": False, "datasets": [{"uri": f"{me}/x.jsonl", "split": "eval"}]},
+            "use_flagged_documents",
+            "split train",
+        ),
+        ({"use_flagged_documents": False, "training_data": ["hi"]}, "use_flagged_documents", "flagged document"),
+        ({"datasets": [{"uri": f"{me}/x.jsonl", "split": "test"}]}, "datasets.0.split", "Input should be"),
     ]
     for body, field, words in cases:
         refused(api, s3, body, field, words)

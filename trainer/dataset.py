@@ -293,6 +293,8 @@ def build_examples(
 # which examples an earlier version did not train on.
 HELD_OUT_RULE = "conversation-hash/v1"
 TAIL_RULE = "tail-windows/v1"
+# The job named its held-out data itself (a `split: eval` dataset, e.g. OpenAI's validation_file).
+EVAL_DATASET_RULE = "eval-dataset/v1"
 
 
 def conversation_key(conversation: Conversation) -> str:

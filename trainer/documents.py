@@ -1,6 +1,8 @@
 """Download a job's training data and turn it into conversations: the avatar's documents
-flagged for training, plus the job spec's explicit `datasets` (`s3://` JSONL files inside the
-caller's prefix), each pinned by the ETag it was listed (or headed) with.
+flagged for training (unless the spec says `use_flagged_documents: false`), plus the job spec's
+explicit `datasets` (`s3://` JSONL files inside the caller's prefix), each pinned by the ETag it
+was listed (or headed) with. A dataset with `split: "eval"` is the job's held-out set: its
+conversations come back apart (`eval_conversations`) and are never trained on.
 
 The tenant rule is checked here again although the API checks it too: other services send
 TrainRequests straight to the queue, and a dataset outside `s3://{bucket}/users/{user_id}/`
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ class TrainingData:
     conversations: list[Conversation]
     documents: list[TrainingDocumentRef]
     skipped: int = 0  # documents left out because they are in `skip` (warm start: unchanged)
+    eval_conversations: list[Conversation] = field(default_factory=list)  # the `split: eval` datasets
 
 
 @dataclass
@@ -52,6 +55,7 @@ class _Source:
     size: int | None
     format: str = "auto"
     local: str = ""
+    split: str = "train"
 
 
 def parse_dataset(name: str, data: bytes, fmt: str) -> list[Conversation]:
@@ -118,6 +122,7 @@ class DocumentSource:
             head.get("ContentLength"),
             source.format,
             f"dataset-{index}",
+            source.split,
         )
 
     def _flagged(self, user_id: str, avatar_id: str) -> list[_Source]:
@@ -145,43 +150,48 @@ class DocumentSource:
         scratch: Path,
         datasets: Iterable[DatasetSource] = (),
         skip: set[tuple[str, str]] | None = None,
+        flagged: bool = True,
     ) -> TrainingData:
-        """Every document tagged `use_for_training=true` and every dataset, downloaded
-        concurrently into `scratch` and parsed; a file whose (name, etag) is in `skip` is left
-        out (counted in `skipped`). Raises JobFailure when there is nothing to train on or a
-        file is invalid or not the caller's."""
+        """Every document tagged `use_for_training=true` (when `flagged`) and every dataset,
+        downloaded concurrently into `scratch` and parsed; a training file whose (name, etag) is
+        in `skip` is left out (counted in `skipped`; an eval dataset never is). Raises JobFailure
+        when there is nothing to train on or a file is invalid or not the caller's."""
         sources = [self._dataset(i, d, user_id) for i, d in enumerate(datasets)]
-        sources = self._flagged(user_id, avatar_id) + sources
+        if flagged:
+            sources = self._flagged(user_id, avatar_id) + sources
         skip = skip or set()
-        chosen = [s for s in sources if (s.name, s.etag) not in skip]
+        chosen = [s for s in sources if s.split == "eval" or (s.name, s.etag) not in skip]
         for source in chosen:  # refused before any download: one over the cap fails the job by name
             if source.size is not None and source.size > self._max_bytes:
                 raise JobFailure(_too_large(source, source.size, self._max_bytes))
         scratch.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(self._concurrency) as pool:
             files = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
-        conversations: list[Conversation] = []
-        refs: list[TrainingDocumentRef] = []
+        data = TrainingData(conversations=[], documents=[], skipped=len(sources) - len(chosen))
         for source, path in zip(chosen, files):
             if path is None:
                 if source.name.startswith("s3://"):  # a dataset the job names: retried (the runner's attempts)
                     raise DatasetChanged(f"dataset {source.name!r} changed or vanished while the job read it")
                 continue  # a document replaced or deleted while we listed: not what the job saw
             try:  # parsed one at a time: at most one document's bytes in memory
-                conversations.extend(parse_dataset(source.name.rsplit("/", 1)[-1], path.read_bytes(), source.format))
+                parsed = parse_dataset(source.name.rsplit("/", 1)[-1], path.read_bytes(), source.format)
             except DocumentError as exc:
                 kind = "dataset" if source.name.startswith("s3://") else "training document"
                 raise JobFailure(f"{kind} {source.name!r} is invalid: {exc}") from None
-            refs.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
-        skipped = len(sources) - len(chosen)
-        if not refs and skipped:
+            (data.eval_conversations if source.split == "eval" else data.conversations).extend(parsed)
+            data.documents.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
+        if not data.conversations and data.skipped:
             raise JobFailure(
-                f"nothing new to train on: all {skipped} documents are unchanged since the current "
+                f"nothing new to train on: all {data.skipped} documents are unchanged since the current "
                 "adapter version (warm_start trains only on documents added or changed since)"
             )
-        if not refs:
-            raise JobFailure("no document is flagged use_for_training=true and the job names no datasets")
-        return TrainingData(conversations=conversations, documents=refs, skipped=skipped)
+        if not data.conversations:
+            raise JobFailure(
+                "no document is flagged use_for_training=true and the job names no training datasets"
+                if flagged
+                else "the job names no training datasets (use_flagged_documents is false)"
+            )
+        return data
 
 
 def _too_large(source: _Source, size: int, limit: int) -> str:

@@ -2,7 +2,7 @@
 (`handlers.job_spec`), then `queue_job` with what a training job adds to the common steps:
 
 - step 2: 409 unless the avatar has a document flagged for training, the body names
-  `datasets`, or it brings inline `training_data`;
+  training `datasets`, or it brings inline `training_data`;
 - before the job is queued: its inline `training_data` stored as the flagged document
   `inline-{job_id}.jsonl`, and its `callbacks.auth_header` sealed for the job (the KMS
   encryption context names the job id), so the record and the queue message only ever hold
@@ -45,9 +45,11 @@ async def queue_train_job(
     queue: TrainQueue,
     settings: Settings,
     idempotency: Idempotency | None,
+    also: JobStage | None = None,
 ) -> JobRecord:
     """Check, create and queue a training job; its record. 422 for an impossible body (before
-    anything else), then the problems of `queue_job`."""
+    anything else), then the problems of `queue_job`. `also` stores what the caller keeps beside
+    the job (the OpenAI surface's entry), after the job's own stages, undone with them."""
     inline = check_job_body(
         body,
         user_id=avatar.user_id,
@@ -64,7 +66,7 @@ async def queue_train_job(
         return api_request(TrainRequest, avatar, job_id, config=config, **dict(job_spec))
 
     async def prepare() -> JobPlan:
-        if inline is None and not spec.datasets:
+        if inline is None and not any(source.split == "train" for source in spec.datasets):
             flagged, _ = await documents.list(avatar, True, 1)
             if not flagged:
                 raise Problem(
@@ -77,7 +79,32 @@ async def queue_train_job(
     stage = _inline_stage(avatar, documents, inline) if inline is not None else None
     if _has_auth_header(spec):
         stage = _sealing_stage(settings, avatar, spec, sealed, stage)
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare, stage)
+    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare, _chained(stage, also))
+
+
+def _chained(first: JobStage | None, then: JobStage | None) -> JobStage | None:
+    """`first`, then `then`; `first` undone again should `then` fail, both by the step returned."""
+    if first is None or then is None:
+        return first or then
+
+    async def stage(job_id: str) -> Undo:
+        undo_first = await first(job_id)
+        try:
+            undo_then = await then(job_id)
+        except BaseException:
+            try:
+                await undo_first()
+            except Exception:
+                log.exception("rollback step failed")
+            raise
+
+        async def undo() -> None:
+            await undo_then()
+            await undo_first()
+
+        return undo
+
+    return stage
 
 
 def _inline_stage(avatar: AvatarRef, documents: TrainingDataStore, data: bytes) -> JobStage:

@@ -5,7 +5,8 @@
     -> resolve the base model (HF id or s3://, downloaded once per content)
     -> plan the warm start -> fetch the documents and datasets (pinned by ETag)
     -> find the checkpoint to resume from -> pin the documents in the job record
-    -> tokenize into examples and split off the held-out set
+    -> tokenize into examples and split off the held-out set (or tokenize the job's
+       `split: eval` datasets as the held-out set)
 
 `prepare_training` returns a `TrainingSetup`; the method's recipe (`trainer.jobs.lora`, `.full`,
 `.data_parallel`) takes it from there.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from contracts.adapter import AdapterSettings
 from contracts.jobs import JobRecord
@@ -23,7 +25,14 @@ from contracts.keys import adapter_config_key, training_logs_prefix
 from contracts.metrics import TrainingMetrics
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
-from trainer.dataset import DatasetStats, HeldOutSplit, TokenizedExample, build_examples, split_held_out
+from trainer.dataset import (
+    EVAL_DATASET_RULE,
+    DatasetStats,
+    HeldOutSplit,
+    TokenizedExample,
+    build_examples,
+    split_held_out,
+)
 from trainer.distributed import available_devices
 from trainer.documents import TrainingData
 from trainer.errors import JobFailure
@@ -88,7 +97,12 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     base = resolve_job_base(ctx)
     warm = warm_start(ctx, cfg, base.name)
     data = stores.documents.fetch(
-        job.user_id, job.avatar_id, ctx.scratch / "data", job.spec.datasets, skip=warm.skip if warm else None
+        job.user_id,
+        job.avatar_id,
+        ctx.scratch / "data",
+        job.spec.datasets,
+        skip=warm.skip if warm else None,
+        flagged=job.spec.use_flagged_documents,
     )
     resume_from = checkpoint_to_resume(ctx, data)
     if not resume_from:
@@ -103,8 +117,7 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
     if not examples or stats.trainable_tokens == 0:
         raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
-    eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else ctx.settings.eval_fraction
-    split = split_held_out(examples, eval_fraction)
+    split = held_out(ctx, cfg, tokenizer, examples, data)
     return TrainingSetup(
         cfg=cfg,
         base=base,
@@ -120,6 +133,19 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
         stats=stats,
         model_loads_before=loads_before,
     )
+
+
+def held_out(
+    ctx: JobContext, cfg: AdapterSettings, tokenizer: Any, examples: list[TokenizedExample], data: TrainingData
+) -> HeldOutSplit:
+    """The training and held-out examples: the `split: eval` datasets' when the job names any
+    (all of `examples` then train), else `eval_fraction` of `examples` (`split_held_out`)."""
+    if data.eval_conversations:
+        evaluation, _ = build_examples(tokenizer, data.eval_conversations, cfg.max_seq_length or 1024)
+        if evaluation:
+            return HeldOutSplit(list(examples), evaluation, rule=EVAL_DATASET_RULE)
+    eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else ctx.settings.eval_fraction
+    return split_held_out(examples, eval_fraction)
 
 
 def resolved_config(ctx: JobContext) -> AdapterSettings:
