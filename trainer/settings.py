@@ -52,6 +52,9 @@ class TrainerSettings(BaseSettings):
     download_concurrency: int = Field(default=16, alias="DOWNLOAD_CONCURRENCY", ge=1, le=256)
     eval_fraction: float = Field(default=0.1, alias="EVAL_FRACTION", ge=0, lt=1)
     metrics_port: int = Field(default=9100, alias="METRICS_PORT", ge=0, le=65535)
+    # Before it polls: import the training and generation recipes and load BASE_MODEL for
+    # DEFAULT_METHOD, so the first job costs what later ones do (`make dev` turns it on).
+    warm_up: bool = Field(default=False, alias="WARM_UP")
     torch_threads: int | None = Field(default=None, alias="TORCH_THREADS", ge=1)
 
     # RAG (index/retrieve jobs): the embedding model (sentence-transformers id or local path;
