@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -73,6 +74,18 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return fields
 
 
+# `--json` on every command that answers with data: the API's JSON on stdout, as it came
+# (for scripts and jq: `JOB=$(avatune train --json | jq -r .id)`); messages stay on stderr.
+JsonOutput = Annotated[
+    bool, typer.Option("--json", help="print the API's JSON answer on stdout (for scripts and jq) instead of a table")
+]
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, unwrapped whatever the terminal's width (rich would wrap long strings)."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 def state(ctx: typer.Context) -> State:
     obj = ctx.find_root().obj
     if not isinstance(obj, State):  # invoked without the root callback (direct command tests)
@@ -137,6 +150,13 @@ STATUS_STYLE = {
 
 def styled_status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def add_id_column(table: Table, header: str, ids: Iterable[str | None], **kwargs: Any) -> None:
+    """A column of ids (jobs, documents) that are copied into the next command: never wrapped
+    or cut, whatever the terminal's width (the other columns give way)."""
+    width = max((len(i) for i in ids if i), default=len(header))
+    table.add_column(header, no_wrap=True, min_width=max(width, len(header)), overflow="ignore", **kwargs)
 
 
 def kv_table(rows: dict[str, Any], title: str | None = None) -> Table:
