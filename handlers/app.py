@@ -5,9 +5,18 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from contracts import logs
+from handlers import openapi
 from handlers.problems import install_problem_handlers
 from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
+
+DESCRIPTION = """Per-avatar LoRA adapter training: documents, adapters, jobs.
+
+Every route under `/v1` needs `Authorization: Bearer <JWT>` whose `sub` is the path's `{user_id}`:
+press **Authorize** and paste one (`avatune token alice` prints one for `make dev`). Every error is
+`application/problem+json` (RFC 9457). Jobs (training, fuse, generations, index, retrievals) answer
+202 with the job; follow it with `GET .../training-jobs/{job_id}` until its `status` is final.
+Guide: the README's Quickstart and `docs/` (`make docs`)."""
 
 
 def create_app() -> FastAPI:
@@ -16,9 +25,10 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="avatune",
         version="1",
-        description="Per-avatar LoRA adapter training: documents, adapters, jobs.",
+        description=DESCRIPTION,
     )
     install_problem_handlers(app)
+    openapi.install(app)
     app.include_router(health.router)
     app.include_router(training_data.router)
     app.include_router(adapters.router)
