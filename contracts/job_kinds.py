@@ -10,8 +10,8 @@ A job's kind (`JobRecord.type`) says what it does. Each kind has here:
   trainer writes it for a request another service sent straight to the queue;
 - `links`: the API paths a job view links to (the outputs of a finished job).
 
-Adding a kind is an entry here, its request model, and one recipe module: README, "Adding a
-job kind".
+Adding a kind is an entry here, its request model, and one recipe module:
+docs/adding-a-job-kind.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trainer configuration from environment variables (documented in README)."""
+"""Trainer configuration from environment variables (documented in docs/configuration.md)."""
 
 from __future__ import annotations
 
