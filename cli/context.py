@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -116,6 +117,22 @@ def human_time(value: str | None) -> str:
         return value
 
 
+def short_time(value: str | None) -> str:
+    """`MM-DD HH:MM`, for table columns (80 columns hold a job id beside it)."""
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%m-%d %H:%M")
+    except ValueError:
+        return value
+
+
+def list_table(title: str | None = None) -> Table:
+    """A listing: a rule under the header and no vertical borders, so narrow terminals keep
+    room for the columns."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+
+
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -136,6 +153,8 @@ def fmt_value(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        return ", ".join(f"{k}: {len(v)} points" for k, v in value.items())  # e.g. the loss curve
     return str(value)
 
 

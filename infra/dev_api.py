@@ -5,6 +5,7 @@ format. `python -m infra.dev_api PORT`.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
@@ -14,6 +15,9 @@ from contracts import logs
 
 def main(port: int) -> None:
     logs.configure("api")
+    # The reloader's "N changes detected" lines (byte code being written, an editor's temp files):
+    # a reload itself is still logged by uvicorn.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     uvicorn.run(
         "handlers.app:app",
         host="127.0.0.1",

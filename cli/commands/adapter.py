@@ -19,8 +19,10 @@ from cli.context import (
     human_size,
     human_time,
     kv_table,
+    list_table,
     parse_settings,
     print_json,
+    short_time,
     state,
 )
 
@@ -49,6 +51,14 @@ def _print_adapter(st: State, adapter: dict[str, Any], *, files: bool = True) ->
         st.out.print(table)
 
 
+# Short headers, so a version's row fits 80 columns beside its job id.
+METRIC_HEADERS = {"train_loss": "loss", "eval_loss_before": "before", "eval_loss_after": "after"}
+
+
+def _loss(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else fmt_value(value)
+
+
 @app.command("show")
 def show(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     """Show the configuration, current version, metrics and files."""
@@ -71,7 +81,7 @@ def list_adapters(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     if not items:
         st.out.print("no adapters")
         return
-    table = Table(title_justify="left")
+    table = list_table()
     add_id_column(table, "avatar", (a["avatar_id"] for a in items))
     table.add_column("version", justify="right")
     table.add_column("updated")
@@ -131,21 +141,21 @@ def versions(ctx: typer.Context, as_json: JsonOutput = False) -> None:
         for m in ("train_loss", "eval_loss_before", "eval_loss_after")
         if any(m in (v.get("metrics") or {}) for v in items)
     ]
-    table = Table(title=f"adapter versions of {st.avatar}", title_justify="left")
+    table = list_table(f"adapter versions of {st.avatar} (* current; loss: train; before/after: eval loss)")
     table.add_column("", width=1)
-    table.add_column("version", justify="right")
-    table.add_column("created")
+    table.add_column("ver", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
     add_id_column(table, "job", (v.get("job_id") for v in items))
     for m in metric_cols:
-        table.add_column(m, justify="right")
+        table.add_column(METRIC_HEADERS[m], justify="right", no_wrap=True)
     for v in items:
         metrics = v.get("metrics") or {}
         table.add_row(
             "*" if v["version"] == current else "",
             str(v["version"]),
-            human_time(v.get("created_at")),
+            short_time(v.get("created_at")),
             Text(v.get("job_id") or "-"),
-            *(fmt_value(metrics.get(m)) for m in metric_cols),
+            *(_loss(metrics.get(m)) for m in metric_cols),
         )
     st.out.print(table)
 

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiError
-from cli.context import CliError, JsonOutput, add_id_column, human_size, human_time, print_json, state
+from cli.context import CliError, JsonOutput, add_id_column, human_size, list_table, print_json, short_time, state
 
 app = typer.Typer(help="Training documents of the avatar.", no_args_is_help=True)
 
@@ -120,7 +119,7 @@ def list_documents(
     if not docs:
         st.out.print("no documents" + ("" if used is None else (" used for training" if used else " unused")))
         return
-    table = Table(title=f"training data of {st.avatar}", title_justify="left")
+    table = list_table(f"training data of {st.avatar}")
     add_id_column(table, "name", (d["name"] for d in docs))
     table.add_column("size", justify="right")
     table.add_column("train")
@@ -131,8 +130,8 @@ def list_documents(
             Text(d["name"]),
             human_size(d.get("size")),
             Text("yes", style="green") if d.get("use_for_training") else Text("no", style="dim"),
-            human_time(d.get("last_modified")),
-            Text(d.get("content_type") or "-"),
+            short_time(d.get("last_modified")),
+            Text((d.get("content_type") or "-").split(";")[0]),
         )
     st.out.print(table)
     flagged = sum(1 for d in docs if d.get("use_for_training"))

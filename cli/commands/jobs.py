@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiError, ApiUnreachable, AvatuneClient
@@ -23,8 +22,10 @@ from cli.context import (
     human_duration,
     human_time,
     kv_table,
+    list_table,
     parse_settings,
     print_json,
+    short_time,
     state,
     styled_status,
 )
@@ -212,27 +213,21 @@ def list_jobs(
     if not jobs:
         st.out.print("no jobs")
         return
-    table = Table(
-        title="jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"), title_justify="left"
-    )
+    table = list_table("jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"))
     add_id_column(table, "id", (job["id"] for job in jobs))
     if all_avatars:
-        table.add_column("avatar")
-    table.add_column("type")
-    for col in ("status", "created", "steps", "loss", "version"):
-        table.add_column(col, justify="right" if col in ("steps", "loss", "version") else "left")
+        add_id_column(table, "avatar", (job.get("avatar_id") for job in jobs))
+    for col in ("type", "status", "created", "loss", "ver"):
+        table.add_column(col, justify="right" if col in ("loss", "ver") else "left", no_wrap=col in ("loss", "ver"))
     for job in jobs:
-        progress = job.get("progress") or {}
-        total = progress.get("total_steps")
         cells: list[Any] = [Text(job["id"])]
         if all_avatars:
             cells.append(Text(job.get("avatar_id") or "-"))
         cells += [
             job.get("type") or "-",
             styled_status(job["status"]),
-            human_time(job.get("created_at")),
-            f"{progress.get('step', 0)}/{total if total is not None else '?'}",
-            _loss(progress),
+            short_time(job.get("created_at")),
+            _loss(job.get("progress") or {}),
             fmt_value(job.get("adapter_version")),
         ]
         table.add_row(*cells)
