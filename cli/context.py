@@ -108,23 +108,19 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def human_time(value: str | None) -> str:
+def human_time(value: str | None, pattern: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """An API timestamp as `pattern` (as given when it does not parse; `-` when absent)."""
     if not value:
         return "-"
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime(pattern)
     except ValueError:
         return value
 
 
 def short_time(value: str | None) -> str:
     """`MM-DD HH:MM`, for table columns (80 columns hold a job id beside it)."""
-    if not value:
-        return "-"
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%m-%d %H:%M")
-    except ValueError:
-        return value
+    return human_time(value, "%m-%d %H:%M")
 
 
 def list_table(title: str | None = None) -> Table:
