@@ -173,3 +173,28 @@ def test_make_dev_refuses_a_port_in_use_and_names_it(tmp_path: Path) -> None:
     same = clean_env(HOME=str(tmp_path), PORT=str(api_port), MOTO_PORT=str(api_port), METRICS_PORT="0")
     done = subprocess.run([sys.executable, "-m", "infra.devstack"], cwd=ROOT, env=same, capture_output=True, text=True)
     assert done.returncode == 1 and "MOTO_PORT and PORT are both" in done.stdout, done.stdout
+
+
+def test_make_dev_defaults_behave_like_a_clients_setup(tmp_path: Path) -> None:
+    from contracts.sealing import job_context, sealer_from_env
+    from infra.devstack import local_defaults
+
+    # With a secret of one's own (no DEV_MODE), a webhook's auth_header can still be sealed.
+    env = {"AUTH_JWT_SECRET": "mine"}
+    local_defaults(env, tmp_path)
+    assert "DEV_MODE" not in env and env["CALLBACK_SEALER"] == "local"
+    context = job_context("alice", "a1", "job-1")
+    sealer = sealer_from_env(env)  # what the API, the worker and the events consumer build from it
+    assert sealer is not None and sealer.name == "local"
+    assert sealer.unseal(sealer.seal("Token s3cr3t", context), context) == "Token s3cr3t"
+    assert env["DEFAULT_METHOD"] == "lora" and env["WARM_UP"] == "true" and env["LOG_FORMAT"] == "text"
+    assert env["BASE_MODEL"] == str(tmp_path / "models" / "tiny") and env["HF_HUB_OFFLINE"] == "1"
+    # What the caller sets wins: a configured sealer, a real base model (which may need the hub).
+    env = {
+        "CALLBACK_KMS_KEY_ID": "alias/x",
+        "BASE_MODEL": "meta-llama/Llama-3.2-1B-Instruct",
+        "DEFAULT_METHOD": "qlora",
+    }
+    local_defaults(env, tmp_path)
+    assert "CALLBACK_SEAL_KEY" not in env and "HF_HUB_OFFLINE" not in env and env["DEFAULT_METHOD"] == "qlora"
+    assert env["DEV_MODE"] == "true"
