@@ -51,4 +51,5 @@ def test_the_readme_is_a_landing_page() -> None:
 
 def test_make_docs_builds_the_site_strictly() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^docs: install\n\t(NO_MKDOCS_2_WARNING=1 )?\$\(PY\) -m mkdocs build --strict$", makefile, flags=re.M)
+    recipe = r"^docs: install\n\t(NO_MKDOCS_2_WARNING=1 )?\$\(PY\) -m mkdocs build --strict$"
+    assert re.search(recipe, makefile, flags=re.M)
