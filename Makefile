@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install dev test lint format bench token schemas clean
+.PHONY: install dev test lint format bench token schemas docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,9 @@ token: install
 schemas: install
 	$(PY) -m contracts.export_schemas
 
+# The documentation site (MkDocs + Material) into site/; strict: a broken link or anchor fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .dev .pytest_cache
+	rm -rf $(VENV) .dev .pytest_cache site

@@ -394,6 +394,10 @@ class AvatuneClient:
         """POST {base}/fuse-jobs: body `{"version": n}` (omitted: the current version)."""
         return self._json("POST", f"{self.base}/fuse-jobs", json={} if version is None else {"version": version})
 
+    def create_generation(self, body: Json) -> Json:
+        """POST {base}/generations: a generation job (see `avatune generate`)."""
+        return self._json("POST", f"{self.base}/generations", json=body)
+
 
 def _chunks(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(CHUNK):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -73,6 +75,18 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return fields
 
 
+# `--json` on every command that answers with data: the API's JSON on stdout, as it came
+# (for scripts and jq: `JOB=$(avatune train --json | jq -r .id)`); messages stay on stderr.
+JsonOutput = Annotated[
+    bool, typer.Option("--json", help="print the API's JSON answer on stdout (for scripts and jq) instead of a table")
+]
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, unwrapped whatever the terminal's width (rich would wrap long strings)."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 def state(ctx: typer.Context) -> State:
     obj = ctx.find_root().obj
     if not isinstance(obj, State):  # invoked without the root callback (direct command tests)
@@ -94,13 +108,25 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def human_time(value: str | None) -> str:
+def human_time(value: str | None, pattern: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """An API timestamp as `pattern` (as given when it does not parse; `-` when absent)."""
     if not value:
         return "-"
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime(pattern)
     except ValueError:
         return value
+
+
+def short_time(value: str | None) -> str:
+    """`MM-DD HH:MM`, for table columns (80 columns hold a job id beside it)."""
+    return human_time(value, "%m-%d %H:%M")
+
+
+def list_table(title: str | None = None) -> Table:
+    """A listing: a rule under the header and no vertical borders, so narrow terminals keep
+    room for the columns."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
 
 
 def human_duration(seconds: float | None) -> str:
@@ -123,6 +149,8 @@ def fmt_value(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        return ", ".join(f"{k}: {len(v)} points" for k, v in value.items())  # e.g. the loss curve
     return str(value)
 
 
@@ -137,6 +165,13 @@ STATUS_STYLE = {
 
 def styled_status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def add_id_column(table: Table, header: str, ids: Iterable[str | None], **kwargs: Any) -> None:
+    """A column of ids (jobs, documents) that are copied into the next command: never wrapped
+    or cut, whatever the terminal's width (the other columns give way)."""
+    width = max((len(i) for i in ids if i), default=len(header))
+    table.add_column(header, no_wrap=True, min_width=max(width, len(header)), overflow="ignore", **kwargs)
 
 
 def kv_table(rows: dict[str, Any], title: str | None = None) -> Table:

@@ -12,8 +12,8 @@ A job's kind (`JobRecord.type`) says what it does. Each kind has here:
 - `params`: the request's own fields a record stands for (`request_of` rebuilds the request
   from them: the API queues a job again whose worker vanished).
 
-Adding a kind is an entry here, its request model, and one recipe module: README, "Adding a
-job kind".
+Adding a kind is an entry here, its request model, and one recipe module:
+docs/adding-a-job-kind.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Structured JSON logs for the API and the trainer: one JSON object a line, carrying
-`job_id`, `user_id` and `avatar_id` whenever the code is working for one.
+"""Structured JSON logs for the API, the trainer and the events consumer: one JSON object a
+line, carrying `job_id`, `user_id` and `avatar_id` whenever the code is working for one.
 
 Log lines are an interface too (dashboards and alerts parse them), so the format lives here.
-Pure stdlib: importing it costs the API's cold start nothing.
+`LOG_FORMAT=text` writes the same fields as one short readable line instead (`make dev` sets
+it for the terminal, where several processes share one screen); JSON is the default and what
+production runs. Pure stdlib: importing it costs the API's cold start nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -77,10 +80,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(service: str, level: int = logging.INFO) -> None:
-    """Send every log line (ours, uvicorn's, botocore's, transformers') as JSON to stderr."""
+class TextFormatter(logging.Formatter):
+    """The JSON line's fields as one readable line: `12:48:12.461 trainer info  message  job_id=...`."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        fields = dict(_context.get({}))
+        fields.update({name: getattr(record, name) for name in CONTEXT_FIELDS if hasattr(record, name)})
+        context = "".join(f"  {k}={v}" for k, v in fields.items())
+        line = f"{when} {self._service:<7} {record.levelname.lower():<7} {redact(record.getMessage())}{context}"
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        return line
+
+
+LOG_FORMATS = {"json": JsonFormatter, "text": TextFormatter}
+# Libraries' INFO lines that say nothing about a request or a job ("Found credentials in
+# environment variables." on every client): their warnings and errors still show.
+QUIET_LOGGERS = ("botocore.credentials", "aiobotocore.credentials")
+
+
+def configure(service: str, level: int = logging.INFO, log_format: str | None = None) -> None:
+    """Send every log line (ours, uvicorn's, botocore's, transformers') to stderr, as JSON or,
+    with `log_format` (default: LOG_FORMAT, else json) `text`, as readable lines."""
+    chosen = (log_format or os.environ.get("LOG_FORMAT") or "json").strip().lower()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    handler.setFormatter(LOG_FORMATS.get(chosen, JsonFormatter)(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -88,4 +117,6 @@ def configure(service: str, level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.captureWarnings(True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials
 
 from contracts import logs
 from contracts.ids import InvalidIdentifier, validate_id
@@ -26,6 +27,7 @@ from handlers.file_store import FileStore
 from handlers.fine_tuning_store import FineTuningStore
 from handlers.idempotency import MAX_IDEMPOTENCY_KEY_LENGTH, Idempotency
 from handlers.job_store import JobStore
+from handlers.openapi import BEARER, ID_SCHEMA, IDEMPOTENCY_KEY_SCHEMA
 from handlers.problems import Problem
 from handlers.settings import Settings, get_settings
 from handlers.train_queue import TrainQueue
@@ -39,8 +41,13 @@ SqsClientDep = Annotated[Any, Depends(sqs_client)]
 # -- the caller ------------------------------------------------------------------------------
 
 
-def current_principal(request: Request, settings: SettingsDep) -> Principal:
-    """The verified caller (`handlers.auth`)."""
+def current_principal(
+    request: Request,
+    settings: SettingsDep,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
+    """The verified caller (`handlers.auth`, which reads the header itself). `_bearer` only
+    declares the bearer scheme in the OpenAPI document (`handlers.openapi.BEARER`)."""
     return verified_principal(request, settings)
 
 
@@ -52,7 +59,7 @@ def _checked_id(value: str, what: str) -> str:
 
 
 async def authorized_user(
-    user_id: Annotated[str, Path(description="the user's id")],
+    user_id: Annotated[str, Path(description="the user's id", json_schema_extra=ID_SCHEMA)],
     principal: Annotated[Principal, Depends(current_principal)],
 ) -> str:
     """The path's `user_id`, once the caller is allowed to act for it."""
@@ -65,7 +72,7 @@ async def authorized_user(
 
 async def authorized_avatar(
     user_id: Annotated[str, Depends(authorized_user)],
-    avatar_id: Annotated[str, Path(description="the avatar's id")],
+    avatar_id: Annotated[str, Path(description="the avatar's id", json_schema_extra=ID_SCHEMA)],
 ) -> AvatarRef:
     """The path's user and avatar, validated and authorised."""
     avatar = AvatarRef(user_id=user_id, avatar_id=_checked_id(avatar_id, "avatar_id"))
@@ -159,7 +166,13 @@ async def idempotency(
     request: Request,
     key: Annotated[
         str | None,
-        Header(alias="Idempotency-Key", description="retries with the same key and body answer the same job"),
+        Header(
+            alias="Idempotency-Key",
+            description="1 to 255 characters (400 otherwise): a retry with the same key and the same request "
+            "answers the job the first one created and queues nothing; the key used for a different request: 422",
+            json_schema_extra=IDEMPOTENCY_KEY_SCHEMA,  # declared, not enforced here: the dependency answers 400
+            examples=["4f1c2a9e-7b3d-4e0a-9c55-2d8e6f1b0a37"],
+        ),
     ] = None,
 ) -> Idempotency | None:
     """The request's Idempotency (None without the header); 400 for a key of a bad length."""

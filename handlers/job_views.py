@@ -4,20 +4,41 @@
 A view is the stored `JobRecord` less what is the API's or the trainer's business (the lease,
 the source, the owner), with `config` and `spec` as the caller sent them (no defaults, never
 the webhook's Authorization) and `links` to the job's outputs, which the job-kind registry
-(`contracts.job_kinds.links_of`) names.
+(`contracts.job_kinds.links_of`) names. `metrics` and `result` are typed for the OpenAPI
+document (`contracts.metrics`, `contracts.results`) and shown exactly as stored.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_serializer
 
 from contracts.adapter import AdapterSettings
 from contracts.job_kinds import links_of
 from contracts.jobs import JobProgress, JobRecord, JobStatus, JobType, TrainingDocumentRef
+from contracts.metrics import TrainingMetrics
+from contracts.results import AsReported, GenerationResult, IndexResult, RetrievalResult
 from contracts.spec import JobSpec
+
+
+class JobMetrics(TrainingMetrics, AsReported):
+    """A job's metrics: a training job's are these fields (more may come); the other kinds
+    report their own (fuse: `merged_prefix`, `merge_seconds`, ...; generate: `prompt_tokens`,
+    `completion_tokens`, `generate_seconds`; index and retrieve: their counts and timings)."""
+
+
+# The first that fits, in this order: each result has a field the others lack (`completion`,
+# `passages`, `chunks`); anything else stays a plain object.
+Metrics = Annotated[JobMetrics | dict[str, Any], Field(union_mode="left_to_right")]
+Result = Annotated[
+    GenerationResult | RetrievalResult | IndexResult | dict[str, Any] | None,
+    Field(
+        union_mode="left_to_right",
+        description="a generate, retrieve or index job's answer once it succeeded; null for other kinds",
+    ),
+]
 
 
 class JobView(BaseModel):
@@ -33,13 +54,13 @@ class JobView(BaseModel):
     avatar_id: str
     config: AdapterSettings
     progress: JobProgress
-    metrics: dict[str, Any]
+    metrics: Metrics
     error: str | None
     adapter_version: int | None
     data: list[TrainingDocumentRef]
     spec: JobSpec
     request: dict[str, Any]
-    result: dict[str, Any] | None
+    result: Result
     cancel_requested: bool
     attempts: int
     failures: int = Field(

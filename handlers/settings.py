@@ -1,4 +1,4 @@
-"""API configuration from environment variables (documented in README)."""
+"""API configuration from environment variables (documented in docs/configuration.md)."""
 
 from __future__ import annotations
 

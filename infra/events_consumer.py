@@ -8,7 +8,8 @@ the failed ones to reappear after the visibility timeout (and reach the DLQ afte
 maxReceiveCount), as the mapping does. Webhooks are therefore delivered locally too.
 
 Environment: AWS_ENDPOINT_URL, EVENTS_QUEUE_NAME (default avatune-events) and the events
-function's own variables (S3_BUCKET, WEBHOOK_*, CALLBACK_*; see README, Configuration).
+function's own variables (S3_BUCKET, WEBHOOK_*, CALLBACK_*; see docs/configuration.md),
+LOG_FORMAT, and READY_FILE (created once it polls: `contracts.readiness`).
 SIGTERM or SIGINT stops it after the batch in hand.
 """
 
@@ -17,12 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
 import boto3
 
+from contracts import logs, readiness
 from handlers.events_handler import handler
 
 log = logging.getLogger("avatune.events.consumer")
@@ -49,6 +50,11 @@ def lambda_records(messages: list[dict[str, Any]], queue_arn: str, region: str) 
     ]
 
 
+class _Interrupted(BaseException):
+    """Raised by the signal handler to leave an idle long poll at once (like KeyboardInterrupt,
+    not an Exception, so no retry loop catches it)."""
+
+
 class EventsConsumer:
     """Polls the events queue and runs the events Lambda's handler on each batch."""
 
@@ -60,16 +66,29 @@ class EventsConsumer:
             "QueueArn"
         ]
         self.stopping = False
+        self.receiving = False
+
+    def stop(self) -> None:
+        """Stop after the batch in hand; at once while waiting for one."""
+        self.stopping = True
+        if self.receiving:
+            raise _Interrupted
 
     def poll_once(self, wait_seconds: int = WAIT_SECONDS) -> tuple[int, int]:
         """Receive one batch, hand it to the handler, delete what succeeded: (handled, failed)."""
-        messages = self.sqs.receive_message(
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=BATCH_SIZE,
-            WaitTimeSeconds=wait_seconds,
-            AttributeNames=["All"],
-            MessageAttributeNames=["All"],
-        ).get("Messages", [])
+        self.receiving = True
+        try:
+            if self.stopping:
+                return 0, 0
+            messages = self.sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=BATCH_SIZE,
+                WaitTimeSeconds=wait_seconds,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+        finally:
+            self.receiving = False
         if not messages:
             return 0, 0
         records = lambda_records(messages, self.queue_arn, self.region)
@@ -91,25 +110,31 @@ class EventsConsumer:
         while not self.stopping:
             try:
                 self.poll_once()
+            except _Interrupted:
+                break
             except Exception:  # the queue endpoint hiccuped: wait and poll again
                 log.exception("polling the events queue failed")
                 time.sleep(2)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logs.configure("events")
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     sqs = boto3.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, region_name=region)
     queue_url = sqs.get_queue_url(QueueName=os.environ.get("EVENTS_QUEUE_NAME", "avatune-events"))["QueueUrl"]
     consumer = EventsConsumer(sqs, queue_url, region)
 
-    def stop(*_: object) -> None:
-        consumer.stopping = True
+    def on_signal(*_: object) -> None:
+        consumer.stop()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log.info("consuming %s", queue_url)
-    consumer.run()
+    readiness.mark_ready()
+    try:
+        consumer.run()
+    finally:
+        readiness.mark_stopped()
 
 
 if __name__ == "__main__":

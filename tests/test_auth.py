@@ -60,7 +60,9 @@ def test_no_token_is_unauthorized(api_url: str, victim: Api, method, path, kwarg
 def test_bad_tokens(api_url: str, victim: Api) -> None:
     now = int(time.time())
     bad = {
-        "wrong secret": jwt.encode({"sub": victim.user_id, "exp": now + 60}, "other-secret", algorithm="HS256"),
+        "wrong secret": jwt.encode(
+            {"sub": victim.user_id, "exp": now + 60}, "another-secret-of-32-bytes-or-more", algorithm="HS256"
+        ),
         "no exp": jwt.encode({"sub": victim.user_id}, TEST_SECRET, algorithm="HS256"),
         "expired": jwt.encode({"sub": victim.user_id, "exp": now - 10}, TEST_SECRET, algorithm="HS256"),
         "no sub": jwt.encode({"role": "service"}, TEST_SECRET, algorithm="HS256"),

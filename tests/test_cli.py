@@ -300,6 +300,30 @@ def test_train_follow_exits_1_when_the_job_fails(pipeline: Pipeline, worker, tra
     result = cli("train", "--follow", *FAST)
     assert result.exit_code == 1, result.output
     assert "failed" in result.stderr and "broken.jsonl" in result.stderr
+    job_id = re.search(r"job (\S+) queued", result.stdout).group(1)
+    waited = failed(cli("jobs", "wait", job_id, "--interval", "0.05"), "failed")
+    assert f"train job {job_id} failed: " in waited.stderr and "broken.jsonl" in waited.stderr
+
+
+def test_json_output_jobs_wait_and_ids_that_never_wrap(trained: tuple[Cli, Result]) -> None:
+    cli, result = trained
+    job_id = re.search(r"job (\S+) queued", result.stdout).group(1)
+    shown = json.loads(ok(cli("jobs", "show", job_id, "--json")).stdout)
+    assert shown["id"] == job_id and shown["status"] == "succeeded" and shown["metrics"]["eval_loss_after"] is not None
+    assert [j["id"] for j in json.loads(ok(cli("jobs", "list", "--json")).stdout)][-1] == job_id
+    out = ok(cli("jobs", "wait", job_id, job_id, "--interval", "0.05")).stdout
+    assert out.count(f"train job {job_id} succeeded: adapter version 1") == 2
+    waited = ok(cli("jobs", "wait", job_id, "--json"))
+    assert json.loads(waited.stdout)["status"] == "succeeded"  # stdout holds the JSON alone
+    assert json.loads(ok(cli("adapter", "versions", "--json")).stdout)[0]["job_id"] == job_id
+    assert json.loads(ok(cli("adapter", "show", "--json")).stdout)["current_version"] == 1
+    assert [d["name"] for d in json.loads(ok(cli("docs", "list", "--json")).stdout)] == ["chat.jsonl"]
+    failed(cli("jobs", "wait", "job-0000000000000-00000000"), "error 404")
+    # However narrow the terminal, an id stays whole on one line, ready to copy.
+    for args in (("jobs", "list"), ("adapter", "versions")):
+        for columns in ("80", "50"):
+            out = ok(cli(*args, env={"COLUMNS": columns})).stdout
+            assert any(job_id in line for line in out.splitlines()), (args, columns, out)
 
 
 # -- tokens ----------------------------------------------------------------------------------

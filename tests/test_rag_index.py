@@ -341,6 +341,51 @@ def test_chunks_are_exact_sentence_aligned_slices_with_overlap() -> None:
         chunk_text(text, 100, 100)
 
 
+MARKDOWN = """# Freezing bread
+
+Cool the loaf completely. Slice it before it goes in. Then freeze the slices.
+
+## Rice
+Rinse the rice twice. Cook it in salted water for twelve minutes. Let it rest, covered.
+
+```sh
+# a comment in a code block, not a heading
+```
+
+Noodles
+=======
+
+Boil them in plenty of water. Drain and toss with oil.
+"""
+
+
+def test_markdown_headings_start_chunks() -> None:
+    from trainer.rag.indexing import chunk_document
+
+    chunks = chunk_text(MARKDOWN, 120, 60, markdown=True)
+    assert all(MARKDOWN[c.start : c.end] == c.text and len(c.text) <= 120 for c in chunks)
+    # Each heading opens a chunk, with the first sentences of its own section beside it...
+    openers = [c.text.split("\n", 1)[0] for c in chunks if c.text.startswith(("#", "Noodles"))]
+    assert openers == ["# Freezing bread", "## Rice", "Noodles"]
+    rice = next(c for c in chunks if c.text.startswith("## Rice"))
+    assert rice.text.startswith("## Rice\nRinse the rice twice.")
+    # ...and is never the tail of the previous section's chunk, nor reached back across by overlap.
+    for chunk in chunks:
+        for heading in ("## Rice", "Noodles\n====", "# Freezing"):
+            assert heading not in chunk.text or chunk.text.startswith(heading)
+    assert not any("freeze the slices" in c.text and "Rinse" in c.text for c in chunks)
+    # A '#' line inside a fenced code block is not a heading.
+    assert not any(c.text.startswith("# a comment") for c in chunks)
+    # Plain text keeps the sentence packing (the heading trails the previous chunk there).
+    plain = chunk_text(MARKDOWN, 120, 60)
+    assert any(c.text.endswith("## Rice\nRinse the rice twice.") or "slices.\n\n## Rice" in c.text for c in plain)
+    # The index job chunks a .md document this way, a .txt one the plain way.
+    md = [c.text for c in chunk_document("guide.md", "e1", MARKDOWN.encode(), 120, 60)]
+    assert md == [c.text for c in chunks]
+    txt = [c.text for c in chunk_document("guide.txt", "e1", MARKDOWN.encode(), 120, 60)]
+    assert txt == [c.text for c in plain]
+
+
 def test_index_then_incremental_reindex(pipeline: Pipeline, indexed: Api, s3) -> None:
     api = indexed
     first = api.first_index  # type: ignore[attr-defined]

@@ -173,9 +173,11 @@ def _rank_main(spec_path: str) -> None:
     import torch.distributed as dist
 
     from trainer.base_model import BaseModelCache, QuantOptions
+    from trainer.library_warnings import quiet_known_warnings
     from trainer.settings import get_settings
     from trainer.training import train_adapter
 
+    quiet_known_warnings()
     spec = json.loads(Path(spec_path).read_text())
     work_dir = Path(spec["work_dir"])
     rank = int(os.environ.get("RANK", "0"))

@@ -1,4 +1,4 @@
-"""Trainer configuration from environment variables (documented in README)."""
+"""Trainer configuration from environment variables (documented in docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ class TrainerSettings(BaseSettings):
     max_document_bytes: int = Field(default=64 * 1024 * 1024, alias="MAX_DOCUMENT_BYTES", gt=0)
     eval_fraction: float = Field(default=0.1, alias="EVAL_FRACTION", ge=0, lt=1)
     metrics_port: int = Field(default=9100, alias="METRICS_PORT", ge=0, le=65535)
+    # Before it polls: import the training and generation recipes and load BASE_MODEL for
+    # DEFAULT_METHOD, so the first job costs what later ones do (`make dev` turns it on).
+    warm_up: bool = Field(default=False, alias="WARM_UP")
     torch_threads: int | None = Field(default=None, alias="TORCH_THREADS", ge=1)
 
     # RAG (index/retrieve jobs): the embedding model (sentence-transformers id or local path;

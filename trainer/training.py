@@ -206,6 +206,12 @@ def _checkpointing_on(model: Any) -> bool:
     return False
 
 
+def _checkpointing_off(model: Any) -> None:
+    """Turn checkpointing off, under the name this transformers version uses (no FutureWarning)."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
 def training_arguments(
     cfg: AdapterSettings, out_dir: Path, device: torch.device, precision: str | None = None
 ) -> TrainingArguments:
@@ -346,7 +352,7 @@ def train_adapter(
         return TrainOutcome(completed=True, adapter_dir=adapter_dir, metrics=metrics)
     finally:
         if _checkpointing_on(peft_model.base_model.model):
-            peft_model.base_model.model.gradient_checkpointing_disable()  # the cached base is shared by later jobs
+            _checkpointing_off(peft_model.base_model.model)  # the cached base is shared by later jobs
         base.model = remove_lora(peft_model)
         if restore_attention is not None:
             base.model.set_attn_implementation(restore_attention)

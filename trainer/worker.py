@@ -7,6 +7,10 @@ dead-letter queue with the reason.
 
 Shutdown: SIGTERM/SIGINT while idle ends the long poll at once; during a job the training
 loop stops at the next step, checkpoints to S3 and hands the message back to the queue.
+
+Start-up: with WARM_UP the worker imports the recipes and loads its base before it polls;
+once it polls it logs so and creates READY_FILE (`contracts.readiness`), which `make dev`
+and readiness probes wait for.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from contracts import logs
-from contracts.job_kinds import kind_of, parse_train_queue_message
+from contracts import logs, readiness
+from contracts.job_kinds import JOB_KINDS, kind_of, parse_train_queue_message
 from contracts.jobs import JobType, utcnow
 from contracts.messages import InvalidMessage, QueueRequest
 from trainer import aws, metrics
-from trainer.base_model import BaseModelCache
+from trainer.base_model import BaseModelCache, QuantOptions
 from trainer.events import EventPublisher
+from trainer.library_warnings import quiet_known_warnings
 from trainer.runtime.context import JobWork
 from trainer.runtime.dead_letters import DeadLetterSweep
 from trainer.runtime.heartbeat import Delivery
@@ -71,11 +76,13 @@ class Worker:
 
     def work_for(self, request: QueueRequest) -> JobWork:
         """What the request's job does once claimed: its kind's recipe, built once."""
-        kind = kind_of(request)
-        if kind.type not in self._works:
-            module, _, name = kind.work.partition(":")
-            self._works[kind.type] = getattr(importlib.import_module(module), name)()
-        return self._works[kind.type]
+        return self._work_of(kind_of(request).type)
+
+    def _work_of(self, job_type: JobType) -> JobWork:
+        if job_type not in self._works:
+            module, _, name = JOB_KINDS[job_type].work.partition(":")
+            self._works[job_type] = getattr(importlib.import_module(module), name)()
+        return self._works[job_type]
 
     def _dead_letter_queue_url(self) -> str:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.train_queue_url, AttributeNames=["RedrivePolicy"])
@@ -95,22 +102,49 @@ class Worker:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    def run_forever(self) -> None:
+    def warm_up(self) -> None:
+        """Pay the first job's one-time costs now: import the training and generation recipes
+        (transformers' Trainer, peft, ...) and load BASE_MODEL as a job with the worker's
+        defaults would. A base that cannot be loaded is logged; the job that needs it fails
+        with the reason later, as it would without warm-up."""
+        started = time.monotonic()
+        for kind in ("train", "generate"):
+            self._work_of(kind)
+        method = self.settings.default_method if self.settings.default_method in ("lora", "qlora") else "lora"
+        try:
+            self.models.get(self.settings.base_model, method, QuantOptions())
+        except Exception as exc:  # reported here, and again by the job that needs it
+            log.warning("warm-up could not load %s: %s", self.settings.base_model, exc)
         log.info(
-            "worker %s polling %s (base model %s)",
+            "warmed up in %.1f s (recipes imported, %s loaded for %s)",
+            time.monotonic() - started,
+            self.settings.base_model,
+            method,
+        )
+
+    def run_forever(self) -> None:
+        if self.settings.warm_up:
+            self.warm_up()
+        log.info(
+            "worker %s polling %s (base model %s, default method %s)",
             self.settings.worker_id,
             self.train_queue_url,
             self.settings.base_model,
+            self.settings.default_method,
         )
-        while not self.shutdown.is_set():
-            try:
-                self.poll_once()
-                self._sweep_dead_letters()
-            except _Interrupted:
-                break
-            except Exception:  # S3/SQS trouble beyond botocore's retries: back off, keep serving
-                log.exception("poll failed; retrying")
-                self.shutdown.wait(5)
+        readiness.mark_ready()
+        try:
+            while not self.shutdown.is_set():
+                try:
+                    self.poll_once()
+                    self._sweep_dead_letters()
+                except _Interrupted:
+                    break
+                except Exception:  # S3/SQS trouble beyond botocore's retries: back off, keep serving
+                    log.exception("poll failed; retrying")
+                    self.shutdown.wait(5)
+        finally:
+            readiness.mark_stopped()
         log.info("worker %s stopped", self.settings.worker_id)
 
     def _sweep_dead_letters(self) -> None:
@@ -186,6 +220,7 @@ def delivery_of(queue_url: str, message: dict[str, Any]) -> Delivery:
 
 def main() -> None:
     logs.configure("trainer")
+    quiet_known_warnings()
     settings = get_settings()
     metrics.serve(settings.metrics_port)
     from transformers.utils import logging as hf_logging

@@ -10,7 +10,21 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiError
-from cli.context import CliError, State, fmt_value, human_size, human_time, kv_table, parse_settings, state
+from cli.context import (
+    CliError,
+    JsonOutput,
+    State,
+    add_id_column,
+    fmt_value,
+    human_size,
+    human_time,
+    kv_table,
+    list_table,
+    parse_settings,
+    print_json,
+    short_time,
+    state,
+)
 
 app = typer.Typer(help="The avatar's adapter: configuration, files, versions.", no_args_is_help=True)
 
@@ -37,23 +51,38 @@ def _print_adapter(st: State, adapter: dict[str, Any], *, files: bool = True) ->
         st.out.print(table)
 
 
+# Short headers, so a version's row fits 80 columns beside its job id.
+METRIC_HEADERS = {"train_loss": "loss", "eval_loss_before": "before", "eval_loss_after": "after"}
+
+
+def _loss(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else fmt_value(value)
+
+
 @app.command("show")
-def show(ctx: typer.Context) -> None:
+def show(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     """Show the configuration, current version, metrics and files."""
     st = state(ctx)
-    _print_adapter(st, st.client().get_adapter())
+    adapter = st.client().get_adapter()
+    if as_json:
+        print_json(adapter)
+        return
+    _print_adapter(st, adapter)
 
 
 @app.command("list")
-def list_adapters(ctx: typer.Context) -> None:
+def list_adapters(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     """The user's avatars that have an adapter."""
     st = state(ctx)
     items = st.client(avatar=False).list_adapters()
+    if as_json:
+        print_json(items)
+        return
     if not items:
         st.out.print("no adapters")
         return
-    table = Table(title_justify="left")
-    table.add_column("avatar")
+    table = list_table()
+    add_id_column(table, "avatar", (a["avatar_id"] for a in items))
     table.add_column("version", justify="right")
     table.add_column("updated")
     for a in items:
@@ -92,11 +121,14 @@ def download(
 
 
 @app.command("versions")
-def versions(ctx: typer.Context) -> None:
+def versions(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     """List the kept versions (oldest first; * = current)."""
     st = state(ctx)
     client = st.client()
     items = client.list_versions()
+    if as_json:
+        print_json(items)
+        return
     if not items:
         st.out.print("no adapter versions")
         return
@@ -109,30 +141,35 @@ def versions(ctx: typer.Context) -> None:
         for m in ("train_loss", "eval_loss_before", "eval_loss_after")
         if any(m in (v.get("metrics") or {}) for v in items)
     ]
-    table = Table(title=f"adapter versions of {st.avatar}", title_justify="left")
+    table = list_table(f"adapter versions of {st.avatar} (* current; loss: train; before/after: eval loss)")
     table.add_column("", width=1)
-    table.add_column("version", justify="right")
-    table.add_column("created")
-    table.add_column("job", overflow="fold")
+    table.add_column("ver", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    add_id_column(table, "job", (v.get("job_id") for v in items))
     for m in metric_cols:
-        table.add_column(m, justify="right")
+        table.add_column(METRIC_HEADERS[m], justify="right", no_wrap=True)
     for v in items:
         metrics = v.get("metrics") or {}
         table.add_row(
             "*" if v["version"] == current else "",
             str(v["version"]),
-            human_time(v.get("created_at")),
+            short_time(v.get("created_at")),
             Text(v.get("job_id") or "-"),
-            *(fmt_value(metrics.get(m)) for m in metric_cols),
+            *(_loss(metrics.get(m)) for m in metric_cols),
         )
     st.out.print(table)
 
 
 @app.command("promote")
-def promote(ctx: typer.Context, version: Annotated[int, typer.Argument(metavar="N", min=1)]) -> None:
+def promote(
+    ctx: typer.Context, version: Annotated[int, typer.Argument(metavar="N", min=1)], as_json: JsonOutput = False
+) -> None:
     """Make a kept version current again."""
     st = state(ctx)
     adapter = st.client().promote_version(version)
+    if as_json:
+        print_json(adapter)
+        return
     st.out.print(f"adapter version {adapter.get('current_version')} is current")
 
 
@@ -161,6 +198,7 @@ def config(
             "--set", metavar="KEY=VALUE", help="any other field (VALUE as JSON, else a string); repeatable"
         ),
     ] = None,
+    as_json: JsonOutput = False,
 ) -> None:
     """Set adapter configuration fields (others keep their value); without options, show it."""
     st = state(ctx)
@@ -180,6 +218,9 @@ def config(
     fields = {**parse_settings(set_), **{k: v for k, v in fields.items() if v is not None}}
     client = st.client()
     adapter = client.put_adapter(fields) if fields else client.get_adapter()
+    if as_json:
+        print_json(adapter)
+        return
     if fields:
         st.out.print("updated " + ", ".join(f"{k}={fmt_value(v)}" for k, v in fields.items()))
     st.out.print(kv_table(adapter.get("config") or {}, title="config"))
@@ -190,6 +231,7 @@ def fuse(
     version: Annotated[
         int | None, typer.Option("--version", min=1, help="the adapter version; default: current")
     ] = None,  # noqa: UP007
+    as_json: JsonOutput = False,
 ) -> None:
     """Merge an adapter version into the base model (POST {base}/fuse-jobs)."""
     st = state(ctx)
@@ -203,5 +245,8 @@ def fuse(
                 f"POST .../fuse-jobs route; answered {exc.status})"
             ) from None
         raise
+    if as_json:
+        print_json(job)
+        return
     job_id = job.get("id") or job.get("job_id") or "?"
     st.out.print(Text(f"fuse job {job_id}: {job.get('status', 'accepted')}"))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiError
-from cli.context import CliError, human_size, human_time, state
+from cli.context import CliError, JsonOutput, add_id_column, human_size, list_table, print_json, short_time, state
 
 app = typer.Typer(help="Training documents of the avatar.", no_args_is_help=True)
 
@@ -48,17 +48,21 @@ def upload(
             help="upload files larger than this through a presigned URL",
         ),
     ] = PRESIGN_THRESHOLD,
+    as_json: JsonOutput = False,
 ) -> None:
     """Upload documents (multipart; files over 5 MB through a presigned S3 URL)."""
     st = state(ctx)
     client = st.client()
     usage = "used for training" if train else "not used for training"
     failed = 0
+    uploaded: list[dict] = []
+    if as_json:  # stdout carries the JSON alone
+        st = replace(st, out=st.err)
     for path in files:
         size = path.stat().st_size
         try:
             if size > presign_over:
-                client.upload_large(path, use_for_training=train)
+                uploaded.append(client.upload_large(path, use_for_training=train))
                 st.out.print(
                     Text(
                         f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL; "
@@ -72,7 +76,7 @@ def upload(
                 if exc.status != 413:
                     raise
                 # The server's MAX_UPLOAD_BYTES is below our threshold: go around it.
-                client.upload_large(path, use_for_training=train)
+                uploaded.append(client.upload_large(path, use_for_training=train))
                 st.out.print(
                     Text(
                         f"uploaded {path.name} ({human_size(size)}, {usage}) via a presigned URL "
@@ -80,11 +84,14 @@ def upload(
                     )
                 )
                 continue
+            uploaded.append(doc)
             st.out.print(Text(f"uploaded {doc['name']} ({human_size(doc.get('size'))}, {usage})"))
         except ApiError as exc:
             failed += 1
             detail = exc.detail if exc.detail.startswith(path.name) else f"{path.name}: {exc.detail}"
             st.err.print(Text(f"error {exc.status}: {detail}", style="red"))
+    if as_json:
+        print_json(uploaded)
     if failed:
         raise typer.Exit(1)
 
@@ -101,15 +108,19 @@ def list_documents(
         ),
     ] = None,
     page_size: Annotated[int | None, typer.Option("--page-size", min=1, max=1000, help="documents per request")] = None,  # noqa: UP007
+    as_json: JsonOutput = False,
 ) -> None:
     """List documents (all pages)."""
     st = state(ctx)
     docs = list(st.client().iter_documents(used, page_size=page_size))
+    if as_json:
+        print_json(docs)
+        return
     if not docs:
         st.out.print("no documents" + ("" if used is None else (" used for training" if used else " unused")))
         return
-    table = Table(title=f"training data of {st.avatar}", title_justify="left")
-    table.add_column("name", overflow="fold")
+    table = list_table(f"training data of {st.avatar}")
+    add_id_column(table, "name", (d["name"] for d in docs))
     table.add_column("size", justify="right")
     table.add_column("train")
     table.add_column("modified")
@@ -119,8 +130,8 @@ def list_documents(
             Text(d["name"]),
             human_size(d.get("size")),
             Text("yes", style="green") if d.get("use_for_training") else Text("no", style="dim"),
-            human_time(d.get("last_modified")),
-            Text(d.get("content_type") or "-"),
+            short_time(d.get("last_modified")),
+            Text((d.get("content_type") or "-").split(";")[0]),
         )
     st.out.print(table)
     flagged = sum(1 for d in docs if d.get("use_for_training"))
@@ -132,13 +143,19 @@ def flag(
     ctx: typer.Context,
     names: Annotated[list[str], typer.Argument(metavar="NAME", help="document names")],
     on: Annotated[bool, typer.Option("--on/--off", help="use for training (--on) or not (--off)", show_default=False)],
+    as_json: JsonOutput = False,
 ) -> None:
     """Set use_for_training on documents."""
     st = state(ctx)
     client = st.client()
+    changed = []
     for name in names:
         doc = client.set_flag(name, on)
-        st.out.print(Text(f"{doc['name']}: {'used' if doc['use_for_training'] else 'not used'} for training"))
+        changed.append(doc)
+        if not as_json:
+            st.out.print(Text(f"{doc['name']}: {'used' if doc['use_for_training'] else 'not used'} for training"))
+    if as_json:
+        print_json(changed)
 
 
 @app.command("rm")
@@ -155,10 +172,13 @@ def remove(
 
 
 @app.command("clean")
-def clean(ctx: typer.Context) -> None:
+def clean(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     """Delete every document not used for training."""
     st = state(ctx)
     n = st.client().delete_documents(use_for_training=False)
+    if as_json:
+        print_json({"deleted": n})
+        return
     st.out.print(f"deleted {n} document{'s' if n != 1 else ''} not used for training")
 
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from cli.client import ApiError
 from cli.commands.jobs import POLL_SECONDS, follow_job
-from cli.context import CliError, state
+from cli.context import CliError, print_json, state
 
 
 def _body(
@@ -71,6 +71,9 @@ def generate(
     interval: Annotated[
         float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")
     ] = POLL_SECONDS,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the generation job's JSON (its `result`) instead of the completion")
+    ] = False,
 ) -> None:
     """Try an adapter on a prompt (POST {base}/generations): prints the completion."""
     st = state(ctx)
@@ -80,9 +83,7 @@ def generate(
     if not prompt.strip():
         raise CliError("the prompt is empty")
     try:
-        job = client._json(
-            "POST", f"{client.base}/generations", json=_body(prompt, version, max_new_tokens, top_k, score_threshold)
-        )
+        job = client.create_generation(_body(prompt, version, max_new_tokens, top_k, score_threshold))
     except ApiError as exc:
         if exc.is_missing_route:
             raise CliError(
@@ -91,7 +92,10 @@ def generate(
             ) from None
         raise
     if no_wait:
-        typer.echo(job["id"])
+        if as_json:
+            print_json(job)
+        else:
+            typer.echo(job["id"])
         return
     st.err.print(Text(f"generation job {job['id']}: {job['status']}"))
     # The progress display goes to stderr with the rest; stdout carries the completion only.
@@ -100,6 +104,9 @@ def generate(
         raise CliError(
             f"generation job {done['id']} {done['status']}" + (f": {done['error']}" if done.get("error") else "")
         )
+    if as_json:
+        print_json(done)
+        return
     result = done.get("result") or {}
     for number, passage in enumerate(result.get("passages") or [], start=1):
         st.err.print(Text(f"[{number}] {passage.get('source')} (score {passage.get('score')})"))

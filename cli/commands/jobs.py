@@ -1,24 +1,31 @@
-"""`avatune train` and `avatune jobs ...`: training jobs, and following one live."""
+"""`avatune train` and `avatune jobs ...`: jobs of every kind, followed live (`follow`, with a
+progress bar) or waited for (`wait`, quiet: for scripts and the Quickstart)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiError, ApiUnreachable, AvatuneClient
 from cli.context import (
     CliError,
+    JsonOutput,
     State,
+    add_id_column,
     fmt_value,
     human_duration,
     human_time,
     kv_table,
+    list_table,
     parse_settings,
+    print_json,
+    short_time,
     state,
     styled_status,
 )
@@ -52,13 +59,55 @@ def _describe(job: dict[str, Any]) -> str:
     return status
 
 
+def poll_job(
+    client: AvatuneClient,
+    job: dict[str, Any],
+    interval: float = POLL_SECONDS,
+    timeout: float | None = None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    command: str = "wait",
+) -> dict[str, Any]:
+    """Poll the job until it ends; the final job. Passing trouble (API unreachable, 5xx, 429)
+    is retried up to MAX_POLL_FAILURES times in a row. After `timeout` seconds: CliError (the
+    job goes on; the message names `avatune jobs <command>` to pick it up again)."""
+    job_id = job["id"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failures = 0
+    while job["status"] not in FINAL:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CliError(
+                f"job {job_id} is still {job['status']} after {timeout:g} s; stopped "
+                f"{'following' if command == 'follow' else 'waiting'} (it goes on: `avatune jobs {command} {job_id}`)"
+            )
+        time.sleep(interval)
+        try:
+            job = client.get_job(job_id)
+            failures = 0
+        except (ApiUnreachable, ApiError) as exc:
+            if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                raise
+            failures += 1
+            if failures >= MAX_POLL_FAILURES:
+                raise
+            continue
+        if on_update is not None:
+            on_update(job)
+    return job
+
+
+def _stopped_following(st: State, job_id: str) -> typer.Exit:
+    st.err.print(
+        Text(f"stopped following job {job_id}; it goes on (`avatune jobs cancel {job_id}` stops it)", style="yellow")
+    )
+    return typer.Exit(130)
+
+
 def follow_job(
     st: State, client: AvatuneClient, job: dict[str, Any], interval: float = POLL_SECONDS, timeout: float | None = None
 ) -> dict[str, Any]:
-    """Poll the job until it ends, with a live progress bar; the final job. After `timeout`
-    seconds: CliError (the job goes on)."""
+    """Poll the job until it ends, with a live progress bar on `st.out`; the final job. After
+    `timeout` seconds: CliError (the job goes on)."""
     job_id = job["id"]
-    deadline = None if timeout is None else time.monotonic() + timeout
     columns = (
         SpinnerColumn(finished_text="•"),
         TextColumn("[bold]{task.description}"),
@@ -67,8 +116,6 @@ def follow_job(
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("eta {task.fields[eta]}"),
     )
-    failures = 0
-    last_status = job["status"]
     try:
         with Progress(*columns, console=st.out) as bar:
             progress = job.get("progress") or {}
@@ -79,63 +126,47 @@ def follow_job(
                 loss=_loss(progress),
                 eta=human_duration(progress.get("eta_seconds")),
             )
-            while job["status"] not in FINAL:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise CliError(
-                        f"job {job_id} is still {job['status']} after {timeout:g} s; stopped following "
-                        f"(it goes on: `avatune jobs follow {job_id}`)"
-                    )
-                time.sleep(interval)
-                try:
-                    job = client.get_job(job_id)
-                    failures = 0
-                except (ApiUnreachable, ApiError) as exc:
-                    if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
-                        raise
-                    failures += 1
-                    if failures >= MAX_POLL_FAILURES:
-                        raise
-                    continue
-                if job["status"] != last_status:
-                    bar.console.print(Text.assemble(f"job {job_id}: ", styled_status(job["status"])))
-                    last_status = job["status"]
-                progress = job.get("progress") or {}
+            last_status = [job["status"]]
+
+            def update(current: dict[str, Any]) -> None:
+                if current["status"] != last_status[0]:
+                    bar.console.print(Text.assemble(f"job {job_id}: ", styled_status(current["status"])))
+                    last_status[0] = current["status"]
+                progress = current.get("progress") or {}
                 total = progress.get("total_steps")
-                step = progress.get("step", 0)
-                if job["status"] == "succeeded" and total:
-                    step = total
+                step = total if current["status"] == "succeeded" and total else progress.get("step", 0)
                 bar.update(
                     task,
-                    description=_describe(job),
+                    description=_describe(current),
                     total=total,
                     completed=step,
                     loss=_loss(progress),
-                    eta=human_duration(0 if job["status"] in FINAL else progress.get("eta_seconds")),
+                    eta=human_duration(0 if current["status"] in FINAL else progress.get("eta_seconds")),
                 )
+
+            return poll_job(client, job, interval, timeout, update, command="follow")
     except KeyboardInterrupt:
-        st.err.print(
-            Text(
-                f"stopped following job {job_id}; it goes on (`avatune jobs cancel {job_id}` stops it)", style="yellow"
-            )
-        )
-        raise typer.Exit(130) from None
-    return job
+        raise _stopped_following(st, job_id) from None
 
 
-def print_outcome(st: State, job: dict[str, Any]) -> int:
+def _outcome_line(job: dict[str, Any]) -> Text:
+    line = Text.assemble(f"{job.get('type', 'train')} job {job['id']} ", styled_status(job["status"]))
+    if job["status"] == "succeeded" and job.get("adapter_version") is not None:
+        line.append(f": adapter version {job['adapter_version']}")
+    if job.get("error"):
+        line.append(f": {job['error']}")
+    return line
+
+
+def print_outcome(st: State, job: dict[str, Any], *, metrics: bool = True) -> int:
     """The end of a followed job; the exit code (0 only when it succeeded)."""
     status = job["status"]
     if status == "succeeded":
-        st.out.print(
-            Text.assemble(f"job {job['id']} ", styled_status(status), f": adapter version {job.get('adapter_version')}")
-        )
-        if job.get("metrics"):
+        st.out.print(_outcome_line(job))
+        if metrics and job.get("metrics"):
             st.out.print(kv_table(job["metrics"], title="metrics"))
         return 0
-    line = Text.assemble(f"job {job['id']} ", styled_status(status))
-    if job.get("error"):
-        line.append(f": {job['error']}")
-    st.err.print(line)
+    st.err.print(_outcome_line(job))
     return 1
 
 
@@ -166,6 +197,7 @@ def list_jobs(
     ctx: typer.Context,
     all_avatars: Annotated[bool, typer.Option("--all-avatars", help="the user's jobs across every avatar")] = False,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="show at most this many (newest first)")] = 20,
+    as_json: JsonOutput = False,
 ) -> None:
     """List jobs, newest first."""
     st = state(ctx)
@@ -175,28 +207,27 @@ def list_jobs(
         jobs.append(job)
         if len(jobs) >= limit:
             break
+    if as_json:
+        print_json(jobs)
+        return
     if not jobs:
         st.out.print("no jobs")
         return
-    table = Table(
-        title="jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"), title_justify="left"
-    )
-    table.add_column("id", overflow="fold")
+    table = list_table("jobs of " + (f"user {client.user_id}" if all_avatars else f"{st.avatar}"))
+    add_id_column(table, "id", (job["id"] for job in jobs))
     if all_avatars:
-        table.add_column("avatar")
-    for col in ("status", "created", "steps", "loss", "version"):
-        table.add_column(col, justify="right" if col in ("steps", "loss", "version") else "left")
+        add_id_column(table, "avatar", (job.get("avatar_id") for job in jobs))
+    for col in ("type", "status", "created", "loss", "ver"):
+        table.add_column(col, justify="right" if col in ("loss", "ver") else "left", no_wrap=col in ("loss", "ver"))
     for job in jobs:
-        progress = job.get("progress") or {}
-        total = progress.get("total_steps")
         cells: list[Any] = [Text(job["id"])]
         if all_avatars:
             cells.append(Text(job.get("avatar_id") or "-"))
         cells += [
+            job.get("type") or "-",
             styled_status(job["status"]),
-            human_time(job.get("created_at")),
-            f"{progress.get('step', 0)}/{total if total is not None else '?'}",
-            _loss(progress),
+            short_time(job.get("created_at")),
+            _loss(job.get("progress") or {}),
             fmt_value(job.get("adapter_version")),
         ]
         table.add_row(*cells)
@@ -204,10 +235,13 @@ def list_jobs(
 
 
 @app.command("show")
-def show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+def show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOutput = False) -> None:
     """Show one job."""
     st = state(ctx)
     job = st.client().get_job(job_id)
+    if as_json:
+        print_json(job)
+        return
     st.out.print(kv_table(job_rows(job)))
     if job.get("metrics"):
         st.out.print(kv_table(job["metrics"], title="metrics"))
@@ -219,20 +253,61 @@ def follow(
     job_id: Annotated[str, typer.Argument(metavar="ID")],
     timeout: Annotated[float | None, TIMEOUT] = None,  # noqa: UP007
     interval: Annotated[float, typer.Option("--interval", min=0.05, hidden=True)] = POLL_SECONDS,
+    as_json: JsonOutput = False,
 ) -> None:
-    """Follow a job until it ends (exit code 0 only when it succeeded)."""
+    """Follow a job until it ends, with a progress bar (exit code 0 only when it succeeded)."""
     st = state(ctx)
     client = st.client()
-    job = follow_job(st, client, client.get_job(job_id), interval, timeout)
-    raise typer.Exit(print_outcome(st, job))
+    shown = replace(st, out=st.err) if as_json else st  # with --json, stdout carries the JSON alone
+    job = follow_job(shown, client, client.get_job(job_id), interval, timeout)
+    if as_json:
+        print_json(job)
+    raise typer.Exit(print_outcome(shown, job, metrics=not as_json))
+
+
+@app.command("wait")
+def wait(
+    ctx: typer.Context,
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="one or more job ids")],
+    timeout: Annotated[
+        float | None,  # noqa: UP007
+        typer.Option("--timeout", min=0, metavar="SECONDS", help="stop waiting after this long (exit 1; jobs go on)"),
+    ] = None,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, hidden=True)] = POLL_SECONDS,
+    as_json: JsonOutput = False,
+) -> None:
+    """Wait until jobs end, quietly (for scripts): one line per job, or its JSON with --json;
+    exit code 0 only when every one succeeded."""
+    st = state(ctx)
+    client = st.client()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = 0
+    try:
+        for job_id in job_ids:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = poll_job(client, client.get_job(job_id), interval, left)
+            if as_json:
+                print_json(job)
+            if job["status"] == "succeeded":
+                (st.err if as_json else st.out).print(_outcome_line(job))
+            else:
+                failed += 1
+                st.err.print(_outcome_line(job))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command("cancel")
-def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+def cancel(
+    ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOutput = False
+) -> None:
     """Cancel a job (queued: at once; running: at the trainer's next step)."""
     st = state(ctx)
     job = st.client().cancel_job(job_id)
-    if job["status"] == "cancelled":
+    if as_json:
+        print_json(job)
+    elif job["status"] == "cancelled":
         st.out.print(Text.assemble(f"job {job['id']} ", styled_status("cancelled")))
     else:
         st.out.print(Text(f"job {job['id']} is {job['status']}: cancel requested, the trainer stops at its next step"))
@@ -261,6 +336,7 @@ def train(
     interval: Annotated[
         float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")
     ] = POLL_SECONDS,
+    as_json: JsonOutput = False,
 ) -> None:
     """Queue a training job on the documents flagged for training."""
     st = state(ctx)
@@ -274,13 +350,17 @@ def train(
         },
     }
     job = client.create_job(overrides, idempotency_key=idempotency_key)
-    st.out.print(
+    shown = replace(st, out=st.err) if as_json else st  # with --json, stdout carries the JSON alone
+    shown.out.print(
         Text.assemble(
             f"job {job['id']} ",
             styled_status(job["status"]),
             f" on {len(job.get('data') or [])} document(s)" if job.get("data") else "",
         )
     )
-    if not follow:
-        return
-    raise typer.Exit(print_outcome(st, follow_job(st, client, job, interval, timeout)))
+    if follow:
+        job = follow_job(shown, client, job, interval, timeout)
+    if as_json:
+        print_json(job)
+    if follow:
+        raise typer.Exit(print_outcome(shown, job, metrics=not as_json))

@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Body, Path, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -24,9 +24,10 @@ from handlers.adapter_store import (
 )
 from handlers.avatar_ref import AvatarRef
 from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, AuthorizedUser, JobStoreDep, SettingsDep
+from handlers.openapi import ADAPTER_CONFIG_EXAMPLES, AUTHORIZED, problems
 from handlers.problems import Problem
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], responses=AUTHORIZED)
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/adapter"
 
@@ -80,8 +81,16 @@ def _busy(exc: StoreBusy) -> Problem:
     return Problem(503, f"{exc}; retry", headers={"Retry-After": "1"})
 
 
-@router.get(BASE, response_model=AdapterView, summary="The adapter: configuration, current version, files")
+@router.get(
+    BASE,
+    response_model=AdapterView,
+    summary="The adapter: configuration, current version, files",
+    responses=problems(404, _404="the avatar has neither a configuration nor a trained adapter"),
+)
 async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep) -> AdapterView:
+    """The stored configuration over the documented defaults, the current version (null before
+    the first), its metrics, and each current file as a presigned GET URL with its sha256
+    (`adapter_config.json` + `adapter_model.safetensors` load with `PeftModel.from_pretrained`)."""
     config, manifest = await asyncio.gather(store.config(avatar), store.manifest(avatar))
     if config is None and manifest is None:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter configuration and no trained adapter")
@@ -92,10 +101,17 @@ async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings
     BASE,
     response_model=AdapterView,
     summary="Set configuration fields (omitted fields keep their value, null resets one to its default)",
+    responses=problems(422, 503),
 )
 async def put_adapter(
-    avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, body: AdapterSettings
+    avatar: AuthorizedAvatar,
+    store: AdapterStoreDep,
+    settings: SettingsDep,
+    body: Annotated[AdapterSettings, Body(openapi_examples=ADAPTER_CONFIG_EXAMPLES)],
 ) -> AdapterView:
+    """Merge-patch the avatar's configuration: the fields given are set, omitted ones keep
+    their value, `null` resets a field to its default; unknown fields or values out of range:
+    422. Jobs use it under their own overrides. Answers like `GET`."""
     try:
         config = await store.update_config(avatar, body)
     except StoreBusy as exc:
@@ -107,8 +123,11 @@ async def put_adapter(
     BASE,
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete the adapter, its versions, checkpoints and merged models",
+    responses=problems(404, 409, _409="a job of the avatar is queued or running"),
 )
 async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs: JobStoreDep) -> Response:
+    """Delete the configuration, the current adapter, every version (with its samples and loss
+    curve), checkpoint and merged model; training data, job and idempotency records stay."""
     active = await jobs.active_job(avatar)
     if active is not None:
         raise Problem(
@@ -127,6 +146,7 @@ async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs:
 
 @router.get(f"{BASE}/versions", response_model=VersionList, summary="Kept adapter versions")
 async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> VersionList:
+    """Every kept version, oldest first (the trainer keeps the newest ADAPTER_KEEP_VERSIONS)."""
     return VersionList(
         items=[
             VersionView(version=v.version, created_at=v.created_at, job_id=v.job_id, metrics=v.metrics)
@@ -139,10 +159,8 @@ async def list_versions(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> Ver
     f"{BASE}/versions/{{version}}/files/{{name}}",
     response_class=StreamingResponse,
     summary="A version's metrics.json, samples.json or loss.png",
-    responses={
-        200: {"content": {t: {} for t in sorted(set(VERSION_FILES.values()))}},
-        404: {"description": "no such version, or no such file of it"},
-    },
+    responses={200: {"content": {t: {} for t in sorted(set(VERSION_FILES.values()))}}}
+    | problems(404, 422, _404="no such version, or no such file of it"),
 )
 async def get_version_file(
     avatar: AuthorizedAvatar,
@@ -150,6 +168,8 @@ async def get_version_file(
     version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
     name: Annotated[str, Path(description=f"one of {', '.join(VERSION_FILES)}")],
 ) -> StreamingResponse:
+    """A kept version's `metrics.json`, `samples.json` (the base's and the adapter's completions
+    of held-out prompts) or `loss.png` (the train and eval loss curve)."""
     if name not in VERSION_FILES:
         raise Problem(404, f"a version has no file {name!r}; its files are {', '.join(VERSION_FILES)}")
     try:
@@ -170,13 +190,26 @@ def _current_busy(avatar: AvatarRef) -> Problem:
     )
 
 
-@router.post(f"{BASE}/versions/{{version}}/promote", response_model=AdapterView, summary="Make a kept version current")
+@router.post(
+    f"{BASE}/versions/{{version}}/promote",
+    response_model=AdapterView,
+    summary="Make a kept version current",
+    responses=problems(
+        404,
+        409,
+        422,
+        _404="no complete version of that number",
+        _409="another change of the current adapter is under way",
+    ),
+)
 async def promote_version(
     avatar: AuthorizedAvatar,
     store: AdapterStoreDep,
     settings: SettingsDep,
     version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
 ) -> AdapterView:
+    """Make version `version` current again (a server-side copy, the manifest last: a rollback,
+    or a version an `if_better` job did not promote). Answers like `GET {base}/adapter`."""
     try:
         manifest = await store.promote(avatar, version)
     except VersionNotFound:
@@ -190,6 +223,7 @@ async def promote_version(
     "/v1/users/{user_id}/adapters", response_model=AdapterList, summary="The user's avatars that have an adapter"
 )
 async def list_user_adapters(user_id: AuthorizedUser, store: AdapterStoreDep) -> AdapterList:
+    """The avatars of the user that have a current adapter, with its version."""
     return AdapterList(
         items=[
             AvatarAdapter(avatar_id=a, current_version=m.current_version, updated_at=m.updated_at)

@@ -11,7 +11,9 @@ Its `adapter_version` is the version it merges, resolved when the body names non
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, status
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from handlers.dependencies import (
@@ -23,9 +25,10 @@ from handlers.dependencies import (
     TrainQueueDep,
 )
 from handlers.job_views import JobView
+from handlers.openapi import AUTHORIZED, JOB_CREATED, problems
 from handlers.services.adapter_jobs import queue_fuse_job
 
-router = APIRouter(tags=["fuse jobs"])
+router = APIRouter(tags=["fuse jobs"], responses=AUTHORIZED)
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/fuse-jobs"
 
@@ -49,11 +52,12 @@ class FuseJobBody(BaseModel):
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
     summary="Queue a fuse job: merge an adapter version into the base model",
-    responses={
-        404: {"description": "the avatar has no trained adapter, or no such adapter version"},
-        409: {"description": "a job of the avatar is already active"},
-        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
-    },
+    responses=problems(
+        404,
+        *JOB_CREATED,
+        _404="the avatar has no trained adapter, or no such adapter version",
+        _409="a job of the avatar is already active",
+    ),
 )
 async def create_fuse_job(
     avatar: AuthorizedAvatar,
@@ -62,8 +66,19 @@ async def create_fuse_job(
     queue: TrainQueueDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
-    body: FuseJobBody | None = None,
+    body: Annotated[
+        FuseJobBody | None,
+        Body(
+            openapi_examples={
+                "current": {"summary": "the current version", "value": {}},
+                "version": {"summary": "version 1", "value": {"adapter_version": 1}},
+            }
+        ),
+    ] = None,
 ) -> JobView:
+    """Merge an adapter version into the base model (16-bit) on the trainer, into
+    `merged/{version}/`; `GET {base}/merged-models/{version}` hands the files out once the job
+    succeeded. Answers 202 with the job."""
     requested = body.adapter_version if body else None
     record = await queue_fuse_job(avatar, requested, adapters, jobs, queue, settings, idempotency)
     return JobView.of(record)

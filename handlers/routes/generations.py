@@ -15,7 +15,9 @@ version (404 otherwise). See `handlers.services.adapter_jobs`.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, status
 
 from contracts.messages import GenerateParams
 from handlers.dependencies import (
@@ -27,9 +29,10 @@ from handlers.dependencies import (
     TrainQueueDep,
 )
 from handlers.job_views import JobView
+from handlers.openapi import AUTHORIZED, GENERATION_EXAMPLES, JOB_CREATED, problems
 from handlers.services.adapter_jobs import queue_generation
 
-router = APIRouter(tags=["generations"])
+router = APIRouter(tags=["generations"], responses=AUTHORIZED)
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/generations"
 
@@ -39,21 +42,26 @@ BASE = "/v1/users/{user_id}/avatars/{avatar_id}/generations"
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
     summary="Queue a generation job: try an adapter version (or the base alone) on a prompt",
-    responses={
-        404: {"description": "the avatar has no trained adapter, or no such adapter version"},
-        409: {"description": "a job of the avatar is already active"},
-        422: {"description": "invalid body (both or neither of prompt/messages, max_new_tokens out of range, ...)"},
-        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
-    },
+    responses=problems(
+        404,
+        *JOB_CREATED,
+        _404="the avatar has no trained adapter, or no such adapter version",
+        _409="a job of the avatar is already active",
+        _422="invalid body (both or neither of prompt/messages, max_new_tokens out of range, ...)",
+    ),
 )
 async def create_generation(
     avatar: AuthorizedAvatar,
-    body: GenerateParams,
+    body: Annotated[GenerateParams, Body(openapi_examples=GENERATION_EXAMPLES)],
     jobs: JobStoreDep,
     adapters: AdapterStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> JobView:
+    """One greedy completion by an adapter version (omitted: the current one; `0`: the base
+    alone) on the trainer, optionally with passages from the avatar's index (`rag`). Answers
+    202 with the job; its `result` holds the completion once it succeeded. For trying an
+    adapter, not for serving traffic."""
     record = await queue_generation(avatar, body, adapters, jobs, queue, settings, idempotency)
     return JobView.of(record)

@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 from contracts.adapters import FullModelManifest
 from handlers.adapter_store import AdapterFile, WholeModelKind, WholeModelManifest
 from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, SettingsDep
+from handlers.openapi import AUTHORIZED, problems
 from handlers.problems import Problem
 
-router = APIRouter(tags=["merged and full models"])
+router = APIRouter(tags=["merged and full models"], responses=AUTHORIZED)
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}"
 VersionPath = Annotated[int, Path(ge=1, le=1_000_000, description="the model's version")]
@@ -61,8 +62,10 @@ def _summary(version: int, manifest: WholeModelManifest) -> WholeModelSummary:
     BASE + "/{kind}-models",
     response_model=WholeModelList,
     summary="The avatar's merged models (fuse jobs) or fully fine-tuned models (method full), by version",
+    responses=problems(422),
 )
 async def list_models(avatar: AuthorizedAvatar, store: AdapterStoreDep, kind: KindPath) -> WholeModelList:
+    """The complete models of the kind (their manifest, written last, is there)."""
     return WholeModelList(items=[_summary(v, m) for v, m in await store.whole_models(avatar, kind)])
 
 
@@ -70,11 +73,13 @@ async def list_models(avatar: AuthorizedAvatar, store: AdapterStoreDep, kind: Ki
     BASE + "/{kind}-models/{version}",
     response_model=WholeModelView,
     summary="One merged or fully fine-tuned model: its manifest and presigned URLs of its files",
-    responses={404: {"description": "no complete model of that kind and version"}},
+    responses=problems(404, 422, _404="no complete model of that kind and version"),
 )
 async def get_model(
     avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, kind: KindPath, version: VersionPath
 ) -> WholeModelView:
+    """The model's manifest and each file as a presigned GET URL with its sha256; it loads with
+    `AutoModelForCausalLM.from_pretrained(dir)` alone."""
     manifest = await store.whole_model(avatar, kind, version)
     if manifest is None:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no {kind} model {version}")

@@ -93,10 +93,11 @@ def chunk_document(name: str, etag: str, data: bytes, chunk_size: int, chunk_ove
     # .txt/.md: offsets into the document; .jsonl: into the record's (JSON-decoded) text, whose
     # line is recorded beside them.
     jsonl = name.lower().endswith(".jsonl")
+    markdown = name.lower().endswith(".md")  # a heading starts a chunk
     chunks: list[PreparedChunk] = []
     for record in records:
         base = 0 if jsonl else record.start_offset
-        for piece in chunk_text(record.text, chunk_size, chunk_overlap):
+        for piece in chunk_text(record.text, chunk_size, chunk_overlap, markdown=markdown):
             chunks.append(
                 PreparedChunk(name, etag, record, len(chunks), piece.text, base + piece.start, base + piece.end)
             )
