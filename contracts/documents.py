@@ -10,6 +10,10 @@ trainer can use. Accepted:
 - `.txt`: plain UTF-8 text; paragraphs (separated by blank lines) become assistant turns.
 - `.json`: a dialog `{"dialog": [{"speaker": str, "content": str}, ...], "speaker": str}`;
   the chosen speaker's turns become the assistant's, everyone else's the user's.
+
+These are demonstrations (what supervised fine-tuning learns from). A `.jsonl` document may
+instead hold preferences (judgements of replies, for DPO and KTO jobs): `contracts.preferences`
+reads those, and `contracts.training_documents` tells the two kinds apart.
 """
 
 from __future__ import annotations
@@ -132,7 +136,9 @@ def jsonl_objects(text: str) -> Iterator[tuple[int, int, object]]:
         yield number, start, obj
 
 
-def _parse_jsonl_record(obj: object) -> Conversation:
+def parse_jsonl_record(obj: object) -> Conversation:
+    """One demonstration line (chat, prompt/completion or text) as a conversation; ValueError or
+    ValidationError when it is none (the caller adds the line)."""
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
     if "messages" in obj:
@@ -155,7 +161,7 @@ def _parse_jsonl(text: str) -> list[Conversation]:
     conversations: list[Conversation] = []
     for number, _, obj in jsonl_objects(text):
         try:
-            conversations.append(_parse_jsonl_record(obj))
+            conversations.append(parse_jsonl_record(obj))
         except ValidationError as exc:
             raise DocumentError(first_error(exc), line=number) from None
         except ValueError as exc:
