@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from contracts import logs
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
+from handlers.routes import adapters, context, feedback, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
 
 
@@ -27,6 +27,7 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
+    app.include_router(feedback.router)
     return app
 
 

@@ -2,6 +2,10 @@
 flagged for training, plus the job spec's explicit `datasets` (`s3://` JSONL files inside the
 caller's prefix), each pinned by the ETag it was listed (or headed) with.
 
+Each document is demonstrations or preferences (`contracts.training_documents`); a job reads
+the kind it trains on (`sft`: demonstrations, `dpo`/`kto`: preferences) and leaves the other
+kind's documents out (counted in `other_kind`); a dataset the job names must be of its kind.
+
 The tenant rule is checked here again although the API checks it too: other services send
 TrainRequests straight to the queue, and a dataset outside `s3://{bucket}/users/{user_id}/`
 fails the job rather than being read with the trainer's credentials.
@@ -12,17 +16,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.documents import Conversation, DocumentError, parse_document
+from contracts.documents import Conversation, DocumentError
 from contracts.ids import InvalidIdentifier, validate_document_name
 from contracts.jobs import TrainingDocumentRef
 from contracts.keys import document_name_from_key, training_data_prefix
+from contracts.preferences import Judgement
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.spec import DatasetSource
 from contracts.tags import flag_from_tagset
+from contracts.training_documents import DocumentKind, ParsedDocument, parse_training_document
 from trainer.errors import JobFailure
 from trainer.s3_objects import S3Objects
 
@@ -39,6 +45,8 @@ class TrainingData:
     conversations: list[Conversation]
     documents: list[TrainingDocumentRef]
     skipped: int = 0  # documents left out because they are in `skip` (warm start: unchanged)
+    judgements: list[Judgement] = field(default_factory=list)  # the preferences of dpo/kto jobs
+    other_kind: int = 0  # flagged documents of the kind the job does not train on, left out
 
 
 @dataclass
@@ -54,17 +62,20 @@ class _Source:
     local: str = ""
 
 
-def parse_dataset(name: str, data: bytes, fmt: str) -> list[Conversation]:
-    """A dataset file as conversations. `auto` goes by the name's extension (like an uploaded
-    document); `chat`, `prompt_completion` and `text` read JSONL whose every record has that shape."""
+def parse_dataset(name: str, data: bytes, fmt: str) -> ParsedDocument:
+    """A dataset file, parsed. `auto` goes by the name's extension and the records (like an
+    uploaded document); `chat`, `prompt_completion` and `text` read JSONL demonstrations whose
+    every record has that shape."""
     if fmt == "auto":
-        return parse_document(name, data)
-    conversations = parse_document("dataset.jsonl", data)  # validates every line
+        return parse_training_document(name, data)
+    parsed = parse_training_document("dataset.jsonl", data)  # validates every line
+    if parsed.kind != "demonstrations":
+        raise DocumentError(f"holds preference records, not {fmt} records: use format auto")
     wanted = _FORMAT_KEYS[fmt]
     for number, line in enumerate(data.decode("utf-8").removeprefix("\ufeff").splitlines(), start=1):
         if line.strip() and not any(k in json.loads(line) for k in wanted):
             raise DocumentError(f"not a {fmt} record (needs {' and '.join(map(repr, wanted))})", line=number)
-    return conversations
+    return parsed
 
 
 def dataset_location(source: DatasetSource, bucket: str, user_id: str) -> S3Uri:
@@ -144,11 +155,13 @@ class DocumentSource:
         scratch: Path,
         datasets: Iterable[DatasetSource] = (),
         skip: set[tuple[str, str]] | None = None,
+        kind: DocumentKind = "demonstrations",
     ) -> TrainingData:
         """Every document tagged `use_for_training=true` and every dataset, downloaded
         concurrently into `scratch` and parsed; a file whose (name, etag) is in `skip` is left
-        out (counted in `skipped`). Raises JobFailure when there is nothing to train on or a
-        file is invalid or not the caller's."""
+        out (counted in `skipped`), so is a document of the other `kind`. Raises JobFailure when
+        there is nothing to train on, or a file is invalid, not the caller's or (a dataset) of
+        the other kind."""
         sources = [self._dataset(i, d, user_id) for i, d in enumerate(datasets)]
         sources = self._flagged(user_id, avatar_id) + sources
         skip = skip or set()
@@ -156,28 +169,57 @@ class DocumentSource:
         scratch.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(self._concurrency) as pool:
             payloads = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
-        conversations: list[Conversation] = []
-        refs: list[TrainingDocumentRef] = []
+        found = TrainingData(conversations=[], documents=[], skipped=len(sources) - len(chosen))
         for source, data in zip(chosen, payloads):
             if data is None:
                 if source.name.startswith("s3://"):  # a dataset the job names: retried (the runner's attempts)
                     raise DatasetChanged(f"dataset {source.name!r} changed or vanished while the job read it")
                 continue  # a document replaced or deleted while we listed: not what the job saw
-            try:
-                conversations.extend(parse_dataset(source.name.rsplit("/", 1)[-1], data, source.format))
-            except DocumentError as exc:
-                kind = "dataset" if source.name.startswith("s3://") else "training document"
-                raise JobFailure(f"{kind} {source.name!r} is invalid: {exc}") from None
-            refs.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
-        skipped = len(sources) - len(chosen)
-        if not refs and skipped:
-            raise JobFailure(
-                f"nothing new to train on: all {skipped} documents are unchanged since the current "
-                "adapter version (warm_start trains only on documents added or changed since)"
-            )
-        if not refs:
-            raise JobFailure("no document is flagged use_for_training=true and the job names no datasets")
-        return TrainingData(conversations=conversations, documents=refs, skipped=skipped)
+            parsed = _parsed(source, data)
+            if parsed.kind != kind:
+                if source.name.startswith("s3://"):
+                    raise JobFailure(
+                        f"dataset {source.name!r} holds {parsed.kind}, but this job trains on {kind} "
+                        f"({_OBJECTIVES[kind]})"
+                    )
+                found.other_kind += 1
+                continue
+            found.conversations.extend(parsed.conversations)
+            found.judgements.extend(parsed.judgements)
+            found.documents.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
+        if not found.documents:
+            raise JobFailure(_nothing_to_train_on(kind, found))
+        return found
+
+
+_OBJECTIVES: dict[DocumentKind, str] = {"demonstrations": "objective sft", "preferences": "objective dpo or kto"}
+
+
+def _parsed(source: _Source, data: bytes) -> ParsedDocument:
+    try:
+        return parse_dataset(source.name.rsplit("/", 1)[-1], data, source.format)
+    except DocumentError as exc:
+        what = "dataset" if source.name.startswith("s3://") else "training document"
+        raise JobFailure(f"{what} {source.name!r} is invalid: {exc}") from None
+
+
+def _nothing_to_train_on(kind: DocumentKind, found: TrainingData) -> str:
+    """Why a job found nothing to train on, and what to do about it."""
+    if found.skipped:
+        return (
+            f"nothing new to train on: all {found.skipped} documents are unchanged since the current "
+            "adapter version (warm_start trains only on documents added or changed since)"
+        )
+    if kind == "preferences":
+        return (
+            "no preference document is flagged use_for_training=true: post feedback (POST .../feedback) "
+            "or upload a preference document (.jsonl with prompt/chosen/rejected, OpenAI preference or "
+            "prompt/completion/label records) before a dpo or kto job"
+        )
+    other = (
+        f" ({found.other_kind} flagged preference documents are for objective dpo or kto)" if found.other_kind else ""
+    )
+    return f"no document is flagged use_for_training=true and the job names no datasets{other}"
 
 
 def _valid_name(name: str | None) -> bool:
