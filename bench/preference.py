@@ -99,7 +99,9 @@ def _timed_dpo_trainer(times: dict[str, float]) -> None:
     DPOTrainer.__init__, DPOTrainer.train = timed_init, timed_train  # type: ignore[method-assign]
 
 
-def run_variant(variant: str, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_variant(
+    variant: str, model_dir: Path, out_dir: Path, pairs: int = PAIRS, epochs: int = EPOCHS
+) -> dict[str, Any]:
     """Train the benchmark's DPO job with one reference mode; what it measured."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -119,9 +121,9 @@ def run_variant(variant: str, model_dir: Path, out_dir: Path) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    data = preference_set(synthetic_pairs(PAIRS, SEED), "dpo", 0.1, SEED)
+    data = preference_set(synthetic_pairs(pairs, SEED), "dpo", 0.1, SEED)
     cfg = AdapterSettings(
-        method="lora", r=16, lora_alpha=32, lora_dropout=0.0, num_epochs=EPOCHS, batch_size=BATCH,
+        method="lora", r=16, lora_alpha=32, lora_dropout=0.0, num_epochs=epochs, batch_size=BATCH,
         max_seq_length=MAX_LENGTH, warmup_ratio=0.0, seed=SEED, precision="fp32" if not cuda else None,
     )  # fmt: skip
     options = Preference(learning_rate=1e-4, precompute_ref_log_probs=VARIANTS[variant]).resolved()
@@ -136,6 +138,8 @@ def run_variant(variant: str, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         "variant": variant,
         "device": str(base.device),
         "parameters": sum(p.numel() for p in base.model.parameters()),
+        "pairs": pairs,
+        "epochs": epochs,
         "train_pairs": len(data.train),
         "eval_pairs": len(data.eval),
         "total_s": total,
@@ -165,11 +169,13 @@ def _max_weight_difference(a: Path, b: Path) -> float:
     return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
 
 
-def run(log=print) -> dict[str, Any]:
+def run(pairs: int = PAIRS, epochs: int = EPOCHS, model_size: tuple[int, int] = (512, 8), log=print) -> dict[str, Any]:
+    """Both variants, one after the other; `model_size`: the tiny model's (hidden size, layers)."""
     from trainer.tiny_model import write_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="avatune-bench-preference-"))
-    model_dir = write_tiny_model(tmp / "model", hidden_size=512, num_layers=8, num_heads=8)
+    hidden, layers = model_size
+    model_dir = write_tiny_model(tmp / "model", hidden_size=hidden, num_layers=layers, num_heads=8)
     results = {}
     for variant in VARIANTS:
         log(f"    {variant} ...")
@@ -184,7 +190,11 @@ def run(log=print) -> dict[str, Any]:
                 str(model_dir),
                 "--out",
                 str(tmp / variant),
-            ],
+                "--pairs",
+                str(pairs),
+                "--epochs",
+                str(epochs),
+            ],  # fmt: skip
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -195,7 +205,13 @@ def run(log=print) -> dict[str, Any]:
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         log(f"    {variant}: {results[variant]['total_s']:.1f} s")
     difference = _max_weight_difference(Path(results["once"]["adapter"]), Path(results["every"]["adapter"]))
-    return {"results": results, "weight_difference": difference, "machine": machine(), "date": today()}
+    return {
+        "results": results,
+        "weight_difference": difference,
+        "model_size": model_size,
+        "machine": machine(),
+        "date": today(),
+    }
 
 
 def _mib(value: float | None) -> str:
@@ -207,7 +223,7 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
     rows = []
     for name, res in (("**once per job** (`precompute_ref_log_probs: true`, the default)", once),
                       ("every step (`false`)", every)):  # fmt: skip
-        pairs_trained = res["train_pairs"] * EPOCHS
+        pairs_trained = res["train_pairs"] * res["epochs"]
         rows.append([
             name, f"{res['setup_s']:.1f} s", f"{res['loop_s']:.1f} s", f"{res['total_s']:.1f} s",
             f"{pairs_trained / res['total_s']:.2f}", f"{pairs_trained / res['loop_s']:.2f}",
@@ -224,12 +240,12 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
             "",
             f"One DPO job through `trainer.preference.train_preference` (what the worker runs: TRL's DPOTrainer "
             f"with PEFT on the cached base), twice: Llama architecture, {once['parameters'] / 1e6:.1f}M parameters, "
-            f"random weights (`trainer.tiny_model`: hidden 512, 8 layers), {once['precision']} on "
-            f"{once['device']}; LoRA r=16 on every linear layer; {PAIRS} synthetic pairs ({once['train_pairs']} "
-            f"trained, {once['eval_pairs']} held out; "
-            f"prompt = a synthetic chat up to its last answer, chosen = that answer, rejected = another chat's), "
-            f"max_length {MAX_LENGTH}, {EPOCHS} epochs, batch {BATCH} ({once['steps']} steps), beta 0.1, lr 1e-4, "
-            f"seed {SEED}. Each variant in a fresh process, one after the other, same data, same initialisation.",
+            f"random weights (`trainer.tiny_model`: hidden {r['model_size'][0]}, {r['model_size'][1]} layers), "
+            f"{once['precision']} on {once['device']}; LoRA r=16 on every linear layer; {once['pairs']} synthetic "
+            f"pairs ({once['train_pairs']} trained, {once['eval_pairs']} held out; prompt = a synthetic chat up to "
+            f"its last answer, chosen = that answer, rejected = another chat's), max_length {MAX_LENGTH}, "
+            f"{once['epochs']} epochs, batch {BATCH} ({once['steps']} steps), beta 0.1, lr 1e-4, seed {SEED}. Each "
+            "variant in a fresh process, one after the other, same data, same initialisation.",
             "",
             table(
                 [
@@ -276,8 +292,10 @@ def main() -> None:
     p.add_argument("--variant", choices=sorted(VARIANTS), required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pairs", type=int, default=PAIRS)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
     args = p.parse_args()
-    print(json.dumps(run_variant(args.variant, args.model, args.out)), flush=True)
+    print(json.dumps(run_variant(args.variant, args.model, args.out, args.pairs, args.epochs)), flush=True)
 
 
 if __name__ == "__main__":
