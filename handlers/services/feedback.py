@@ -136,16 +136,24 @@ def _own_judgement(body: FeedbackBody) -> Judgement:
 
 def _generation_judgement(body: FeedbackBody, record: JobRecord) -> Judgement:
     """Feedback on a generation: its context and reply; a correction makes a pair."""
-    request = request_of(record)
+    try:
+        request = request_of(record)
+    except ValueError:
+        raise Problem(409, f"generation {record.id}'s request cannot be read: post the pair itself") from None
     assert isinstance(request, GenerateRequest)
     prompt = _messages(request.chat())
     reply = str((record.result or {}).get("completion", ""))
-    fields = {"prompt": "generation_id", "chosen": "correction", "rejected": "generation_id"}
+    if not reply.strip():
+        raise Problem(
+            422,
+            f"generation_id: generation {record.id} produced an empty reply, so there is nothing to rate or "
+            "correct; post a pair (messages, chosen, rejected) instead",
+            field="generation_id",
+        )
     if body.correction is not None:
-        return _checked(prompt, body.correction, reply, fields)
+        return _checked(prompt, body.correction, reply, {"chosen": "correction", "rejected": "correction"})
     up = body.rating == "up"
-    fields["chosen"] = "generation_id"
-    return _checked(prompt, reply if up else None, None if up else reply, fields)
+    return _checked(prompt, reply if up else None, None if up else reply, {})
 
 
 async def _generation(avatar: AvatarRef, generation_id: str, jobs: JobStore) -> JobRecord:
