@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, table, today
+from bench.common import ROOT, NoControl, machine, table, today
 
 PAIRS = 48
 EPOCHS = 2
@@ -63,20 +63,6 @@ def synthetic_pairs(n: int, seed: int) -> list[Any]:
 
 
 # -- one variant, in its own process ------------------------------------------------------------
-
-
-class _NoControl:
-    def stop_reason(self) -> None:
-        return None
-
-    def report(self, progress: Any) -> None:
-        pass
-
-    def checkpoint_due(self, step: int) -> bool:
-        return False
-
-    def checkpoint_saved(self, local_dir: Path, step: int) -> None:
-        pass
 
 
 def _timed_dpo_trainer(times: dict[str, float]) -> None:
@@ -130,7 +116,7 @@ def run_variant(
     times: dict[str, float] = {}
     _timed_dpo_trainer(times)
     t0 = time.perf_counter()
-    outcome = train_preference(base, cfg, options, data, out_dir, _NoControl())
+    outcome = train_preference(base, cfg, options, data, out_dir, NoControl())
     total = time.perf_counter() - t0
     metrics = outcome.metrics.as_dict()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -157,15 +158,22 @@ def parse_jsonl_record(obj: object) -> Conversation:
     raise ValueError('a record needs "messages", "prompt"/"completion" or "text"')
 
 
+@contextmanager
+def errors_at_line(number: int) -> Iterator[None]:
+    """A record's ValidationError or ValueError, as a DocumentError naming its 1-based line."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise DocumentError(first_error(exc), line=number) from None
+    except ValueError as exc:
+        raise DocumentError(str(exc), line=number) from None
+
+
 def _parse_jsonl(text: str) -> list[Conversation]:
     conversations: list[Conversation] = []
     for number, _, obj in jsonl_objects(text):
-        try:
+        with errors_at_line(number):
             conversations.append(parse_jsonl_record(obj))
-        except ValidationError as exc:
-            raise DocumentError(first_error(exc), line=number) from None
-        except ValueError as exc:
-            raise DocumentError(str(exc), line=number) from None
     return conversations
 
 

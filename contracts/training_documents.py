@@ -18,14 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import ValidationError
-
 from contracts.documents import (
     Conversation,
     DocumentError,
     decode_document,
     document_format,
-    first_error,
+    errors_at_line,
     jsonl_objects,
     parse_document,
     parse_jsonl_record,
@@ -64,15 +62,11 @@ def parse_training_document(name: str, data: bytes) -> ParsedDocument:
             kind = "preferences" if preference else "demonstrations"
         elif preference != (kind == "preferences"):
             raise DocumentError(_mixed(kind, obj), line=number)
-        try:
+        with errors_at_line(number):
             if preference:
                 judgements.append(parse_preference_record(obj))
             else:
                 conversations.append(parse_jsonl_record(obj))
-        except ValidationError as exc:
-            raise DocumentError(first_error(exc), line=number) from None
-        except ValueError as exc:
-            raise DocumentError(str(exc), line=number) from None
     if kind is None:
         raise DocumentError("document holds no training records")
     return ParsedDocument(kind, conversations=conversations, judgements=judgements)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from contracts.metrics import TrainingMetrics
 from contracts.spec import Preference
-from trainer.jobs.lora import already_published, publish_evaluated
+from trainer.jobs.lora import LoraRecipe, already_published, publish_evaluated
 from trainer.jobs.training_setup import TrainingSetup, cached_base
 from trainer.preference import train_preference
 from trainer.preference_eval import evaluate_preference_version
@@ -29,7 +29,9 @@ def preference_options(ctx: JobContext) -> Preference:
     return (ctx.job.spec.preference or Preference()).resolved(ctx.job.config.learning_rate)
 
 
-class PreferenceRecipe:
+class PreferenceRecipe(LoraRecipe):
+    """A LoRA recipe (the same warm base) that trains and judges on preferences."""
+
     def train(self, ctx: JobContext, setup: TrainingSetup) -> TrainOutcome:
         assert setup.preferences is not None
         return train_preference(
@@ -44,9 +46,6 @@ class PreferenceRecipe:
             ctx.scratch / "logs",
             init_adapter_dir=setup.warm.adapter_dir if setup.warm else None,
         )
-
-    def base_model_reused(self, ctx: JobContext, setup: TrainingSetup) -> bool:
-        return ctx.stores.models.loads == setup.model_loads_before
 
     def publish(
         self, ctx: JobContext, setup: TrainingSetup, adapter_dir: Path, metrics: TrainingMetrics
