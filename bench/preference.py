@@ -220,6 +220,7 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
     speedup = every["total_s"] / once["total_s"]
     loop_speedup = every["loop_s"] / once["loop_s"]
     same_loss = abs(once["metrics"]["train_loss"] - every["metrics"]["train_loss"])
+    memory = every["peak_rss_mib"] - once["peak_rss_mib"]
     return "\n".join(
         [
             "## 8. Preference training: reference log-probabilities once per job vs every step",
@@ -258,10 +259,17 @@ def markdown(r: dict[str, Any], cmd: str) -> str:
             f"(difference {same_loss:.2g}); the two adapters' weights differ by at most {r['weight_difference']:.2g} "
             f"(the reference pass batches the pairs in their original order, the training steps in shuffled "
             f"order, so padding differs; the values are the same up to float rounding).",
-            f"- Peak memory: {_mib(once['peak_rss_mib'])} vs {_mib(every['peak_rss_mib'])} RSS (after loading the "
-            f"base: {_mib(once['rss_after_load_mib'])}). With PEFT there is no second model to keep either way (the "
-            f"reference is the adapter switched to its frozen copy), so memory is about the same; what once-per-job "
-            f"saves is compute.",
+            f"- Peak memory: {_mib(once['peak_rss_mib'])} vs {_mib(every['peak_rss_mib'])} RSS "
+            f"({_mib(abs(memory))} {'less' if memory >= 0 else 'more'} once per job; the process held "
+            f"{_mib(once['rss_after_load_mib'])} after loading the base)"
+            + (
+                f", CUDA {_mib(once['cuda_peak_mib'])} vs {_mib(every['cuda_peak_mib'])}"
+                if once["cuda_peak_mib"]
+                else ""
+            )
+            + ". With PEFT neither keeps a second model (the reference is the adapter switched to its frozen "
+            "copy): the difference is the reference pass's activations inside each step; what once per job "
+            "mostly saves is compute.",
             "- The held-out numbers are those of random text (synthetic pairs on a random model: nothing to "
             "generalise from); they are here to show that both variants agree, not how well DPO works.",
             "",
