@@ -194,7 +194,7 @@ def _base_kept(model: Any, tokenizer: Any) -> Iterator[None]:
         config.pad_token_id = pad_ids[0]
         if generation is not None:
             generation.pad_token_id = pad_ids[1]
-        if tokenizer.pad_token != pad_token and pad_token is not None:
+        if tokenizer.pad_token != pad_token:  # TRL sets the end token as pad when there is none
             tokenizer.pad_token = pad_token
         for module, p in dropouts:
             module.p = p
