@@ -1,8 +1,8 @@
-"""`make bench` / `python -m bench`: run benchmarks 1-4, 6 and 7 on this machine and (re)write their
+"""`make bench` / `python -m bench`: run benchmarks 1-4 and 6-8 on this machine and (re)write their
 sections of BENCHMARKS.md. Benchmark 5 (`python -m bench.gpu_train`) needs a CUDA GPU and
 runs on its own.
 
-    python -m bench                      # 1-4, 6 and 7, about 10 minutes on 2 cores
+    python -m bench                      # 1-4 and 6-8, about 13 minutes on 2 cores
     python -m bench --only 1,3           # some of them; the other sections of BENCHMARKS.md stay
     python -m bench --delay-ms 20        # benchmark 1 with another per-request delay
 
@@ -73,7 +73,7 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="1,2,3,4,6,7", help="comma-separated benchmark numbers (default 1,2,3,4,6,7)")
+    p.add_argument("--only", default="1,2,3,4,6,7,8", help="comma-separated benchmark numbers (default 1-4, 6-8)")
     p.add_argument("--delay-ms", type=float, default=10.0, help="benchmark 1: delay per S3 request (default 10)")
     p.add_argument("--sizes", default="100,1000,10000", help="benchmark 1: document counts (default 100,1000,10000)")
     p.add_argument("--output", type=Path, default=BENCHMARKS)
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     wanted = [int(x) for x in args.only.split(",") if x.strip()]
     cmd = (
         "make bench"
-        if wanted == [1, 2, 3, 4, 6, 7] and args.delay_ms == 10
+        if wanted == [1, 2, 3, 4, 6, 7, 8] and args.delay_ms == 10
         else "python -m bench " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     )
 
-    from bench import cold_start, job_overhead, listing, long_dialogs, rag, throughput
+    from bench import cold_start, job_overhead, listing, long_dialogs, preference, rag, throughput
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     runs: dict[int, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any], str], str]]] = {
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         4: (lambda: job_overhead.run(log=_log), job_overhead.markdown),
         6: (lambda: rag.run(log=_log), rag.markdown),
         7: (lambda: long_dialogs.run(log=_log), long_dialogs.markdown),
+        8: (lambda: preference.run(log=_log), preference.markdown),
     }
     if not args.output.exists():
         args.output.write_text(HEADER)

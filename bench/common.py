@@ -60,6 +60,23 @@ def command(proc: subprocess.Popen, cmd: dict) -> dict:
     return answer
 
 
+class NoControl:
+    """A job's control (`trainer.control.TrainingControl`) that never stops, checkpoints or
+    reports: what a benchmark hands the trainer's functions."""
+
+    def stop_reason(self) -> None:
+        return None
+
+    def report(self, progress: object) -> None:
+        pass
+
+    def checkpoint_due(self, step: int) -> bool:
+        return False
+
+    def checkpoint_saved(self, local_dir: Path, step: int) -> None:
+        pass
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, ratio, table, today
+from bench.common import NoControl, machine, ratio, table, today
 
 MAX_SEQ_LENGTH = 512
 BATCH = 4
@@ -280,19 +280,6 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:  # no
                 timed.seconds = time.perf_counter() - t0
                 timed.loss, timed.steps = float(result.training_loss), self.state.global_step
                 return result
-
-        class NoControl:
-            def stop_reason(self) -> None:
-                return None
-
-            def report(self, progress: Any) -> None:
-                pass
-
-            def checkpoint_due(self, step: int) -> bool:
-                return False
-
-            def checkpoint_saved(self, local_dir: Path, step: int) -> None:
-                pass
 
         base = LoadedBase(str(model_dir), "lora", load(), tokenizer, torch.device("cpu"))
         real_switch = packed.use_packed_attention

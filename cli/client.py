@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -292,13 +292,7 @@ class AvatuneClient:
 
     def iter_documents(self, use_for_training: bool | None = None, *, page_size: int | None = None) -> Iterator[Json]:
         """Every document, following `next_cursor` across pages."""
-        cursor: str | None = None
-        while True:
-            page = self.list_documents(use_for_training, limit=page_size, cursor=cursor)
-            yield from page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
+        return _paged(lambda cursor: self.list_documents(use_for_training, limit=page_size, cursor=cursor))
 
     def download_document(self, name: str, dest: Path | BinaryIO) -> tuple[int, str]:
         """GET {base}/training-data/{name}"""
@@ -342,13 +336,7 @@ class AvatuneClient:
 
     def iter_jobs(self, *, all_avatars: bool = False, page_size: int | None = None) -> Iterator[Json]:
         """Jobs newest first, following `next_cursor`."""
-        cursor: str | None = None
-        while True:
-            page = self.list_jobs(limit=page_size, cursor=cursor, all_avatars=all_avatars)
-            yield from page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
+        return _paged(lambda cursor: self.list_jobs(limit=page_size, cursor=cursor, all_avatars=all_avatars))
 
     def get_job(self, job_id: str) -> Json:
         """GET {base}/training-jobs/{job_id}"""
@@ -357,6 +345,27 @@ class AvatuneClient:
     def cancel_job(self, job_id: str) -> Json:
         """POST {base}/training-jobs/{job_id}/cancel"""
         return self._json("POST", f"{self.base}/training-jobs/{quote(job_id, safe='')}/cancel")
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def post_feedback(self, body: Json) -> Json:
+        """POST {base}/feedback: one judgement (a rated reply, a pair, or on a generation)."""
+        return self._json("POST", f"{self.base}/feedback", json=body)
+
+    def list_feedback(self, *, limit: int | None = None, cursor: str | None = None) -> Json:
+        """GET {base}/feedback: one page, newest first."""
+        params: dict[str, str | int] = {"limit": limit} if limit is not None else {}
+        if cursor:
+            params["cursor"] = cursor
+        return self._json("GET", f"{self.base}/feedback", params=params)
+
+    def iter_feedback(self, *, page_size: int | None = None) -> Iterator[Json]:
+        """Feedback items newest first, following `next_cursor`."""
+        return _paged(lambda cursor: self.list_feedback(limit=page_size, cursor=cursor))
+
+    def delete_feedback(self, feedback_id: str) -> None:
+        """DELETE {base}/feedback/{feedback_id}"""
+        self._send("DELETE", f"{self.base}/feedback/{quote(feedback_id, safe='')}")
 
     # -- adapter -----------------------------------------------------------------------------
 
@@ -397,6 +406,17 @@ class AvatuneClient:
     def create_generation(self, body: Json) -> Json:
         """POST {base}/generations: a generation job (see `avatune generate`)."""
         return self._json("POST", f"{self.base}/generations", json=body)
+
+
+def _paged(list_page: Callable[[str | None], Json]) -> Iterator[Json]:
+    """The items of every page `list_page(cursor)` returns, following `next_cursor`."""
+    cursor: str | None = None
+    while True:
+        page = list_page(cursor)
+        yield from page["items"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return
 
 
 def _chunks(f: BinaryIO) -> Iterator[bytes]:

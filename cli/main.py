@@ -17,7 +17,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from cli.client import ApiError, ApiUnreachable
-from cli.commands import adapter, docs, jobs, webhooks
+from cli.commands import adapter, docs, feedback, jobs, webhooks
 from cli.commands import generate as generation
 from cli.context import DEFAULT_API_URL, CliError, State
 
@@ -71,6 +71,7 @@ app.add_typer(docs.app, name="docs")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(feedback.app, name="feedback")
 app.command("train")(jobs.train)
 app.command("fuse")(adapter.fuse)
 app.command("generate")(generation.generate)

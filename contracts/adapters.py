@@ -45,8 +45,17 @@ class SampleCompletion(BaseModel):
         description="the held-out conversation up to its first trained answer, as the model saw it "
         "(chat template applied)"
     )
-    reference: str = Field(description="the held-out answer the job did not train on")
+    reference: str = Field(
+        description="the held-out answer the job did not train on (preference jobs: the chosen reply; empty "
+        "when the feedback only rejected one)"
+    )
+    rejected: str | None = Field(default=None, description="preference jobs: the reply the feedback rejected")
     base: str = Field(description="the base model's completion")
+    previous: str | None = Field(
+        default=None,
+        description="preference jobs: the adapter the job started from (its reference); null when it started "
+        "from the base",
+    )
     adapter: str = Field(description="the new adapter's completion")
     prompt_tokens: int = Field(ge=0)
 

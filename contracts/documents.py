@@ -10,12 +10,17 @@ trainer can use. Accepted:
 - `.txt`: plain UTF-8 text; paragraphs (separated by blank lines) become assistant turns.
 - `.json`: a dialog `{"dialog": [{"speaker": str, "content": str}, ...], "speaker": str}`;
   the chosen speaker's turns become the assistant's, everyone else's the user's.
+
+These are demonstrations (what supervised fine-tuning learns from). A `.jsonl` document may
+instead hold preferences (judgements of replies, for DPO and KTO jobs): `contracts.preferences`
+reads those, and `contracts.training_documents` tells the two kinds apart.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -132,7 +137,9 @@ def jsonl_objects(text: str) -> Iterator[tuple[int, int, object]]:
         yield number, start, obj
 
 
-def _parse_jsonl_record(obj: object) -> Conversation:
+def parse_jsonl_record(obj: object) -> Conversation:
+    """One demonstration line (chat, prompt/completion or text) as a conversation; ValueError or
+    ValidationError when it is none (the caller adds the line)."""
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
     if "messages" in obj:
@@ -151,15 +158,22 @@ def _parse_jsonl_record(obj: object) -> Conversation:
     raise ValueError('a record needs "messages", "prompt"/"completion" or "text"')
 
 
+@contextmanager
+def errors_at_line(number: int) -> Iterator[None]:
+    """A record's ValidationError or ValueError, as a DocumentError naming its 1-based line."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise DocumentError(first_error(exc), line=number) from None
+    except ValueError as exc:
+        raise DocumentError(str(exc), line=number) from None
+
+
 def _parse_jsonl(text: str) -> list[Conversation]:
     conversations: list[Conversation] = []
     for number, _, obj in jsonl_objects(text):
-        try:
-            conversations.append(_parse_jsonl_record(obj))
-        except ValidationError as exc:
-            raise DocumentError(first_error(exc), line=number) from None
-        except ValueError as exc:
-            raise DocumentError(str(exc), line=number) from None
+        with errors_at_line(number):
+            conversations.append(parse_jsonl_record(obj))
     return conversations
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from contracts.feedback import FeedbackBody, FeedbackItem
 from contracts.job_kinds import JOB_KINDS
 from contracts.jobs import JobRecord
 from contracts.messages import JobEvent
@@ -20,6 +21,9 @@ PUBLIC_MODELS: dict[str, type[BaseModel]] = {
     **{kind.schema_file: kind.request for kind in JOB_KINDS.values()},
     "job-event.v1.json": JobEvent,
     "job.v1.json": JobRecord,
+    # POST {base}/feedback and what it answers (the stored document's line: docs/feedback.md)
+    "feedback.v1.json": FeedbackBody,
+    "feedback-item.v1.json": FeedbackItem,
 }
 
 

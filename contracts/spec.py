@@ -1,6 +1,10 @@
 """The full job spec: what a train request (API body and SQS message alike) may say beyond the
 avatar's LoRA hyper-parameters.
 
+`objective` says what the job learns from: `sft` (the default) the avatar's demonstrations,
+`dpo` and `kto` its preference documents (feedback); `preference` holds their hyper-parameters,
+whose defaults (`PREFERENCE_DEFAULTS`) are documented there and in docs/feedback.md.
+
 Hyper-parameters (`method`, `precision`, `qlora`, `target_modules`, `trainable_layers`,
 `tuning`, `resources.gpus`) are folded into the job's `config` (`AdapterSettings`) by
 `JobSpec.settings_overrides()`, so the trainer resolves them like every other setting
@@ -24,6 +28,10 @@ DatasetFormat = Literal["auto", "chat", "prompt_completion", "text"]
 DatasetSplit = Literal["train", "eval"]
 ReportTo = Literal["tensorboard", "wandb", "mlflow"]
 Promote = Literal["always", "if_better"]
+# sft: supervised fine-tuning on demonstrations; dpo: Direct Preference Optimization on pairs;
+# kto: Kahneman-Tversky Optimization on rated replies (and on each half of a pair).
+Objective = Literal["sft", "dpo", "kto"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
 
 # The environment variables a job may name as its hub token (base_model.token_env).
 HUB_TOKEN_ENV = re.compile(r"HF_TOKEN(_[A-Z0-9_]{1,100})?")
@@ -147,6 +155,55 @@ class Callbacks(_Section):
         return self
 
 
+class Preference(_Section):
+    """Hyper-parameters of a preference job (`objective` dpo or kto). Every field is optional:
+    an unset one takes its `PREFERENCE_DEFAULTS` value. The LoRA shape, epochs, batch size,
+    max_seq_length, seed and precision are the job's usual settings."""
+
+    beta: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="how far the new adapter may move from the reference (the avatar's current adapter): "
+        "higher stays closer; default 0.1",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="null: the job's own learning_rate (tuning.learning_rate) if it sets one, else 5e-5; "
+        "the avatar's stored (supervised) rate is not used",
+    )
+    loss_type: DpoLoss | None = Field(default=None, description="dpo: sigmoid (the DPO paper's), ipo or hinge")
+    desirable_weight: float | None = Field(
+        default=None, gt=0, le=100, description="kto: weight of thumbs-up replies; null: balanced with the count"
+    )
+    undesirable_weight: float | None = Field(
+        default=None, gt=0, le=100, description="kto: weight of thumbs-down replies; null: 1"
+    )
+    precompute_ref_log_probs: bool | None = Field(
+        default=None,
+        description="compute the reference's log-probabilities once per job (true, the default) rather than "
+        "on every step; the result is the same",
+    )
+
+    def resolved(self, job_learning_rate: float | None = None) -> Preference:
+        """Every field set: this section's values over `PREFERENCE_DEFAULTS` (the weights stay
+        null when unset: they depend on the data)."""
+        values = PREFERENCE_DEFAULTS.model_copy(update=self.model_dump(exclude_none=True))
+        if self.learning_rate is None and job_learning_rate is not None:
+            values = values.model_copy(update={"learning_rate": job_learning_rate})
+        return values
+
+
+# Why these: beta 0.1 is the DPO paper's and TRL's default (the adapter stays near the reference,
+# so the avatar keeps its voice); 5e-5 is ten times the alignment handbook's QLoRA DPO rate
+# (5e-6 over 60k pairs) because an avatar's feedback is tens to hundreds of items trained for a
+# few epochs, which LoRA's low-rank update tolerates; the sigmoid loss is the DPO paper's; the
+# reference's log-probabilities are computed once (BENCHMARKS.md: same result, less work per step).
+PREFERENCE_DEFAULTS = Preference(beta=0.1, learning_rate=5e-5, loss_type="sigmoid", precompute_ref_log_probs=True)
+
+
 class Integrations(_Section):
     report_to: list[ReportTo] = Field(default_factory=list)
 
@@ -173,8 +230,33 @@ class JobSpec(_Section):
     integrations: Integrations | None = None
     warm_start: bool = False
     promote: Promote = Field(
-        default="always", description="if_better: keep the current adapter when eval loss got worse"
+        default="always",
+        description="if_better: keep the current adapter when eval loss got worse (preference jobs: unless "
+        "the new adapter ranks most held-out feedback better than the current one, preference accuracy > 0.5)",
     )
+    objective: Objective = Field(
+        default="sft",
+        description="sft: learn from the avatar's demonstrations; dpo: from its preference pairs (chosen vs "
+        "rejected); kto: from its rated replies (and each half of a pair). dpo and kto continue the avatar's "
+        "current adapter, which is also their reference",
+    )
+    preference: Preference | None = Field(default=None, description="dpo/kto hyper-parameters")
+
+    def objective_problem(self) -> tuple[str, str] | None:
+        """(field, why) when `objective` and `preference` do not go together, else None: the API
+        answers 422 naming the field, the trainer fails such a queued job with the same words."""
+        options = self.preference
+        if options is None:
+            return None
+        if self.objective == "sft":
+            return "preference", "applies to objective dpo or kto, not sft"
+        if self.objective == "dpo":
+            for name in ("desirable_weight", "undesirable_weight"):
+                if getattr(options, name) is not None:
+                    return f"preference.{name}", "applies to objective kto (rated replies), not dpo"
+        if self.objective == "kto" and options.loss_type is not None:
+            return "preference.loss_type", "applies to objective dpo; kto has its own loss"
+        return None
 
     def settings_overrides(self) -> AdapterSettings:
         """The hyper-parameters this spec sets, as `AdapterSettings` (unset fields None)."""

@@ -10,7 +10,7 @@ from handlers import openapi
 from handlers.lazy_app import LazyApp
 from handlers.limits import RequestLimits
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
+from handlers.routes import adapters, context, feedback, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
 
 DESCRIPTION = """Per-avatar LoRA adapter training: documents, adapters, jobs.
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(generations.router)
     app.include_router(context.router)
+    app.include_router(feedback.router)
     # The OpenAI-compatible API, an application of its own built on its first request (cold start).
     app.mount(OPENAI_PREFIX, LazyApp("handlers.openai_app:create_openai_app"))
     return app

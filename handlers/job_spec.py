@@ -8,7 +8,8 @@ job's `config` (the spec's hyper-parameter sections laid over the flat fields) a
 
 `check_job_body` raises a 422 `Problem` whose `field` names the offending field (dotted path,
 as in pydantic's own 422s) for what pydantic alone cannot judge: module names the base does
-not have, `full` with 4-bit options, layers beyond the base's depth, more GPUs than
+not have, `full` with 4-bit options, layers beyond the base's depth, a preference `objective`
+with `full`, several GPUs, inline data or the other objective's options, more GPUs than
 MAX_GPUS_PER_JOB, S3 URIs outside `s3://{S3_BUCKET}/users/{user_id}/`, webhook settings, a job
 left with nothing to train on, and inline data that is empty, invalid or too big.
 """
@@ -179,6 +180,7 @@ def check_job_body(
             "base_model.name", body.base_model.name, bucket, user_id, prefix=True, also=tuple(base_model_prefixes or ())
         )
     _check_model(body, config)
+    _check_objective(body, config)
     if config.gpus is not None and config.gpus > max_gpus:
         field = "resources.gpus" if body.resources and body.resources.gpus is not None else "gpus"
         raise _refuse(field, f"{config.gpus} GPUs asked for; a job may use at most {max_gpus} (MAX_GPUS_PER_JOB)")
@@ -213,6 +215,25 @@ def _check_sources(body: TrainJobBody) -> None:
     if not any(source.split == "train" for source in body.datasets):
         raise _refuse(
             "use_flagged_documents", "false leaves nothing to train on: name a datasets entry with split train"
+        )
+
+
+def _check_objective(body: TrainJobBody, config: AdapterSettings) -> None:
+    """A preference job (dpo, kto) trains a LoRA adapter on one GPU, on preference documents."""
+    if problem := body.objective_problem():
+        raise _refuse(*problem)
+    if body.objective == "sft":
+        return
+    if config.method == "full" or (config.gpus or 1) > 1:
+        raise _refuse(
+            "objective",
+            f"{body.objective} continues the avatar's LoRA adapter on one GPU: not with method 'full' or gpus > 1",
+        )
+    if body.training_data is not None:
+        raise _refuse(
+            "training_data",
+            f"inline records are demonstrations; objective {body.objective} trains on preference documents "
+            "(POST .../feedback, or upload a preference .jsonl)",
         )
 
 

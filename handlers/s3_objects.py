@@ -20,11 +20,11 @@ CHUNK_BYTES = 64 * 1024  # the body chunks a streamed object is handed out in
 OpenedObject = tuple[dict[str, Any], AsyncIterator[bytes]]
 
 
-async def open_object(s3: Any, bucket: str, key: str) -> OpenedObject | None:
+async def open_object(s3: Any, bucket: str, key: str, **get_args: Any) -> OpenedObject | None:
     """An object's GetObject response and an iterator over its body chunks; None when the object
-    does not exist."""
+    does not exist. `get_args` go to GetObject (a `Range`, ...)."""
     try:
-        resp = await s3.get_object(Bucket=bucket, Key=key)
+        resp = await s3.get_object(Bucket=bucket, Key=key, **get_args)
     except Exception as exc:
         if is_not_found(exc):
             return None

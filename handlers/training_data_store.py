@@ -227,6 +227,36 @@ class TrainingDataStore:
             return docs[:limit], docs[limit - 1].name
         return docs, None
 
+    async def list_named(
+        self, ref: AvatarRef, name_prefix: str, limit: int, after: str | None = None
+    ) -> tuple[list[TrainingDocument], str | None]:
+        """Up to `limit` documents whose names start with `name_prefix`, in name order after
+        `after`, with their flags; and the name to continue after (None on the last page). S3
+        lists that prefix alone: one page and a tag read per document listed, however many
+        other documents the avatar has (feedback items, `handlers.services.feedback`)."""
+        prefix = training_data_prefix(ref.user_id, ref.avatar_id)
+        kwargs: dict[str, Any] = {"Prefix": prefix + name_prefix, "MaxKeys": limit + 1}
+        if after:
+            kwargs["StartAfter"] = prefix + after
+        resp = await self._list_page(**kwargs)
+        contents = resp.get("Contents", [])
+        objects = contents[:limit]
+        more = len(contents) > limit or bool(resp.get("IsTruncated"))
+        docs = await self._page_documents(prefix, objects, None, None, ListingScan(start=after))
+        last = document_name_from_key(objects[-1]["Key"], prefix) if more and objects else None
+        return docs, last
+
+    async def read(self, ref: AvatarRef, name: str, max_bytes: int | None = None) -> bytes:
+        """A document's content (its first `max_bytes` only, when given); DocumentNotFound when
+        there is none."""
+        key = training_document_key(ref.user_id, ref.avatar_id, name)
+        extra = {} if max_bytes is None else {"Range": f"bytes=0-{max_bytes - 1}"}
+        async with self._limit:
+            opened = await open_object(self._s3, self._bucket, key, **extra)
+            if opened is None:
+                raise DocumentNotFound(name)
+            return b"".join([chunk async for chunk in opened[1]])
+
     async def iter_all(self, ref: AvatarRef, flag: bool | None) -> AsyncIterator[TrainingDocument]:
         """Every document matching `flag` (all when None), in name order."""
         for doc in await self._collect(ref, flag, None, need=None):

@@ -16,8 +16,9 @@ from typing import Any
 
 import boto3
 
+from contracts.keys import checkpoint_prefix
 from infra.bootstrap import StackNames, bootstrap
-from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, wait_http
+from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, keys_under, wait_http
 
 WORKER_ENV = {
     "HEARTBEAT_SECONDS": "1",
@@ -44,6 +45,26 @@ def chat_document(n: int = 40, seed: str = "") -> bytes:
         for i in range(n)
     ]
     return ("\n".join(lines) + "\n").encode()
+
+
+def prompt(i: int, seed: str = "") -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{seed}question {i}: how are you?"}]
+
+
+def pairs(n: int = 16) -> list[dict]:
+    """Chosen and rejected replies of about the same length, so neither wins by length."""
+    return [
+        {
+            "prompt": prompt(i),
+            "chosen": [{"role": "assistant", "content": f"great, thanks for asking {i}"}],
+            "rejected": [{"role": "assistant", "content": f"leave me alone now {i}"}],
+        }
+        for i in range(n)
+    ]
+
+
+def jsonl(records: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in records) + "\n").encode()
 
 
 @dataclass
@@ -131,6 +152,17 @@ def wait_for_job(
         time.sleep(0.1)
     logs = pipeline.worker_log() if pipeline else ""
     raise TimeoutError(f"job {job_id} stuck in {seen}\n{logs}")
+
+
+def wait_for_checkpoint(pipeline: Pipeline, api: Api, job_id: str, s3: Any, min_step: int = 12) -> None:
+    """Wait until the running job is past `min_step` and has a complete checkpoint in S3."""
+    wait_for_job(api, job_id, {"running"}, pipeline=pipeline, condition=lambda j: j["progress"]["step"] >= min_step)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(k.endswith("/_COMPLETE") for k in keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, job_id))):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint was written\n" + pipeline.worker_log())
 
 
 def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = None) -> Pipeline:

@@ -388,3 +388,45 @@ def test_unexpected_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(RuntimeError):  # AVATUNE_DEBUG=1: the real exception, for a traceback
         result = cli("docs", "list", env={"AVATUNE_DEBUG": "1"})
         raise result.exception
+
+
+# -- feedback --------------------------------------------------------------------------------
+
+
+def test_feedback_rate_correct_list_delete_and_train_with_an_objective(
+    pipeline: Pipeline, worker, trained: tuple[Cli, Result]
+) -> None:
+    cli = trained[0]
+    generated = ok(cli("generate", "--max-new-tokens", "6", "--interval", "0.2", "--timeout", "120", "question 3: hi"))
+    generation_id = re.search(r"generation job (job-[0-9a-f-]+)", generated.stderr).group(1)
+    out = ok(cli("feedback", "correct", generation_id, "great, thanks for asking")).stdout
+    assert "pair (chosen over rejected)" in out
+    assert "rated up" in ok(cli("feedback", "rate", "--prompt", "question 1", "--reply", "great, thanks", "up")).stdout
+    out = ok(cli("feedback", "correct", "--prompt", "question 2", "--rejected", "go away", "great, thanks")).stdout
+    first_id = re.search(r"feedback (feedback-[0-9a-f-]+)", out).group(1)
+    out = ok(cli("feedback", "list")).stdout
+    assert out.index(first_id) < out.index(generation_id)  # newest first
+    assert "rated up" in out and out.count("pair") == 2
+
+    failed(cli("feedback", "rate", "--prompt", "q", "--reply", "a", "sideways"), "up or down")
+    failed(cli("feedback", "rate", generation_id, "up", "--prompt", "q"), "not both")
+    failed(cli("feedback", "correct", "--prompt", "q", "--rejected", "same", "same"), "error 422", "same reply")
+    failed(cli("train", "--beta", "0.2"), "--objective dpo or kto")
+
+    result = ok(
+        cli(
+            "train",
+            "--objective",
+            "dpo",
+            "--beta",
+            "0.2",
+            "--set",
+            'preference={"learning_rate": 0.005}',
+            "--follow",
+            *FAST,
+        )
+    )
+    assert "succeeded" in result.stdout and "preference_accuracy" in result.stdout and "dpo" in result.stdout
+    ok(cli("feedback", "delete", first_id))
+    assert first_id not in ok(cli("feedback", "list")).stdout
+    failed(cli("feedback", "delete", first_id), "error 404")

@@ -179,9 +179,13 @@ def test_request_from_another_service_and_duplicate_delivery(pipeline: Pipeline,
         send()  # no API call first
         done, _ = wait_for_job(api, request.job_id, {"succeeded", "failed"}, pipeline=pipeline)
         assert done["status"] == "succeeded"
-        before = s3.get_object(Bucket=TEST_BUCKET, Key=job_key(api.user_id, api.avatar_id, request.job_id))[
-            "Body"
-        ].read()
+        key = job_key(api.user_id, api.avatar_id, request.job_id)
+        deadline = time.monotonic() + 30  # the record is final once its event is marked published
+        while time.monotonic() < deadline:
+            before = s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read()
+            if f"{request.job_id}:job.succeeded".encode() in before:
+                break
+            time.sleep(0.1)
         send()  # delivered again: nothing happens
         deadline = time.monotonic() + 30
         while not _queue_drained(pipeline) and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import pytest
 
 from contracts.keys import checkpoint_prefix
 from tests.conftest import keys_under
-from tests.pipeline import Pipeline, chat_document, wait_for_job
+from tests.pipeline import Pipeline, chat_document, wait_for_checkpoint, wait_for_job
 
 LONG = {"num_epochs": 8, "batch_size": 1, "r": 4}  # ~290 steps on the tiny model
 
@@ -22,16 +22,6 @@ def start_long_job(api) -> dict:
     r = api.post(f"{api.base}/training-jobs", json=LONG)
     assert r.status_code == 202, r.text
     return r.json()
-
-
-def wait_for_checkpoint(pipeline: Pipeline, api, job_id: str, s3) -> None:
-    wait_for_job(api, job_id, {"running"}, pipeline=pipeline, condition=lambda j: j["progress"]["step"] >= 12)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if any(k.endswith("/_COMPLETE") for k in keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, job_id))):
-            return
-        time.sleep(0.2)
-    raise TimeoutError("no checkpoint was written\n" + pipeline.worker_log())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

@@ -28,12 +28,15 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from contracts.documents import ChatMessage, Conversation
+
+T = TypeVar("T")
 
 IGNORE_INDEX = -100
 
@@ -300,7 +303,7 @@ EVAL_DATASET_RULE = "eval-dataset/v1"
 def conversation_key(conversation: Conversation) -> str:
     """A conversation's stable key: the same conversation gets it in every job, whatever the
     document it sits in or the documents beside it."""
-    return hashlib.sha256(conversation.model_dump_json().encode()).hexdigest()[:16]
+    return content_key(conversation)
 
 
 def key_fraction(key: str) -> float:
@@ -336,14 +339,30 @@ def split_held_out(examples: Sequence[TokenizedExample], eval_fraction: float = 
     if len(points) < 2:  # one conversation: its latest windows are held out
         n_eval = min(max(1, round(len(examples) * eval_fraction)), len(examples) - 1)
         return HeldOutSplit(examples[:-n_eval], examples[-n_eval:], TAIL_RULE, 0.0)
+    train, held_out, cutoff = stable_split(examples, [ex.group for ex in examples], eval_fraction)
+    return HeldOutSplit(train, held_out, HELD_OUT_RULE, cutoff)
+
+
+def stable_split(items: Sequence[T], keys: Sequence[str], eval_fraction: float) -> tuple[list[T], list[T], float]:
+    """(train, held out, cutoff): an item is held out when its key's fraction is below the
+    cutoff, `eval_fraction` moved to the nearest key when it would leave a side empty (given
+    two distinct keys). The same key is on the same side in every job with the same fraction."""
+    points = sorted({key_fraction(key) for key in keys})
+    if len(points) < 2 or eval_fraction == 0:
+        return list(items), [], 0.0
     cutoff = eval_fraction
-    if points[0] >= cutoff:  # nothing below the fraction: hold out the lowest conversation
+    if points[0] >= cutoff:  # nothing below the fraction: hold out the lowest key
         cutoff = math.nextafter(points[0], 1.0)
     if points[-1] < cutoff:  # everything below it: train on the highest one
         cutoff = points[-1]
-    train = [ex for ex in examples if key_fraction(ex.group) >= cutoff]
-    held_out = [ex for ex in examples if key_fraction(ex.group) < cutoff]
-    return HeldOutSplit(train, held_out, HELD_OUT_RULE, cutoff)
+    train = [item for item, key in zip(items, keys, strict=True) if key_fraction(key) >= cutoff]
+    held_out = [item for item, key in zip(items, keys, strict=True) if key_fraction(key) < cutoff]
+    return train, held_out, cutoff
+
+
+def content_key(model: BaseModel) -> str:
+    """A stable key of a pydantic value's content (a conversation, a judgement)."""
+    return hashlib.sha256(model.model_dump_json().encode()).hexdigest()[:16]
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -4,6 +4,10 @@ explicit `datasets` (`s3://` JSONL files inside the caller's prefix), each pinne
 was listed (or headed) with. A dataset with `split: "eval"` is the job's held-out set: its
 conversations come back apart (`eval_conversations`) and are never trained on.
 
+Each document is demonstrations or preferences (`contracts.training_documents`); a job reads
+the kind it trains on (`sft`: demonstrations, `dpo`/`kto`: preferences) and leaves the other
+kind's documents out (counted in `other_kind`); a dataset the job names must be of its kind.
+
 The tenant rule is checked here again although the API checks it too: other services send
 TrainRequests straight to the queue, and a dataset outside `s3://{bucket}/users/{user_id}/`
 fails the job rather than being read with the trainer's credentials.
@@ -18,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.documents import Conversation, DocumentError, parse_document
+from contracts.documents import Conversation, DocumentError
 from contracts.ids import InvalidIdentifier, validate_document_name
 from contracts.jobs import TrainingDocumentRef
 from contracts.keys import document_name_from_key, training_data_prefix
+from contracts.preferences import Judgement
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
 from contracts.spec import DatasetSource
 from contracts.tags import flag_from_tagset
+from contracts.training_documents import DocumentKind, ParsedDocument, parse_training_document
 from trainer.errors import JobFailure
 from trainer.s3_objects import S3Objects, TooLarge
 
@@ -42,6 +48,8 @@ class TrainingData:
     documents: list[TrainingDocumentRef]
     skipped: int = 0  # documents left out because they are in `skip` (warm start: unchanged)
     eval_conversations: list[Conversation] = field(default_factory=list)  # the `split: eval` datasets
+    judgements: list[Judgement] = field(default_factory=list)  # the preferences of dpo/kto jobs
+    other_kind: int = 0  # flagged documents of the kind the job does not train on, left out
 
 
 @dataclass
@@ -58,17 +66,20 @@ class _Source:
     split: str = "train"
 
 
-def parse_dataset(name: str, data: bytes, fmt: str) -> list[Conversation]:
-    """A dataset file as conversations. `auto` goes by the name's extension (like an uploaded
-    document); `chat`, `prompt_completion` and `text` read JSONL whose every record has that shape."""
+def parse_dataset(name: str, data: bytes, fmt: str) -> ParsedDocument:
+    """A dataset file, parsed. `auto` goes by the name's extension and the records (like an
+    uploaded document); `chat`, `prompt_completion` and `text` read JSONL demonstrations whose
+    every record has that shape."""
     if fmt == "auto":
-        return parse_document(name, data)
-    conversations = parse_document("dataset.jsonl", data)  # validates every line
+        return parse_training_document(name, data)
+    parsed = parse_training_document("dataset.jsonl", data)  # validates every line
+    if parsed.kind != "demonstrations":
+        raise DocumentError(f"holds preference records, not {fmt} records: use format auto")
     wanted = _FORMAT_KEYS[fmt]
     for number, line in enumerate(data.decode("utf-8").removeprefix("\ufeff").splitlines(), start=1):
         if line.strip() and not any(k in json.loads(line) for k in wanted):
             raise DocumentError(f"not a {fmt} record (needs {' and '.join(map(repr, wanted))})", line=number)
-    return conversations
+    return parsed
 
 
 def dataset_location(source: DatasetSource, bucket: str, user_id: str) -> S3Uri:
@@ -151,11 +162,13 @@ class DocumentSource:
         datasets: Iterable[DatasetSource] = (),
         skip: set[tuple[str, str]] | None = None,
         flagged: bool = True,
+        kind: DocumentKind = "demonstrations",
     ) -> TrainingData:
         """Every document tagged `use_for_training=true` (when `flagged`) and every dataset,
         downloaded concurrently into `scratch` and parsed; a training file whose (name, etag) is
-        in `skip` is left out (counted in `skipped`; an eval dataset never is). Raises JobFailure
-        when there is nothing to train on or a file is invalid or not the caller's."""
+        in `skip` is left out (counted in `skipped`; an eval dataset never is), so is a document
+        of the other `kind`. Raises JobFailure when there is nothing to train on, or a file is
+        invalid, not the caller's or (a dataset) of the other kind."""
         sources = [self._dataset(i, d, user_id) for i, d in enumerate(datasets)]
         if flagged:
             sources = self._flagged(user_id, avatar_id) + sources
@@ -167,31 +180,60 @@ class DocumentSource:
         scratch.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(self._concurrency) as pool:
             files = list(pool.map(lambda s: self._download(s, scratch / s.local), chosen))
-        data = TrainingData(conversations=[], documents=[], skipped=len(sources) - len(chosen))
+        found = TrainingData(conversations=[], documents=[], skipped=len(sources) - len(chosen))
         for source, path in zip(chosen, files):
             if path is None:
                 if source.name.startswith("s3://"):  # a dataset the job names: retried (the runner's attempts)
                     raise DatasetChanged(f"dataset {source.name!r} changed or vanished while the job read it")
                 continue  # a document replaced or deleted while we listed: not what the job saw
-            try:  # parsed one at a time: at most one document's bytes in memory
-                parsed = parse_dataset(source.name.rsplit("/", 1)[-1], path.read_bytes(), source.format)
-            except DocumentError as exc:
-                kind = "dataset" if source.name.startswith("s3://") else "training document"
-                raise JobFailure(f"{kind} {source.name!r} is invalid: {exc}") from None
-            (data.eval_conversations if source.split == "eval" else data.conversations).extend(parsed)
-            data.documents.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
-        if not data.conversations and data.skipped:
-            raise JobFailure(
-                f"nothing new to train on: all {data.skipped} documents are unchanged since the current "
-                "adapter version (warm_start trains only on documents added or changed since)"
-            )
-        if not data.conversations:
-            raise JobFailure(
-                "no document is flagged use_for_training=true and the job names no training datasets"
-                if flagged
-                else "the job names no training datasets (use_flagged_documents is false)"
-            )
-        return data
+            parsed = _parsed(source, path.read_bytes())  # one at a time: one document's bytes in memory
+            if parsed.kind != kind:
+                if source.name.startswith("s3://"):
+                    raise JobFailure(
+                        f"dataset {source.name!r} holds {parsed.kind}, but this job trains on {kind} "
+                        f"({_OBJECTIVES[kind]})"
+                    )
+                found.other_kind += 1
+                continue
+            target = found.eval_conversations if source.split == "eval" else found.conversations
+            target.extend(parsed.conversations)
+            found.judgements.extend(parsed.judgements)
+            found.documents.append(TrainingDocumentRef(name=source.name, etag=source.etag, size=source.size))
+        if not (found.conversations or found.judgements):
+            raise JobFailure(_nothing_to_train_on(kind, found, flagged))
+        return found
+
+
+_OBJECTIVES: dict[DocumentKind, str] = {"demonstrations": "objective sft", "preferences": "objective dpo or kto"}
+
+
+def _parsed(source: _Source, data: bytes) -> ParsedDocument:
+    try:
+        return parse_dataset(source.name.rsplit("/", 1)[-1], data, source.format)
+    except DocumentError as exc:
+        what = "dataset" if source.name.startswith("s3://") else "training document"
+        raise JobFailure(f"{what} {source.name!r} is invalid: {exc}") from None
+
+
+def _nothing_to_train_on(kind: DocumentKind, found: TrainingData, flagged: bool) -> str:
+    """Why a job found nothing to train on, and what to do about it."""
+    if found.skipped:
+        return (
+            f"nothing new to train on: all {found.skipped} documents are unchanged since the current "
+            "adapter version (warm_start trains only on documents added or changed since)"
+        )
+    if not flagged:
+        return "the job names no training datasets (use_flagged_documents is false)"
+    if kind == "preferences":
+        return (
+            "no preference document is flagged use_for_training=true: post feedback (POST .../feedback) "
+            "or upload a preference document (.jsonl with prompt/chosen/rejected, OpenAI preference or "
+            "prompt/completion/label records) before a dpo or kto job"
+        )
+    other = (
+        f" ({found.other_kind} flagged preference documents are for objective dpo or kto)" if found.other_kind else ""
+    )
+    return f"no document is flagged use_for_training=true and the job names no training datasets{other}"
 
 
 def _too_large(source: _Source, size: int, limit: int) -> str:

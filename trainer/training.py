@@ -215,8 +215,15 @@ def _checkpointing_off(model: Any) -> None:
 def training_arguments(
     cfg: AdapterSettings, out_dir: Path, device: torch.device, precision: str | None = None
 ) -> TrainingArguments:
+    return TrainingArguments(**training_argument_values(cfg, out_dir, device, precision))
+
+
+def training_argument_values(
+    cfg: AdapterSettings, out_dir: Path, device: torch.device, precision: str | None = None
+) -> dict[str, Any]:
+    """The `TrainingArguments` every job trains with (TRL's configs take the same, plus their own)."""
     precision = precision or resolve_precision(cfg.precision, device)[0]
-    return TrainingArguments(
+    return dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=cfg.num_epochs,
@@ -291,6 +298,24 @@ def spec_metrics(
     return metrics
 
 
+def trainable_base(base: LoadedBase) -> Any:
+    """The cached base made ready for LoRA layers (a 4-bit base once prepared for k-bit training,
+    which it stays for every later job)."""
+    model = base.model
+    if base.method == "qlora" and not getattr(model, "_avatune_kbit_prepared", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model._avatune_kbit_prepared = True
+    return model
+
+
+def release_base(base: LoadedBase, peft_model: Any) -> None:
+    """Give the cached base back as later jobs expect it: gradient checkpointing off, every LoRA
+    layer removed (`base.model` is the bare model again)."""
+    if _checkpointing_on(peft_model.base_model.model):
+        _checkpointing_off(peft_model.base_model.model)
+    base.model = remove_lora(peft_model)
+
+
 def train_adapter(
     base: LoadedBase,
     cfg: AdapterSettings,
@@ -313,10 +338,7 @@ def train_adapter(
     check_modules(base.model, cfg)
     precision, precision_note = resolve_precision(cfg.precision, base.device)
     extra = integrations.callbacks(report_to, log_dir or work_dir / "logs") if report_to else []
-    model = base.model
-    if base.method == "qlora" and not getattr(model, "_avatune_kbit_prepared", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model._avatune_kbit_prepared = True
+    model = trainable_base(base)
     model.config.use_cache = False  # a cache disables the packed-sequence mask
     restore_attention = packed_attention.use_packed_attention(model)
     torch.manual_seed(cfg.seed or 0)
@@ -351,9 +373,7 @@ def train_adapter(
             metrics = metrics.with_values(fallback=base.fallback_reason)
         return TrainOutcome(completed=True, adapter_dir=adapter_dir, metrics=metrics)
     finally:
-        if _checkpointing_on(peft_model.base_model.model):
-            _checkpointing_off(peft_model.base_model.model)  # the cached base is shared by later jobs
-        base.model = remove_lora(peft_model)
+        release_base(base, peft_model)
         if restore_attention is not None:
             base.model.set_attn_implementation(restore_attention)
 

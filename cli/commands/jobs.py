@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -31,6 +32,15 @@ from cli.context import (
 )
 
 app = typer.Typer(help="Training jobs.", no_args_is_help=True)
+
+
+class Objective(StrEnum):
+    """What `avatune train` learns from (the job spec's `objective`)."""
+
+    sft = "sft"
+    dpo = "dpo"
+    kto = "kto"
+
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 POLL_SECONDS = 1.0
@@ -332,13 +342,27 @@ def train(
             "--idempotency-key", help="a retry with the same key answers the same job"
         ),
     ] = None,
+    objective: Annotated[
+        Objective,
+        typer.Option(
+            "--objective",
+            help="sft: learn from the documents (demonstrations); dpo: from feedback pairs; kto: from rated "
+            "replies. dpo and kto continue the current adapter",
+        ),
+    ] = Objective.sft,
+    beta: Annotated[
+        float | None,
+        typer.Option(  # noqa: UP007
+            "--beta", min=0, help="dpo/kto: how close to stay to the current adapter (default 0.1)"
+        ),
+    ] = None,
     timeout: Annotated[float | None, TIMEOUT] = None,  # noqa: UP007
     interval: Annotated[
         float, typer.Option("--interval", min=0.05, hidden=True, help="seconds between polls")
     ] = POLL_SECONDS,
     as_json: JsonOutput = False,
 ) -> None:
-    """Queue a training job on the documents flagged for training."""
+    """Queue a training job on the documents flagged for training (--objective dpo|kto: on the feedback)."""
     st = state(ctx)
     client = st.client()
     overrides = {
@@ -349,6 +373,12 @@ def train(
             if v is not None
         },
     }
+    if objective is not Objective.sft:
+        overrides["objective"] = objective.value
+    if beta is not None:
+        if objective is Objective.sft:
+            raise CliError("--beta is a dpo/kto setting: add --objective dpo or kto")
+        overrides["preference"] = {**overrides.get("preference", {}), "beta": beta}
     job = client.create_job(overrides, idempotency_key=idempotency_key)
     shown = replace(st, out=st.err) if as_json else st  # with --json, stdout carries the JSON alone
     shown.out.print(

@@ -10,8 +10,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.documents import DocumentError, parse_document
+from contracts.documents import DocumentError
 from contracts.ids import DOCUMENT_EXTENSIONS, validate_document_name
+from contracts.training_documents import parse_training_document
 from handlers.archive import zip_stream
 from handlers.dependencies import AuthorizedAvatar, SettingsDep, TrainingDataStoreDep
 from handlers.documents import UPLOAD_SIZE_DESCRIPTION, DocumentNotFound, PresignedUpload
@@ -75,7 +76,7 @@ def _too_large(limit: int) -> Problem:
 
 async def _validated(name: str, data: bytes) -> None:
     try:
-        await run_in_threadpool(parse_document, name, data)
+        await run_in_threadpool(parse_training_document, name, data)
     except DocumentError as exc:
         extra = {"line": exc.line} if exc.line is not None else {}
         raise Problem(422, f"{name}: {exc}", title="Invalid training document", **extra) from None
@@ -97,7 +98,9 @@ async def upload_document(
     store: TrainingDataStoreDep,
     settings: SettingsDep,
     request: Request,
-    file: Annotated[UploadFile, File(description="the document (.jsonl, .json dialog or .txt)")],
+    file: Annotated[
+        UploadFile, File(description="the document (.jsonl demonstrations or preferences, .json dialog or .txt)")
+    ],
     use_for_training: Annotated[bool, Form()] = True,
     name: Annotated[
         str | None,

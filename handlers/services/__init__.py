@@ -8,5 +8,6 @@ dependency; routes import no other route.
 
 - `jobs`: creating (slot, cap, idempotency, rollback) and cancelling a job of any kind;
 - `train_jobs`, `adapter_jobs` (fuse, generate), `context_jobs` (index, retrieve, auto-index):
-  each kind's own checks and the queue request it sends.
+  each kind's own checks and the queue request it sends;
+- `feedback`: judgements of the avatar's replies stored as preference training documents.
 """

@@ -2,7 +2,9 @@
 (`handlers.job_spec`), then `queue_job` with what a training job adds to the common steps:
 
 - step 2: 409 unless the avatar has a document flagged for training, the body names
-  training `datasets`, or it brings inline `training_data`;
+  training `datasets`, or it brings inline `training_data`; a preference job (`objective` dpo or
+  kto): 409 unless a flagged document holds preferences (`handlers.services.feedback`) or it
+  names `datasets`;
 - before the job is queued: its inline `training_data` stored as the flagged document
   `inline-{job_id}.jsonl`, and its `callbacks.auth_header` sealed for the job (the KMS
   encryption context names the job id), so the record and the queue message only ever hold
@@ -24,6 +26,7 @@ from handlers.idempotency import Idempotency
 from handlers.job_spec import TrainJobBody, check_job_body
 from handlers.job_store import JobStore
 from handlers.problems import Problem
+from handlers.services.feedback import preference_documents_exist
 from handlers.services.jobs import JobPlan, JobStage, Undo, api_request, queue_job
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue
@@ -66,7 +69,10 @@ async def queue_train_job(
         return api_request(TrainRequest, avatar, job_id, config=config, **dict(job_spec))
 
     async def prepare() -> JobPlan:
-        if inline is None and not any(source.split == "train" for source in spec.datasets):
+        if spec.objective != "sft":
+            if not spec.datasets and await preference_documents_exist(avatar, documents) is False:
+                raise Problem(409, _no_preferences(avatar, spec.objective))
+        elif inline is None and not any(source.split == "train" for source in spec.datasets):
             flagged, _ = await documents.list(avatar, True, 1)
             if not flagged:
                 raise Problem(
@@ -105,6 +111,15 @@ def _chained(first: JobStage | None, then: JobStage | None) -> JobStage | None:
         return undo
 
     return stage
+
+
+def _no_preferences(avatar: AvatarRef, objective: str) -> str:
+    return (
+        f"avatar {avatar.avatar_id!r} has no preference document with use_for_training=true, and objective "
+        f"{objective} trains only on those: post feedback first (POST .../feedback: a rated reply, a pair "
+        "{messages, chosen, rejected} or a correction of a generation), or upload a preference .jsonl "
+        "(prompt/chosen/rejected, OpenAI preference or prompt/completion/label records)"
+    )
 
 
 def _inline_stage(avatar: AvatarRef, documents: TrainingDataStore, data: bytes) -> JobStage:

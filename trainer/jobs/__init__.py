@@ -6,7 +6,9 @@ job-kind registry (`contracts.job_kinds`) and imported by the worker on first us
 - `train`: a training job; `training_setup` holds the steps every training method shares
   (configuration, base model, warm start, documents, checkpoint, dataset), then one of
   `lora` (LoRA and QLoRA on the worker's cached base), `full` (full fine-tuning of a private
-  copy) or `data_parallel` (LoRA on several GPUs through torchrun) trains and publishes;
+  copy), `data_parallel` (LoRA on several GPUs through torchrun) or `preference` (`objective`
+  dpo/kto: TRL's DPO or KTO on the avatar's feedback, on top of its current adapter) trains
+  and publishes;
 - `fuse`: an adapter version merged into its base;
 - `generate`: an adapter version (or the base) tried on a prompt;
 - `index` / `retrieve`: the avatar's vector index built / queried (RAG).

@@ -5,7 +5,9 @@
     (samples.json, loss.png, the `promote: if_better` verdict) -> the next adapter version,
     made current unless the verdict says no
 
-`publish_adapter` is shared with `trainer.jobs.data_parallel`, whose ranks train the same adapter.
+`publish_adapter` is shared with `trainer.jobs.data_parallel`, whose ranks train the same adapter;
+its two halves (`already_published`, `publish_evaluated`) with `trainer.jobs.preference`, which
+judges its adapter on held-out feedback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from pathlib import Path
 
 from contracts.metrics import TrainingMetrics
-from trainer.evaluation import CurrentAdapter, evaluate_version
+from trainer.evaluation import CurrentAdapter, Evaluation, evaluate_version
 from trainer.jobs.training_setup import TrainingSetup, cached_base
 from trainer.runtime.context import JobContext
 from trainer.training import TrainOutcome, train_adapter
@@ -55,14 +57,11 @@ def publish_adapter(
     adapter on this job's held-out split. A retried job's earlier version (and verdict) stands.
     Returns (version, the job's metrics)."""
     job, artifacts, settings = ctx.job, ctx.stores.artifacts, ctx.settings
-    user_id, avatar_id = job.user_id, job.avatar_id
-    published = artifacts.version_of_job(user_id, avatar_id, job.id)
-    if published is not None:
-        meta = artifacts.finish_promotion(user_id, avatar_id, published)
-        return published, (TrainingMetrics.model_validate(meta.metrics) if meta is not None else metrics)
+    if (published := already_published(ctx, metrics)) is not None:
+        return published
     current = None
     if job.spec.promote == "if_better":
-        manifest = artifacts.download_current(user_id, avatar_id, ctx.scratch / "current")
+        manifest = artifacts.download_current(job.user_id, job.avatar_id, ctx.scratch / "current")
         # An adapter of another base is no yardstick: the base's own loss is, then.
         if manifest is not None and manifest.base_model in (None, setup.base.name):
             current = CurrentAdapter(manifest.current_version, ctx.scratch / "current", manifest.metrics)
@@ -78,17 +77,37 @@ def publish_adapter(
         sample_prompts=settings.sample_prompts,
         max_new_tokens=settings.sample_max_new_tokens,
     )
+    return publish_evaluated(ctx, setup, adapter_dir, metrics, evaluation)
+
+
+def already_published(ctx: JobContext, metrics: TrainingMetrics) -> tuple[int, TrainingMetrics] | None:
+    """The version a retried job published before (finishing its promotion), with the metrics
+    stored beside it; None when it published none."""
+    job, artifacts = ctx.job, ctx.stores.artifacts
+    published = artifacts.version_of_job(job.user_id, job.avatar_id, job.id)
+    if published is None:
+        return None
+    meta = artifacts.finish_promotion(job.user_id, job.avatar_id, published)
+    return published, (TrainingMetrics.model_validate(meta.metrics) if meta is not None else metrics)
+
+
+def publish_evaluated(
+    ctx: JobContext, setup: TrainingSetup, adapter_dir: Path, metrics: TrainingMetrics, evaluation: Evaluation
+) -> tuple[int, TrainingMetrics]:
+    """Publish the adapter as the next version with the evaluation's files and metrics, current
+    unless the evaluation's verdict says no."""
+    job = ctx.job
     metrics = metrics.with_values(**evaluation.metrics)
     if not evaluation.promote:
         log.info("job %s: %s", job.id, evaluation.metrics["promote_reason"])
-    version = artifacts.publish(
-        user_id,
-        avatar_id,
+    version = ctx.stores.artifacts.publish(
+        job.user_id,
+        job.avatar_id,
         adapter_dir,
         job_id=job.id,
         base_model=setup.base.name,
         metrics=metrics.as_dict(),
-        keep_versions=settings.adapter_keep_versions,
+        keep_versions=ctx.settings.adapter_keep_versions,
         extra_files=evaluation.files,
         promote=evaluation.promote,
     )

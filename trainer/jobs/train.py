@@ -1,8 +1,9 @@
 """The `train` job kind: train an avatar's adapter (or a whole model) on its documents.
 
 prepare (trainer.jobs.training_setup: config, base, warm start, documents, checkpoint, dataset)
--> the method's recipe trains: LoRA/QLoRA (`lora`), full fine-tuning (`full`) or
-   data-parallel LoRA (`data_parallel`); the integrations' logs are uploaded either way
+-> the method's recipe trains: LoRA/QLoRA (`lora`), full fine-tuning (`full`),
+   data-parallel LoRA (`data_parallel`), or, for `objective` dpo/kto, preference training on
+   top of the current adapter (`preference`); the integrations' logs are uploaded either way
 -> stopped early (cancel, SIGTERM, lost lease, duration limit): hand the reason back
 -> the metrics: the run's, the data's, the setup's
 -> the recipe publishes (a new adapter version, or a whole model under full/)
@@ -21,6 +22,7 @@ from trainer.integrations import upload_logs
 from trainer.jobs.data_parallel import DataParallelRecipe
 from trainer.jobs.full import FullRecipe
 from trainer.jobs.lora import LoraRecipe
+from trainer.jobs.preference import PreferenceRecipe
 from trainer.jobs.training_setup import TrainingSetup, prepare_training
 from trainer.outputs import copy_prefix
 from trainer.runtime.context import JobContext, JobResult, Stopped, Succeeded
@@ -40,6 +42,8 @@ class TrainingRecipe(Protocol):
 
 
 def recipe_for(setup: TrainingSetup) -> TrainingRecipe:
+    if setup.objective != "sft":
+        return PreferenceRecipe()
     if setup.processes > 1:
         return DataParallelRecipe()
     if setup.cfg.method == "full":

@@ -8,8 +8,13 @@
     -> tokenize into examples and split off the held-out set (or tokenize the job's
        `split: eval` datasets as the held-out set)
 
+A preference job (`objective` dpo or kto) reads the avatar's preference documents instead of its
+demonstrations, always starts from the current adapter (`preference_start`: the warm start's
+adapter; its documents are skipped only with `warm_start: true`) and splits judgements rather
+than tokenized examples (`TrainingSetup.preferences`).
+
 `prepare_training` returns a `TrainingSetup`; the method's recipe (`trainer.jobs.lora`, `.full`,
-`.data_parallel`) takes it from there.
+`.data_parallel`, `.preference`) takes it from there.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from contracts.jobs import JobRecord
 from contracts.keys import adapter_config_key, training_logs_prefix
 from contracts.metrics import TrainingMetrics
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
+from contracts.spec import Objective
+from contracts.training_documents import DocumentKind
 from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
 from trainer.dataset import (
     EVAL_DATASET_RULE,
@@ -38,6 +45,7 @@ from trainer.documents import TrainingData
 from trainer.errors import JobFailure
 from trainer.integrations import check_available as check_integrations
 from trainer.outputs import output_target
+from trainer.preference_data import PreferenceSet, preference_set
 from trainer.runtime.context import JobContext
 from trainer.warm_start import WarmStart, plan_warm_start
 
@@ -61,6 +69,8 @@ class TrainingSetup:
     held_out: HeldOutSplit
     stats: DatasetStats
     model_loads_before: int  # the worker's base-model loads before this job (was a base reused?)
+    objective: Objective = "sft"
+    preferences: PreferenceSet | None = None  # dpo/kto: the judgements (train_set/eval_set stay empty)
 
     @property
     def processes(self) -> int:
@@ -68,17 +78,23 @@ class TrainingSetup:
 
     def data_metrics(self) -> TrainingMetrics:
         """What the metrics say about the data and the setup, whatever the method."""
-        metrics = TrainingMetrics(
-            assistant_tokens=self.stats.assistant_tokens,
-            trainable_tokens=self.stats.trainable_tokens,
-            dropped_examples=self.stats.dropped,
-            split_conversations=self.stats.split,
-            truncated_examples=self.stats.truncated,
-            documents=len(self.data.documents),
-            resumed_from_step=_checkpoint_step(self.resume_from),
-            held_out_rule=self.held_out.rule,
-            held_out_cutoff=round(self.held_out.cutoff, 12),
+        if self.preferences is None:
+            metrics = TrainingMetrics(
+                assistant_tokens=self.stats.assistant_tokens,
+                trainable_tokens=self.stats.trainable_tokens,
+                dropped_examples=self.stats.dropped,
+                split_conversations=self.stats.split,
+                truncated_examples=self.stats.truncated,
+                held_out_rule=self.held_out.rule,
+                held_out_cutoff=round(self.held_out.cutoff, 12),
+            )
+        else:
+            metrics = TrainingMetrics(**self.preferences.metrics())
+        metrics = metrics.with_values(
+            documents=len(self.data.documents), resumed_from_step=_checkpoint_step(self.resume_from)
         )
+        if self.data.other_kind:
+            metrics = metrics.with_values(documents_of_other_objective=self.data.other_kind)
         if self.warm is not None:
             metrics = metrics.with_values(**self.warm.metrics, documents_skipped=self.data.skipped)
         metrics = metrics.with_values(base_model=self.base.name, base_model_revision=self.base.revision)
@@ -95,7 +111,8 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     log_dest = log_destination(job, ctx.settings.s3_bucket)
     output = output_target(job, ctx.settings.s3_bucket)
     base = resolve_job_base(ctx)
-    warm = warm_start(ctx, cfg, base.name)
+    objective = job.spec.objective
+    warm = warm_start(ctx, cfg, base.name) if objective == "sft" else preference_start(ctx, base.name)
     data = stores.documents.fetch(
         job.user_id,
         job.avatar_id,
@@ -103,6 +120,7 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
         job.spec.datasets,
         skip=warm.skip if warm else None,
         flagged=job.spec.use_flagged_documents,
+        kind=documents_of(objective),
     )
     resume_from = checkpoint_to_resume(ctx, data)
     if not resume_from:
@@ -113,11 +131,18 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     if cfg.gpus and cfg.gpus > 1 and cfg.method == "full":
         raise JobFailure("method full runs on one GPU: leave resources.gpus at 1")
     loads_before = stores.models.loads
-    tokenizer = stores.models.tokenizer(base.path, revision=base.revision, token=base.token)
-    examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
-    if not examples or stats.trainable_tokens == 0:
-        raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
-    split = held_out(ctx, cfg, tokenizer, examples, data)
+    preferences = None
+    split = HeldOutSplit([], [])
+    stats = DatasetStats()
+    if objective == "sft":
+        tokenizer = stores.models.tokenizer(base.path, revision=base.revision, token=base.token)
+        examples, stats = build_examples(tokenizer, data.conversations, cfg.max_seq_length or 1024)
+        if not examples or stats.trainable_tokens == 0:
+            raise JobFailure("the documents hold no assistant tokens to train on (after truncation to max_seq_length)")
+        split = held_out(ctx, cfg, tokenizer, examples, data)
+    else:
+        eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else ctx.settings.eval_fraction
+        preferences = preference_set(data.judgements, objective, eval_fraction, cfg.seed or 0)
     return TrainingSetup(
         cfg=cfg,
         base=base,
@@ -132,6 +157,8 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
         held_out=split,
         stats=stats,
         model_loads_before=loads_before,
+        objective=objective,
+        preferences=preferences,
     )
 
 
@@ -177,6 +204,12 @@ def check_spec(job: JobRecord, cfg: AdapterSettings) -> list[str]:
                 "method full publishes a new full/{version}/ model and has no current one to "
                 "compare with: promote if_better needs a LoRA method"
             )
+    if problem := job.spec.objective_problem():
+        raise JobFailure(f"{problem[0]}: {problem[1]}")
+    if job.spec.objective != "sft" and (cfg.method == "full" or (cfg.gpus or 1) > 1):
+        raise JobFailure(
+            f"objective {job.spec.objective} trains a LoRA adapter on one GPU: not with method full or gpus > 1"
+        )
     report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
     check_integrations(report_to)
     return report_to
@@ -229,6 +262,28 @@ def warm_start(ctx: JobContext, cfg: AdapterSettings, base_model: str) -> WarmSt
             "warm_start continues a LoRA adapter on one GPU: it cannot be combined with method 'full' or gpus > 1"
         )
     return plan_warm_start(ctx.stores.artifacts, ctx.stores.jobs, job, base_model, ctx.scratch / "warm-start")
+
+
+def documents_of(objective: Objective) -> DocumentKind:
+    """The kind of document a job of `objective` trains on."""
+    return "demonstrations" if objective == "sft" else "preferences"
+
+
+def preference_start(ctx: JobContext, base_model: str) -> WarmStart:
+    """Where a preference job starts: the avatar's current adapter (unless this job produced it,
+    as a warm start decides), which is also its reference; the base when there is none (or it
+    belongs to another base), and the metrics say so. The documents that adapter has seen are
+    left out only with `warm_start: true`."""
+    job = ctx.job
+    start = plan_warm_start(ctx.stores.artifacts, ctx.stores.jobs, job, base_model, ctx.scratch / "start-adapter")
+    reference = {"reference_policy": "base model"}
+    if start.adapter_dir is not None:
+        reference = {"reference_policy": f"adapter version {start.metrics['warm_start_from_version']}"}
+    else:
+        why = str(start.metrics.get("warm_start_reason", "no current adapter")).split(": ", 1)[0]
+        reference["reference_reason"] = f"{why}: started from the base model, which is the reference"
+    skip = start.skip if job.spec.warm_start else set()
+    return WarmStart(start.adapter_dir, skip, {**start.metrics, **reference})
 
 
 def checkpoint_to_resume(ctx: JobContext, data: TrainingData) -> Path | None:
