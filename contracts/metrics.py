@@ -58,6 +58,12 @@ class TrainingMetrics(BaseModel):
     base_model_reused: bool | None = Field(default=None, description="the worker's cached base served the job")
     base_model: str | None = None
     base_model_revision: str | None = None
+    # -- serving (contracts.serving) ----------------------------------------------------------
+    serving: dict[str, str] | None = Field(
+        default=None,
+        description='each engine\'s verdict on the saved adapter, e.g. {"vllm": "ok", "llama_cpp": "ok"}: '
+        '"ok", or the engine\'s rules the adapter breaks (vLLM judged at SERVING_MAX_LORA_RANK)',
+    )
 
     def with_values(self, **values: Any) -> TrainingMetrics:
         """A copy with `values` set (known fields or extra ones)."""
