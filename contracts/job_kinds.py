@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from contracts.api_paths import version_file_path, whole_model_path
+from contracts.api_paths import export_path, version_file_path, whole_model_path
 from contracts.jobs import JobRecord, JobType, utcnow
 from contracts.keys import LOSS_CURVE_FILE, METRICS_FILE, SAMPLES_FILE
 from contracts.messages import (
+    ExportRequest,
     FuseRequest,
     GenerateRequest,
     IndexRequest,
@@ -140,6 +141,12 @@ def _fuse_links(record: JobRecord) -> dict[str, str]:
     return {"model": whole_model_path(record.user_id, record.avatar_id, "merged", record.adapter_version)}
 
 
+def _export_links(record: JobRecord) -> dict[str, str]:
+    if record.status != "succeeded" or record.adapter_version is None:
+        return {}
+    return {"export": export_path(record.user_id, record.avatar_id, record.adapter_version, record.request["format"])}
+
+
 def _no_links(record: JobRecord) -> dict[str, str]:
     return {}
 
@@ -158,6 +165,7 @@ JOB_KINDS: dict[JobType, JobKind] = {
         JobKind(
             "retrieve", RetrieveRequest, "trainer.jobs.retrieve:RetrieveWork", _params_record("retrieve"), _no_links
         ),
+        JobKind("export", ExportRequest, "trainer.jobs.export:ExportWork", _params_record("export"), _export_links),
     )
 }
 assert set(JOB_KINDS) == set(get_args(JobType)), "every JobType has its entry in JOB_KINDS"
@@ -177,7 +185,7 @@ def record_of(request: QueueRequest, sealer: Sealer | None = None) -> JobRecord:
 
 
 def request_of(record: JobRecord) -> QueueRequest:
-    """The queue request a record of a parameters kind (generate, index, retrieve) stands for:
+    """The queue request a record of a parameters kind (generate, index, retrieve, export) stands for:
     its `request` validated again as the queue contract validates it. ValueError when invalid."""
     kind = JOB_KINDS[record.type]
     identity = {"job_id": record.id, "user_id": record.user_id, "avatar_id": record.avatar_id}

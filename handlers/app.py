@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from contracts import logs
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, context, fuse, generations, health, jobs, models, training_data
+from handlers.routes import adapters, context, exports, fuse, generations, health, jobs, models, training_data
 from handlers.settings import get_settings
 
 
@@ -26,6 +26,7 @@ def create_app() -> FastAPI:
     app.include_router(fuse.router)
     app.include_router(models.router)
     app.include_router(generations.router)
+    app.include_router(exports.router)
     app.include_router(context.router)
     return app
 

@@ -14,16 +14,19 @@ from pydantic import BaseModel, Field
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
 from contracts.adapters import AdapterManifest
 from contracts.conditional import StoreBusy
-from handlers.adapter_store import (
-    VERSION_FILES,
-    AdapterFile,
-    AdapterStore,
-    VersionFileNotFound,
-    VersionNotFound,
-)
+from handlers.adapter_store import VERSION_FILES, AdapterFile, AdapterStore, VersionFileNotFound
 from handlers.avatar_ref import AvatarRef
-from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, AuthorizedUser, JobStoreDep, SettingsDep
+from handlers.dependencies import (
+    AdapterStoreDep,
+    AuthorizedAvatar,
+    AuthorizedUser,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
+from handlers.job_spec import check_servable
 from handlers.problems import Problem
+from handlers.services.promotion import promote_version as promote
 
 router = APIRouter(tags=["adapters"])
 
@@ -91,12 +94,14 @@ async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings
     BASE,
     response_model=AdapterView,
     summary="Set configuration fields (omitted fields keep their value, null resets one to its default)",
+    responses={422: {"description": "invalid fields, or settings the SERVING_TARGETS cannot load (`field` names it)"}},
 )
 async def put_adapter(
     avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, body: AdapterSettings
 ) -> AdapterView:
+    profile = settings.serving_profile()
     try:
-        config = await store.update_config(avatar, body)
+        config = await store.update_config(avatar, body, check=lambda merged: check_servable(merged, profile))
     except StoreBusy as exc:
         raise _busy(exc) from None
     return await _view(store, avatar, settings.presign_expires_seconds, config, await store.manifest(avatar))
@@ -157,17 +162,24 @@ async def get_version_file(
     return StreamingResponse(chunks, media_type=VERSION_FILES[name], headers=headers)
 
 
-@router.post(f"{BASE}/versions/{{version}}/promote", response_model=AdapterView, summary="Make a kept version current")
+@router.post(
+    f"{BASE}/versions/{{version}}/promote",
+    response_model=AdapterView,
+    summary="Make a kept version current (a rollback too); announced with an adapter.promoted event",
+    responses={
+        404: {"description": "no complete version of that number"},
+        409: {"description": "a serving target (SERVING_TARGETS) cannot load that version"},
+        503: {"description": "the version is current but the event could not be published: retry"},
+    },
+)
 async def promote_version(
     avatar: AuthorizedAvatar,
     store: AdapterStoreDep,
+    queue: TrainQueueDep,
     settings: SettingsDep,
     version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
 ) -> AdapterView:
-    try:
-        manifest = await store.promote(avatar, version)
-    except VersionNotFound:
-        raise Problem(404, f"avatar {avatar.avatar_id!r} has no complete adapter version {version}") from None
+    manifest = await promote(avatar, version, store, queue, settings)
     return await _view(store, avatar, settings.presign_expires_seconds, await store.config(avatar), manifest)
 
 
