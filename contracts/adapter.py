@@ -68,8 +68,18 @@ class AdapterSettings(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="overrides num_epochs when set")
     gradient_checkpointing: bool | None = None
     eval_fraction: float | None = Field(default=None, ge=0, lt=1, description="held-out share; null = EVAL_FRACTION")
+    # PEFT options some serving engines cannot load (contracts.serving: refused for SERVING_TARGETS).
+    use_dora: bool | None = Field(
+        default=None, description="DoRA (weight-decomposed LoRA); vLLM and llama.cpp cannot load it"
+    )
+    modules_to_save: list[str] | None = Field(
+        default=None,
+        max_length=16,
+        description="modules trained and saved whole besides the LoRA layers (e.g. ['lm_head']); vLLM and "
+        "llama.cpp cannot load them",
+    )
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", "modules_to_save")
     @classmethod
     def _module_names(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
@@ -111,4 +121,5 @@ DOCUMENTED_DEFAULTS = AdapterSettings(
     double_quant=True,
     gradient_accumulation_steps=1,
     gradient_checkpointing=False,
+    use_dora=False,
 )

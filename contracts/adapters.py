@@ -151,3 +151,28 @@ class FullModelManifest(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
 
     model_config = {"populate_by_name": True}
+
+
+class ExportManifest(BaseModel):
+    """`exports/{version}/{format}/manifest.json`, written last by an export job: the exported
+    files are complete once it names them."""
+
+    schema_: Literal["avatune.export-manifest/v1"] = Field(default="avatune.export-manifest/v1", alias="schema")
+    adapter_version: int = Field(ge=1, description="the adapter version exported")
+    format: str = Field(description="gguf or peft")
+    job_id: str | None = None
+    base_model: str | None = Field(
+        default=None, description="the base the adapter was trained on (and, with include_base, converted to base.gguf)"
+    )
+    outtype: str | None = Field(default=None, description="gguf: f32 or f16")
+    include_base: bool = False
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex")
+    adapter_files: dict[str, str] = Field(
+        default_factory=dict, description="the version's adapter file name -> sha256 hex that was exported"
+    )
+    serving: dict[str, str] = Field(
+        default_factory=dict, description="each engine's verdict on the exported adapter (contracts.serving)"
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+    model_config = {"populate_by_name": True}

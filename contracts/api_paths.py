@@ -23,3 +23,8 @@ def version_file_path(user_id: str, avatar_id: str, version: int, name: str) -> 
 def whole_model_path(user_id: str, avatar_id: str, kind: WholeModelKind, version: int) -> str:
     """One merged (fuse job) or fully fine-tuned (method full) model."""
     return f"{avatar_path(user_id, avatar_id)}/{kind}-models/{version}"
+
+
+def export_path(user_id: str, avatar_id: str, version: int, export_format: str) -> str:
+    """One export of an adapter version (export jobs)."""
+    return f"{avatar_path(user_id, avatar_id)}/exports/{version}/{export_format}"

@@ -13,13 +13,14 @@ from pydantic import BaseModel
 from contracts.feedback import FeedbackBody, FeedbackItem
 from contracts.job_kinds import JOB_KINDS
 from contracts.jobs import JobRecord
-from contracts.messages import JobEvent
+from contracts.messages import AdapterEvent, JobEvent
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 PUBLIC_MODELS: dict[str, type[BaseModel]] = {
     **{kind.schema_file: kind.request for kind in JOB_KINDS.values()},
     "job-event.v1.json": JobEvent,
+    "adapter-event.v1.json": AdapterEvent,
     "job.v1.json": JobRecord,
     # POST {base}/feedback and what it answers (the stored document's line: docs/feedback.md)
     "feedback.v1.json": FeedbackBody,

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from contracts.api_paths import version_file_path, whole_model_path
+from contracts.api_paths import export_path, version_file_path, whole_model_path
 from contracts.jobs import JobRecord, JobType, utcnow
 from contracts.keys import LOSS_CURVE_FILE, METRICS_FILE, SAMPLES_FILE
 from contracts.messages import (
+    ExportRequest,
     FuseRequest,
     GenerateRequest,
     IndexRequest,
@@ -161,6 +162,12 @@ def _fuse_links(record: JobRecord) -> dict[str, str]:
     return {"model": whole_model_path(record.user_id, record.avatar_id, "merged", record.adapter_version)}
 
 
+def _export_links(record: JobRecord) -> dict[str, str]:
+    if record.status != "succeeded" or record.adapter_version is None:
+        return {}
+    return {"export": export_path(record.user_id, record.avatar_id, record.adapter_version, record.request["format"])}
+
+
 def _no_links(record: JobRecord) -> dict[str, str]:
     return {}
 
@@ -189,6 +196,14 @@ JOB_KINDS: dict[JobType, JobKind] = {
             "trainer.jobs.retrieve:RetrieveWork",
             _params_record("retrieve"),
             _no_links,
+            _request_params,
+        ),
+        JobKind(
+            "export",
+            ExportRequest,
+            "trainer.jobs.export:ExportWork",
+            _params_record("export"),
+            _export_links,
             _request_params,
         ),
     )

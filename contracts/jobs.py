@@ -15,7 +15,8 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # "train" publishes a new adapter version; "fuse" merges one into its base (`merged/{version}/`);
 # "generate" tries an adapter on a prompt; "index" (re)builds the avatar's vector index from its
 # context documents; "retrieve" queries it. The last three put their answer in `result`.
-JobType = Literal["train", "fuse", "generate", "index", "retrieve"]
+# "export" writes an adapter version in a serving format (`exports/{version}/{format}/`).
+JobType = Literal["train", "fuse", "generate", "index", "retrieve", "export"]
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -82,15 +83,18 @@ class JobRecord(BaseModel):
     adapter_version: int | None = Field(
         default=None,
         description="train: the adapter version the job published (null until then); fuse: the version it "
-        "merges, stored at users/{user_id}/avatars/{avatar_id}/merged/{adapter_version}/",
+        "merges, stored at users/{user_id}/avatars/{avatar_id}/merged/{adapter_version}/; export: the version "
+        "it writes to exports/{adapter_version}/{format}/",
     )
     data: list[TrainingDocumentRef] = Field(default_factory=list)
     spec: JobSpec = Field(default_factory=JobSpec, description="train: the full job spec beyond `config`")
     request: dict[str, Any] = Field(
-        default_factory=dict, description="generate/index/retrieve: the request's parameters (prompt, query, ...)"
+        default_factory=dict,
+        description="generate/index/retrieve/export: the request's parameters (prompt, query, format, ...)",
     )
     result: dict[str, Any] | None = Field(
-        default=None, description="generate/index/retrieve: the answer (completion, passages, counts)"
+        default=None,
+        description="generate/index/retrieve/export: the answer (completion, passages, counts, exported files)",
     )
     cancel_requested: bool = False
     attempts: int = Field(default=0, description="deliveries that started the job (hand-backs included)")

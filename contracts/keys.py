@@ -8,6 +8,7 @@ users/{user_id}/avatars/{avatar_id}/adapters/jobs/{job_id}.json  job records
 users/{user_id}/avatars/{avatar_id}/adapters/checkpoints/{job_id}/  resumable checkpoints
 users/{user_id}/avatars/{avatar_id}/merged/{version}/            adapter {version} merged into its base (fuse jobs)
 users/{user_id}/avatars/{avatar_id}/full/{version}/              whole models of full fine-tuning jobs (method full)
+users/{user_id}/avatars/{avatar_id}/exports/{version}/{format}/  adapter {version} as gguf or peft (export jobs)
 users/{user_id}/avatars/{avatar_id}/adapters/logs/{job_id}/     integrations' logs (report_to; default log_uri)
 users/{user_id}/avatars/{avatar_id}/vectorstore_data/            context documents (RAG)
 users/{user_id}/vectorstore/                                     the user's vector index (index jobs)
@@ -198,3 +199,26 @@ def fine_tuning_jobs_prefix(user_id: str) -> str:
 
 def fine_tuning_job_key(user_id: str, job_id: str) -> str:
     return f"{fine_tuning_jobs_prefix(user_id)}{validate_id(job_id, 'job_id')}.json"
+
+
+# The formats export jobs write (`exports/{version}/{format}/`).
+EXPORT_FORMATS = ("gguf", "peft")
+
+
+def exports_prefix(user_id: str, avatar_id: str) -> str:
+    """Where export jobs store adapter versions in serving formats: beside `adapters/` and `merged/`."""
+    return f"{avatar_prefix(user_id, avatar_id)}exports/"
+
+
+def export_prefix(user_id: str, avatar_id: str, version: int, export_format: str) -> str:
+    """Adapter `version` in `export_format` (`gguf`: adapter.gguf, and base.gguf when asked; `peft`:
+    the version's own files), `EXPORT_MANIFEST_FILE` written last."""
+    if version < 1:
+        raise ValueError("adapter versions start at 1")
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {export_format!r}; one of {', '.join(EXPORT_FORMATS)}")
+    return f"{exports_prefix(user_id, avatar_id)}{version}/{export_format}/"
+
+
+# Written last under `exports/{version}/{format}/`: the export is complete once it is there.
+EXPORT_MANIFEST_FILE = "manifest.json"

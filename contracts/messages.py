@@ -21,7 +21,9 @@ FUSE_REQUEST_SCHEMA = "avatune.fuse-request/v1"
 GENERATE_REQUEST_SCHEMA = "avatune.generate-request/v1"
 INDEX_REQUEST_SCHEMA = "avatune.index-request/v1"
 RETRIEVE_REQUEST_SCHEMA = "avatune.retrieve-request/v1"
+EXPORT_REQUEST_SCHEMA = "avatune.export-request/v1"
 JOB_EVENT_SCHEMA = "avatune.job-event/v1"
+ADAPTER_EVENT_SCHEMA = "avatune.adapter-event/v1"
 
 EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled"]
 
@@ -203,6 +205,38 @@ class RetrieveRequest(QueueRequest):
     )
 
 
+ExportFormat = Literal["gguf", "peft"]
+
+
+class ExportParams(BaseModel):
+    """What an export job does: the body of `POST {base}/exports` and the job's `request`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: ExportFormat = Field(
+        description="gguf: a llama.cpp LoRA adapter (adapter.gguf); peft: the version's own files "
+        "(adapter_config.json, adapter_model.safetensors), for vLLM and transformers"
+    )
+    adapter_version: int | None = Field(default=None, ge=1, description="null = the avatar's current version")
+    include_base: bool = Field(
+        default=False, description="gguf: also the base model as GGUF (base.gguf), converted with the same rules"
+    )
+    outtype: Literal["f32", "f16"] = Field(default="f16", description="gguf: the type of the matrices (norms stay f32)")
+
+    @model_validator(mode="after")
+    def _gguf_options(self) -> ExportParams:
+        if self.format != "gguf" and self.include_base:
+            raise ValueError("include_base applies to format gguf only (a peft adapter loads on the base itself)")
+        return self
+
+
+class ExportRequest(QueueRequest, ExportParams):
+    """Write an adapter version in a serving format under
+    `users/{user_id}/avatars/{avatar_id}/exports/{version}/{format}/` (`manifest.json` last)."""
+
+    schema_: Literal["avatune.export-request/v1"] = Field(alias="schema")
+
+
 def event_id(job_id: str, event: str) -> str:
     """An event's stable id: the same event published again (at-least-once) keeps it."""
     return f"{job_id}:{event}"
@@ -223,8 +257,8 @@ class JobEvent(BaseModel):
     status: JobStatus
     job_type: JobType = Field(
         default="train",
-        description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one, "
-        "'generate'/'index'/'retrieve' leave their answer in the job's `result`",
+        description="the job's `type`: 'train' publishes an adapter version, 'fuse' merges one, 'export' "
+        "writes one in a serving format, 'generate'/'index'/'retrieve' leave their answer in the job's `result`",
     )
     adapter_version: int | None = Field(
         default=None, description="train: the version the job published; fuse: the version it merged"
@@ -237,6 +271,38 @@ class JobEvent(BaseModel):
     def _stable_id(self) -> JobEvent:
         if not self.event_id:
             self.event_id = event_id(self.job_id, self.event)
+        return self
+
+    def to_message_body(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class AdapterEvent(BaseModel):
+    """Published on the events queue when `POST {base}/adapter/versions/{n}/promote` makes a kept
+    version current (a rollback is a promote of an older version). A train job that makes its own
+    version current says so with its `job.succeeded` (job_type `train`, `metrics.promoted` not
+    false); together they are every "this version became current" a serving endpoint must follow
+    (docs/serving.md). At-least-once like job events: consumers de-duplicate on `event_id`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: Literal["avatune.adapter-event/v1"] = Field(default=ADAPTER_EVENT_SCHEMA, alias="schema")
+    event: Literal["adapter.promoted"] = "adapter.promoted"
+    event_id: str = Field(default="", description="stable for one promotion (the manifest's updated_at)")
+    user_id: str
+    avatar_id: str
+    adapter_version: int = Field(ge=1, description="the version that is current now")
+    previous_version: int | None = Field(default=None, description="the version that was current before")
+    base_model: str | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="the current adapter files' sha256")
+    serving: dict[str, str] = Field(default_factory=dict, description="each engine's verdict on the version")
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _stable_id(self) -> AdapterEvent:
+        if not self.event_id:
+            when = self.occurred_at.isoformat()
+            self.event_id = f"{self.user_id}/{self.avatar_id}:{self.event}:{self.adapter_version}:{when}"
         return self
 
     def to_message_body(self) -> str:

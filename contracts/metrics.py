@@ -64,6 +64,12 @@ class TrainingMetrics(BaseModel):
     held_out_cutoff: float | None = Field(
         default=None, description="conversation-hash/v1: conversations whose key falls below this are held out"
     )
+    # -- serving (contracts.serving) ----------------------------------------------------------
+    serving: dict[str, str] | None = Field(
+        default=None,
+        description='each engine\'s verdict on the saved adapter, e.g. {"vllm": "ok", "llama_cpp": "ok"}: '
+        '"ok", or the engine\'s rules the adapter breaks (vLLM judged at SERVING_MAX_LORA_RANK)',
+    )
 
     def with_values(self, **values: Any) -> TrainingMetrics:
         """A copy with `values` set (known fields or extra ones)."""

@@ -10,7 +10,8 @@ Where things live (each layer imports only the layers below it; tests/test_api_l
 - `dependencies.py`: every FastAPI dependency (settings, the caller's authorisation, stores
   and queues, the Idempotency-Key header), so nothing below knows about `Depends`;
 - `services/`: what a request does beyond reading it and answering: creating (slot, cap,
-  idempotency, rollback) and cancelling jobs, and each job kind's own checks;
+  idempotency, rollback) and cancelling jobs, each job kind's own checks, and promoting a
+  version (checked against the serving targets, announced with `adapter.promoted`);
 - `job_views.py`: how the API shows a job;
 - the stores, one per kind of S3 key, plain classes without FastAPI: `job_store.py`,
   `adapter_store.py`, `training_data_store.py` (with its cache, `flag_index.py`),

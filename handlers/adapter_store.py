@@ -4,7 +4,7 @@ versions (`adapters/versions/{n}/`). The only module of the API that touches tho
 
 The trainer publishes versions (with samples.json and loss.png beside each metrics.json); the
 API reads them, serves a version's files, promotes one over the current files and deletes the
-whole adapter (with the avatar's merged models)."""
+whole adapter (with the avatar's merged and full models and its exports, `exports/{n}/{format}/`)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from contracts.adapters import (
     CURRENT_LOCK_WAIT_SECONDS,
     AdapterManifest,
     CurrentAdapterLock,
+    ExportManifest,
     FullModelManifest,
     MergedManifest,
     VersionMetrics,
@@ -33,6 +34,8 @@ from contracts.conditional import write_attempts
 from contracts.jobs import utcnow
 from contracts.keys import (
     ADAPTER_FILES,
+    EXPORT_FORMATS,
+    EXPORT_MANIFEST_FILE,
     FULL_MODEL_MANIFEST_FILE,
     LOSS_CURVE_FILE,
     MERGED_MANIFEST_FILE,
@@ -45,6 +48,8 @@ from contracts.keys import (
     adapter_versions_prefix,
     checkpoints_prefix,
     current_adapter_lock_key,
+    export_prefix,
+    exports_prefix,
     full_model_prefix,
     full_model_version_prefix,
     merged_prefix,
@@ -115,15 +120,20 @@ class AdapterStore:
         loaded = await self.objects.read(adapter_config_key(ref.user_id, ref.avatar_id))
         return AdapterSettings.model_validate_json(loaded[0]) if loaded else None
 
-    async def update_config(self, ref: AvatarRef, patch: AdapterSettings) -> AdapterSettings:
+    async def update_config(
+        self, ref: AvatarRef, patch: AdapterSettings, check: Callable[[AdapterSettings], None] | None = None
+    ) -> AdapterSettings:
         """Apply `patch` to the stored configuration (`AdapterSettings.patched_over`: null resets a
         field) and store the result (set fields only), guarded by If-Match / If-None-Match
-        against a concurrent update."""
+        against a concurrent update. `check` sees the result before it is stored and raises to
+        refuse it (nothing is written then)."""
         key = adapter_config_key(ref.user_id, ref.avatar_id)
         for _ in write_attempts("the adapter configuration"):
             loaded = await self.objects.read(key)
             stored = AdapterSettings.model_validate_json(loaded[0]) if loaded else AdapterSettings()
             merged = patch.patched_over(stored)
+            if check is not None:
+                check(merged)
             body = json.dumps(merged.model_dump(exclude_none=True), sort_keys=True).encode()
             if await self.objects.put_if(key, body, loaded[1] if loaded else None):
                 return merged
@@ -171,6 +181,25 @@ class AdapterStore:
     def whole_model_prefix(self, ref: AvatarRef, kind: WholeModelKind, version: int) -> str:
         return _WHOLE_MODELS[kind][1](ref.user_id, ref.avatar_id, version)
 
+    # -- exports: exports/{n}/{format}/ (export jobs) ----------------------------------------
+
+    async def export(self, ref: AvatarRef, version: int, export_format: str) -> ExportManifest | None:
+        """The manifest of version `version` exported as `export_format`; None until it is complete."""
+        loaded = await self.objects.read(
+            export_prefix(ref.user_id, ref.avatar_id, version, export_format) + EXPORT_MANIFEST_FILE
+        )
+        return ExportManifest.model_validate_json(loaded[0]) if loaded else None
+
+    async def exports(self, ref: AvatarRef) -> list[ExportManifest]:
+        """Every complete export, by version, then format."""
+        _, children = await self.objects.objects(exports_prefix(ref.user_id, ref.avatar_id), delimiter="/")
+        numbers = sorted(int(c) for c in children if c.isdigit() and int(c) >= 1)
+        found = await asyncio.gather(*(self.export(ref, n, f) for n in numbers for f in EXPORT_FORMATS))
+        return [m for m in found if m is not None]
+
+    def export_prefix(self, ref: AvatarRef, version: int, export_format: str) -> str:
+        return export_prefix(ref.user_id, ref.avatar_id, version, export_format)
+
     async def adapters_of(self, user_id: str) -> list[tuple[str, AdapterManifest]]:
         """(avatar_id, manifest) of each of the user's avatars that has an adapter, by avatar id."""
         avatar_ids = await self.objects.avatar_ids(user_id)
@@ -185,6 +214,10 @@ class AdapterStore:
         if loaded is None:
             return None
         return VersionMetrics.model_validate_json(loaded[0]).model_copy(update={"version": version})
+
+    async def version(self, ref: AvatarRef, version: int) -> VersionMetrics | None:
+        """A complete version's metrics.json; None when there is no such complete version."""
+        return await self._version_metrics(ref, version)
 
     async def versions(self, ref: AvatarRef) -> list[VersionMetrics]:
         """Every complete version (one with its metrics.json, which the trainer writes after the
@@ -281,8 +314,8 @@ class AdapterStore:
 
     async def delete(self, ref: AvatarRef) -> int:
         """Delete the configuration, the manifest, the current files, every version, every
-        checkpoint, every merged model (`merged/`, fuse jobs) and every fully fine-tuned model
-        (`full/`, `method: full` jobs); never training data, job
+        checkpoint, every merged model (`merged/`, fuse jobs), every fully fine-tuned model
+        (`full/`, `method: full` jobs) and every export (`exports/`); never training data, job
         records or idempotency records. Returns how many objects were deleted (0: there was no
         adapter)."""
         async with self.current_lock(ref, owner="delete"):
@@ -293,22 +326,23 @@ class AdapterStore:
         root = adapter_prefix(u, a)
         wanted = {adapter_config_key(u, a), adapter_manifest_key(u, a), *(root + name for name in ADAPTER_FILES)}
         top, _ = await self.objects.objects(root, delimiter="/")
-        versions, checkpoints, merged, full = await asyncio.gather(
+        versions, checkpoints, merged, full, exports = await asyncio.gather(
             self.objects.objects(adapter_versions_prefix(u, a)),
             self.objects.objects(checkpoints_prefix(u, a)),
             self.objects.objects(merged_prefix(u, a)),
             self.objects.objects(full_model_prefix(u, a)),
+            self.objects.objects(exports_prefix(u, a)),
         )
         keys = [o["Key"] for o in top if o["Key"] in wanted]
-        keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0] + full[0]]
-        # Manifests go first (the adapter's, then each merged or full model's): from then on no
-        # reader takes the files that remain for a complete adapter or model.
-        model_roots = (merged_prefix(u, a), full_model_prefix(u, a))
+        keys += [o["Key"] for o in versions[0] + checkpoints[0] + merged[0] + full[0] + exports[0]]
+        # Manifests go first (the adapter's, then each merged or full model's and export's): from
+        # then on no reader takes the files that remain for a complete adapter, model or export.
+        model_roots = (merged_prefix(u, a), full_model_prefix(u, a), exports_prefix(u, a))
+        manifest_names = {"/" + n for n in (MERGED_MANIFEST_FILE, FULL_MODEL_MANIFEST_FILE, EXPORT_MANIFEST_FILE)}
         manifests = [
             k
             for k in keys
-            if k == adapter_manifest_key(u, a)
-            or (k.startswith(model_roots) and k.endswith(("/" + MERGED_MANIFEST_FILE, "/" + FULL_MODEL_MANIFEST_FILE)))
+            if k == adapter_manifest_key(u, a) or (k.startswith(model_roots) and k.endswith(tuple(manifest_names)))
         ]
         await delete_keys(self._s3, self._bucket, manifests, "adapter objects")
         await delete_keys(self._s3, self._bucket, [k for k in keys if k not in set(manifests)], "adapter objects")

@@ -10,7 +10,18 @@ from handlers import openapi
 from handlers.lazy_app import LazyApp
 from handlers.limits import RequestLimits
 from handlers.problems import install_problem_handlers
-from handlers.routes import adapters, context, feedback, fuse, generations, health, jobs, models, training_data
+from handlers.routes import (
+    adapters,
+    context,
+    exports,
+    feedback,
+    fuse,
+    generations,
+    health,
+    jobs,
+    models,
+    training_data,
+)
 from handlers.settings import get_settings
 
 DESCRIPTION = """Per-avatar LoRA adapter training: documents, adapters, jobs.
@@ -44,6 +55,7 @@ def create_app() -> FastAPI:
     app.include_router(fuse.router)
     app.include_router(models.router)
     app.include_router(generations.router)
+    app.include_router(exports.router)
     app.include_router(context.router)
     app.include_router(feedback.router)
     # The OpenAI-compatible API, an application of its own built on its first request (cold start).

@@ -2,8 +2,10 @@
 
 The events queue carries `contracts.messages.JobEvent`s (`job.started`, `job.succeeded`,
 `job.failed`, `job.cancelled`) published by the trainer and, for cancellations of queued jobs,
-by the API. An SQS event source mapping with `FunctionResponseTypes: [ReportBatchItemFailures]`
-invokes `handler` with up to a batch of records; the handler answers the partial batch response
+by the API, and `AdapterEvent`s (`adapter.promoted`) the API publishes when a kept version is
+made current (logged; they have no job, so no webhook). An SQS event source mapping with
+`FunctionResponseTypes: [ReportBatchItemFailures]` invokes `handler` with up to a batch of
+records; the handler answers the partial batch response
 
     {"batchItemFailures": [{"itemIdentifier": "<messageId>"}, ...]}
 
@@ -25,7 +27,15 @@ import json
 import logging
 from typing import Any
 
-from contracts.messages import JOB_EVENT_SCHEMA, InvalidMessage, JobEvent, parse_message
+from contracts.messages import (
+    ADAPTER_EVENT_SCHEMA,
+    JOB_EVENT_SCHEMA,
+    AdapterEvent,
+    InvalidMessage,
+    JobEvent,
+    message_payload,
+    parse_message,
+)
 from handlers import webhooks
 
 log = logging.getLogger("avatune.events")
@@ -36,14 +46,30 @@ log.setLevel(logging.INFO)
 MalformedEvent = InvalidMessage
 
 
-def parse_event(body: Any) -> JobEvent:
-    """Parse one SQS message body into a JobEvent, or raise MalformedEvent saying why."""
+def parse_event(body: Any) -> JobEvent | AdapterEvent:
+    """Parse one SQS message body into a JobEvent or an AdapterEvent (by its `schema`), or raise
+    MalformedEvent saying why."""
+    if isinstance(body, str) and message_payload(body).get("schema") == ADAPTER_EVENT_SCHEMA:
+        return parse_message(body, AdapterEvent, ADAPTER_EVENT_SCHEMA)
     return parse_message(body, JobEvent, JOB_EVENT_SCHEMA)
 
 
 # Time kept back from the invocation's remaining time: the handler must answer before Lambda
 # stops it, or the whole batch (other users' events included) is retried.
 RESERVE_SECONDS = 2.0
+
+
+def log_adapter_event(event: AdapterEvent) -> None:
+    entry = {
+        "message": "adapter event",
+        "event": event.event,
+        "user_id": event.user_id,
+        "avatar_id": event.avatar_id,
+        "adapter_version": event.adapter_version,
+        "previous_version": event.previous_version,
+        "occurred_at": event.occurred_at.isoformat(),
+    }
+    log.info(json.dumps(entry, default=str), extra={"user_id": event.user_id, "avatar_id": event.avatar_id})
 
 
 def deliver(event: JobEvent, budget: float | None = None) -> None:
@@ -68,10 +94,13 @@ def deliver(event: JobEvent, budget: float | None = None) -> None:
     webhooks.deliver(event, budget)
 
 
-def process_record(record: dict[str, Any], budget: float | None = None) -> JobEvent:
+def process_record(record: dict[str, Any], budget: float | None = None) -> JobEvent | AdapterEvent:
     """Parse and deliver one SQS record within `budget` seconds; raises on any failure."""
     event = parse_event(record.get("body"))
-    deliver(event, budget)
+    if isinstance(event, AdapterEvent):
+        log_adapter_event(event)
+    else:
+        deliver(event, budget)
     return event
 
 

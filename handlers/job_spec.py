@@ -11,7 +11,9 @@ as in pydantic's own 422s) for what pydantic alone cannot judge: module names th
 not have, `full` with 4-bit options, layers beyond the base's depth, a preference `objective`
 with `full`, several GPUs, inline data or the other objective's options, more GPUs than
 MAX_GPUS_PER_JOB, S3 URIs outside `s3://{S3_BUCKET}/users/{user_id}/`, webhook settings, a job
-left with nothing to train on, and inline data that is empty, invalid or too big.
+left with nothing to train on, settings that would give an adapter the SERVING_TARGETS cannot
+load (`check_servable`, also used by `PUT {base}/adapter`), and inline data that is empty,
+invalid or too big.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from contracts.adapter import AdapterSettings
 from contracts.documents import DocumentError, Role, parse_document
 from contracts.model_modules import known_layer_count, unknown_modules
 from contracts.s3uri import InvalidS3Uri, parse_s3_uri, within_prefixes, within_user_prefix
+from contracts.serving import ServingProfile, settings_violations
 from contracts.spec import JobSpec
 from contracts.webhooks import InvalidWebhookUrl, check_auth_header, check_signing_secret_ref, check_webhook_url
 from handlers.problems import Problem
@@ -86,6 +89,19 @@ class TrainJobBody(JobSpec, AdapterSettings):
 
 def _refuse(field: str, detail: str) -> Problem:
     return Problem(422, f"{field}: {detail}", field=field)
+
+
+def check_servable(config: AdapterSettings, profile: ServingProfile) -> None:
+    """422 when `config` would give an adapter one of the serving targets cannot load: `field`
+    names the first offending field, `detail` every broken rule, `violations` each with its engine."""
+    broken = settings_violations(config, profile)
+    if broken:
+        raise Problem(
+            422,
+            "; ".join(map(str, broken)) + f" (SERVING_TARGETS={','.join(profile.targets)})",
+            field=broken[0].field,
+            violations=[{"engine": v.engine, "field": v.field, "rule": v.rule} for v in broken],
+        )
 
 
 def _check_uri(field: str, uri: str, bucket: str, user_id: str, *, prefix: bool, also: tuple[str, ...] = ()) -> None:
@@ -170,11 +186,15 @@ def check_job_body(
     max_gpus: int,
     max_inline_bytes: int,
     base_model_prefixes: list[str] | None = None,
+    serving: ServingProfile | None = None,
 ) -> bytes | None:
     """Refuse an impossible job with a 422 naming the field; returns the inline document's
     bytes (None without `training_data`). An `s3://` base model may also lie under one of
-    `base_model_prefixes` (BASE_MODEL_S3_ALLOWED_PREFIXES)."""
+    `base_model_prefixes` (BASE_MODEL_S3_ALLOWED_PREFIXES); the job's own settings must give an
+    adapter the `serving` targets can load."""
     config = body.config()
+    if serving is not None:
+        check_servable(config, serving)
     if body.base_model and body.base_model.name and body.base_model.name.startswith("s3://"):
         _check_uri(
             "base_model.name", body.base_model.name, bucket, user_id, prefix=True, also=tuple(base_model_prefixes or ())

@@ -9,6 +9,7 @@ from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.sealing import Sealer, sealer_from_settings
+from contracts.serving import ServingSettings
 
 # Used only when DEV_MODE is on and no AUTH_JWT_SECRET is set; never valid in production
 # because the API refuses to start without a secret outside dev mode.
@@ -18,7 +19,9 @@ MIN_JWT_SECRET_BYTES = 32
 DEV_JWT_SECRET = "avatune-dev-secret-not-for-production"
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, ServingSettings):
+    """SERVING_TARGETS and SERVING_MAX_LORA_RANK come from `ServingSettings` (shared with the trainer)."""
+
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     s3_bucket: str = Field(default="avatune-dev", alias="S3_BUCKET")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contracts.messages import JobEvent, QueueRequest
+from contracts.messages import AdapterEvent, JobEvent, QueueRequest
 
 # Queue URLs never change for a name: resolve each once per process.
 _queue_urls: dict[tuple[str | None, str], str] = {}
@@ -40,6 +40,6 @@ class TrainQueue:
         )
         return str(resp["MessageId"])
 
-    async def publish(self, event: JobEvent) -> None:
-        """Publish a job event on the (standard) events queue."""
+    async def publish(self, event: JobEvent | AdapterEvent) -> None:
+        """Publish a job or adapter event on the (standard) events queue."""
         await self._sqs.send_message(QueueUrl=await self._url(self._events_queue), MessageBody=event.to_message_body())

@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 
 from contracts.keys import checkpoint_prefix
+from contracts.messages import QueueRequest
 from infra.bootstrap import StackNames, bootstrap
 from tests.conftest import ROOT, TEST_BUCKET, Api, free_port, keys_under, wait_http
 
@@ -118,7 +119,12 @@ class Pipeline:
             for m in messages:
                 self.seen_events.append(json.loads(m["Body"]))
                 self.sqs.delete_message(QueueUrl=self.events_queue_url, ReceiptHandle=m["ReceiptHandle"])
-        return [e["event"] for e in self.seen_events if e["job_id"] == job_id]
+        return [e["event"] for e in self.seen_events if e.get("job_id") == job_id]
+
+    def adapter_events(self, avatar_id: str) -> list[dict[str, Any]]:
+        """The `adapter.promoted` events of an avatar seen so far (drains the events queue)."""
+        self.events_for("")
+        return [e for e in self.seen_events if e["event"] == "adapter.promoted" and e["avatar_id"] == avatar_id]
 
     def wait_events(self, job_id: str, final: str, timeout: float = 30) -> list[str]:
         """Event types of a job once `final` has arrived (events follow the record's update)."""
@@ -129,6 +135,16 @@ class Pipeline:
                 return events
             time.sleep(0.2)
         return self.events_for(job_id)
+
+    def send(self, request: QueueRequest) -> str:
+        """A request straight on the train queue, as another service sends it; its job id."""
+        self.sqs.send_message(
+            QueueUrl=self.train_queue_url,
+            MessageBody=request.to_message_body(),
+            MessageGroupId=request.message_group_id(),
+            MessageDeduplicationId=request.job_id,
+        )
+        return request.job_id
 
     def worker_log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.logs.glob("worker-*.log")))
@@ -165,8 +181,20 @@ def wait_for_checkpoint(pipeline: Pipeline, api: Api, job_id: str, s3: Any, min_
     raise TimeoutError("no checkpoint was written\n" + pipeline.worker_log())
 
 
-def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = None) -> Pipeline:
-    """Queues of their own and an API server on them (with `api_env` besides the shared env)."""
+def train_through_api(pipeline: Pipeline, api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    """Queue a training job through the API and wait for it to succeed; the finished job."""
+    r = api.post(f"{api.base}/training-jobs", json=body)
+    assert r.status_code == 202, r.text
+    done, _ = wait_for_job(api, r.json()["id"], {"succeeded", "failed"}, pipeline=pipeline)
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def start_pipeline(
+    tmp: Path, model_dir: Path, env: dict[str, str] | None = None, api_env: dict[str, str] | None = None
+) -> Pipeline:
+    """Queues of their own, and an API server on them: `env` over the process's own for the
+    server and (through `start_worker`) the workers, `api_env` for the server alone."""
     suffix = uuid.uuid4().hex[:8]
     names = StackNames(bucket=TEST_BUCKET, train_queue=f"e2e-{suffix}.fifo", events_queue=f"e2e-{suffix}-events")
     urls = bootstrap(names)
@@ -176,6 +204,7 @@ def start_pipeline(tmp: Path, model_dir: Path, api_env: dict[str, str] | None = 
         EVENTS_QUEUE_NAME=names.events_queue,
         BASE_MODEL=str(model_dir),
         MAX_ACTIVE_JOBS_PER_USER="4",
+        **(env or {}),
     )
     api_environment = {**env, **(api_env or {})}
     port = free_port()

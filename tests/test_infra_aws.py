@@ -443,6 +443,8 @@ def check_trainer_role(t: dict) -> None:
         (("s3:DeleteObject",), "${Bucket.Arn}/" + ADAPTERS),
         (("s3:DeleteObject",), "${Bucket.Arn}/" + MERGED),
         (("s3:DeleteObject",), "${Bucket.Arn}/users/*/avatars/*/full/*"),
+        # export jobs replace an earlier export of the same version and format
+        (("s3:DeleteObject",), "${Bucket.Arn}/users/*/avatars/*/exports/*"),
         (("s3:DeleteObject",), "${Bucket.Arn}/users/*/vectorstore/*"),
         (("s3:GetObjectTagging",), "${Bucket.Arn}/" + ADAPTERS),
         (("s3:ListBucket",), "${Bucket.Arn}"),

@@ -292,13 +292,7 @@ def _send(pipeline: Pipeline, api, **spec) -> str:
             **spec,
         }
     )
-    pipeline.sqs.send_message(
-        QueueUrl=pipeline.train_queue_url,
-        MessageBody=request.to_message_body(),
-        MessageGroupId=request.message_group_id(),
-        MessageDeduplicationId=request.job_id,
-    )
-    return request.job_id
+    return pipeline.send(request)
 
 
 def _run(pipeline: Pipeline, api, **spec) -> dict:

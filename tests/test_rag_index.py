@@ -241,13 +241,7 @@ def delete_context(s3, user_id: str, avatar_id: str, name: str) -> None:
 
 
 def send(pipeline: Pipeline, request: QueueRequest) -> str:
-    pipeline.sqs.send_message(
-        QueueUrl=pipeline.train_queue_url,
-        MessageBody=request.to_message_body(),
-        MessageGroupId=request.message_group_id(),
-        MessageDeduplicationId=request.job_id,
-    )
-    return request.job_id
+    return pipeline.send(request)
 
 
 def index_request(api: Api, **fields: Any) -> IndexRequest:

@@ -17,6 +17,7 @@ from trainer.dataset import IGNORE_INDEX, TokenizedExample, collate_padding_free
 def remove_lora(peft_model: Any) -> Any:
     """The base model with the adapter's LoRA layers taken out again (the cached base is shared
     by later jobs, which must meet it untouched)."""
+    _restore_saved_modules(peft_model)
     model = peft_model.unload()
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         if hasattr(model, attr):
@@ -25,6 +26,16 @@ def remove_lora(peft_model: Any) -> Any:
             except AttributeError:
                 pass
     return model
+
+
+def _restore_saved_modules(peft_model: Any) -> None:
+    """Put each `modules_to_save` module's original back: PEFT's `unload` keeps the trained copy."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(peft_model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            setattr(peft_model.get_submodule(parent_name), child, module.original_module)
 
 
 @contextmanager

@@ -7,7 +7,8 @@ adapter. The current adapter changes only under the avatar's current-adapter loc
 API's promote and delete; `contracts.adapters.CurrentAdapterLock`), so a publish, a promote and a
 prune never interleave: at rest the current files are one whole version. Checkpoints follow
 the same rule: files first, the `_COMPLETE` marker last, and only a marked checkpoint is ever
-resumed from. So do merged models (`merged/{version}/`, fuse jobs): files first, their
+resumed from. So do merged models (`merged/{version}/`, fuse jobs) and exports
+(`exports/{version}/{format}/`, export jobs): files first, their
 `manifest.json` last.
 """
 
@@ -22,10 +23,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from contracts.adapters import AdapterManifest, FullModelManifest, MergedManifest, VersionMetrics
+from contracts.adapters import AdapterManifest, ExportManifest, FullModelManifest, MergedManifest, VersionMetrics
 from contracts.keys import (
     ADAPTER_FILES,
     CHECKPOINT_COMPLETE_MARKER,
+    EXPORT_MANIFEST_FILE,
     FULL_MODEL_MANIFEST_FILE,
     MERGED_MANIFEST_FILE,
     METRICS_FILE,
@@ -34,6 +36,7 @@ from contracts.keys import (
     adapter_version_prefix,
     adapter_versions_prefix,
     checkpoint_prefix,
+    export_prefix,
     full_model_prefix,
     full_model_version_prefix,
     merged_version_prefix,
@@ -251,15 +254,21 @@ class ArtifactStore:
         no reader trusts a mix of old and new files), files the new model lacks go before the
         new manifest is written. Returns the manifest written (with every file's sha256)."""
         prefix = merged_version_prefix(user_id, avatar_id, manifest.adapter_version)
-        files = {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
-        if MERGED_MANIFEST_FILE in files:
-            raise ValueError(f"a merged model may not carry its own {MERGED_MANIFEST_FILE}")
+        return self._replace_under(prefix, model_dir, MERGED_MANIFEST_FILE, manifest)
+
+    def _replace_under(self, prefix: str, local_dir: Path, manifest_file: str, manifest: M) -> M:
+        """Upload `local_dir` under `prefix`, `manifest_file` last (its `files`: each file's sha256),
+        replacing what was there: the old manifest goes first, files the new upload lacks go before
+        the new manifest is written. Returns the manifest written."""
+        files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
+        if manifest_file in files:
+            raise ValueError(f"the files to upload may not carry their own {manifest_file}")
         manifest = manifest.model_copy(update={"files": {name: sha256_file(path) for name, path in files.items()}})
-        self._s3.delete_object(Bucket=self._bucket, Key=prefix + MERGED_MANIFEST_FILE)
+        self._s3.delete_object(Bucket=self._bucket, Key=prefix + manifest_file)
         for name, path in files.items():
             self._s3.upload_file(str(path), self._bucket, prefix + name)
         self._delete_keys([k for k in self._keys(prefix) if k[len(prefix) :] not in files])
-        self._put_json(prefix + MERGED_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
+        self._put_json(prefix + manifest_file, manifest.model_dump_json(by_alias=True))
         return manifest
 
     # -- full fine-tunes (method full) -----------------------------------------------------
@@ -297,6 +306,20 @@ class ArtifactStore:
             self._s3.upload_file(str(path), self._bucket, prefix + name)
         self._put_json(prefix + FULL_MODEL_MANIFEST_FILE, manifest.model_dump_json(by_alias=True))
         return manifest
+
+    # -- exports (export jobs) ----------------------------------------------------------------
+
+    def export_manifest(self, user_id: str, avatar_id: str, version: int, export_format: str) -> ExportManifest | None:
+        """The manifest of version `version` exported as `export_format`; None while there is no complete one."""
+        return self._get_model(
+            export_prefix(user_id, avatar_id, version, export_format) + EXPORT_MANIFEST_FILE, ExportManifest
+        )
+
+    def publish_export(self, user_id: str, avatar_id: str, out_dir: Path, manifest: ExportManifest) -> ExportManifest:
+        """Upload the files in `out_dir` to `exports/{version}/{format}/`, `manifest.json` last,
+        replacing an earlier export of the same version and format as `publish_merged` does."""
+        prefix = export_prefix(user_id, avatar_id, manifest.adapter_version, manifest.format)
+        return self._replace_under(prefix, out_dir, EXPORT_MANIFEST_FILE, manifest)
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -12,9 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings, Method
 from contracts.sealing import Sealer, sealer_from_settings
+from contracts.serving import ServingSettings
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(BaseSettings, ServingSettings):
+    """SERVING_TARGETS and SERVING_MAX_LORA_RANK come from `ServingSettings` (shared with the API)."""
+
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     s3_bucket: str = Field(default="avatune-dev", alias="S3_BUCKET")

@@ -81,6 +81,9 @@ def lora_config(cfg: AdapterSettings, model: Any = None) -> LoraConfig:
         layers_pattern="layers" if cfg.trainable_layers else None,
         task_type="CAUSAL_LM",
         bias="none",
+        # Both only where SERVING_TARGETS allow them (contracts.serving): vLLM and llama.cpp refuse them.
+        use_dora=bool(cfg.use_dora),
+        modules_to_save=cfg.modules_to_save or None,
     )
 
 

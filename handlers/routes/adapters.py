@@ -14,18 +14,21 @@ from pydantic import BaseModel, Field
 from contracts.adapter import DOCUMENTED_DEFAULTS, AdapterSettings
 from contracts.adapters import AdapterManifest
 from contracts.conditional import StoreBusy
-from handlers.adapter_store import (
-    VERSION_FILES,
-    AdapterFile,
-    AdapterStore,
-    CurrentAdapterBusy,
-    VersionFileNotFound,
-    VersionNotFound,
-)
+from handlers.adapter_store import VERSION_FILES, AdapterFile, AdapterStore, CurrentAdapterBusy, VersionFileNotFound
 from handlers.avatar_ref import AvatarRef
-from handlers.dependencies import AdapterStoreDep, AuthorizedAvatar, AuthorizedUser, JobStoreDep, SettingsDep
+from handlers.dependencies import (
+    AdapterStoreDep,
+    AuthorizedAvatar,
+    AuthorizedUser,
+    JobStoreDep,
+    SettingsDep,
+    TrainQueueDep,
+)
+from handlers.job_spec import check_servable
 from handlers.openapi import ADAPTER_CONFIG_EXAMPLES, AUTHORIZED, problems
 from handlers.problems import Problem
+from handlers.services.promotion import current_adapter_busy
+from handlers.services.promotion import promote_version as promote
 
 router = APIRouter(tags=["adapters"], responses=AUTHORIZED)
 
@@ -101,7 +104,7 @@ async def get_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, settings
     BASE,
     response_model=AdapterView,
     summary="Set configuration fields (omitted fields keep their value, null resets one to its default)",
-    responses=problems(422, 503),
+    responses=problems(422, 503, _422="invalid fields, or settings the SERVING_TARGETS cannot load (`field` names it)"),
 )
 async def put_adapter(
     avatar: AuthorizedAvatar,
@@ -110,10 +113,12 @@ async def put_adapter(
     body: Annotated[AdapterSettings, Body(openapi_examples=ADAPTER_CONFIG_EXAMPLES)],
 ) -> AdapterView:
     """Merge-patch the avatar's configuration: the fields given are set, omitted ones keep
-    their value, `null` resets a field to its default; unknown fields or values out of range:
-    422. Jobs use it under their own overrides. Answers like `GET`."""
+    their value, `null` resets a field to its default; unknown fields, values out of range or
+    settings that would give an adapter the SERVING_TARGETS cannot load: 422. Jobs use it under
+    their own overrides. Answers like `GET`."""
+    profile = settings.serving_profile()
     try:
-        config = await store.update_config(avatar, body)
+        config = await store.update_config(avatar, body, check=lambda merged: check_servable(merged, profile))
     except StoreBusy as exc:
         raise _busy(exc) from None
     return await _view(store, avatar, settings.presign_expires_seconds, config, await store.manifest(avatar))
@@ -138,7 +143,7 @@ async def delete_adapter(avatar: AuthorizedAvatar, store: AdapterStoreDep, jobs:
     try:
         deleted = await store.delete(avatar)
     except CurrentAdapterBusy:
-        raise _current_busy(avatar) from None
+        raise current_adapter_busy(avatar) from None
     if deleted == 0:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no adapter")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -182,40 +187,31 @@ async def get_version_file(
     return StreamingResponse(chunks, media_type=VERSION_FILES[name], headers=headers)
 
 
-def _current_busy(avatar: AvatarRef) -> Problem:
-    return Problem(
-        409,
-        f"the current adapter of avatar {avatar.avatar_id!r} is being changed (a promote or a publish); retry",
-        headers={"Retry-After": "5"},
-    )
-
-
 @router.post(
     f"{BASE}/versions/{{version}}/promote",
     response_model=AdapterView,
-    summary="Make a kept version current",
+    summary="Make a kept version current (a rollback too); announced with an adapter.promoted event",
     responses=problems(
         404,
         409,
-        422,
+        503,
         _404="no complete version of that number",
-        _409="another change of the current adapter is under way",
+        _409="a serving target (SERVING_TARGETS) cannot load that version, or another change of the current "
+        "adapter is under way",
+        _503="the version is current but the event could not be published: retry",
     ),
 )
 async def promote_version(
     avatar: AuthorizedAvatar,
     store: AdapterStoreDep,
+    queue: TrainQueueDep,
     settings: SettingsDep,
     version: Annotated[int, Path(ge=1, description="the version number (from 1)")],
 ) -> AdapterView:
-    """Make version `version` current again (a server-side copy, the manifest last: a rollback,
-    or a version an `if_better` job did not promote). Answers like `GET {base}/adapter`."""
-    try:
-        manifest = await store.promote(avatar, version)
-    except VersionNotFound:
-        raise Problem(404, f"avatar {avatar.avatar_id!r} has no complete adapter version {version}") from None
-    except CurrentAdapterBusy:
-        raise _current_busy(avatar) from None
+    """Make version `version` current again (a server-side copy under the current-adapter lock,
+    the manifest last: a rollback, or a version an `if_better` job did not promote), then announce
+    it (`adapter.promoted`). Answers like `GET {base}/adapter`."""
+    manifest = await promote(avatar, version, store, queue, settings)
     return await _view(store, avatar, settings.presign_expires_seconds, await store.config(avatar), manifest)
 
 

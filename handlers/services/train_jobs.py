@@ -60,6 +60,7 @@ async def queue_train_job(
         max_gpus=settings.max_gpus_per_job,
         max_inline_bytes=settings.max_upload_bytes,
         base_model_prefixes=settings.base_model_prefixes(),
+        serving=settings.serving_profile(),
     )
     config, spec = body.config(), body.spec()
     sealed: dict[str, JobSpec] = {}  # job id -> spec with callbacks.auth_header sealed (see _sealing_stage)

@@ -11,7 +11,8 @@ job-kind registry (`contracts.job_kinds`) and imported by the worker on first us
   and publishes;
 - `fuse`: an adapter version merged into its base;
 - `generate`: an adapter version (or the base) tried on a prompt;
-- `index` / `retrieve`: the avatar's vector index built / queried (RAG).
+- `index` / `retrieve`: the avatar's vector index built / queried (RAG);
+- `export`: an adapter version written in a serving format (GGUF for llama.cpp, PEFT files).
 
 Recipes use the libraries beside this package (`trainer.training`, `trainer.evaluation`,
 `trainer.artifacts`, `trainer.rag`, ...) and never write a job's final record themselves.

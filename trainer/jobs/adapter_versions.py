@@ -1,14 +1,16 @@
-"""A kept adapter version, fetched for a job that uses one (fuse, generate): its files
-downloaded and checked against the sha256 its metrics.json records."""
+"""A kept adapter version, fetched for a job that uses one (fuse, generate, export): its files
+downloaded and checked against the sha256 its metrics.json records, and the base it was trained on."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from contracts.adapters import VersionMetrics
 from contracts.jobs import JobRecord
 from contracts.keys import ADAPTER_FILES
 from trainer.artifacts import sha256_file
+from trainer.base_model import BaseRef, resolve_base
 from trainer.errors import JobFailure
 from trainer.runtime.context import JobContext
 
@@ -49,3 +51,22 @@ def fetch_version(ctx: JobContext, version: int, dest: Path) -> tuple[VersionMet
         if name in hashes and hashes[name] != expected:
             raise RuntimeError(f"adapter version {version}: {name} does not match its sha256 (retrying)")
     return meta, hashes
+
+
+def version_base(ctx: JobContext, meta: VersionMetrics | None) -> BaseRef:
+    """The base a version was trained on (its recorded name and revision, resolved as a train job
+    resolves its spec's base: an s3:// base is downloaded), or BASE_MODEL without a version."""
+    settings = ctx.settings
+    asked = None
+    if meta is not None and meta.base_model:
+        revision = meta.metrics.get("base_model_revision")
+        asked = SimpleNamespace(name=meta.base_model, revision=revision, token_env=None)
+    return resolve_base(
+        asked,
+        default=settings.base_model,
+        user_id=ctx.user_id,
+        bucket=settings.s3_bucket,
+        allowed_prefixes=settings.allowed_base_prefixes(),
+        s3=ctx.stores.s3,
+        cache_dir=settings.model_cache_dir,
+    )

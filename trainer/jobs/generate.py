@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from contracts.adapters import VersionMetrics
 from contracts.messages import GenerateRequest
 from trainer.adapter_ops import adapter_attached
-from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
+from trainer.base_model import BaseRef, LoadedBase, QuantOptions
 from trainer.completion import Message, PromptTooLong, generate_completion
 from trainer.errors import JobFailure, is_cuda_oom
-from trainer.jobs.adapter_versions import current_version, fetch_version, record_version
+from trainer.jobs.adapter_versions import current_version, fetch_version, record_version, version_base
 from trainer.rag.prompts import fit_rag_messages, passage_view, query_of
 from trainer.runtime.context import JobContext, JobResult, Stopped, Succeeded
 
@@ -119,23 +118,9 @@ class GenerateWork:
 
     @staticmethod
     def _base_ref(ctx: JobContext, meta: VersionMetrics | None) -> BaseRef:
-        """The base to generate on: the one the adapter version was trained on (its recorded
-        name and revision, resolved as a train job resolves its spec's base), or BASE_MODEL
+        """The base to generate on: the one the adapter version was trained on, or BASE_MODEL
         for the base alone."""
-        settings = ctx.settings
-        asked = None
-        if meta is not None and meta.base_model:
-            revision = meta.metrics.get("base_model_revision")
-            asked = SimpleNamespace(name=meta.base_model, revision=revision, token_env=None)
-        return resolve_base(
-            asked,
-            default=settings.base_model,
-            user_id=ctx.user_id,
-            bucket=settings.s3_bucket,
-            allowed_prefixes=settings.allowed_base_prefixes(),
-            s3=ctx.stores.s3,
-            cache_dir=settings.model_cache_dir,
-        )
+        return version_base(ctx, meta)
 
     @staticmethod
     def _cached_base(ctx: JobContext, ref: BaseRef, meta: VersionMetrics | None) -> LoadedBase:

@@ -2,8 +2,9 @@
 
     the cached base (4-bit for qlora, kept loaded between jobs) -> `trainer.training.train_adapter`
     (LoRA layers injected, trained, saved, removed again) -> `publish_adapter`: evaluation
-    (samples.json, loss.png, the `promote: if_better` verdict) -> the next adapter version,
-    made current unless the verdict says no
+    (samples.json, loss.png, the `promote: if_better` verdict) and each serving engine's
+    verdict on the saved files (`serving`) -> the next adapter version, made current unless the
+    evaluation says no or one of the SERVING_TARGETS cannot load it
 
 `publish_adapter` is shared with `trainer.jobs.data_parallel`, whose ranks train the same adapter;
 its two halves (`already_published`, `publish_evaluated`) with `trainer.jobs.preference`, which
@@ -16,6 +17,7 @@ import logging
 from pathlib import Path
 
 from contracts.metrics import TrainingMetrics
+from trainer.adapter_files import serving_verdict
 from trainer.evaluation import CurrentAdapter, Evaluation, evaluate_version
 from trainer.jobs.training_setup import TrainingSetup, cached_base
 from trainer.runtime.context import JobContext
@@ -98,8 +100,9 @@ def publish_evaluated(
     unless the evaluation's verdict says no."""
     job = ctx.job
     metrics = metrics.with_values(**evaluation.metrics)
-    if not evaluation.promote:
-        log.info("job %s: %s", job.id, evaluation.metrics["promote_reason"])
+    metrics, promote = _serving_check(ctx, setup, adapter_dir, metrics, evaluation.promote)
+    if not promote:
+        log.info("job %s: %s", job.id, metrics.as_dict().get("promote_reason"))
     version = ctx.stores.artifacts.publish(
         job.user_id,
         job.avatar_id,
@@ -109,6 +112,22 @@ def publish_evaluated(
         metrics=metrics.as_dict(),
         keep_versions=ctx.settings.adapter_keep_versions,
         extra_files=evaluation.files,
-        promote=evaluation.promote,
+        promote=promote,
     )
     return version, metrics
+
+
+def _serving_check(
+    ctx: JobContext, setup: TrainingSetup, adapter_dir: Path, metrics: TrainingMetrics, promote: bool
+) -> tuple[TrainingMetrics, bool]:
+    """Each engine's verdict on the saved files, in the metrics (`serving`); a version one of
+    the SERVING_TARGETS cannot load is kept, never made current (the endpoint keeps the current one)."""
+    profile = ctx.settings.serving_profile()
+    config = cached_base(ctx, setup.base, setup.cfg).model.config
+    verdict = serving_verdict(adapter_dir, getattr(config, "tie_word_embeddings", None), profile.max_lora_rank)
+    metrics = metrics.with_values(serving=verdict)
+    broken = [verdict[engine] for engine in profile.targets if verdict[engine] != "ok"]
+    if promote and broken:
+        reason = "not made current: a serving target cannot load it (" + "; ".join(broken) + ")"
+        return metrics.with_values(promoted=False, promote_reason=reason), False
+    return metrics, promote

@@ -1,7 +1,9 @@
 """The steps every training method shares, before any weight moves:
 
     resolve the configuration (worker defaults <- the avatar's config.json <- the job's own)
-    -> check the spec (method vs 4-bit options, integrations, log_uri, output_uri)
+    -> check the spec (method vs 4-bit options, integrations, log_uri, output_uri, and that
+       the SERVING_TARGETS can load the adapter these settings give: requests sent straight to
+       the queue meet the same rule as the API's 422)
     -> resolve the base model (HF id or s3://, downloaded once per content)
     -> plan the warm start -> fetch the documents and datasets (pinned by ETag)
     -> find the checkpoint to resume from -> pin the documents in the job record
@@ -29,6 +31,7 @@ from contracts.jobs import JobRecord
 from contracts.keys import adapter_config_key, training_logs_prefix
 from contracts.metrics import TrainingMetrics
 from contracts.s3uri import InvalidS3Uri, S3Uri, parse_s3_uri, within_user_prefix
+from contracts.serving import ServingProfile, settings_violations
 from contracts.spec import Objective
 from contracts.training_documents import DocumentKind
 from trainer.base_model import BaseRef, LoadedBase, QuantOptions, resolve_base
@@ -108,6 +111,7 @@ def prepare_training(ctx: JobContext) -> TrainingSetup:
     job, stores = ctx.job, ctx.stores
     cfg = resolved_config(ctx)
     report_to = check_spec(job, cfg)
+    check_servable(cfg, ctx.settings.serving_profile())
     log_dest = log_destination(job, ctx.settings.s3_bucket)
     output = output_target(job, ctx.settings.s3_bucket)
     base = resolve_job_base(ctx)
@@ -213,6 +217,18 @@ def check_spec(job: JobRecord, cfg: AdapterSettings) -> list[str]:
     report_to = list(job.spec.integrations.report_to) if job.spec.integrations else []
     check_integrations(report_to)
     return report_to
+
+
+def check_servable(cfg: AdapterSettings, profile: ServingProfile) -> None:
+    """Fail the job, naming the field and the engine's rule, when the resolved settings would give
+    an adapter one of the serving targets cannot load (the API's 422 for what it can see)."""
+    broken = settings_violations(cfg, profile)
+    if broken:
+        raise JobFailure(
+            "the serving targets could not load this adapter: "
+            + "; ".join(map(str, broken))
+            + f" (SERVING_TARGETS={','.join(profile.targets)})"
+        )
 
 
 def log_destination(job: JobRecord, bucket: str) -> S3Uri:
