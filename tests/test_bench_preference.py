@@ -13,7 +13,7 @@ def test_preference_benchmark_runs_and_writes_its_section(tmp_path: Path) -> Non
 
     result = preference.run(pairs=8, epochs=1, model_size=(64, 2), log=lambda _: None)
     once, every = result["results"]["once"], result["results"]["every"]
-    assert once["steps"] == every["steps"] > 0 and once["train_pairs"] == every["train_pairs"] == 7
+    assert once["steps"] == every["steps"] > 0 and once["train_pairs"] == every["train_pairs"] > 0
     assert abs(once["metrics"]["train_loss"] - every["metrics"]["train_loss"]) < 1e-4
     assert result["weight_difference"] < 1e-4
     assert once["peak_rss_mib"] > 0 and every["peak_rss_mib"] > 0

@@ -168,7 +168,7 @@ def test_extra_fields_from_a_newer_producer_are_accepted():
 def test_delivery_failure_retries_only_that_record(monkeypatch):
     delivered = []
 
-    def flaky_deliver(event: JobEvent) -> None:
+    def flaky_deliver(event: JobEvent, budget: float | None = None) -> None:
         if event.avatar_id == "webhook-down":
             raise ConnectionError("webhook endpoint unreachable")
         delivered.append(event.avatar_id)
@@ -186,7 +186,7 @@ def test_delivery_failure_retries_only_that_record(monkeypatch):
 def test_deliver_is_the_seam(monkeypatch):
     """Whatever `deliver` is at call time gets each parsed event (where webhooks plug in)."""
     seen: list[JobEvent] = []
-    monkeypatch.setattr(events_handler, "deliver", seen.append)
+    monkeypatch.setattr(events_handler, "deliver", lambda event, budget=None: seen.append(event))
     original = job_event("job.succeeded", adapter_version=7)
     handler(sqs_event(sqs_record(original.to_message_body())), None)
     assert seen == [original]

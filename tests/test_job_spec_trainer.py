@@ -345,7 +345,9 @@ def test_full_finetune_from_an_s3_base_with_tensorboard(
         assert done["links"] == {"model": f"{api.base}/full-models/1"}
         assert m["precision"] == "bf16" and m["dtype"] == "bfloat16"
         assert m["steps"] == 2 and m["max_steps"] == 2 and m["gradient_accumulation_steps"] == 2
-        assert m["eval_examples"] == 10 and m["train_examples"] == 10  # eval_fraction 0.5, not EVAL_FRACTION 0.1
+        # eval_fraction 0.5 (not EVAL_FRACTION 0.1) of 20 conversations, by their stable keys
+        assert m["eval_examples"] + m["train_examples"] == 20 and m["eval_examples"] >= 5
+        assert m["held_out_rule"] == "conversation-hash/v1" and m["held_out_cutoff"] == 0.5
         assert m["base_model"] == base_uri and m["trainable_layers"] == [1]
         prefix = full_model_version_prefix(api.user_id, api.avatar_id, 1)
         assert m["full_model_prefix"] == prefix

@@ -407,7 +407,7 @@ def test_the_connection_is_pinned_to_the_checked_address(receiver: Receiver) -> 
 
     target = webhooks.checked_target(receiver.url("/pinned", host="hooks.example.test"), True, resolver)
     assert target.address == "127.0.0.1" and asked == ["hooks.example.test"]
-    status = webhooks.post(target, b"{}", {"Content-Type": "application/json"}, 5)
+    status = webhooks.post(target, b"{}", {"Content-Type": "application/json"}, webhooks.Deadline(5))
     assert status == 200 and asked == ["hooks.example.test"]
     assert receiver.to("/pinned")[-1]["headers"]["Host"] == f"hooks.example.test:{receiver.port}"
 

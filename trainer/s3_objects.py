@@ -161,12 +161,13 @@ class S3Objects:
         return [o["Key"] for o in self.list(prefix)]
 
     def child_numbers(self, prefix: str) -> list[int]:
-        """The numbered "folders" directly under `prefix` (versions/1/, versions/2/, ...), sorted."""
-        numbers = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
-        for page in pages:
-            for p in page.get("CommonPrefixes", []):
-                part = p["Prefix"][len(prefix) :].rstrip("/")
-                if part.isdigit():
-                    numbers.append(int(part))
+        """The numbered "folders" directly under `prefix` (versions/1/, versions/2/, ...) that hold
+        an object, sorted. Read from the keys themselves rather than a delimited listing: some S3
+        implementations (moto) list a prefix whose objects are only delete markers on a versioned
+        bucket."""
+        numbers = set()
+        for key in self.keys(prefix):
+            part = key[len(prefix) :].split("/", 1)[0]
+            if part.isdigit():
+                numbers.add(int(part))
         return sorted(numbers)

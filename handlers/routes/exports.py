@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Body, Path, status
 from pydantic import BaseModel, Field
 
 from contracts.adapters import ExportManifest
@@ -32,10 +32,11 @@ from handlers.dependencies import (
     TrainQueueDep,
 )
 from handlers.job_views import JobView
+from handlers.openapi import AUTHORIZED, JOB_CREATED, problems
 from handlers.problems import Problem
 from handlers.services.adapter_jobs import queue_export_job
 
-router = APIRouter(tags=["exports"])
+router = APIRouter(tags=["exports"], responses=AUTHORIZED)
 
 BASE = "/v1/users/{user_id}/avatars/{avatar_id}/exports"
 VersionPath = Annotated[int, Path(ge=1, le=1_000_000, description="the adapter version")]
@@ -71,28 +72,46 @@ def _summary(manifest: ExportManifest) -> ExportSummary:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
     summary="Queue an export job: an adapter version in a serving format (gguf, peft)",
-    responses={
-        404: {"description": "the avatar has no trained adapter, or no such adapter version"},
-        409: {"description": "a job of the avatar is already active"},
-        422: {"description": "invalid body, or a version llama.cpp cannot load asked for as gguf"},
-        429: {"description": "the user is at MAX_ACTIVE_JOBS_PER_USER"},
-    },
+    responses=problems(
+        404,
+        *JOB_CREATED,
+        _404="the avatar has no trained adapter, or no such adapter version",
+        _409="a job of the avatar is already active",
+        _422="invalid body, or a version llama.cpp cannot load asked for as gguf",
+    ),
 )
 async def create_export(
     avatar: AuthorizedAvatar,
-    body: ExportParams,
+    body: Annotated[
+        ExportParams,
+        Body(
+            openapi_examples={
+                "gguf": {"summary": "the current version for llama.cpp", "value": {"format": "gguf"}},
+                "with base": {
+                    "summary": "version 1 and its base, for llama.cpp",
+                    "value": {"format": "gguf", "adapter_version": 1, "include_base": True},
+                },
+                "peft": {"summary": "the current version's PEFT files (vLLM)", "value": {"format": "peft"}},
+            }
+        ),
+    ],
     jobs: JobStoreDep,
     adapters: AdapterStoreDep,
     queue: TrainQueueDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> JobView:
+    """Queue an export job writing an adapter version (the current one unless named) in a serving
+    format under `exports/{version}/{format}/`, its manifest last: `gguf` for llama.cpp (and the
+    base as GGUF with `include_base`), `peft` for vLLM and transformers. The job is shown, listed
+    and cancelled under `.../training-jobs`."""
     record = await queue_export_job(avatar, body, adapters, jobs, queue, settings, idempotency)
     return JobView.of(record)
 
 
 @router.get(BASE, response_model=ExportList, summary="The avatar's complete exports, by version and format")
 async def list_exports(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> ExportList:
+    """Every complete export (its manifest written) of the avatar's adapter versions."""
     return ExportList(items=[_summary(m) for m in await store.exports(avatar)])
 
 
@@ -100,11 +119,12 @@ async def list_exports(avatar: AuthorizedAvatar, store: AdapterStoreDep) -> Expo
     BASE + "/{version}/{format}",
     response_model=ExportView,
     summary="One export: its manifest and presigned URLs of its files",
-    responses={404: {"description": "no complete export of that version and format"}},
+    responses=problems(404, _404="no complete export of that version and format"),
 )
 async def get_export(
     avatar: AuthorizedAvatar, store: AdapterStoreDep, settings: SettingsDep, version: VersionPath, format: FormatPath
 ) -> ExportView:
+    """One export's manifest and its files as presigned GET URLs with their sha256."""
     manifest = await store.export(avatar, version, format)
     if manifest is None:
         raise Problem(404, f"avatar {avatar.avatar_id!r} has no {format} export of adapter version {version}")
