@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install dev test lint format bench token schemas clean
+.PHONY: install dev test lint format bench soak token schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ format: install
 
 bench: install
 	$(PY) -m bench
+
+# The fault soak (bench/soak.py): not part of `make test` nor `make bench`; writes section 8
+# of BENCHMARKS.md and fails on any violated invariant.
+SOAK_MINUTES ?= 6
+SOAK_WORKERS ?= 2
+soak: install
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --workers $(SOAK_WORKERS)
 
 token: install
 	@$(PY) -m handlers.devtoken $(or $(USER_ID),alice)
