@@ -2,10 +2,12 @@
 the response came back, botocore sent the request again, and the retry met the write itself (412
 on If-Match or If-None-Match). That is what `infra.faulty_proxy`'s cuts do to the trainer at
 random, and what the fault soak (`make soak`) runs into. Here one chosen request loses its answer:
-the request goes to moto over HTTP as sent, then the client is told the connection closed."""
+the request goes to moto over HTTP as sent, then the client is told the connection closed:
+the runner's final write, and the current-adapter lock's create on both sides."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
@@ -21,7 +23,7 @@ from botocore.httpsession import URLLib3Session
 
 from contracts.adapters import ActiveJobPointer
 from contracts.jobs import JobLease, JobRecord, utcnow
-from contracts.keys import active_job_key, job_key
+from contracts.keys import active_job_key, current_adapter_lock_key, job_key
 from tests.conftest import TEST_BUCKET
 
 
@@ -96,3 +98,42 @@ def test_a_final_write_whose_answer_was_lost_still_completes_the_tail(s3, sqs) -
     messages = sqs.receive_message(QueueUrl=events_url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
     assert [json.loads(m["Body"])["event_id"] for m in messages] == [f"{job.id}:job.succeeded"]
     assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=pointer).get("KeyCount") == 0
+
+
+def test_a_current_adapter_lock_whose_create_answer_was_lost_is_held(s3) -> None:
+    """The trainer's lock create landed but its answer was lost; the retry met the lock: it is
+    this acquisition's own, so it is held (not waited for, and left to block the avatar)."""
+    from trainer.current_lock import current_adapter_lock
+    from trainer.s3_objects import S3Objects
+
+    user_id = f"u-{uuid.uuid4().hex[:10]}"
+    key = current_adapter_lock_key(user_id, "a1")
+    client = _client()
+    lost = lose_answer_once(client, "PutObject", lambda r, _: r.url.endswith(key))
+    with current_adapter_lock(S3Objects(client, TEST_BUCKET), user_id, "a1", owner="job-1", wait=5):
+        assert lost == [200]
+        assert json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())["owner"].startswith("job-1:")
+    assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 0
+
+
+def test_an_api_lock_whose_create_answer_was_lost_is_held(s3) -> None:
+    """The same on the API's side (aiobotocore): a promote does not wait out its own lock."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    from handlers.adapter_store import AdapterStore
+    from handlers.avatar_ref import AvatarRef
+
+    ref = AvatarRef(f"u-{uuid.uuid4().hex[:10]}", "a1")
+    key = current_adapter_lock_key(ref.user_id, ref.avatar_id)
+
+    async def hold() -> list[int]:
+        config = AioConfig(retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4")
+        async with get_session().create_client("s3", region_name="us-east-1", config=config) as client:
+            lost = lose_answer_once(client, "PutObject", lambda r, _: r.url.endswith(key))
+            async with AdapterStore(client, TEST_BUCKET).current_lock(ref, owner="promote-1", wait=5):
+                assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 1
+            return lost
+
+    assert asyncio.run(hold()) == [200]
+    assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 0
