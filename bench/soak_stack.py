@@ -25,9 +25,10 @@ from typing import Any
 
 import boto3
 
-from bench.common import PY, ROOT, free_port, ready_process, stop, wait_http
+from bench.common import PY, ROOT, ready_process
 from infra.bootstrap import StackNames, bootstrap
 from infra.faulty_proxy import FaultPlan, FaultyProxy
+from infra.processes import api_server
 
 # The API gives a job back to the queue once its lease expired this long ago (the tests' value
 # is 900 s; small here so that abandoned jobs are met during the soak).
@@ -210,24 +211,6 @@ def _aws_environment(endpoint: str, bucket: str) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _api(env: dict[str, str], logs: Path) -> Iterator[str]:
-    port = free_port()
-    with open(logs / "api.log", "wb") as out:
-        proc = subprocess.Popen(
-            [PY, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz", proc)
-        yield url
-    finally:
-        stop(proc)
-
-
 @contextmanager
 def running_stack(model_dir: Path, logs: Path) -> Iterator[Stack]:
     """moto, the bootstrapped bucket and queues, the faulty proxy, the API and the event drain;
@@ -255,7 +238,7 @@ def running_stack(model_dir: Path, logs: Path) -> Iterator[Stack]:
         )
         proxy = FaultyProxy(moto_port, FAULT_PLAN).start()
         stack.callback(proxy.stop)
-        api_url = stack.enter_context(contextmanager(_api)(env, logs))
+        api_url = stack.enter_context(api_server(env, logs / "api.log"))
         workers = Workers({**env, **WORKER_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}, logs)
         stack.callback(workers.stop_all)
         events = EventDrain(boto3.client("sqs"), urls["events_queue_url"])
