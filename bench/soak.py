@@ -294,7 +294,9 @@ def markdown(result: dict[str, Any], command_line: str) -> str:
         "## 8. Fault soak",
         "",
         f"`python -m bench.soak` (`make soak`; not run by `make bench`): {result['minutes']} minutes of load through "
-        f"the real API on {result['users']} users x {result['avatars']} avatars, {result['workers']} real trainer "
+        f"the real API on {result['users']} users x {result['avatars']} avatars (training, fuse and generation jobs, "
+        "cancels, concurrent promotes; delete-unused racing PATCHes to true and re-uploads on the first avatar of "
+        f"each user, whose other avatar's documents stay as they are), {result['workers']} real trainer "
         f"workers on the tiny model ({settings}; STALE_LEASE_SECONDS={STALE_LEASE_SECONDS} on the API), reaching "
         f"moto through `infra.faulty_proxy` (every {FAULT_PLAN.reset_every}th new connection reset, every "
         f"{FAULT_PLAN.cut_every}th cut after the request), a random worker SIGKILLed or SIGTERMed every 10-30 s. "
