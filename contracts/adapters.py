@@ -3,10 +3,11 @@ pointer and idempotency records."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from contracts.jobs import utcnow
 
@@ -104,10 +105,30 @@ class CurrentAdapterLock(BaseModel):
     interleave, so the current files at rest are always one whole version and the manifest names
     it; a reader mid-change sees files that do not match the manifest's sha256 and reads again.
     A lock past `expires_at` belonged to a holder that died: the next one removes it and takes over.
+    Each acquisition writes an `owner` of its own (`token`): a create that landed but whose answer
+    was lost fails when it is sent again, and the holder then finds its own token and holds the lock.
     """
 
     owner: str
     expires_at: datetime
+
+    @staticmethod
+    def token(holder: str) -> str:
+        """The `owner` of one acquisition by `holder` (a job id, `promote-3`, ...)."""
+        return f"{holder}:{uuid.uuid4().hex}"
+
+    @classmethod
+    def verdict(cls, body: bytes, token: str) -> Literal["ours", "expired", "held"]:
+        """What a would-be holder whose acquisition is `token` makes of the lock it found: its own
+        (its create landed, the answer was lost), one whose holder died (expired, or unreadable
+        debris), or someone else's."""
+        try:
+            lock = cls.model_validate_json(body)
+        except ValidationError:
+            return "expired"
+        if lock.owner == token:
+            return "ours"
+        return "expired" if lock.expires_at <= utcnow() else "held"
 
 
 # How long a current-adapter lock is good for (copying an adapter's files takes seconds) and how

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from contracts.adapter import AdapterSettings
 from contracts.adapters import (
@@ -96,13 +96,6 @@ class VersionFileNotFound(Exception):
 
 class CurrentAdapterBusy(Exception):
     """Another change of the current adapter held its lock for longer than we wait."""
-
-
-def _lock_expired(body: bytes) -> bool:
-    try:
-        return CurrentAdapterLock.model_validate_json(body).expires_at <= utcnow()
-    except ValidationError:
-        return True  # unreadable: debris
 
 
 class AdapterStore:
@@ -280,18 +273,25 @@ class AdapterStore:
         self, ref: AvatarRef, owner: str, wait: float = CURRENT_LOCK_WAIT_SECONDS
     ) -> AsyncIterator[None]:
         """Hold the avatar's current-adapter lock (`contracts.adapters.CurrentAdapterLock`) for
-        the block; one whose holder died (expired) is taken over."""
+        the block; one whose holder died (expired) is taken over, and one this acquisition
+        created itself (its answer lost) is held."""
         key = current_adapter_lock_key(ref.user_id, ref.avatar_id)
+        token = CurrentAdapterLock.token(owner)
         deadline = time.monotonic() + wait
         while True:
-            lock = CurrentAdapterLock(owner=owner, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
+            lock = CurrentAdapterLock(owner=token, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
             etag = await self.objects.create(key, lock.model_dump_json().encode())
             if etag is not None:
                 break
             found = await self.objects.read(key)
-            if found is not None and _lock_expired(found[0]):
-                await self.objects.delete_if(key, found[1])
-                continue
+            if found is not None:
+                verdict = CurrentAdapterLock.verdict(found[0], token)
+                if verdict == "ours":  # our create landed, its answer was lost
+                    etag = found[1]
+                    break
+                if verdict == "expired":
+                    await self.objects.delete_if(key, found[1])
+                    continue
             if time.monotonic() > deadline:
                 raise CurrentAdapterBusy(ref.avatar_id)
             await asyncio.sleep(0.2)

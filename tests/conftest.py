@@ -13,7 +13,7 @@ import boto3
 import httpx
 import pytest
 
-from infra.processes import free_port, stop, wait_http  # noqa: F401 (re-exported)
+from infra.processes import api_server, free_port, stop, wait_http  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-" + uuid.uuid4().hex
@@ -58,23 +58,9 @@ def stack(moto_endpoint: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def api_url(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real uvicorn serving the API against moto."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("api") / "api.log"
     env = dict(os.environ, MAX_UPLOAD_BYTES=str(256 * 1024))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz", proc)
+    with api_server(env, tmp_path_factory.mktemp("api") / "api.log") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -19,7 +17,8 @@ from contracts.jobs import new_job_id
 from contracts.keys import adapter_version_prefix, job_key, user_prefix
 from contracts.messages import TrainRequest
 from contracts.spec import Artifacts, DatasetSource
-from tests.conftest import ROOT, TEST_BUCKET, Api, chat_line, free_port, keys_under, stop, wait_http
+from infra.processes import api_server
+from tests.conftest import TEST_BUCKET, Api, chat_line, keys_under
 from tests.pipeline import Pipeline, chat_document, wait_for_job
 
 FAST = {"num_epochs": 2, "batch_size": 4, "learning_rate": 0.01, "r": 4}
@@ -252,22 +251,9 @@ def test_queue_request_with_foreign_dataset_or_output_fails_the_job(pipeline: Pi
 @pytest.fixture(scope="module")
 def no_queue_api(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An API whose train queue does not exist: every send fails."""
-    port = free_port()
     env = dict(os.environ, TRAIN_QUEUE_NAME=f"missing-{uuid.uuid4().hex[:8]}.fifo")
-    with open(tmp_path_factory.mktemp("no-queue") / "api.log", "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "handlers.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz", proc)
+    with api_server(env, tmp_path_factory.mktemp("no-queue") / "api.log") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def test_inline_data_is_removed_when_queueing_fails(no_queue_api: str, s3) -> None:

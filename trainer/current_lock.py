@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from pydantic import ValidationError
-
 from contracts.adapters import CURRENT_LOCK_SECONDS, CURRENT_LOCK_WAIT_SECONDS, CurrentAdapterLock
 from contracts.jobs import utcnow
 from contracts.keys import current_adapter_lock_key
@@ -29,17 +27,23 @@ def current_adapter_lock(
 ) -> Iterator[None]:
     """Hold the avatar's current-adapter lock for the block (taking over one whose holder died)."""
     key = current_adapter_lock_key(user_id, avatar_id)
+    token = CurrentAdapterLock.token(owner)
     deadline = time.monotonic() + wait
     while True:
-        lock = CurrentAdapterLock(owner=owner, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
+        lock = CurrentAdapterLock(owner=token, expires_at=utcnow() + timedelta(seconds=CURRENT_LOCK_SECONDS))
         etag = objects.create(key, lock.model_dump_json().encode())
         if etag is not None:
             break
         found = objects.read(key)
-        if found is not None and _expired(found[0]):
-            log.warning("current-adapter lock of %s/%s expired: taking it over", user_id, avatar_id)
-            objects.delete_if(key, found[1])
-            continue
+        if found is not None:
+            verdict = CurrentAdapterLock.verdict(found[0], token)
+            if verdict == "ours":  # our create landed, its answer was lost
+                etag = found[1]
+                break
+            if verdict == "expired":
+                log.warning("current-adapter lock of %s/%s expired: taking it over", user_id, avatar_id)
+                objects.delete_if(key, found[1])
+                continue
         if time.monotonic() > deadline:
             raise CurrentAdapterBusy(f"the current adapter of {avatar_id!r} is being changed by someone else")
         time.sleep(0.2)
@@ -47,10 +51,3 @@ def current_adapter_lock(
         yield
     finally:
         objects.delete_if(key, etag)
-
-
-def _expired(body: bytes) -> bool:
-    try:
-        return CurrentAdapterLock.model_validate_json(body).expires_at <= utcnow()
-    except ValidationError:
-        return True  # not a lock we can read: treat it as debris

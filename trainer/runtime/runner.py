@@ -323,7 +323,8 @@ class JobRunner:
         result: dict[str, Any] | None = None,
     ) -> None:
         """Write the final record (unless another worker owns the job by now), then its tail:
-        free the avatar's slot, drop checkpoints, publish the event."""
+        free the avatar's slot, drop checkpoints, publish the event. A job found final already
+        gets its tail all the same (its end may be this write, whose answer was lost)."""
         worker = self.settings.worker_id
         mine: list[bool] = []
 
@@ -348,7 +349,14 @@ class JobRunner:
 
         final = self.jobs.update(job.user_id, job.avatar_id, job.id, finish)
         if not mine[0]:
-            log.warning("job %s is %s or owned by another worker: its end is not written", job.id, final.status)
+            if final.status in FINAL_STATUSES:
+                # Ended by someone else, or by this very write when its answer was lost (the
+                # retried If-Match then fails on our own ETag): the tail is due either way, and
+                # each of its steps is idempotent (the message is deleted after this).
+                log.info("job %s is %s already: completing its tail", job.id, final.status)
+                self.complete_tail(final)
+            else:
+                log.warning("job %s is owned by another worker: its end is not written", job.id)
             return
         _observe(final, time.monotonic() - self._claimed_at)
         log.info("job %s %s%s", job.id, status, f": {error}" if error else "")

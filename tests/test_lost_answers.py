@@ -1,0 +1,139 @@
+"""Conditional writes whose answer is lost: S3 applied the write, the connection dropped before
+the response came back, botocore sent the request again, and the retry met the write itself (412
+on If-Match or If-None-Match). That is what `infra.faulty_proxy`'s cuts do to the trainer at
+random, and what the fault soak (`make soak`) runs into. Here one chosen request loses its answer:
+the request goes to moto over HTTP as sent, then the client is told the connection closed:
+the runner's final write, and the current-adapter lock's create on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import boto3
+from botocore.awsrequest import AWSPreparedRequest
+from botocore.config import Config
+from botocore.exceptions import ConnectionClosedError
+from botocore.httpsession import URLLib3Session
+
+from contracts.adapters import ActiveJobPointer
+from contracts.jobs import JobLease, JobRecord, utcnow
+from contracts.keys import active_job_key, current_adapter_lock_key, job_key
+from tests.conftest import TEST_BUCKET
+
+
+def _body(request: AWSPreparedRequest) -> bytes:
+    body = request.body
+    if hasattr(body, "read"):
+        at = body.tell()
+        data = body.read()
+        body.seek(at)
+        return data
+    return body.encode() if isinstance(body, str) else (body or b"")
+
+
+def lose_answer_once(client: Any, operation: str, matches: Callable[[AWSPreparedRequest, bytes], bool]) -> list[int]:
+    """Send the first request of `operation` that `matches` to S3, then drop its answer; the
+    statuses S3 gave the requests whose answers were lost."""
+    lost: list[int] = []
+
+    def hook(request: AWSPreparedRequest, **_: Any) -> None:
+        if lost or not matches(request, _body(request)):
+            return
+        lost.append(URLLib3Session().send(request).status_code)
+        raise ConnectionClosedError(endpoint_url=request.url)
+
+    client.meta.events.register(f"before-send.s3.{operation}", hook)
+    return lost
+
+
+def _client() -> Any:
+    return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def test_a_final_write_whose_answer_was_lost_still_completes_the_tail(s3, sqs) -> None:
+    """The final record landed but the runner read the retry's 412 as someone else's write: the
+    job's final event, its slot and its checkpoints are still the runner's to finish."""
+    from trainer.base_model import BaseModelCache
+    from trainer.events import EventPublisher
+    from trainer.runtime.runner import JobRunner
+    from trainer.settings import TrainerSettings
+
+    events_url = sqs.create_queue(QueueName=f"lost-answers-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    user_id, worker = f"u-{uuid.uuid4().hex[:10]}", "w-lost-answer"
+    job = JobRecord(
+        id=f"job-{uuid.uuid4().hex[:12]}",
+        user_id=user_id,
+        avatar_id="a1",
+        status="running",
+        lease=JobLease(owner=worker, expires_at=utcnow() + timedelta(seconds=60)),
+        attempts=1,
+    )
+    key = job_key(user_id, "a1", job.id)
+    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=job.to_json())
+    pointer = active_job_key(user_id, "a1")
+    s3.put_object(Bucket=TEST_BUCKET, Key=pointer, Body=ActiveJobPointer(job_id=job.id).model_dump_json().encode())
+    client = _client()
+    lost = lose_answer_once(client, "PutObject", lambda r, body: r.url.endswith(key) and b'"succeeded"' in body)
+    runner = JobRunner(
+        TrainerSettings(WORKER_ID=worker, S3_BUCKET=TEST_BUCKET),
+        client,
+        sqs,
+        EventPublisher(sqs, events_url),
+        BaseModelCache(),
+        threading.Event(),
+    )
+
+    runner.finish(job, "succeeded")
+
+    assert lost == [200]
+    stored = JobRecord.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+    assert stored.status == "succeeded"
+    assert stored.events_published == [f"{job.id}:job.succeeded"]
+    messages = sqs.receive_message(QueueUrl=events_url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert [json.loads(m["Body"])["event_id"] for m in messages] == [f"{job.id}:job.succeeded"]
+    assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=pointer).get("KeyCount") == 0
+
+
+def test_a_current_adapter_lock_whose_create_answer_was_lost_is_held(s3) -> None:
+    """The trainer's lock create landed but its answer was lost; the retry met the lock: it is
+    this acquisition's own, so it is held (not waited for, and left to block the avatar)."""
+    from trainer.current_lock import current_adapter_lock
+    from trainer.s3_objects import S3Objects
+
+    user_id = f"u-{uuid.uuid4().hex[:10]}"
+    key = current_adapter_lock_key(user_id, "a1")
+    client = _client()
+    lost = lose_answer_once(client, "PutObject", lambda r, _: r.url.endswith(key))
+    with current_adapter_lock(S3Objects(client, TEST_BUCKET), user_id, "a1", owner="job-1", wait=5):
+        assert lost == [200]
+        assert json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())["owner"].startswith("job-1:")
+    assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 0
+
+
+def test_an_api_lock_whose_create_answer_was_lost_is_held(s3) -> None:
+    """The same on the API's side (aiobotocore): a promote does not wait out its own lock."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    from handlers.adapter_store import AdapterStore
+    from handlers.avatar_ref import AvatarRef
+
+    ref = AvatarRef(f"u-{uuid.uuid4().hex[:10]}", "a1")
+    key = current_adapter_lock_key(ref.user_id, ref.avatar_id)
+
+    async def hold() -> list[int]:
+        config = AioConfig(retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4")
+        async with get_session().create_client("s3", region_name="us-east-1", config=config) as client:
+            lost = lose_answer_once(client, "PutObject", lambda r, _: r.url.endswith(key))
+            async with AdapterStore(client, TEST_BUCKET).current_lock(ref, owner="promote-1", wait=5):
+                assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 1
+            return lost
+
+    assert asyncio.run(hold()) == [200]
+    assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 0
