@@ -137,3 +137,42 @@ def test_an_api_lock_whose_create_answer_was_lost_is_held(s3) -> None:
 
     assert asyncio.run(hold()) == [200]
     assert s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=key).get("KeyCount") == 0
+
+
+def test_a_requeue_whose_answer_was_lost_still_sends_the_message(s3, sqs) -> None:
+    """The API settles an abandoned job: its write (queued again) landed but the answer was lost,
+    the retry found the job already queued and changed nothing. The fresh message goes out all
+    the same, so the job is never left queued without one."""
+    import os
+
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    from handlers.avatar_ref import AvatarRef
+    from handlers.job_store import JobStore
+    from handlers.services.job_recovery import JobRecovery
+    from handlers.settings import Settings
+    from handlers.train_queue import TrainQueue
+
+    ref = AvatarRef(f"u-{uuid.uuid4().hex[:10]}", "a1")
+    expired = JobLease(owner="vanished", expires_at=utcnow() - timedelta(hours=1))
+    record = JobRecord(id="job-requeue-lost", user_id=ref.user_id, avatar_id=ref.avatar_id, status="running")
+    record.lease = expired
+    key = job_key(ref.user_id, ref.avatar_id, record.id)
+    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=record.to_json())
+    queue_name = f"requeue-{uuid.uuid4().hex[:8]}.fifo"
+    queue_url = sqs.create_queue(QueueName=queue_name, Attributes={"FifoQueue": "true"})["QueueUrl"]
+
+    async def settle() -> JobRecord:
+        config = AioConfig(retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4")
+        async with get_session().create_client("s3", region_name="us-east-1", config=config) as s3_client:
+            async with get_session().create_client("sqs", region_name="us-east-1") as sqs_client:
+                lose_answer_once(s3_client, "PutObject", lambda r, _: r.url.endswith(key))
+                queue = TrainQueue(sqs_client, queue_name, os.environ["EVENTS_QUEUE_NAME"])
+                recovery = JobRecovery(JobStore(s3_client, TEST_BUCKET), queue, Settings())
+                return await recovery.settle(ref, record)
+
+    settled = asyncio.run(settle())
+    assert settled.status == "queued" and settled.failures == 1
+    messages = sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1).get("Messages", [])
+    assert [json.loads(m["Body"])["job_id"] for m in messages] == [record.id]

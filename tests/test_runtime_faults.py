@@ -312,3 +312,32 @@ def test_an_attempt_that_raises_is_a_failure(pipeline: Pipeline, s3) -> None:
             assert pipeline.wait_events(done["id"], "job.failed").count("job.failed") == 1
         finally:
             stop(worker)
+
+
+def test_contention_hands_the_job_back_without_a_failure(stack, s3, sqs) -> None:
+    """A job whose work meets a lock held too long by someone else (CurrentAdapterBusy, a
+    RetryLater) is handed back to be retried later: it does not count towards MAX_JOB_ATTEMPTS."""
+    import threading
+    import uuid
+
+    from contracts.messages import FuseRequest
+    from trainer.base_model import BaseModelCache
+    from trainer.current_lock import CurrentAdapterBusy
+    from trainer.events import EventPublisher
+    from trainer.runtime.heartbeat import Delivery
+    from trainer.runtime.runner import JobRunner, Outcome
+    from trainer.settings import TrainerSettings
+
+    user_id = "u-" + uuid.uuid4().hex[:10]
+    settings = TrainerSettings(MAX_JOB_ATTEMPTS=1, WORKER_ID="w-contended")
+    events_url = sqs.get_queue_url(QueueName=settings.events_queue_name)["QueueUrl"]
+    runner = JobRunner(settings, s3, sqs, EventPublisher(sqs, events_url), BaseModelCache(), threading.Event())
+    request = FuseRequest(schema="avatune.fuse-request/v1", job_id="job-contended", user_id=user_id, avatar_id="a1")
+
+    def contended(ctx) -> None:
+        raise CurrentAdapterBusy("the current adapter of 'a1' is being changed by someone else")
+
+    delivery = Delivery(queue_url=events_url, receipt_handle=None, body=request.to_message_body())
+    assert runner.run(request, delivery, contended) == Outcome.RETRY
+    record = stored_record(s3, Api("http://unused", user_id, "a1"), "job-contended")
+    assert record.status == "queued" and record.failures == 0 and record.attempts == 1

@@ -12,13 +12,15 @@ from datetime import timedelta
 from contracts.adapters import CURRENT_LOCK_SECONDS, CURRENT_LOCK_WAIT_SECONDS, CurrentAdapterLock
 from contracts.jobs import utcnow
 from contracts.keys import current_adapter_lock_key
+from trainer.errors import RetryLater
 from trainer.s3_objects import S3Objects
 
 log = logging.getLogger("avatune.trainer")
 
 
-class CurrentAdapterBusy(RuntimeError):
-    """Someone else kept changing the current adapter for longer than we wait (retried)."""
+class CurrentAdapterBusy(RetryLater):
+    """Someone else kept changing the current adapter for longer than we wait: the job is handed
+    back and retried later, not failed (a dead holder's lock expires on its own)."""
 
 
 @contextmanager

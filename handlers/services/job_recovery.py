@@ -53,12 +53,10 @@ class JobRecovery:
         """`record` as it is once settled (unchanged when it is not abandoned)."""
         if not self.abandoned(record):
             return record
-        verdict: list[str] = []
 
         def settle(current: JobRecord) -> JobRecord | None:
-            verdict.clear()
             if not self.abandoned(current):
-                return None  # a worker took it back meanwhile
+                return None  # a worker took it back meanwhile (or our own write already went in)
             assert current.lease is not None
             lost = (
                 f"its worker stopped renewing its lease at {current.lease.expires_at:%Y-%m-%d %H:%M:%S}Z "
@@ -71,21 +69,25 @@ class JobRecovery:
                 current.status = "failed"
                 current.finished_at = utcnow()
                 current.error = f"gave up after {current.failures} failed attempts: {lost}"
-                verdict.append("failed")
             else:
                 current.status = "queued"
                 current.error = lost
-                verdict.append("queued")
             return current
 
         try:
             settled = await self._jobs.update(avatar, record.id, settle)
         except JobNotFound:
             return record
-        if verdict == ["queued"]:
+        # Decided by what the record says now, not by whether this call's write went in: when
+        # S3's answer to it is lost, the retry finds the job already settled (by this very
+        # write) and changes nothing, and the message must go out all the same. The
+        # deduplication id makes a second send of the same settlement a no-op.
+        if settled.failures <= record.failures:
+            return settled  # someone else's change: not ours to follow up
+        if settled.status == "queued":
             log.warning("job %s had no worker for its lease; queued again", record.id)
             await self._queue.send(request_of(settled), deduplication_id=f"{record.id}.requeue-{settled.failures}")
-        elif verdict == ["failed"]:
+        elif settled.status == "failed":
             log.warning("job %s had no worker for its lease; failed", record.id)
             await self.finished_here(avatar, settled)
         return settled

@@ -29,7 +29,7 @@ from trainer.base_model import BaseModelCache
 from trainer.checkpoint_schedule import CheckpointSchedule
 from trainer.control import CANCELLED, DURATION_EXCEEDED, PREEMPTED
 from trainer.documents import DocumentSource
-from trainer.errors import JobFailure, is_cuda_oom
+from trainer.errors import JobFailure, RetryLater, is_cuda_oom
 from trainer.events import EventPublisher
 from trainer.job_store import JobStore
 from trainer.runtime import claims
@@ -179,6 +179,10 @@ class JobRunner:
             return Outcome.DONE
         except LeaseLost as exc:
             log.warning("%s; stopping without writing", exc)
+            return Outcome.RETRY
+        except RetryLater as exc:
+            log.warning("job %s: %s; handed back to be retried later", job.id, exc)
+            self._release(job)
             return Outcome.RETRY
         except Exception as exc:
             if is_cuda_oom(exc):
