@@ -44,6 +44,7 @@ def test_sigterm_hands_a_dpo_job_back_and_the_next_worker_resumes_it(pipeline: P
             m = done["metrics"]
             assert m["resumed_from_step"] >= 5 and done["attempts"] == 2 and done["adapter_version"] == 1
             assert m["objective"] == "dpo" and m["steps"] == done["progress"]["total_steps"]
+            assert pipeline.wait_events(job["id"], "job.succeeded")[-1] == "job.succeeded"
             assert keys_under(s3, checkpoint_prefix(api.user_id, api.avatar_id, job["id"])) == []
         finally:
             second.send_signal(signal.SIGTERM)
@@ -66,6 +67,9 @@ def test_cancel_ends_a_running_kto_job_with_nothing_published(pipeline: Pipeline
             assert api.post(f"{api.base}/training-jobs/{kto['id']}/cancel").status_code == 202
             done, _ = wait_for_job(api, kto["id"], {"cancelled", "succeeded", "failed"}, pipeline=pipeline)
             assert done["status"] == "cancelled" and done["adapter_version"] is None
+            # The final event follows the job's tail (slot freed, checkpoints dropped): the
+            # record can read "cancelled" a moment before its checkpoints are gone.
+            assert pipeline.wait_events(kto["id"], "job.cancelled")[-1] == "job.cancelled"
             keys = keys_under(s3, adapter_prefix(api.user_id, api.avatar_id))
             assert not [k for k in keys if "/versions/" in k or k.endswith(".safetensors") or "/checkpoints/" in k]
     finally:
