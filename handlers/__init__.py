@@ -2,7 +2,7 @@
 
 Must stay light: nothing under `handlers` may import torch, transformers or peft.
 
-Where things live (each layer imports only the layers below it; tests/test_api_layout.py):
+Where things live (each layer imports only the layers below it; tests/api/test_api_layout.py):
 
 - `app.py`, `lambda_handler.py`: the application and its Lambda entry point;
 - `routes/`: one module per resource: validate the request, call a service or a store, answer

@@ -5,7 +5,7 @@ position_ids: it computes attention over all T x T positions and throws most awa
 also keeps the kernel off its causal fast path). `PACKED_SDPA` runs causal SDPA once per
 example instead (the boundaries are where position_ids stop counting up, the rule
 transformers itself uses), so attention costs sum(len^2) / 2 rather than T^2 and no mask is
-built. Results are the same as the masked path (tests/test_bench_training.py). Anything
+built. Results are the same as the masked path (tests/bench/test_bench_training.py). Anything
 else (a padding mask, a batch of several rows, a cache) goes to the stock SDPA function.
 """
 

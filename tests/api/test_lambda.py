@@ -76,7 +76,7 @@ def test_mangum_handler_serves_api_gateway_v2_events(moto_endpoint: str, stack) 
 
 APIGW_SCRIPT = """
 import json, sys
-from tests.test_lambda import apigw_v2_event
+from tests.api.test_lambda import apigw_v2_event
 from handlers.lambda_handler import handler
 path = "/v1/users/carol/avatars/a/training-data"
 ok = handler(apigw_v2_event("GET", path, claims={"sub": "carol"}), None)

@@ -30,7 +30,8 @@ from handlers.idempotency import IDEMPOTENCY_RECORD_TAG
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT  # noqa: E402
+
 TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 MAKEFILE = ROOT / "infra" / "aws" / "Makefile"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 DOCKERFILES = ["Dockerfile.dev", "Dockerfile.trainer"]
 
 

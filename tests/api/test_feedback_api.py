@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from tests.conftest import Api, keys_under
-from tests.test_preference_documents import BAD_LINES, GOOD, PAIR_SHAPES, jsonl
+from tests.contracts.test_preference_documents import BAD_LINES, GOOD, PAIR_SHAPES, jsonl
 
 USER = [{"role": "user", "content": "How was the trip?"}]
 

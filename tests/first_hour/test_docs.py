@@ -37,7 +37,7 @@ def test_the_site_builds_with_no_broken_link(tmp_path: Path) -> None:
 
 def test_the_readme_is_a_landing_page() -> None:
     headings = re.findall(r"^## (.+)$", README, flags=re.M)
-    assert headings == ["Set up", "Quickstart", "Where to go next"]
+    assert headings == ["Set up", "Quickstart", "Adding a job kind", "Where to go next"]
     setup = README.split("## Set up", 1)[1].split("## Quickstart", 1)[0]
     commands = re.findall(r"```sh\n(.*?)```", setup, flags=re.S)[0]
     assert [line.split("#")[0].strip() for line in commands.strip().splitlines()] == ["make dev", "make test"]
@@ -53,3 +53,20 @@ def test_make_docs_builds_the_site_strictly() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = r"^docs: install\n\t(NO_MKDOCS_2_WARNING=1 )?\$\(PY\) -m mkdocs build --strict$"
     assert re.search(recipe, makefile, flags=re.M)
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """The fault table and the test guide name the tests that hold each promise: a renamed or
+    deleted test must not leave the page pointing at nothing."""
+    defined = {
+        m.group(1)
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for m in re.finditer(r"^(?:async )?def (test_\w+)", path.read_text(), flags=re.M)
+    }
+    for page in ("faults.md", "testing.md"):
+        text = (ROOT / "docs" / page).read_text()
+        named = set(re.findall(r"`(test_\w+)(?:\[[^\]]*\])?`", text))
+        assert named or page != "faults.md"
+        assert named <= defined, f"{page} names tests that do not exist: {sorted(named - defined)}"
+        for path in re.findall(r"`((?:tests/)?[a-z_]+/test_\w+\.py)`", text):
+            assert (ROOT / (path if path.startswith("tests/") else f"tests/{path}")).is_file(), path

@@ -329,7 +329,7 @@ def test_rag_generation_puts_the_retrieved_passage_into_the_prompt(pipeline: Pip
 
 
 def test_cli_generate_prints_the_completion(pipeline: Pipeline, trained: Api) -> None:
-    from tests.test_cli import Cli, failed, ok
+    from tests.first_hour.test_cli import Cli, failed, ok
 
     cli = Cli(pipeline.api_url, trained.user_id, trained.avatar_id)
     result = ok(

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 PACKAGES = ("handlers", "contracts")
 # Plain classes over S3/SQS: importing one must not import FastAPI (or Starlette).
 FASTAPI_FREE = (

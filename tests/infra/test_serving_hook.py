@@ -1,6 +1,6 @@
 """The serving hook's reading of events (infra/serving_hook.py): which events make a version
-current. Its loading into real engines is tests/test_serving_engine.py (llama.cpp) and
-tests/test_serving_vllm.py (vLLM)."""
+current. Its loading into real engines is tests/trainer/test_serving_engine.py (llama.cpp) and
+tests/trainer/test_serving_vllm.py (vLLM)."""
 
 from __future__ import annotations
 

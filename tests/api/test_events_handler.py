@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,8 @@ from contracts.jobs import JobRecord
 from contracts.messages import JOB_EVENT_SCHEMA, JobEvent
 from handlers import events_handler
 from handlers.events_handler import handler
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUEUE_ARN = "arn:aws:sqs:us-east-1:123456789012:avatune-events"
 
 
@@ -312,7 +311,7 @@ def test_the_events_bundle_runs_on_its_own(tmp_path):
         print(json.dumps(eh.handler(event, None)))
         """
     )
-    # No S3_BUCKET: webhook delivery is off, so a final event needs no boto3 (tests/test_webhooks.py
+    # No S3_BUCKET: webhook delivery is off, so a final event needs no boto3 (tests/api/test_webhooks.py
     # delivers them).
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "S3_BUCKET")}
     run = subprocess.run(

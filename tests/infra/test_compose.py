@@ -27,7 +27,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT  # noqa: E402
+
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 READY_D_TARGET = "/etc/localstack/init/ready.d"
 LOCALSTACK_IMAGE = "localstack/localstack:4.14.0"

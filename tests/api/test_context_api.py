@@ -19,8 +19,8 @@ from contracts.context_documents import DocumentError, parse_context_document
 from contracts.job_kinds import parse_train_queue_message
 from contracts.keys import context_data_prefix, job_key, jobs_prefix, user_prefix, vectorstore_prefix
 from contracts.messages import IndexRequest, RetrieveRequest
+from tests.api.test_jobs_api import Server, drain, pointer, record, serve, set_status
 from tests.conftest import TEST_BUCKET, Api, keys_under, stop
-from tests.test_jobs_api import Server, drain, pointer, record, serve, set_status
 
 MAX = 4096  # MAX_UPLOAD_BYTES of this module's servers
 AUTO = "Avatune-Auto-Index"

@@ -29,9 +29,9 @@ import pytest
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
-from tests.test_infra_aws import load_template, render  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.infra.test_infra_aws import load_template, render  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 PLACEHOLDER = "REPLACED-FROM-values.yaml"
 CORE_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Deployment"}
