@@ -29,6 +29,7 @@ from handlers.idempotency import MAX_IDEMPOTENCY_KEY_LENGTH, Idempotency
 from handlers.job_store import JobStore
 from handlers.openapi import BEARER, ID_SCHEMA, IDEMPOTENCY_KEY_SCHEMA
 from handlers.problems import Problem
+from handlers.services.jobs import JobIntake
 from handlers.settings import Settings, get_settings
 from handlers.train_queue import TrainQueue
 from handlers.training_data_store import TrainingDataStore
@@ -185,3 +186,16 @@ async def idempotency(
 
 
 IdempotencyDep = Annotated[Idempotency | None, Depends(idempotency)]
+
+
+# -- creating jobs ---------------------------------------------------------------------------
+
+
+def job_intake(
+    jobs: JobStoreDep, queue: TrainQueueDep, settings: SettingsDep, idempotency: IdempotencyDep
+) -> JobIntake:
+    """What every route that creates a job hands its service (`handlers.services.jobs.queue_job`)."""
+    return JobIntake(jobs, queue, settings, idempotency)
+
+
+JobIntakeDep = Annotated[JobIntake, Depends(job_intake)]

@@ -37,7 +37,7 @@ from handlers.context_store import ContextDocument
 from handlers.dependencies import (
     AuthorizedAvatar,
     ContextStoreDep,
-    IdempotencyDep,
+    JobIntakeDep,
     JobStoreDep,
     SettingsDep,
     TrainQueueDep,
@@ -59,6 +59,7 @@ from handlers.openapi import (
 from handlers.paging import encode_cursor, page_after
 from handlers.problems import Problem
 from handlers.services.context_jobs import IndexJobBody, RetrievalBody, auto_index, queue_index_job, queue_retrieval
+from handlers.services.jobs import JobIntake
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue
 from handlers.uploads import checked_name, presigned_size, read_capped_body
@@ -109,8 +110,9 @@ async def _auto_index(
     avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings, response: Response
 ) -> None:
     """AUTO_INDEX after a document change (`context_jobs.auto_index`); its outcome in the
-    response headers (module doc)."""
-    done = await auto_index(avatar, jobs, queue, settings)
+    response headers (module doc). The upload's own request is no job request: no
+    Idempotency-Key is read (the body is streamed under its cap, never read whole for a key)."""
+    done = await auto_index(avatar, JobIntake(jobs, queue, settings))
     if done is None:
         return
     response.headers[AUTO_INDEX_HEADER] = done.outcome
@@ -159,10 +161,7 @@ async def presign_context_upload(
 async def create_index_job(
     avatar: AuthorizedAvatar,
     store: ContextStoreDep,
-    jobs: JobStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
     body: Annotated[
         IndexJobBody | None,
         Body(
@@ -176,7 +175,7 @@ async def create_index_job(
     """Chunk and embed the avatar's context documents into the user's vector index on S3
     (incremental: only new and changed documents are embedded, deleted ones dropped). Answers
     202 with the job; its `result` holds the counts once it succeeded."""
-    record = await queue_index_job(avatar, body or IndexJobBody(), store, jobs, queue, settings, idempotency)
+    record = await queue_index_job(avatar, body or IndexJobBody(), store, intake)
     return JobView.of(record)
 
 
@@ -267,14 +266,11 @@ async def delete_context_document(
 async def create_retrieval(
     avatar: AuthorizedAvatar,
     store: ContextStoreDep,
-    jobs: JobStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
     body: Annotated[RetrievalBody, Body(openapi_examples=RETRIEVAL_EXAMPLES)],
 ) -> JobView:
     """The avatar's chunks closest to `query` (at most `top_k`, each at least `score_threshold`,
     whose metadata equals every `filters` item), found by a retrieve job: answers 202 with the
     job; its `result.passages` holds them, best first, once it succeeded."""
-    record = await queue_retrieval(avatar, body, store, jobs, queue, settings, idempotency)
+    record = await queue_retrieval(avatar, body, store, intake)
     return JobView.of(record)

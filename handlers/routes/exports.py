@@ -26,10 +26,8 @@ from handlers.adapter_store import AdapterFile
 from handlers.dependencies import (
     AdapterStoreDep,
     AuthorizedAvatar,
-    IdempotencyDep,
-    JobStoreDep,
+    JobIntakeDep,
     SettingsDep,
-    TrainQueueDep,
 )
 from handlers.job_views import JobView
 from handlers.openapi import AUTHORIZED, JOB_CREATED, problems
@@ -95,17 +93,14 @@ async def create_export(
             }
         ),
     ],
-    jobs: JobStoreDep,
     adapters: AdapterStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
 ) -> JobView:
     """Queue an export job writing an adapter version (the current one unless named) in a serving
     format under `exports/{version}/{format}/`, its manifest last: `gguf` for llama.cpp (and the
     base as GGUF with `include_base`), `peft` for vLLM and transformers. The job is shown, listed
     and cancelled under `.../training-jobs`."""
-    record = await queue_export_job(avatar, body, adapters, jobs, queue, settings, idempotency)
+    record = await queue_export_job(avatar, body, adapters, intake)
     return JobView.of(record)
 
 

@@ -19,10 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from handlers.dependencies import (
     AdapterStoreDep,
     AuthorizedAvatar,
-    IdempotencyDep,
-    JobStoreDep,
-    SettingsDep,
-    TrainQueueDep,
+    JobIntakeDep,
 )
 from handlers.job_views import JobView
 from handlers.openapi import AUTHORIZED, JOB_CREATED, problems
@@ -61,11 +58,8 @@ class FuseJobBody(BaseModel):
 )
 async def create_fuse_job(
     avatar: AuthorizedAvatar,
-    jobs: JobStoreDep,
     adapters: AdapterStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
     body: Annotated[
         FuseJobBody | None,
         Body(
@@ -80,5 +74,5 @@ async def create_fuse_job(
     `merged/{version}/`; `GET {base}/merged-models/{version}` hands the files out once the job
     succeeded. Answers 202 with the job."""
     requested = body.adapter_version if body else None
-    record = await queue_fuse_job(avatar, requested, adapters, jobs, queue, settings, idempotency)
+    record = await queue_fuse_job(avatar, requested, adapters, intake)
     return JobView.of(record)

@@ -23,10 +23,7 @@ from contracts.messages import GenerateParams
 from handlers.dependencies import (
     AdapterStoreDep,
     AuthorizedAvatar,
-    IdempotencyDep,
-    JobStoreDep,
-    SettingsDep,
-    TrainQueueDep,
+    JobIntakeDep,
 )
 from handlers.job_views import JobView
 from handlers.openapi import AUTHORIZED, GENERATION_EXAMPLES, JOB_CREATED, problems
@@ -53,15 +50,12 @@ BASE = "/v1/users/{user_id}/avatars/{avatar_id}/generations"
 async def create_generation(
     avatar: AuthorizedAvatar,
     body: Annotated[GenerateParams, Body(openapi_examples=GENERATION_EXAMPLES)],
-    jobs: JobStoreDep,
     adapters: AdapterStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
 ) -> JobView:
     """One greedy completion by an adapter version (omitted: the current one; `0`: the base
     alone) on the trainer, optionally with passages from the avatar's index (`rag`). Answers
     202 with the job; its `result` holds the completion once it succeeded. For trying an
     adapter, not for serving traffic."""
-    record = await queue_generation(avatar, body, adapters, jobs, queue, settings, idempotency)
+    record = await queue_generation(avatar, body, adapters, intake)
     return JobView.of(record)

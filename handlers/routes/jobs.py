@@ -16,7 +16,7 @@ from handlers.avatar_ref import AvatarRef
 from handlers.dependencies import (
     AuthorizedAvatar,
     AuthorizedUser,
-    IdempotencyDep,
+    JobIntakeDep,
     JobStoreDep,
     SettingsDep,
     TrainingDataStoreDep,
@@ -73,11 +73,8 @@ async def _page(jobs: JobStore, refs: list[AvatarRef], limit: int, cursor: str |
 )
 async def create_job(
     avatar: AuthorizedAvatar,
-    jobs: JobStoreDep,
     documents: TrainingDataStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
     body: Annotated[TrainJobBody | None, Body(openapi_examples=TRAIN_JOB_EXAMPLES)] = None,
 ) -> JobView:
     """Queue a training job on the avatar's documents flagged `use_for_training` (and the body's
@@ -85,7 +82,7 @@ async def create_job(
     adapter configuration and/or the full job spec (`tuning`, `promote`, `callbacks`, ...).
     Answers 202 with the job; follow it with `GET .../training-jobs/{job_id}`. One active job
     per avatar (409 naming it), MAX_ACTIVE_JOBS_PER_USER per user (429)."""
-    record = await queue_train_job(avatar, body or TrainJobBody(), documents, jobs, queue, settings, idempotency)
+    record = await queue_train_job(avatar, body or TrainJobBody(), documents, intake)
     return JobView.of(record)
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from handlers.dependencies import (
     FileStoreDep,
     FineTuningStoreDep,
-    IdempotencyDep,
+    JobIntakeDep,
     JobStoreDep,
     OpenAIUser,
     SettingsDep,
@@ -45,14 +45,11 @@ async def create_job(
     body: FineTuningJobCreate,
     files: FileStoreDep,
     entries: FineTuningStoreDep,
-    jobs: JobStoreDep,
     documents: TrainingDataStoreDep,
-    queue: TrainQueueDep,
-    settings: SettingsDep,
-    idempotency: IdempotencyDep,
+    intake: JobIntakeDep,
 ) -> FineTuningJob:
-    stores = service.JobStores(files=files, entries=entries, jobs=jobs, documents=documents, queue=queue)
-    return await service.create_job(user_id, body, stores, settings, idempotency)
+    stores = service.JobStores(files=files, entries=entries, documents=documents)
+    return await service.create_job(user_id, body, stores, intake)
 
 
 @router.get("", response_model=CursorPage[FineTuningJob], summary="The user's fine-tuning jobs, newest first")

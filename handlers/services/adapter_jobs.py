@@ -19,12 +19,8 @@ from contracts.jobs import JobRecord
 from contracts.messages import ExportParams, ExportRequest, FuseRequest, GenerateParams, GenerateRequest
 from handlers.adapter_store import AdapterStore
 from handlers.avatar_ref import AvatarRef
-from handlers.idempotency import Idempotency
-from handlers.job_store import JobStore
 from handlers.problems import Problem
-from handlers.services.jobs import JobPlan, api_request, queue_job
-from handlers.settings import Settings
-from handlers.train_queue import TrainQueue
+from handlers.services.jobs import JobIntake, JobPlan, api_request, queue_job
 
 
 async def kept_version(adapters: AdapterStore, avatar: AvatarRef, requested: int | None, no_adapter: str) -> int:
@@ -49,10 +45,7 @@ async def queue_fuse_job(
     avatar: AvatarRef,
     requested: int | None,
     adapters: AdapterStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> JobRecord:
     """Create and queue a fuse job merging version `requested` (None: the current one)."""
 
@@ -61,17 +54,14 @@ async def queue_fuse_job(
         version = await kept_version(adapters, avatar, requested, no_adapter)
         return lambda job_id: api_request(FuseRequest, avatar, job_id, adapter_version=version)
 
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    return await queue_job(avatar, intake, prepare)
 
 
 async def queue_generation(
     avatar: AvatarRef,
     params: GenerateParams,
     adapters: AdapterStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> JobRecord:
     """Create and queue a generation job with `params` (its adapter version resolved)."""
 
@@ -86,17 +76,14 @@ async def queue_generation(
         resolved = params.model_copy(update={"adapter_version": version})
         return lambda job_id: api_request(GenerateRequest, avatar, job_id, **resolved.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    return await queue_job(avatar, intake, prepare)
 
 
 async def queue_export_job(
     avatar: AvatarRef,
     params: ExportParams,
     adapters: AdapterStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> JobRecord:
     """Create and queue an export job writing `params.adapter_version` (None: the current one)."""
 
@@ -108,7 +95,7 @@ async def queue_export_job(
         resolved = params.model_copy(update={"adapter_version": version})
         return lambda job_id: api_request(ExportRequest, avatar, job_id, **resolved.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    return await queue_job(avatar, intake, prepare)
 
 
 async def _refuse_unloadable(adapters: AdapterStore, avatar: AvatarRef, version: int) -> None:

@@ -22,12 +22,9 @@ from contracts.jobs import JobRecord
 from contracts.messages import IndexRequest, RetrieveRequest
 from handlers.avatar_ref import AvatarRef
 from handlers.context_store import ContextStore
-from handlers.idempotency import Idempotency
 from handlers.job_store import JobStore
 from handlers.problems import Problem
-from handlers.services.jobs import JobPlan, api_request, queue_job
-from handlers.settings import Settings
-from handlers.train_queue import TrainQueue
+from handlers.services.jobs import JobIntake, JobPlan, api_request, queue_job
 
 log = logging.getLogger("avatune.api")
 
@@ -86,10 +83,7 @@ async def queue_index_job(
     avatar: AvatarRef,
     options: IndexJobBody,
     store: ContextStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> JobRecord:
     """Create and queue an index job; 409 when there is nothing to index."""
 
@@ -103,17 +97,14 @@ async def queue_index_job(
             )
         return lambda job_id: api_request(IndexRequest, avatar, job_id, **options.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    return await queue_job(avatar, intake, prepare)
 
 
 async def queue_retrieval(
     avatar: AvatarRef,
     query: RetrievalBody,
     store: ContextStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> JobRecord:
     """Create and queue a retrieve job; 409 while the user has no vector index."""
 
@@ -126,7 +117,7 @@ async def queue_retrieval(
             )
         return lambda job_id: api_request(RetrieveRequest, avatar, job_id, **query.model_dump())
 
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare)
+    return await queue_job(avatar, intake, prepare)
 
 
 @dataclass(frozen=True)
@@ -137,19 +128,19 @@ class AutoIndex:
     job_id: str | None
 
 
-async def auto_index(avatar: AvatarRef, jobs: JobStore, queue: TrainQueue, settings: Settings) -> AutoIndex | None:
+async def auto_index(avatar: AvatarRef, intake: JobIntake) -> AutoIndex | None:
     """With AUTO_INDEX on, queue an index job after a document change (None when off). Never
     raises: the change is already stored."""
-    if not settings.auto_index:
+    if not intake.settings.auto_index:
         return None
 
     async def prepare() -> JobPlan:
         return lambda job_id: api_request(IndexRequest, avatar, job_id)
 
     try:
-        record = await queue_job(avatar, jobs, queue, settings, None, prepare)
+        record = await queue_job(avatar, intake.without_key(), prepare)
     except Problem as problem:
-        return await _not_queued(avatar, jobs, problem)
+        return await _not_queued(avatar, intake.jobs, problem)
     except Exception:
         log.exception("auto-index for %s/%s failed", avatar.user_id, avatar.avatar_id)
         return AutoIndex("failed", None)

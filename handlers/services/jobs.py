@@ -31,6 +31,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -61,6 +62,22 @@ Undo = Callable[[], Awaitable[object]]
 JobStage = Callable[[str], Awaitable[Undo]]
 
 
+@dataclass(frozen=True)
+class JobIntake:
+    """What creating a job of any kind needs besides its avatar: the job records, the train
+    queue, the settings and the request's `Idempotency-Key` (None without one).
+    `handlers.dependencies.JobIntakeDep` builds it for a route."""
+
+    jobs: JobStore
+    queue: TrainQueue
+    settings: Settings
+    idempotency: Idempotency | None = None
+
+    def without_key(self) -> JobIntake:
+        """The same, for a job the request did not ask for (AUTO_INDEX): no Idempotency-Key."""
+        return replace(self, idempotency=None)
+
+
 def api_request(model: type[RequestT], avatar: AvatarRef, job_id: str, **fields: Any) -> RequestT:
     """The queue request (of the kind `model` is) for a job the API creates: `origin="api"`, so
     the trainer drops it should the API have rolled the job's record back."""
@@ -75,10 +92,7 @@ def api_request(model: type[RequestT], avatar: AvatarRef, job_id: str, **fields:
 
 async def queue_job(
     avatar: AvatarRef,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
     prepare: Callable[[], Awaitable[JobPlan]],
     stage: JobStage | None = None,
 ) -> JobRecord:
@@ -88,6 +102,7 @@ async def queue_job(
     type's own problems (409 no flagged document, 404 no adapter version, ...) or returns the
     plan that builds the job's queue request. `stage` stores what the job needs before it is
     queued (rolled back with the rest when queueing fails)."""
+    jobs, queue, settings, idempotency = intake.jobs, intake.queue, intake.settings, intake.idempotency
     ttl = timedelta(hours=settings.idempotency_key_ttl_hours)
     if idempotency and (earlier := await _earlier_job(jobs, avatar, idempotency, ttl)):
         return earlier

@@ -44,7 +44,6 @@ from contracts.spec import BaseModelSpec, Callbacks, DatasetSource, Integrations
 from handlers.avatar_ref import AvatarRef
 from handlers.file_store import FileStore
 from handlers.fine_tuning_store import FineTuningStore
-from handlers.idempotency import Idempotency
 from handlers.job_spec import TrainJobBody
 from handlers.job_store import JobStore, fill_page
 from handlers.openai_models import (
@@ -59,7 +58,7 @@ from handlers.openai_models import (
 from handlers.openai_views import DEFAULT_LEARNING_RATE, event_key, job_checkpoints, job_events, job_object
 from handlers.problems import Problem
 from handlers.services import jobs as job_service
-from handlers.services.jobs import Undo
+from handlers.services.jobs import JobIntake, Undo
 from handlers.services.openai_files import FINE_TUNE, stored_file
 from handlers.services.train_jobs import queue_train_job
 from handlers.settings import Settings
@@ -77,13 +76,11 @@ OPENAI_HOSTED = re.compile(r"^(gpt-|chatgpt-|o\d|babbage-|davinci-)")
 
 @dataclass(frozen=True)
 class JobStores:
-    """What a fine-tuning request reads and writes."""
+    """What a fine-tuning request reads and writes besides the job itself (`JobIntake`)."""
 
     files: FileStore
     entries: FineTuningStore
-    jobs: JobStore
     documents: TrainingDataStore
-    queue: TrainQueue
 
 
 def _bad(param: str, message: str, code: str | None = None) -> Problem:
@@ -184,10 +181,10 @@ async def create_job(
     user_id: str,
     body: FineTuningJobCreate,
     stores: JobStores,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
 ) -> FineTuningJob:
     """Create and queue the training job `body` asks for; its `fine_tuning.job`."""
+    settings = intake.settings
     avatar_id = _avatar_of(body)
     base = base_model_of(body.model, settings.openai_model_aliases)
     hyper = _hyperparameters(body)
@@ -230,9 +227,7 @@ async def create_job(
 
     avatar = AvatarRef(user_id, avatar_id)
     try:
-        record = await queue_train_job(
-            avatar, train_body, stores.documents, stores.jobs, stores.queue, settings, idempotency, keep_entry
-        )
+        record = await queue_train_job(avatar, train_body, stores.documents, intake, keep_entry)
     except Problem as problem:
         raise _in_openai_terms(problem) from None
     kept = await stores.entries.get(user_id, record.id)  # an Idempotency-Key replay answers the earlier job

@@ -22,14 +22,11 @@ from contracts.sealing import SealError, job_context, seal_callbacks
 from contracts.spec import JobSpec
 from handlers.avatar_ref import AvatarRef
 from handlers.documents import DocumentNotFound
-from handlers.idempotency import Idempotency
 from handlers.job_spec import TrainJobBody, check_job_body
-from handlers.job_store import JobStore
 from handlers.problems import Problem
 from handlers.services.feedback import preference_documents_exist
-from handlers.services.jobs import JobPlan, JobStage, Undo, api_request, queue_job
+from handlers.services.jobs import JobIntake, JobPlan, JobStage, Undo, api_request, queue_job
 from handlers.settings import Settings
-from handlers.train_queue import TrainQueue
 from handlers.training_data_store import TrainingDataStore
 
 log = logging.getLogger("avatune.api")
@@ -44,15 +41,13 @@ async def queue_train_job(
     avatar: AvatarRef,
     body: TrainJobBody,
     documents: TrainingDataStore,
-    jobs: JobStore,
-    queue: TrainQueue,
-    settings: Settings,
-    idempotency: Idempotency | None,
+    intake: JobIntake,
     also: JobStage | None = None,
 ) -> JobRecord:
     """Check, create and queue a training job; its record. 422 for an impossible body (before
     anything else), then the problems of `queue_job`. `also` stores what the caller keeps beside
     the job (the OpenAI surface's entry), after the job's own stages, undone with them."""
+    settings = intake.settings
     inline = check_job_body(
         body,
         user_id=avatar.user_id,
@@ -86,7 +81,7 @@ async def queue_train_job(
     stage = _inline_stage(avatar, documents, inline) if inline is not None else None
     if _has_auth_header(spec):
         stage = _sealing_stage(settings, avatar, spec, sealed, stage)
-    return await queue_job(avatar, jobs, queue, settings, idempotency, prepare, _chained(stage, also))
+    return await queue_job(avatar, intake, prepare, _chained(stage, also))
 
 
 def _chained(first: JobStage | None, then: JobStage | None) -> JobStage | None:

@@ -19,7 +19,7 @@ from handlers.avatar_ref import AvatarRef
 from handlers.idempotency import Idempotency
 from handlers.job_store import JobStore
 from handlers.problems import Problem
-from handlers.services.jobs import api_request, queue_job
+from handlers.services.jobs import JobIntake, api_request, queue_job
 from handlers.settings import Settings
 from handlers.train_queue import TrainQueue
 from tests.conftest import TEST_BUCKET, keys_under
@@ -64,9 +64,8 @@ def create(avatar: AvatarRef, claimed: bool) -> JobRecord | Problem:
                 return lambda job_id: api_request(FuseRequest, avatar, job_id, adapter_version=1)
 
             try:
-                return await queue_job(
-                    avatar, jobs, queue, Settings(), Idempotency.of("key-1", "POST", "/fuse-jobs", b"{}"), prepare
-                )
+                key = Idempotency.of("key-1", "POST", "/fuse-jobs", b"{}")
+                return await queue_job(avatar, JobIntake(jobs, queue, Settings(), key), prepare)
             except Problem as problem:
                 return problem
 
