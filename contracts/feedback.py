@@ -142,3 +142,12 @@ class FeedbackItem(BaseModel):
 class FeedbackList(BaseModel):
     items: list[FeedbackItem]
     next_cursor: str | None
+
+
+class FeedbackKeyRecord(BaseModel):
+    """`adapters/idempotency/feedback/{sha256 of the key}.json`: the item a feedback POST with
+    an Idempotency-Key created, and the fingerprint of that request (`handlers.idempotency`)."""
+
+    feedback_id: str
+    fingerprint: str
+    created_at: datetime

@@ -80,6 +80,12 @@ def idempotency_key(user_id: str, avatar_id: str, key_hash: str) -> str:
     return f"{adapter_prefix(user_id, avatar_id)}idempotency/{key_hash}.json"
 
 
+def feedback_idempotency_key(user_id: str, avatar_id: str, key_hash: str) -> str:
+    """The Idempotency-Key record of a feedback POST: apart from the jobs' records, so a key is
+    scoped to what it created."""
+    return f"{adapter_prefix(user_id, avatar_id)}idempotency/feedback/{key_hash}.json"
+
+
 def document_name_from_key(key: str, prefix: str) -> str | None:
     """The document name of `key` directly under `prefix`, or None for anything nested or foreign."""
     if not key.startswith(prefix):

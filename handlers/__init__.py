@@ -16,7 +16,8 @@ Where things live (each layer imports only the layers below it; tests/api/test_a
 - the stores, one per kind of S3 key, plain classes without FastAPI: `job_store.py`,
   `adapter_store.py`, `training_data_store.py` (with its cache, `flag_index.py`),
   `context_store.py`, `file_store.py` and `fine_tuning_store.py` (the user's files and
-  fine-tuning entries); `train_queue.py` for SQS;
+  fine-tuning entries), `feedback_keys.py` (feedback's Idempotency-Key records);
+  `train_queue.py` for SQS;
 - S3 underneath them: `s3_json.py` (small JSON objects, conditional writes), `s3_objects.py`
   (S3 failures as typed answers), `aws.py` (the process's clients);
 - request helpers: `auth.py`, `idempotency.py`, `job_spec.py`, `uploads.py`, `paging.py`,

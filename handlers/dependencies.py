@@ -1,6 +1,7 @@
 """Every FastAPI dependency of the API: the settings, the caller's authorisation, the typed
-stores and queues, and the `Idempotency-Key` header. Routes declare what they need with the
-aliases below (`AuthorizedAvatar`, `JobStoreDep`, ...); nothing else in `handlers/` knows
+stores and queues, the `Idempotency-Key` header, and the bundles a service takes
+(`JobIntakeDep`, `FeedbackIntakeDep`). Routes declare what they need with the aliases below
+(`AuthorizedAvatar`, `JobStoreDep`, ...); nothing else in `handlers/` knows
 about `Depends`, so stores, queues and services stay plain classes and functions that tests
 and other entry points build directly.
 
@@ -11,6 +12,7 @@ client, PyJWT with the first token (`handlers.auth`), so `/healthz` needs neithe
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
@@ -23,12 +25,14 @@ from handlers.auth import Principal, may_act_for, verified_principal
 from handlers.avatar_ref import AvatarRef
 from handlers.aws import s3_client, sqs_client
 from handlers.context_store import ContextStore
+from handlers.feedback_keys import FeedbackKeys
 from handlers.file_store import FileStore
 from handlers.fine_tuning_store import FineTuningStore
 from handlers.idempotency import MAX_IDEMPOTENCY_KEY_LENGTH, Idempotency
 from handlers.job_store import JobStore
 from handlers.openapi import BEARER, ID_SCHEMA, IDEMPOTENCY_KEY_SCHEMA
 from handlers.problems import Problem
+from handlers.services.feedback import FeedbackIntake
 from handlers.services.jobs import JobIntake
 from handlers.settings import Settings, get_settings
 from handlers.train_queue import TrainQueue
@@ -199,3 +203,19 @@ def job_intake(
 
 
 JobIntakeDep = Annotated[JobIntake, Depends(job_intake)]
+
+
+def feedback_intake(
+    documents: TrainingDataStoreDep, jobs: JobStoreDep, settings: SettingsDep, s3: S3ClientDep
+) -> FeedbackIntake:
+    """Where `POST {base}/feedback` stores its item and its Idempotency-Key record."""
+    return FeedbackIntake(
+        documents,
+        jobs,
+        FeedbackKeys(s3, settings.s3_bucket, settings.s3_max_concurrency),
+        settings.max_upload_bytes,
+        timedelta(hours=settings.idempotency_key_ttl_hours),
+    )
+
+
+FeedbackIntakeDep = Annotated[FeedbackIntake, Depends(feedback_intake)]

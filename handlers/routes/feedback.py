@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from contracts.feedback import FeedbackBody, FeedbackItem, FeedbackList
-from handlers.dependencies import AuthorizedAvatar, JobStoreDep, SettingsDep, TrainingDataStoreDep
+from handlers.dependencies import AuthorizedAvatar, FeedbackIntakeDep, IdempotencyDep, TrainingDataStoreDep
 from handlers.openapi import AUTHORIZED, problems
 from handlers.paging import encode_cursor, page_after
 from handlers.services import feedback as feedback_service
@@ -34,25 +34,26 @@ BASE = "/v1/users/{user_id}/avatars/{avatar_id}/feedback"
         413,
         422,
         _404="the avatar has no such generation",
-        _409="the generation has not succeeded (yet)",
+        _409="the generation has not succeeded (yet), or a request with the same Idempotency-Key is in progress",
         _413="the item is larger than MAX_UPLOAD_BYTES",
-        _422="none of the three shapes, an empty reply, chosen equal to rejected, ...; `field` names it",
+        _422="none of the three shapes, an empty reply, chosen equal to rejected, ...; `field` names it; "
+        "or an Idempotency-Key used for a different item",
     ),
 )
 async def post_feedback(
     avatar: AuthorizedAvatar,
     body: FeedbackBody,
-    documents: TrainingDataStoreDep,
-    jobs: JobStoreDep,
-    settings: SettingsDep,
+    intake: FeedbackIntakeDep,
+    idempotency: IdempotencyDep,
     response: Response,
 ) -> FeedbackItem:
     """One judgement of a reply, in one of three shapes (the body says which): a rated reply
     (`messages`, `reply`, `rating` up or down), a pair (`messages`, `chosen`, `rejected`) or
     feedback on a generation job (`generation_id`, `rating` and/or `correction`: the job's own
     prompt and completion are used). Stored as one preference document of its own in
-    `training_data/` (flagged for training), which dpo and kto jobs learn from."""
-    item = await feedback_service.record_feedback(avatar, body, documents, jobs, settings.max_upload_bytes)
+    `training_data/` (flagged for training), which dpo and kto jobs learn from. A retry with the
+    same `Idempotency-Key` answers the item the first request stored and stores nothing."""
+    item = await feedback_service.record_feedback(avatar, body, intake, idempotency)
     response.headers["Location"] = f"{BASE.format(user_id=avatar.user_id, avatar_id=avatar.avatar_id)}/{item.id}"
     return item
 

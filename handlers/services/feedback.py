@@ -6,7 +6,11 @@ jobs train on.
   record -> a judgement, checked by the rules every preference document keeps (422 naming the
   field: an empty reply, chosen equal to rejected, ...) -> one new document `{id}.jsonl`,
   flagged as asked. Each item is its own object under a fresh id: concurrent app servers never
-  read-modify-write, so none loses another's item; a failure leaves nothing behind.
+  read-modify-write, so none loses another's item; a failure leaves nothing behind. With an
+  `Idempotency-Key` (`handlers.feedback_keys`) a retry of the same request answers the item the
+  first one stored instead of storing it twice; the key used for a different request is a 422;
+  a key whose item is gone (deleted, or its write failed) or older than
+  IDEMPOTENCY_KEY_TTL_HOURS is free again.
 - list: the avatar's feedback documents, newest first (their names sort so), read concurrently.
 - delete: one item's document (404 when there is none).
 
@@ -28,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
 
 from contracts.documents import ChatMessage as DocumentMessage
 from contracts.documents import DocumentError
@@ -55,6 +61,8 @@ from contracts.preferences import (
 from contracts.training_documents import parse_training_document
 from handlers.avatar_ref import AvatarRef
 from handlers.documents import DocumentNotFound
+from handlers.feedback_keys import FeedbackKeys
+from handlers.idempotency import Idempotency
 from handlers.job_store import JobStore
 from handlers.problems import Problem
 from handlers.training_data_store import TrainingDataStore, TrainingDocument
@@ -67,15 +75,33 @@ log = logging.getLogger("avatune.api")
 MAX_SNIFFED = 256
 SNIFF_BATCH = 16
 SNIFF_BYTES = 256 * 1024
+# How long a feedback key's record without its item counts as a request still in progress (an
+# API request lives at most API Gateway's 29 seconds); after that the key is free again.
+KEY_IN_PROGRESS = timedelta(seconds=60)
 
 
 # -- recording an item --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FeedbackIntake:
+    """Where a feedback POST stores its item and its Idempotency-Key record, and its limits."""
+
+    documents: TrainingDataStore
+    jobs: JobStore
+    keys: FeedbackKeys
+    max_bytes: int
+    key_ttl: timedelta
+
+
 async def record_feedback(
-    avatar: AvatarRef, body: FeedbackBody, documents: TrainingDataStore, jobs: JobStore, max_bytes: int
+    avatar: AvatarRef, body: FeedbackBody, intake: FeedbackIntake, idempotency: Idempotency | None
 ) -> FeedbackItem:
-    """Store one feedback item as a new preference document; the item as the API shows it."""
+    """Store one feedback item as a new preference document; the item as the API shows it (the
+    earlier one when `idempotency` says this request was made before)."""
+    documents, jobs, max_bytes = intake.documents, intake.jobs, intake.max_bytes
+    if idempotency and (earlier := await _earlier_item(avatar, intake, idempotency)):
+        return earlier
     if problem := body.shape_problem():
         field, why = problem
         raise Problem(422, f"{field}: {why}", field=None if field == "body" else field)
@@ -98,8 +124,55 @@ async def record_feedback(
         parse_training_document(name, data)  # what the trainer reads must be what was checked here
     except DocumentError as exc:
         raise Problem(422, str(exc)) from None
-    doc, _ = await documents.put(avatar, name, data, body.use_for_training)
+    key_etag = None
+    if idempotency:
+        key_etag = await intake.keys.remember(avatar, idempotency.key_hash, feedback_id, idempotency.fingerprint)
+        if key_etag is None:  # a concurrent request with the same key won: answer its item
+            if earlier := await _earlier_item(avatar, intake, idempotency):
+                return earlier
+            raise Problem(
+                409, "a request with this Idempotency-Key is in progress; retry", headers={"Retry-After": "1"}
+            )
+    try:
+        doc, _ = await documents.put(avatar, name, data, body.use_for_training)
+    except BaseException:
+        if idempotency and key_etag:
+            await intake.keys.forget(avatar, idempotency.key_hash, key_etag)
+        raise
     return _item(judgement, meta, doc)
+
+
+async def _earlier_item(avatar: AvatarRef, intake: FeedbackIntake, idempotency: Idempotency) -> FeedbackItem | None:
+    """The item an earlier request with the same Idempotency-Key stored; None when the key is
+    free (never used, expired, or its item is gone). 422 for a different request under it."""
+    found = await intake.keys.recall(avatar, idempotency.key_hash)
+    if found is None:
+        return None
+    earlier, etag = found
+    if utcnow() - earlier.created_at > intake.key_ttl:
+        await intake.keys.forget(avatar, idempotency.key_hash, etag)
+        return None
+    if earlier.fingerprint != idempotency.fingerprint:
+        raise Problem(
+            422,
+            f"this Idempotency-Key was already used for a different request (feedback {earlier.feedback_id}); "
+            "send a new key for a new item",
+            feedback_id=earlier.feedback_id,
+        )
+    try:
+        doc = await intake.documents.describe(avatar, feedback_document_name(earlier.feedback_id))
+    except DocumentNotFound:
+        doc = None
+    item = await _stored_item(avatar, intake.documents, doc) if doc is not None else None
+    if item is None:
+        if utcnow() - earlier.created_at < KEY_IN_PROGRESS:
+            # The first request is between its record and its item (or just failed): a retry
+            # now must not store a second item beside the one it may yet write.
+            raise Problem(
+                409, "a request with this Idempotency-Key is in progress; retry", headers={"Retry-After": "1"}
+            )
+        await intake.keys.forget(avatar, idempotency.key_hash, etag)  # deleted since, or never written
+    return item
 
 
 def _messages(messages: list[ChatMessage] | list[dict[str, str]]) -> list[DocumentMessage]:

@@ -24,6 +24,7 @@ FASTAPI_FREE = (
     "handlers.context_store",
     "handlers.file_store",
     "handlers.fine_tuning_store",
+    "handlers.feedback_keys",
     "handlers.train_queue",
     "handlers.s3_json",
     "handlers.s3_objects",

@@ -172,3 +172,61 @@ def test_a_preference_job_without_preference_documents_is_a_409_saying_what_to_d
 )
 def test_impossible_preference_specs_are_422_naming_the_field(api: Api, body: dict, field: str) -> None:
     assert problem(api.post(f"{api.base}/training-jobs", json=body), 422)["field"] == field
+
+
+def feedback_documents(s3, api: Api) -> list[str]:
+    prefix = f"users/{api.user_id}/avatars/{api.avatar_id}/adapters/training_data/feedback-"
+    return keys_under(s3, prefix)
+
+
+def test_a_retried_feedback_post_with_an_idempotency_key_stores_one_item(api: Api, s3) -> None:
+    body = {"messages": USER, "chosen": "Lovely, thanks!", "rejected": "It was a trip."}
+    key = {"Idempotency-Key": "feedback-retry-1"}
+    first = api.post(f"{api.base}/feedback", json=body, headers=key)
+    assert first.status_code == 201, first.text
+    # The app lost the answer and sends the same request again (keys reordered: the same request).
+    again = api.post(f"{api.base}/feedback", json=dict(reversed(body.items())), headers=key)
+    assert again.status_code == 201, again.text
+    assert again.json() == first.json() and again.headers["Location"] == first.headers["Location"]
+    assert feedback_documents(s3, api) != [] and len(feedback_documents(s3, api)) == 1
+    # Without a key (or with another) each POST is a new item.
+    assert post(api, body).json()["id"] != first.json()["id"]
+    other = api.post(f"{api.base}/feedback", json=body, headers={"Idempotency-Key": "feedback-retry-2"})
+    assert other.json()["id"] != first.json()["id"]
+    assert len(feedback_documents(s3, api)) == 3
+    # The key used for a different item: a 422 naming the item it made, and nothing stored.
+    bad = problem(
+        api.post(f"{api.base}/feedback", json={**body, "chosen": "Other"}, headers=key),
+        422,
+    )
+    assert bad["feedback_id"] == first.json()["id"] and len(feedback_documents(s3, api)) == 3
+    # Its records live apart from the job-creating routes' records (a key is scoped to a route).
+    records = [k for k in keys_under(s3, f"users/{api.user_id}/") if "/idempotency/" in k]
+    assert len(records) == 2 and all("/adapters/idempotency/feedback/" in k for k in records)
+
+
+def test_concurrent_feedback_posts_with_one_key_store_one_item(api: Api, s3) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"messages": USER, "reply": "It was a trip.", "rating": "down"}
+
+    def send(_: int):
+        return api.post(f"{api.base}/feedback", json=body, headers={"Idempotency-Key": "feedback-burst"})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert {r.status_code for r in answers} <= {201, 409}, [r.text for r in answers]
+    created = {r.json()["id"] for r in answers if r.status_code == 201}
+    assert len(created) == 1
+    busy = [r for r in answers if r.status_code == 409]
+    assert all(r.headers["Retry-After"] == "1" for r in busy)
+    assert len(feedback_documents(s3, api)) == 1
+    # A retry after the burst answers the one item.
+    late = send(0)
+    assert late.status_code == 201 and late.json()["id"] in created
+
+
+def test_a_bad_idempotency_key_on_feedback_is_a_400_and_stores_nothing(api: Api, s3) -> None:
+    body = {"messages": USER, "reply": "Lovely!", "rating": "up"}
+    problem(api.post(f"{api.base}/feedback", json=body, headers={"Idempotency-Key": "k" * 256}), 400)
+    assert keys_under(s3, f"users/{api.user_id}/") == []
