@@ -176,3 +176,49 @@ def test_a_requeue_whose_answer_was_lost_still_sends_the_message(s3, sqs) -> Non
     assert settled.status == "queued" and settled.failures == 1
     messages = sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1).get("Messages", [])
     assert [json.loads(m["Body"])["job_id"] for m in messages] == [record.id]
+
+
+def test_a_claim_whose_answer_was_lost_is_one_attempt_with_its_started_event(s3, sqs) -> None:
+    """The claim (queued -> running under this worker's lease) landed but its answer was lost;
+    the retried If-Match met the worker's own write. The job runs as attempt 1, not 2, and
+    `job.started` goes out once."""
+    from contracts.messages import FuseRequest
+    from trainer.base_model import BaseModelCache
+    from trainer.events import EventPublisher
+    from trainer.runtime.context import Succeeded
+    from trainer.runtime.heartbeat import Delivery
+    from trainer.runtime.runner import JobRunner
+    from trainer.settings import TrainerSettings
+
+    events_url = sqs.create_queue(QueueName=f"lost-claim-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    user_id, worker = f"u-{uuid.uuid4().hex[:10]}", "w-lost-claim"
+    job = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", user_id=user_id, avatar_id="a1", type="fuse")
+    key = job_key(user_id, "a1", job.id)
+    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=job.to_json())
+    pointer = active_job_key(user_id, "a1")
+    s3.put_object(Bucket=TEST_BUCKET, Key=pointer, Body=ActiveJobPointer(job_id=job.id).model_dump_json().encode())
+    client = _client()
+    lost = lose_answer_once(client, "PutObject", lambda r, body: r.url.endswith(key) and b'"running"' in body)
+    runner = JobRunner(
+        TrainerSettings(WORKER_ID=worker, S3_BUCKET=TEST_BUCKET),
+        client,
+        sqs,
+        EventPublisher(sqs, events_url),
+        BaseModelCache(),
+        threading.Event(),
+    )
+    request = FuseRequest(
+        schema_="avatune.fuse-request/v1", job_id=job.id, user_id=user_id, avatar_id="a1", adapter_version=1
+    )
+    seen: list[int] = []
+
+    def work(ctx) -> Succeeded:
+        seen.append(ctx.job.attempts)
+        return Succeeded()
+
+    runner.run(request, Delivery(queue_url=events_url, receipt_handle=None), work)
+
+    assert lost == [200] and seen == [1]
+    stored = JobRecord.model_validate_json(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+    assert (stored.status, stored.attempts, stored.failures) == ("succeeded", 1, 0)
+    assert stored.events_published == [f"{job.id}:job.started", f"{job.id}:job.succeeded"]

@@ -1,6 +1,8 @@
 """What a delivery of a job's message means, decided on the job record in one conditional write.
 
     final record            -> FINAL: a duplicate; the runner publishes what is still missing
+    running, this lease     -> REPEATED: this very claim went in already (its answer was lost
+                               and the write was retried): claimed, nothing written again
     running, live lease     -> OWNED: another worker has it; the message is adopted by the owner
     cancel requested        -> CANCELLED: ends now (a cancelled job never starts again)
     too many failures       -> GAVE_UP: fails with the reason
@@ -27,6 +29,7 @@ class Claim(StrEnum):
     OWNED = "owned"
     CANCELLED = "cancelled"
     GAVE_UP = "gave_up"
+    REPEATED = "repeated"
 
 
 CANCELLED_ERROR = "cancelled by request"
@@ -41,6 +44,10 @@ def claim(record: JobRecord, worker_id: str, lease: JobLease, now: datetime, max
     """Decide what this delivery means and change `record` accordingly (in place)."""
     if record.status in FINAL_STATUSES:
         return Claim.FINAL
+    if record.status == "running" and record.lease == lease:
+        # `lease` is made once per claim: finding it means our own write landed (a retried
+        # If-Match met it). Claiming again would count the attempt twice.
+        return Claim.REPEATED
     current = record.lease
     if record.status == "running" and current and current.owner != worker_id and current.expires_at > now:
         return Claim.OWNED

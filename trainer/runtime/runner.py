@@ -110,13 +110,14 @@ class JobRunner:
         if existing.type != kind_of(req).type:
             return None, "mismatch"
         verdict: list[Claim] = []
+        lease = self.new_lease()  # one per claim: a retried write must recognise its own lease
 
         def decide(record: JobRecord) -> JobRecord | None:
-            verdict[:] = [claims.claim(record, self.settings.worker_id, self.new_lease(), utcnow(), self.max_failures)]
-            return None if verdict[0] in (Claim.FINAL, Claim.OWNED) else record
+            verdict[:] = [claims.claim(record, self.settings.worker_id, lease, utcnow(), self.max_failures)]
+            return None if verdict[0] in (Claim.FINAL, Claim.OWNED, Claim.REPEATED) else record
 
         record = self.jobs.update(req.user_id, req.avatar_id, req.job_id, decide)
-        return record, verdict[0]
+        return record, Claim.CLAIMED if verdict[0] == Claim.REPEATED else verdict[0]
 
     @property
     def max_failures(self) -> int:
@@ -160,8 +161,7 @@ class JobRunner:
             return Outcome.DONE
         log.info("%s job %s started (attempt %d)", job.type, job.id, job.attempts)
         prom.QUEUE_WAIT.observe(max(0.0, (utcnow() - job.created_at).total_seconds()))
-        if job.attempts == 1:
-            self._publish(job, "job.started")
+        self._publish(job, "job.started")  # once per job: the record says whether it went out
         prom.BUSY.set(1)
         self._claimed_at = time.monotonic()
         heartbeat = self._heartbeat(job, delivery)
