@@ -403,6 +403,18 @@ class AvatuneClient:
         """POST {base}/fuse-jobs: body `{"version": n}` (omitted: the current version)."""
         return self._json("POST", f"{self.base}/fuse-jobs", json={} if version is None else {"version": version})
 
+    def create_export(self, body: Json) -> Json:
+        """POST {base}/exports: an export job (`format`, `adapter_version`, `include_base`, `outtype`)."""
+        return self._json("POST", f"{self.base}/exports", json=body)
+
+    def list_exports(self) -> list[Json]:
+        """GET {base}/exports: the complete exports, by version and format."""
+        return self._json("GET", f"{self.base}/exports")["items"]
+
+    def get_export(self, version: int, export_format: str) -> Json:
+        """GET {base}/exports/{version}/{format}: the manifest and presigned URLs of its files."""
+        return self._json("GET", f"{self.base}/exports/{int(version)}/{export_format}")
+
     def create_generation(self, body: Json) -> Json:
         """POST {base}/generations: a generation job (see `avatune generate`)."""
         return self._json("POST", f"{self.base}/generations", json=body)

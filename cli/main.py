@@ -74,6 +74,7 @@ app.add_typer(webhooks.app, name="webhooks")
 app.add_typer(feedback.app, name="feedback")
 app.command("train")(jobs.train)
 app.command("fuse")(adapter.fuse)
+app.command("export")(adapter.export)
 app.command("generate")(generation.generate)
 
 

@@ -1,4 +1,4 @@
-"""`avatune adapter ...` and `avatune fuse`: the avatar's trained adapter."""
+"""`avatune adapter ...`, `avatune fuse` and `avatune export`: the avatar's trained adapter."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def list_adapters(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     st.out.print(table)
 
 
+ExportFormatOption = Annotated[
+    str | None,  # noqa: UP007
+    typer.Option("--export", metavar="FORMAT", help="an export's files instead (gguf or peft; see `avatune export`)"),
+]
+
+
 @app.command("download")
 def download(
     ctx: typer.Context,
@@ -99,25 +105,77 @@ def download(
             "-o", "--output", file_okay=False, help="directory to write the files to; default: AVATAR-adapter"
         ),
     ] = None,
+    export_format: ExportFormatOption = None,
+    version: Annotated[
+        int | None,  # noqa: UP007
+        typer.Option("--version", min=1, help="with --export: the adapter version; default: current"),
+    ] = None,
 ) -> None:
-    """Download the current adapter's files (checked against their sha256)."""
+    """Download the current adapter's files, or with --export an export's (checked against their sha256)."""
     st = state(ctx)
     client = st.client()
-    adapter = client.get_adapter()
-    files = adapter.get("files") or []
-    if not files:
-        raise CliError(f"avatar {st.avatar!r} has no trained adapter yet: run `avatune train`")
-    dest = output or Path(f"{st.avatar}-adapter")
+    if export_format is None:
+        if version is not None:
+            raise CliError("--version goes with --export (the adapter's files are the current version's)")
+        adapter = client.get_adapter()
+        files = adapter.get("files") or []
+        if not files:
+            raise CliError(f"avatar {st.avatar!r} has no trained adapter yet: run `avatune train`")
+        dest = output or Path(f"{st.avatar}-adapter")
+        _download_files(st, files, dest)
+        st.out.print(f"adapter version {adapter.get('current_version')}: {len(files)} file(s) in {dest}")
+        return
+    if version is None:
+        version = client.get_adapter().get("current_version")
+        if version is None:
+            raise CliError(f"avatar {st.avatar!r} has no current adapter version: name one with --version")
+    files = client.get_export(version, export_format).get("files") or []
+    dest = output or Path(f"{st.avatar}-v{version}-{export_format}")
+    _download_files(st, files, dest)
+    st.out.print(f"{export_format} export of adapter version {version}: {len(files)} file(s) in {dest}")
+
+
+def _download_files(st: State, files: list[dict[str, Any]], dest: Path) -> None:
+    """Download presigned files into `dest`, each checked against its sha256."""
+    client = st.client()
     for f in files:
         name = f["name"]
         if not name or Path(name).name != name or name in (".", ".."):
-            raise CliError(f"refusing to write an adapter file named {name!r}")
+            raise CliError(f"refusing to write a file named {name!r}")
         size, digest = client.download_file(f["url"], dest / name)
         if f.get("sha256") and f["sha256"] != digest:
             (dest / name).unlink(missing_ok=True)
             raise CliError(f"{name}: sha256 mismatch (expected {f['sha256']}, got {digest}); download again")
         st.out.print(Text(f"wrote {dest / name} ({human_size(size)})"))
-    st.out.print(f"adapter version {adapter.get('current_version')}: {len(files)} file(s) in {dest}")
+
+
+@app.command("exports")
+def exports(ctx: typer.Context, as_json: JsonOutput = False) -> None:
+    """List the avatar's complete exports (by version and format)."""
+    st = state(ctx)
+    items = st.client().list_exports()
+    if as_json:
+        print_json(items)
+        return
+    if not items:
+        st.out.print("no exports: run `avatune export --format gguf` (or peft)")
+        return
+    table = list_table(f"exports of {st.avatar}")
+    table.add_column("ver", justify="right", no_wrap=True)
+    table.add_column("format", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("serving", no_wrap=True)
+    add_id_column(table, "job", (e.get("job_id") for e in items))
+    for e in items:
+        serving = ", ".join(f"{engine}: {verdict}" for engine, verdict in sorted((e.get("serving") or {}).items()))
+        table.add_row(
+            str(e["adapter_version"]),
+            e["format"] + (" + base" if e.get("include_base") else ""),
+            short_time(e.get("created_at")),
+            Text(serving or "-"),
+            Text(e.get("job_id") or "-"),
+        )
+    st.out.print(table)
 
 
 @app.command("versions")
@@ -250,3 +308,26 @@ def fuse(
         return
     job_id = job.get("id") or job.get("job_id") or "?"
     st.out.print(Text(f"fuse job {job_id}: {job.get('status', 'accepted')}"))
+
+
+def export(
+    ctx: typer.Context,
+    export_format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or peft (vLLM, transformers)")],
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="the adapter version; default: current")
+    ] = None,  # noqa: UP007
+    include_base: Annotated[bool, typer.Option("--include-base", help="gguf: the base model as GGUF too")] = False,
+    outtype: Annotated[str, typer.Option("--outtype", help="gguf: f16 or f32 matrices")] = "f16",
+    as_json: JsonOutput = False,
+) -> None:
+    """Write an adapter version in a serving format (POST {base}/exports); then
+    `avatune jobs wait JOB` and `avatune adapter download --export FORMAT`."""
+    st = state(ctx)
+    body: dict[str, Any] = {"format": export_format, "adapter_version": version, "include_base": include_base}
+    if export_format == "gguf":
+        body["outtype"] = outtype
+    job = st.client().create_export(body)
+    if as_json:
+        print_json(job)
+        return
+    st.out.print(Text(f"export job {job.get('id', '?')}: {job.get('status', 'accepted')}"))

@@ -291,6 +291,28 @@ def test_adapter_show_download_versions_promote_config(trained: tuple[Cli, Resul
     assert cli.avatar in ok(cli("adapter", "list", globals_=["--api-url", cli.api_url, "--token", cli.token])).stdout
 
 
+def test_export_wait_list_and_download_an_export(trained: tuple[Cli, Result], tmp_path: Path) -> None:
+    cli, _ = trained
+    assert "no exports" in ok(cli("adapter", "exports")).stdout
+    job = json.loads(ok(cli("export", "--format", "gguf", "--json")).stdout)
+    assert job["type"] == "export" and job["request"]["format"] == "gguf"
+    assert json.loads(ok(cli("jobs", "wait", job["id"], "--json")).stdout)["status"] == "succeeded"
+
+    listed = ok(cli("adapter", "exports")).stdout
+    assert re.search(r"\b1\s+gguf\b", listed) and "llama_cpp: ok" in listed, listed
+    dest = tmp_path / "gguf"
+    out = ok(cli("adapter", "download", "--export", "gguf", "-o", str(dest))).stdout
+    assert "gguf export of adapter version 1" in out
+    data = (dest / "adapter.gguf").read_bytes()
+    assert data[:4] == b"GGUF"  # the file llama.cpp loads with --lora
+    exports = json.loads(ok(cli("adapter", "exports", "--json")).stdout)
+    assert [(e["adapter_version"], e["format"]) for e in exports] == [(1, "gguf")]
+
+    failed(cli("adapter", "download", "--export", "peft"), "error 404", "no peft export of adapter version 1")
+    failed(cli("adapter", "download", "--version", "1"), "--version goes with --export")
+    failed(cli("export", "--format", "onnx"), "error 422")
+
+
 def test_train_follow_exits_1_when_the_job_fails(pipeline: Pipeline, worker, trained, tmp_path: Path) -> None:
     cli = new_cli(pipeline)
     broken = tmp_path / "broken.jsonl"
