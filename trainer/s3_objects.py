@@ -142,10 +142,19 @@ class S3Objects:
         return True
 
     def delete_keys(self, keys: list[str]) -> None:
+        """Delete `keys` in DeleteObjects batches. S3 answers 200 even when it refused some keys
+        (each in `Errors`, e.g. SlowDown): those raise, so the caller's step is retried rather
+        than reported done with objects left behind."""
         for i in range(0, len(keys), 1000):
-            self.client.delete_objects(
+            resp = self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
             )
+            if errors := resp.get("Errors"):
+                first = errors[0]
+                raise RuntimeError(
+                    f"S3 refused to delete {len(errors)} of {len(keys[i : i + 1000])} objects "
+                    f"(first: {first.get('Key')}: {first.get('Code')})"
+                )
 
     # -- listings ---------------------------------------------------------------------------
 

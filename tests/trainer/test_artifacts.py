@@ -61,3 +61,23 @@ def test_only_complete_checkpoints_are_resumed(s3, tmp_path) -> None:
     assert not (restored / "_COMPLETE").exists()
     store.delete_checkpoints(user, avatar, job)
     assert keys_under(s3, checkpoint_prefix(user, avatar, job)) == []
+
+
+def test_a_bulk_delete_s3_partly_refused_raises_instead_of_reporting_done(s3, tmp_path) -> None:
+    """DeleteObjects answers 200 with the keys it refused in `Errors` (SlowDown, InternalError):
+    the cleanup must fail (and be retried) rather than leave checkpoints behind silently."""
+    import boto3
+    import pytest
+
+    user, avatar, job = "del-" + uuid.uuid4().hex[:8], "a", "job-1"
+    client = boto3.client("s3")
+    prefix = checkpoint_prefix(user, avatar, job) + "000000010/"
+    for name in ("a.bin", "b.bin"):
+        client.put_object(Bucket=TEST_BUCKET, Key=prefix + name, Body=b"x")
+
+    def refuse_one(parsed, **_) -> None:  # S3 deleted the batch but for one key, as it may under load
+        parsed["Errors"] = [{"Key": prefix + "b.bin", "Code": "SlowDown", "Message": "Reduce your request rate."}]
+
+    client.meta.events.register("after-call.s3.DeleteObjects", refuse_one)
+    with pytest.raises(RuntimeError, match="refused to delete 1 of 2 objects.*b.bin: SlowDown"):
+        ArtifactStore(client, TEST_BUCKET).delete_checkpoints(user, avatar, job)
