@@ -56,13 +56,29 @@ def _client() -> Any:
     return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
 
 
-def test_a_final_write_whose_answer_was_lost_still_completes_the_tail(s3, sqs) -> None:
-    """The final record landed but the runner read the retry's 412 as someone else's write: the
-    job's final event, its slot and its checkpoints are still the runner's to finish."""
+def _stored_job(s3, job: JobRecord) -> str:
+    """`job`'s record and its avatar's active pointer in S3; the record's key."""
+    key = job_key(job.user_id, job.avatar_id, job.id)
+    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=job.to_json())
+    pointer = ActiveJobPointer(job_id=job.id).model_dump_json().encode()
+    s3.put_object(Bucket=TEST_BUCKET, Key=active_job_key(job.user_id, job.avatar_id), Body=pointer)
+    return key
+
+
+def _runner(client: Any, sqs: Any, worker: str, events_url: str) -> Any:
+    """A worker's job runner on `client` (the S3 client whose answers the test loses)."""
     from trainer.base_model import BaseModelCache
     from trainer.events import EventPublisher
     from trainer.runtime.runner import JobRunner
     from trainer.settings import TrainerSettings
+
+    settings = TrainerSettings(WORKER_ID=worker, S3_BUCKET=TEST_BUCKET)
+    return JobRunner(settings, client, sqs, EventPublisher(sqs, events_url), BaseModelCache(), threading.Event())
+
+
+def test_a_final_write_whose_answer_was_lost_still_completes_the_tail(s3, sqs) -> None:
+    """The final record landed but the runner read the retry's 412 as someone else's write: the
+    job's final event, its slot and its checkpoints are still the runner's to finish."""
 
     events_url = sqs.create_queue(QueueName=f"lost-answers-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     user_id, worker = f"u-{uuid.uuid4().hex[:10]}", "w-lost-answer"
@@ -74,20 +90,11 @@ def test_a_final_write_whose_answer_was_lost_still_completes_the_tail(s3, sqs) -
         lease=JobLease(owner=worker, expires_at=utcnow() + timedelta(seconds=60)),
         attempts=1,
     )
-    key = job_key(user_id, "a1", job.id)
-    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=job.to_json())
+    key = _stored_job(s3, job)
     pointer = active_job_key(user_id, "a1")
-    s3.put_object(Bucket=TEST_BUCKET, Key=pointer, Body=ActiveJobPointer(job_id=job.id).model_dump_json().encode())
     client = _client()
     lost = lose_answer_once(client, "PutObject", lambda r, body: r.url.endswith(key) and b'"succeeded"' in body)
-    runner = JobRunner(
-        TrainerSettings(WORKER_ID=worker, S3_BUCKET=TEST_BUCKET),
-        client,
-        sqs,
-        EventPublisher(sqs, events_url),
-        BaseModelCache(),
-        threading.Event(),
-    )
+    runner = _runner(client, sqs, worker, events_url)
 
     runner.finish(job, "succeeded")
 
@@ -183,30 +190,16 @@ def test_a_claim_whose_answer_was_lost_is_one_attempt_with_its_started_event(s3,
     the retried If-Match met the worker's own write. The job runs as attempt 1, not 2, and
     `job.started` goes out once."""
     from contracts.messages import FuseRequest
-    from trainer.base_model import BaseModelCache
-    from trainer.events import EventPublisher
     from trainer.runtime.context import Succeeded
     from trainer.runtime.heartbeat import Delivery
-    from trainer.runtime.runner import JobRunner
-    from trainer.settings import TrainerSettings
 
     events_url = sqs.create_queue(QueueName=f"lost-claim-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     user_id, worker = f"u-{uuid.uuid4().hex[:10]}", "w-lost-claim"
     job = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", user_id=user_id, avatar_id="a1", type="fuse")
-    key = job_key(user_id, "a1", job.id)
-    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=job.to_json())
-    pointer = active_job_key(user_id, "a1")
-    s3.put_object(Bucket=TEST_BUCKET, Key=pointer, Body=ActiveJobPointer(job_id=job.id).model_dump_json().encode())
+    key = _stored_job(s3, job)
     client = _client()
     lost = lose_answer_once(client, "PutObject", lambda r, body: r.url.endswith(key) and b'"running"' in body)
-    runner = JobRunner(
-        TrainerSettings(WORKER_ID=worker, S3_BUCKET=TEST_BUCKET),
-        client,
-        sqs,
-        EventPublisher(sqs, events_url),
-        BaseModelCache(),
-        threading.Event(),
-    )
+    runner = _runner(client, sqs, worker, events_url)
     request = FuseRequest(
         schema_="avatune.fuse-request/v1", job_id=job.id, user_id=user_id, avatar_id="a1", adapter_version=1
     )
