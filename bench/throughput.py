@@ -299,7 +299,7 @@ def run(n_train: int = 24, n_eval: int = 12, log=print) -> dict[str, Any]:  # no
             trainable,
             timed.steps,
             timed.loss,
-            outcome.metrics.get("eval_loss_after") or float("nan"),
+            outcome.metrics.eval_loss_after or float("nan"),
         )
         log(f"    {name}: {results[name].seconds:.1f} s")
 

@@ -174,7 +174,8 @@ async def idempotency(
         Header(
             alias="Idempotency-Key",
             description="1 to 255 characters (400 otherwise): a retry with the same key and the same request "
-            "answers the job the first one created and queues nothing; the key used for a different request: 422",
+            "answers what the first one created (the job, or the feedback item) and creates nothing; the key used "
+            "for a different request: 422",
             json_schema_extra=IDEMPOTENCY_KEY_SCHEMA,  # declared, not enforced here: the dependency answers 400
             examples=["4f1c2a9e-7b3d-4e0a-9c55-2d8e6f1b0a37"],
         ),
@@ -195,7 +196,7 @@ IdempotencyDep = Annotated[Idempotency | None, Depends(idempotency)]
 # -- creating jobs ---------------------------------------------------------------------------
 
 
-def job_intake(
+async def job_intake(
     jobs: JobStoreDep, queue: TrainQueueDep, settings: SettingsDep, idempotency: IdempotencyDep
 ) -> JobIntake:
     """What every route that creates a job hands its service (`handlers.services.jobs.queue_job`)."""
@@ -205,7 +206,7 @@ def job_intake(
 JobIntakeDep = Annotated[JobIntake, Depends(job_intake)]
 
 
-def feedback_intake(
+async def feedback_intake(
     documents: TrainingDataStoreDep, jobs: JobStoreDep, settings: SettingsDep, s3: S3ClientDep
 ) -> FeedbackIntake:
     """Where `POST {base}/feedback` stores its item and its Idempotency-Key record."""

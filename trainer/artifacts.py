@@ -71,6 +71,14 @@ class ArtifactStore:
     def _delete_keys(self, keys: list[str]) -> None:
         self._objects.delete_keys(keys)
 
+    def _tidy(self, keys: list[str], what: str) -> None:
+        """Delete `keys` whose removal only saves space (a later pass removes them too): a
+        refusal is logged, never a failure of the job that happens to be tidying."""
+        try:
+            self._delete_keys(keys)
+        except RuntimeError as exc:
+            log.warning("%s left for a later pass: %s", what, exc)
+
     def _child_numbers(self, prefix: str) -> list[int]:
         return self._objects.child_numbers(prefix)
 
@@ -237,7 +245,7 @@ class ArtifactStore:
         versions = self.versions(user_id, avatar_id)
         for version in versions[: max(0, len(versions) - keep)]:
             if version not in protected:
-                self._delete_keys(self._keys(adapter_version_prefix(user_id, avatar_id, version)))
+                self._tidy(self._keys(adapter_version_prefix(user_id, avatar_id, version)), f"pruned version {version}")
 
     # -- merged models (fuse jobs) ----------------------------------------------------------
 
@@ -331,7 +339,7 @@ class ArtifactStore:
             self._s3.upload_file(str(path), self._bucket, prefix + path.relative_to(local_dir).as_posix())
         self._put_json(prefix + CHECKPOINT_COMPLETE_MARKER, json.dumps({"step": step}))
         older = [k for k in self._keys(base) if not k.startswith(prefix)]
-        self._delete_keys(older)
+        self._tidy(older, "older checkpoints")  # the job's tail deletes them all in the end
         log.info("checkpoint job=%s step=%d uploaded", job_id, step)
 
     def latest_checkpoint(self, user_id: str, avatar_id: str, job_id: str) -> int | None:

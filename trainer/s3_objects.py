@@ -8,6 +8,7 @@ mode already retries throttling, 5xx and connection errors (`trainer.aws`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,10 @@ from contracts.conditional import is_not_found, is_precondition_failed
 
 M = TypeVar("M", bound=BaseModel)
 JSON = "application/json"
+# Keys a DeleteObjects refused (in its `Errors`) are sent again this many times in all, pausing
+# 0.5 s, then 1 s: throttling passes; a refusal that lasts is raised.
+DELETE_TRIES = 3
+DELETE_PAUSE_SECONDS = 0.5
 
 
 class TooLarge(Exception):
@@ -143,16 +148,25 @@ class S3Objects:
 
     def delete_keys(self, keys: list[str]) -> None:
         """Delete `keys` in DeleteObjects batches. S3 answers 200 even when it refused some keys
-        (each in `Errors`, e.g. SlowDown): those raise, so the caller's step is retried rather
-        than reported done with objects left behind."""
+        (each in `Errors`, e.g. SlowDown): those are tried again a few times with a pause, then
+        raise, so the caller's step is retried rather than reported done with objects left."""
         for i in range(0, len(keys), 1000):
-            resp = self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-            )
-            if errors := resp.get("Errors"):
+            pending = keys[i : i + 1000]
+            for attempt in range(DELETE_TRIES):
+                if attempt:
+                    time.sleep(DELETE_PAUSE_SECONDS * 2 ** (attempt - 1))
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in pending], "Quiet": True}
+                )
+                errors = resp.get("Errors") or []
+                refused = {e.get("Key") for e in errors}
+                pending = [k for k in pending if k in refused]
+                if not pending:
+                    break
+            else:
                 first = errors[0]
                 raise RuntimeError(
-                    f"S3 refused to delete {len(errors)} of {len(keys[i : i + 1000])} objects "
+                    f"S3 refused to delete {len(pending)} object(s) {DELETE_TRIES} times "
                     f"(first: {first.get('Key')}: {first.get('Code')})"
                 )
 

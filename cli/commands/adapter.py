@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,9 +91,21 @@ def list_adapters(ctx: typer.Context, as_json: JsonOutput = False) -> None:
     st.out.print(table)
 
 
+class ExportFormat(StrEnum):
+    """The serving formats of `POST {base}/exports` (contracts.messages.ExportFormat)."""
+
+    gguf = "gguf"
+    peft = "peft"
+
+
+class OutType(StrEnum):
+    f16 = "f16"
+    f32 = "f32"
+
+
 ExportFormatOption = Annotated[
-    str | None,  # noqa: UP007
-    typer.Option("--export", metavar="FORMAT", help="an export's files instead (gguf or peft; see `avatune export`)"),
+    ExportFormat | None,  # noqa: UP007
+    typer.Option("--export", help="an export's files instead (see `avatune export`)"),
 ]
 
 
@@ -129,10 +142,10 @@ def download(
         version = client.get_adapter().get("current_version")
         if version is None:
             raise CliError(f"avatar {st.avatar!r} has no current adapter version: name one with --version")
-    files = client.get_export(version, export_format).get("files") or []
-    dest = output or Path(f"{st.avatar}-v{version}-{export_format}")
+    files = client.get_export(version, export_format.value).get("files") or []
+    dest = output or Path(f"{st.avatar}-v{version}-{export_format.value}")
     _download_files(st, files, dest)
-    st.out.print(f"{export_format} export of adapter version {version}: {len(files)} file(s) in {dest}")
+    st.out.print(f"{export_format.value} export of adapter version {version}: {len(files)} file(s) in {dest}")
 
 
 def _download_files(st: State, files: list[dict[str, Any]], dest: Path) -> None:
@@ -312,20 +325,22 @@ def fuse(
 
 def export(
     ctx: typer.Context,
-    export_format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or peft (vLLM, transformers)")],
+    export_format: Annotated[
+        ExportFormat, typer.Option("--format", help="gguf (llama.cpp) or peft (vLLM, transformers)")
+    ],
     version: Annotated[
         int | None, typer.Option("--version", min=1, help="the adapter version; default: current")
     ] = None,  # noqa: UP007
     include_base: Annotated[bool, typer.Option("--include-base", help="gguf: the base model as GGUF too")] = False,
-    outtype: Annotated[str, typer.Option("--outtype", help="gguf: f16 or f32 matrices")] = "f16",
+    outtype: Annotated[OutType | None, typer.Option("--outtype", help="gguf: the matrices' type (default f16)")] = None,  # noqa: UP007
     as_json: JsonOutput = False,
 ) -> None:
     """Write an adapter version in a serving format (POST {base}/exports); then
     `avatune jobs wait JOB` and `avatune adapter download --export FORMAT`."""
     st = state(ctx)
-    body: dict[str, Any] = {"format": export_format, "adapter_version": version, "include_base": include_base}
-    if export_format == "gguf":
-        body["outtype"] = outtype
+    body: dict[str, Any] = {"format": export_format.value, "adapter_version": version, "include_base": include_base}
+    if outtype is not None:
+        body["outtype"] = outtype.value  # the server refuses what does not apply to the format
     job = st.client().create_export(body)
     if as_json:
         print_json(job)

@@ -7,10 +7,10 @@ jobs train on.
   field: an empty reply, chosen equal to rejected, ...) -> one new document `{id}.jsonl`,
   flagged as asked. Each item is its own object under a fresh id: concurrent app servers never
   read-modify-write, so none loses another's item; a failure leaves nothing behind. With an
-  `Idempotency-Key` (`handlers.feedback_keys`) a retry of the same request answers the item the
-  first one stored instead of storing it twice; the key used for a different request is a 422;
-  a key whose item is gone (deleted, or its write failed) or older than
-  IDEMPOTENCY_KEY_TTL_HOURS is free again.
+  `Idempotency-Key` (`handlers.feedback_keys`) the key's record names the item's id before the
+  item is written, and every request with the key writes that one document: a retry (or a
+  concurrent duplicate) answers the same item instead of storing a second; the key used for a
+  different request is a 422; a record older than IDEMPOTENCY_KEY_TTL_HOURS starts afresh.
 - list: the avatar's feedback documents, newest first (their names sort so), read concurrently.
 - delete: one item's document (404 when there is none).
 
@@ -75,9 +75,6 @@ log = logging.getLogger("avatune.api")
 MAX_SNIFFED = 256
 SNIFF_BATCH = 16
 SNIFF_BYTES = 256 * 1024
-# How long a feedback key's record without its item counts as a request still in progress (an
-# API request lives at most API Gateway's 29 seconds); after that the key is free again.
-KEY_IN_PROGRESS = timedelta(seconds=60)
 
 
 # -- recording an item --------------------------------------------------------------------------
@@ -99,80 +96,79 @@ async def record_feedback(
 ) -> FeedbackItem:
     """Store one feedback item as a new preference document; the item as the API shows it (the
     earlier one when `idempotency` says this request was made before)."""
-    documents, jobs, max_bytes = intake.documents, intake.jobs, intake.max_bytes
-    if idempotency and (earlier := await _earlier_item(avatar, intake, idempotency)):
-        return earlier
     if problem := body.shape_problem():
         field, why = problem
         raise Problem(422, f"{field}: {why}", field=None if field == "body" else field)
-    feedback_id = new_feedback_id()
-    meta = FeedbackMeta(id=feedback_id, created_at=utcnow(), rating=body.rating)
+    meta = FeedbackMeta(id=new_feedback_id(), created_at=utcnow(), rating=body.rating)
     if body.generation_id is not None:
-        record = await _generation(avatar, body.generation_id, jobs)
+        record = await _generation(avatar, body.generation_id, intake.jobs)
         meta.generation_id, meta.adapter_version = record.id, record.adapter_version
         judgement = _generation_judgement(body, record)
     else:
         judgement = _own_judgement(body)
+    data = _document(judgement, meta, intake.max_bytes)  # every check before the key is recorded
+    if idempotency:
+        feedback_id, earlier = await _keyed_id(avatar, intake, idempotency, meta.id)
+        if earlier is not None:
+            return earlier
+        if feedback_id != meta.id:
+            meta.id = feedback_id
+            data = _document(judgement, meta, intake.max_bytes)
+    doc, _ = await intake.documents.put(avatar, feedback_document_name(meta.id), data, body.use_for_training)
+    return _item(judgement, meta, doc)
+
+
+def _document(judgement: Judgement, meta: FeedbackMeta, max_bytes: int) -> bytes:
+    """The item's training document, checked as the trainer will read it (413, 422)."""
     line = json.dumps(judgement.to_record(meta.model_dump(mode="json", exclude_none=True)), ensure_ascii=False)
     data = (line + "\n").encode()
     if len(data) > max_bytes:
         raise Problem(
             413, f"the feedback item is {len(data)} bytes as a document; at most {max_bytes} (MAX_UPLOAD_BYTES)"
         )
-    name = feedback_document_name(feedback_id)
     try:
-        parse_training_document(name, data)  # what the trainer reads must be what was checked here
+        parse_training_document(feedback_document_name(meta.id), data)
     except DocumentError as exc:
         raise Problem(422, str(exc)) from None
-    key_etag = None
-    if idempotency:
-        key_etag = await intake.keys.remember(avatar, idempotency.key_hash, feedback_id, idempotency.fingerprint)
-        if key_etag is None:  # a concurrent request with the same key won: answer its item
-            if earlier := await _earlier_item(avatar, intake, idempotency):
-                return earlier
-            raise Problem(
-                409, "a request with this Idempotency-Key is in progress; retry", headers={"Retry-After": "1"}
-            )
-    try:
-        doc, _ = await documents.put(avatar, name, data, body.use_for_training)
-    except BaseException:
-        if idempotency and key_etag:
-            await intake.keys.forget(avatar, idempotency.key_hash, key_etag)
-        raise
-    return _item(judgement, meta, doc)
+    return data
 
 
-async def _earlier_item(avatar: AvatarRef, intake: FeedbackIntake, idempotency: Idempotency) -> FeedbackItem | None:
-    """The item an earlier request with the same Idempotency-Key stored; None when the key is
-    free (never used, expired, or its item is gone). 422 for a different request under it."""
-    found = await intake.keys.recall(avatar, idempotency.key_hash)
-    if found is None:
-        return None
-    earlier, etag = found
-    if utcnow() - earlier.created_at > intake.key_ttl:
-        await intake.keys.forget(avatar, idempotency.key_hash, etag)
-        return None
-    if earlier.fingerprint != idempotency.fingerprint:
-        raise Problem(
-            422,
-            f"this Idempotency-Key was already used for a different request (feedback {earlier.feedback_id}); "
-            "send a new key for a new item",
-            feedback_id=earlier.feedback_id,
-        )
+async def _keyed_id(
+    avatar: AvatarRef, intake: FeedbackIntake, idempotency: Idempotency, fresh_id: str
+) -> tuple[str, FeedbackItem | None]:
+    """The item id this request's Idempotency-Key stands for, and the item when it is stored.
+
+    A new key is recorded (If-None-Match) naming `fresh_id`. A key already recorded names the
+    id of its first request: whether that request is still writing, failed after its record or
+    never got its answer back, this one writes (or rewrites) the same document, so there is
+    never a second item. 422 for a different request under the key; a record older than the
+    TTL is dropped and the key starts afresh."""
+    for _ in range(2):  # a record created between our read and our create: read it once more
+        found = await intake.keys.recall(avatar, idempotency.key_hash)
+        if found is not None:
+            earlier, etag = found
+            if utcnow() - earlier.created_at > intake.key_ttl:
+                await intake.keys.forget(avatar, idempotency.key_hash, etag)
+            else:
+                if earlier.fingerprint != idempotency.fingerprint:
+                    raise Problem(
+                        422,
+                        f"this Idempotency-Key was already used for a different request "
+                        f"(feedback {earlier.feedback_id}); send a new key for a new item",
+                        feedback_id=earlier.feedback_id,
+                    )
+                return earlier.feedback_id, await _stored_item_named(avatar, intake.documents, earlier.feedback_id)
+        if await intake.keys.remember(avatar, idempotency.key_hash, fresh_id, idempotency.fingerprint):
+            return fresh_id, None
+    raise Problem(409, "this Idempotency-Key's record keeps changing; retry", headers={"Retry-After": "1"})
+
+
+async def _stored_item_named(avatar: AvatarRef, documents: TrainingDataStore, feedback_id: str) -> FeedbackItem | None:
     try:
-        doc = await intake.documents.describe(avatar, feedback_document_name(earlier.feedback_id))
+        doc = await documents.describe(avatar, feedback_document_name(feedback_id))
     except DocumentNotFound:
-        doc = None
-    item = await _stored_item(avatar, intake.documents, doc) if doc is not None else None
-    if item is None:
-        if utcnow() - earlier.created_at < KEY_IN_PROGRESS:
-            # The first request is between its record and its item (or just failed): a retry
-            # now must not store a second item beside the one it may yet write.
-            raise Problem(
-                409, "a request with this Idempotency-Key is in progress; retry", headers={"Retry-After": "1"}
-            )
-        await intake.keys.forget(avatar, idempotency.key_hash, etag)  # deleted since, or never written
-    return item
+        return None
+    return await _stored_item(avatar, documents, doc)
 
 
 def _messages(messages: list[ChatMessage] | list[dict[str, str]]) -> list[DocumentMessage]:

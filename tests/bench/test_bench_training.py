@@ -166,3 +166,16 @@ def test_gpu_benchmark_counts_llama_1b_matmul_parameters() -> None:
     config = LlamaConfig.from_dict(json.loads(CONFIG.read_text()))
     assert round(_param_count(config) / 1e9, 2) == 1.24  # Llama 3.2 1B: 1.24B parameters (tied embeddings)
     assert matmul_params(config) > _param_count(config) - config.vocab_size * config.hidden_size
+
+
+def test_benchmark_3_runs_end_to_end_at_a_tiny_size() -> None:
+    """Every variant of benchmark 3 trains and the section renders (what the run did, no
+    timings): `make bench` must not be the first place a change to the training path breaks it."""
+    from bench import throughput
+
+    result = throughput.run(n_train=4, n_eval=2, log=lambda *_: None)
+    results = result["results"]
+    assert set(results) == {"ours", "ours_masked", "handwritten", "pad_to_longest", "pad_to_max", "trl_bfd"}
+    assert all(r.steps > 0 for r in results.values())
+    assert results["ours"].eval_loss == results["ours"].eval_loss  # a number, not NaN: eval ran
+    assert "## 3. Training throughput" in throughput.markdown(result, "python -m bench --only 3")

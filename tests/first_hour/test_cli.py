@@ -310,7 +310,9 @@ def test_export_wait_list_and_download_an_export(trained: tuple[Cli, Result], tm
 
     failed(cli("adapter", "download", "--export", "peft"), "error 404", "no peft export of adapter version 1")
     failed(cli("adapter", "download", "--version", "1"), "--version goes with --export")
-    failed(cli("export", "--format", "onnx"), "error 422")
+    for args in (["export", "--format", "onnx"], ["adapter", "download", "--export", "../x"]):
+        refused = cli(*args)  # a usage error: nothing sent, nothing written outside the directory
+        assert refused.exit_code == 2 and "is not one of 'gguf'" in refused.output, refused.output
 
 
 def test_train_follow_exits_1_when_the_job_fails(pipeline: Pipeline, worker, trained, tmp_path: Path) -> None:

@@ -63,21 +63,58 @@ def test_only_complete_checkpoints_are_resumed(s3, tmp_path) -> None:
     assert keys_under(s3, checkpoint_prefix(user, avatar, job)) == []
 
 
-def test_a_bulk_delete_s3_partly_refused_raises_instead_of_reporting_done(s3, tmp_path) -> None:
-    """DeleteObjects answers 200 with the keys it refused in `Errors` (SlowDown, InternalError):
-    the cleanup must fail (and be retried) rather than leave checkpoints behind silently."""
+def _refusing_client(refusals: int, key: str):
+    """A real S3 client whose next `refusals` DeleteObjects answers report `key` refused
+    (SlowDown), as S3 may under load, while moto deleted it."""
     import boto3
+
+    client = boto3.client("s3")
+    left = [refusals]
+
+    def refuse_one(parsed, **_) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            parsed["Errors"] = [{"Key": key, "Code": "SlowDown", "Message": "Reduce your request rate."}]
+
+    client.meta.events.register("after-call.s3.DeleteObjects", refuse_one)
+    return client
+
+
+def _checkpoint(client, user: str, avatar: str, job: str, step: int) -> None:
+    for name in ("a.bin", "b.bin"):
+        client.put_object(
+            Bucket=TEST_BUCKET, Key=checkpoint_prefix(user, avatar, job) + f"{step:09d}/{name}", Body=b"x"
+        )
+
+
+def test_a_bulk_delete_s3_keeps_refusing_raises_instead_of_reporting_done(s3, tmp_path) -> None:
+    """DeleteObjects answers 200 with the keys it refused in `Errors` (SlowDown, InternalError):
+    refused keys are sent again; a refusal that lasts fails the cleanup (the job's tail is then
+    retried) rather than leaving checkpoints behind silently. A passing refusal is no failure."""
     import pytest
 
     user, avatar, job = "del-" + uuid.uuid4().hex[:8], "a", "job-1"
-    client = boto3.client("s3")
-    prefix = checkpoint_prefix(user, avatar, job) + "000000010/"
-    for name in ("a.bin", "b.bin"):
-        client.put_object(Bucket=TEST_BUCKET, Key=prefix + name, Body=b"x")
-
-    def refuse_one(parsed, **_) -> None:  # S3 deleted the batch but for one key, as it may under load
-        parsed["Errors"] = [{"Key": prefix + "b.bin", "Code": "SlowDown", "Message": "Reduce your request rate."}]
-
-    client.meta.events.register("after-call.s3.DeleteObjects", refuse_one)
-    with pytest.raises(RuntimeError, match="refused to delete 1 of 2 objects.*b.bin: SlowDown"):
+    refused = checkpoint_prefix(user, avatar, job) + "000000010/b.bin"
+    client = _refusing_client(refusals=3, key=refused)
+    _checkpoint(client, user, avatar, job, 10)
+    with pytest.raises(RuntimeError, match=r"refused to delete 1 object\(s\) 3 times.*b.bin: SlowDown"):
         ArtifactStore(client, TEST_BUCKET).delete_checkpoints(user, avatar, job)
+
+    client = _refusing_client(refusals=1, key=refused)
+    _checkpoint(client, user, avatar, job, 10)
+    ArtifactStore(client, TEST_BUCKET).delete_checkpoints(user, avatar, job)
+    assert keys_under(s3, checkpoint_prefix(user, avatar, job)) == []
+
+
+def test_a_refused_tidy_up_never_fails_the_checkpoint_that_triggered_it(s3, tmp_path) -> None:
+    """Dropping the previous checkpoint after a new one only saves space: S3 refusing it is
+    logged, and the new checkpoint stands (the job's tail removes every checkpoint at the end)."""
+    user, avatar, job = "tidy-" + uuid.uuid4().hex[:8], "a", "job-1"
+    client = _refusing_client(refusals=3, key=checkpoint_prefix(user, avatar, job) + "000000005/b.bin")
+    _checkpoint(client, user, avatar, job, 5)
+    ckpt = tmp_path / "checkpoint-10"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    store = ArtifactStore(client, TEST_BUCKET)
+    store.save_checkpoint(user, avatar, job, ckpt, 10)
+    assert store.latest_checkpoint(user, avatar, job) == 10
