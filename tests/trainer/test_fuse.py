@@ -17,7 +17,7 @@ from contracts.adapters import MergedManifest
 from contracts.keys import MERGED_MANIFEST_FILE, adapter_version_prefix, merged_version_prefix
 from contracts.messages import FuseRequest
 from tests.conftest import TEST_BUCKET, Api, keys_under
-from tests.pipeline import Pipeline, chat_document, wait_for_job
+from tests.pipeline import Pipeline, chat_document, train_through_api, wait_for_job
 
 FAST = {"num_epochs": 2, "batch_size": 4, "learning_rate": 0.01, "r": 4}
 # bf16 keeps 8 bits of mantissa (relative rounding 2**-8 per weight): the merged model's logits
@@ -37,10 +37,7 @@ def trained(pipeline: Pipeline, worker) -> Api:
     """An avatar with adapter version 1 trained (through the API)."""
     api = pipeline.client()
     assert api.put_doc("chat.jsonl", chat_document()).status_code == 201
-    r = api.post(f"{api.base}/training-jobs", json=FAST)
-    assert r.status_code == 202, r.text
-    done, _ = wait_for_job(api, r.json()["id"], {"succeeded", "failed"}, pipeline=pipeline)
-    assert done["status"] == "succeeded" and done["adapter_version"] == 1, done
+    assert train_through_api(pipeline, api, FAST)["adapter_version"] == 1
     yield api
     api.close()
 

@@ -14,7 +14,7 @@ import torch
 from contracts.keys import adapter_version_prefix
 from contracts.messages import GENERATE_REQUEST_SCHEMA, GenerateRequest
 from tests.conftest import TEST_BUCKET, Api, keys_under
-from tests.pipeline import Pipeline, chat_document, wait_for_job
+from tests.pipeline import Pipeline, chat_document, train_through_api, wait_for_job
 from trainer.completion import generate_completion
 from trainer.rag.prompts import build_rag_messages, fit_rag_messages
 
@@ -45,10 +45,7 @@ def trained(pipeline: Pipeline, worker) -> Api:
     """An avatar with adapter version 1 trained (through the API)."""
     api = pipeline.client()
     assert api.put_doc("chat.jsonl", chat_document()).status_code == 201
-    r = api.post(f"{api.base}/training-jobs", json=FAST)
-    assert r.status_code == 202, r.text
-    done, _ = wait_for_job(api, r.json()["id"], {"succeeded", "failed"}, pipeline=pipeline)
-    assert done["status"] == "succeeded" and done["adapter_version"] == 1, done
+    assert train_through_api(pipeline, api, FAST)["adapter_version"] == 1
     yield api
     api.close()
 
