@@ -56,6 +56,7 @@ from bench.common import machine, secs, table, today
 from bench.soak_checks import (
     adapter_findings,
     event_findings,
+    job_events,
     job_findings,
     log_counts,
     pointer_violations,
@@ -154,7 +155,7 @@ def _await_events(stack: Stack, views: dict[str, dict[str, Any]]) -> list[dict[s
     """The events received once every final job's final event is in (or EVENTS_SECONDS passed)."""
     deadline = time.monotonic() + EVENTS_SECONDS
     while time.monotonic() < deadline:
-        seen = {(e["job_id"], e["event"]) for e in list(stack.events.events)}
+        seen = {(e["job_id"], e["event"]) for e in job_events(list(stack.events.events))}
         if all((job_id, f"job.{v['status']}") in seen for job_id, v in views.items() if v["status"] in FINAL):
             break
         time.sleep(1)

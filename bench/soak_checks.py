@@ -27,7 +27,7 @@ from contracts.keys import (
     current_adapter_lock_key,
     training_document_key,
 )
-from contracts.messages import event_id
+from contracts.messages import JOB_EVENT_SCHEMA, event_id
 from contracts.tags import flag_from_tagset
 
 Findings = tuple[dict[str, Any], list[str]]
@@ -172,9 +172,16 @@ def _final_event_violations(events: list[dict[str, Any]], views: Mapping[str, di
     return violations
 
 
-def event_findings(events: list[dict[str, Any]], views: Mapping[str, dict[str, Any]]) -> Findings:
+def job_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job events among everything the events queue carried (it carries `adapter.promoted`
+    adapter events too)."""
+    return [e for e in events if e.get("schema") == JOB_EVENT_SCHEMA]
+
+
+def event_findings(all_events: list[dict[str, Any]], views: Mapping[str, dict[str, Any]]) -> Findings:
     """Event ids stable (`{job_id}:{event}`), duplicates only as exact redeliveries, every final
     job's final event published, never two different final events for one job."""
+    events = job_events(all_events)
     violations = [
         f"event {e.get('event_id')!r} of job {e['job_id']} is not {event_id(e['job_id'], e['event'])!r}"
         for e in events
@@ -184,7 +191,8 @@ def event_findings(events: list[dict[str, Any]], views: Mapping[str, dict[str, A
     violations += _duplicate_violations(events, counts)
     violations += _final_event_violations(events, views)
     stats = {
-        "events received": len(events),
+        "events received": len(all_events),
+        "adapter.promoted events": len(all_events) - len(events),
         "by type": dict(sorted(Counter(e["event"] for e in events).items())),
         "redelivered (same event_id again)": sum(n - 1 for n in counts.values() if n > 1),
         "events of jobs the driver never saw": sum(1 for e in events if e["job_id"] not in views),
