@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def api(api_url: str) -> Iterator[Api]:
     """A fresh user and avatar, so tests never see each other's data."""
     with Api(api_url, "u-" + uuid.uuid4().hex[:12], "avatar-1") as client:
         yield client
+
+
+def adapter_dir(tmp_path: Path, n: int) -> Path:
+    """A stand-in adapter folder (the two files a version holds), distinct per `n`."""
+    d = tmp_path / f"adapter-{n}"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"r": n}))
+    (d / "adapter_model.safetensors").write_bytes(bytes([n]) * 64)
+    return d
 
 
 def keys_under(s3, prefix: str) -> list[str]:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from contracts.messages import JOB_EVENT_SCHEMA, JobEvent
 from handlers import events_handler
 from handlers.events_handler import handler
 from tests.conftest import ROOT
+from tests.infra.test_infra_aws import sam_build
 
 QUEUE_ARN = "arn:aws:sqs:us-east-1:123456789012:avatune-events"
 
@@ -264,28 +264,7 @@ def test_the_events_bundle_runs_on_its_own(tmp_path):
     """Build the events function's code exactly as `sam build` does (infra/aws/Makefile, with the
     pip step switched off: pydantic comes from this environment), then invoke the handler from
     that folder with every heavy package made unimportable."""
-    make = shutil.which("make")
-    if not make:
-        pytest.skip("make not installed")
-    artifacts = tmp_path / "EventsFunction"
-    artifacts.mkdir()
-    proc = subprocess.run(
-        [
-            make,
-            "-s",
-            "-f",
-            "infra/aws/Makefile",
-            "build-EventsFunction",
-            f"ARTIFACTS_DIR={artifacts}",
-            f"PYTHON={sys.executable}",
-            "PIP_INSTALL=true",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    artifacts = sam_build("EventsFunction", tmp_path)
     assert sorted(p.name for p in (artifacts / "handlers").iterdir()) == [
         "__init__.py",
         "events_handler.py",

@@ -703,15 +703,13 @@ def test_lambda_bundles_requirements():
     assert events == ["pydantic"], events
 
 
-def test_api_bundle_serves_without_server_or_training_packages(tmp_path):
-    """Build the API function's code as `sam build` does (the Makefile recipe, with the pip step
-    off: dependencies come from this environment), then invoke the Lambda handler from that
-    folder with an API Gateway v2 event, while uvicorn, torch and the trainer are unimportable."""
+def sam_build(function: str, tmp_path: Path) -> Path:
+    """Build `function`'s code as `sam build` does (infra/aws/Makefile's `build-<function>`) with
+    the pip step off (dependencies come from this environment); the artifacts folder."""
     make = shutil.which("make")
     if not make:
         pytest.skip("make not installed")
-    pytest.importorskip("mangum")
-    artifacts = tmp_path / "ApiFunction"
+    artifacts = tmp_path / function
     artifacts.mkdir()
     proc = subprocess.run(
         [
@@ -719,7 +717,7 @@ def test_api_bundle_serves_without_server_or_training_packages(tmp_path):
             "-s",
             "-f",
             "infra/aws/Makefile",
-            "build-ApiFunction",
+            f"build-{function}",
             f"ARTIFACTS_DIR={artifacts}",
             f"PYTHON={sys.executable}",
             "PIP_INSTALL=true",
@@ -730,6 +728,15 @@ def test_api_bundle_serves_without_server_or_training_packages(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    return artifacts
+
+
+def test_api_bundle_serves_without_server_or_training_packages(tmp_path):
+    """Build the API function's code as `sam build` does (the Makefile recipe, with the pip step
+    off: dependencies come from this environment), then invoke the Lambda handler from that
+    folder with an API Gateway v2 event, while uvicorn, torch and the trainer are unimportable."""
+    pytest.importorskip("mangum")
+    artifacts = sam_build("ApiFunction", tmp_path)
     assert {p.name for p in artifacts.iterdir()} == {"contracts", "handlers"}
 
     event = {

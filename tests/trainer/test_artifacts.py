@@ -6,16 +6,8 @@ import json
 import uuid
 
 from contracts.keys import adapter_manifest_key, adapter_prefix, checkpoint_prefix
-from tests.conftest import TEST_BUCKET, keys_under
+from tests.conftest import TEST_BUCKET, adapter_dir, keys_under
 from trainer.artifacts import ArtifactStore
-
-
-def adapter_dir(tmp_path, n: int):
-    d = tmp_path / f"adapter-{n}"
-    d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": n}))
-    (d / "adapter_model.safetensors").write_bytes(bytes([n]) * 64)
-    return d
 
 
 def test_publish_keeps_the_newest_versions_and_writes_the_manifest_last(s3, tmp_path) -> None:

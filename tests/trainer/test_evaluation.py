@@ -7,7 +7,6 @@ with it. Plus the publish/promote rules of the artifact store against moto direc
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import struct
@@ -30,7 +29,7 @@ from contracts.keys import (
     training_data_prefix,
     version_file_key,
 )
-from tests.conftest import TEST_BUCKET, Api, keys_under
+from tests.conftest import TEST_BUCKET, Api, adapter_dir, keys_under
 from tests.pipeline import Pipeline, chat_document, wait_for_job
 from trainer.artifacts import ArtifactStore
 from trainer.evaluation import decide, eval_steps, loss_curve
@@ -239,14 +238,6 @@ def test_delete_adapter_removes_merged_models(pipeline: Pipeline, first_if_bette
 
 
 # -- the artifact store and the verdict, without a trainer -------------------------------------
-
-
-def adapter_dir(tmp_path, n: int):
-    d = tmp_path / f"adapter-{n}"
-    d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": n}))
-    (d / "adapter_model.safetensors").write_bytes(bytes([n]) * 64)
-    return d
 
 
 def test_publish_without_promotion_and_a_promotion_finished_on_retry(s3, tmp_path) -> None:
